@@ -1,0 +1,83 @@
+// Caddyfile support for the mux_webhook directive.
+
+package muxwebhook
+
+import (
+	"github.com/dustin/go-humanize"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("mux_webhook", parseCaddyfile)
+	// Right after basic_auth: after request_body, rewrite and rate
+	// limiters, before handle, route, respond, reverse_proxy and
+	// file_server, which can then use the event.
+	httpcaddyfile.RegisterDirectiveOrder("mux_webhook", httpcaddyfile.After, "basic_auth")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(Handler)
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return m, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	mux_webhook [<matcher>] [<secret>...] {
+//	    secret    <secret> [<secret>...]
+//	    tolerance <duration>
+//	    max_body  <size>
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // directive name
+	h.Secrets = append(h.Secrets, d.RemainingArgs()...)
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "secret":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.Errf("mux_webhook: secret needs a value, e.g. secret {env.MUX_WEBHOOK_SECRET}")
+			}
+			h.Secrets = append(h.Secrets, args...)
+		case "tolerance":
+			var s string
+			if !d.AllArgs(&s) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(s)
+			if err != nil {
+				return d.Errf("mux_webhook: tolerance %q: %v", s, err)
+			}
+			if dur <= 0 {
+				return d.Errf("mux_webhook: tolerance must be greater than 0, got %q", s)
+			}
+			h.Tolerance = caddy.Duration(dur)
+		case "max_body":
+			var s string
+			if !d.AllArgs(&s) {
+				return d.ArgErr()
+			}
+			size, err := humanize.ParseBytes(s)
+			if err != nil {
+				return d.Errf("mux_webhook: max_body %q: %v", s, err)
+			}
+			if size == 0 || size > 1<<40 {
+				return d.Errf("mux_webhook: max_body must be between 1B and 1TiB, got %q", s)
+			}
+			h.MaxBody = int64(size)
+		default:
+			return d.Errf("mux_webhook: unknown option %q; expected secret, tolerance or max_body", d.Val())
+		}
+	}
+	if len(h.Secrets) == 0 {
+		return d.Errf("mux_webhook: no signing secret; write mux_webhook {env.MUX_WEBHOOK_SECRET} or add a secret line")
+	}
+	return nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

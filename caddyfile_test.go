@@ -1,0 +1,107 @@
+package muxwebhook
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/caddyfile_adapt")
+
+const goldenSeparator = "\n----------\n"
+
+// TestCaddyfileAdapt adapts every testdata/caddyfile_adapt/*.caddyfiletest
+// (a Caddyfile, a separator line, the expected JSON) and compares.
+func TestCaddyfileAdapt(t *testing.T) {
+	files, err := filepath.Glob("testdata/caddyfile_adapt/*.caddyfiletest")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no golden files found: %v", err)
+	}
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			raw, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			input, want, ok := strings.Cut(string(raw), goldenSeparator)
+			if !ok {
+				t.Fatalf("%s: missing %q separator", file, strings.TrimSpace(goldenSeparator))
+			}
+			got, err := adaptCaddyfile(input + "\n")
+			if err != nil {
+				t.Fatalf("adapting: %v", err)
+			}
+			if *update {
+				if err := os.WriteFile(file, []byte(input+goldenSeparator+got+"\n"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if got != strings.TrimSpace(want) {
+				t.Errorf("adapted JSON differs\n--- got\n%s\n--- want\n%s", got, want)
+			}
+		})
+	}
+}
+
+// adaptCaddyfile returns the indented JSON for a Caddyfile, failing on
+// warnings as well as errors.
+func adaptCaddyfile(input string) (string, error) {
+	adapter := caddyconfig.GetAdapter("caddyfile")
+	out, warnings, err := adapter.Adapt([]byte(input), nil)
+	if err != nil {
+		return "", err
+	}
+	if len(warnings) > 0 {
+		return "", &adaptWarnings{warnings}
+	}
+	var buf bytes.Buffer
+	if err := json.Indent(&buf, out, "", "\t"); err != nil {
+		return "", err
+	}
+	return buf.String(), nil
+}
+
+type adaptWarnings struct{ w []caddyconfig.Warning }
+
+func (a *adaptWarnings) Error() string {
+	var b strings.Builder
+	for _, w := range a.w {
+		b.WriteString(w.String() + "\n")
+	}
+	return "warnings: " + b.String()
+}
+
+func TestCaddyfileErrors(t *testing.T) {
+	tests := []struct {
+		name, input, wantErr string
+	}{
+		{"no secret", "mux_webhook", "no signing secret"},
+		{"no secret with matcher", "mux_webhook /mux", "no signing secret"},
+		{"empty secret line", "mux_webhook {\n secret\n}", "secret needs a value"},
+		{"zero tolerance", "mux_webhook s {\n tolerance 0s\n}", "tolerance must be greater than 0"},
+		{"negative tolerance", "mux_webhook s {\n tolerance -1m\n}", "tolerance must be greater than 0"},
+		{"bad tolerance", "mux_webhook s {\n tolerance soon\n}", "tolerance"},
+		{"tolerance arity", "mux_webhook s {\n tolerance 1m 2m\n}", "wrong argument count"},
+		{"bad max_body", "mux_webhook s {\n max_body lots\n}", "max_body"},
+		{"zero max_body", "mux_webhook s {\n max_body 0\n}", "max_body must be"},
+		{"unknown option", "mux_webhook s {\n secrets x\n}", `unknown option "secrets"`},
+		{"matcher without pattern", "@m mux_event\nrespond @m 200", "at least one event type pattern"},
+		{"matcher with block", "@m mux_event a {\n b\n}\nrespond @m 200", "does not take a block"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := adaptCaddyfile(":8080 {\n" + tt.input + "\n}\n")
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("err = %v, want one containing %q", err, tt.wantErr)
+			}
+		})
+	}
+}

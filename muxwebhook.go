@@ -1,0 +1,266 @@
+// Package muxwebhook is a Caddy plugin that verifies Mux webhook
+// deliveries at the edge and routes them by event type.
+//
+// The mux_webhook handler (this file) buffers the body within a bound,
+// checks the Mux-Signature header against the configured secrets and the
+// timestamp window, decodes the event and publishes it to the rest of the
+// route; the mux_event matcher (matcher.go) routes by its type.
+package muxwebhook
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Defaults, as documented in the README.
+const (
+	DefaultTolerance = 5 * time.Minute
+	DefaultMaxBody   = 1 << 20 // 1 MiB
+)
+
+// Failures that are not signature checks; the handler answers 405, 413 and
+// 400 for them.
+var (
+	ErrMethod   = errors.New("method not allowed; Mux delivers webhooks with POST")
+	ErrTooLarge = errors.New("body larger than max_body")
+	ErrReadBody = errors.New("could not read the request body")
+)
+
+// Handler verifies Mux webhook deliveries. A request reaches the next
+// handler only if it is a POST whose body fits max_body, carries a
+// Mux-Signature made with one of the secrets within the tolerance window,
+// and holds a JSON object with a string "type". The next handler then sees
+// the original request with the body restored byte for byte, the event in
+// the {http.mux.*} placeholders, and can route with the mux_event matcher.
+type Handler struct {
+	// Secrets are the signing secrets of the Mux webhook endpoints this
+	// route accepts; a delivery is authentic if it is signed with any of
+	// them (list two while rotating). Each may be a placeholder resolved
+	// once when the config loads, such as {env.MUX_WEBHOOK_SECRET} or
+	// {file./run/secrets/mux}; an unknown placeholder or an empty value
+	// makes the config fail to load. At least one is required.
+	Secrets []string `json:"secrets,omitempty"`
+
+	// Tolerance is how far the signature's timestamp may be from the
+	// server's clock, in the past or in the future. Default: 5m.
+	Tolerance caddy.Duration `json:"tolerance,omitempty"`
+
+	// MaxBody is the largest accepted body, in bytes; larger requests are
+	// answered 413 without being read further. Default: 1 MiB.
+	MaxBody int64 `json:"max_body,omitempty"`
+
+	secrets [][]byte
+	now     func() time.Time
+	logger  *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.mux_webhook",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets defaults and resolves the secrets.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.Tolerance == 0 {
+		h.Tolerance = caddy.Duration(DefaultTolerance)
+	}
+	if h.MaxBody == 0 {
+		h.MaxBody = DefaultMaxBody
+	}
+	if h.now == nil {
+		h.now = time.Now
+	}
+	secrets, err := resolveSecrets(h.Secrets)
+	if err != nil {
+		return err
+	}
+	h.secrets = secrets
+	return nil
+}
+
+// Validate checks the configuration.
+func (h *Handler) Validate() error {
+	if len(h.Secrets) == 0 {
+		return fmt.Errorf("mux_webhook: no signing secret configured; add one, e.g. mux_webhook {env.MUX_WEBHOOK_SECRET}")
+	}
+	if h.Tolerance < 0 {
+		return fmt.Errorf("mux_webhook: tolerance must be greater than 0, got %s", time.Duration(h.Tolerance))
+	}
+	if h.MaxBody < 0 {
+		return fmt.Errorf("mux_webhook: max_body must be greater than 0, got %d", h.MaxBody)
+	}
+	return nil
+}
+
+// placeholderOnly matches a secret that is exactly one placeholder; only
+// then is its name safe to repeat in an error (a literal secret could
+// contain braces).
+var placeholderOnly = regexp.MustCompile(`^\{(env|file)\.[^{}]+\}$`)
+
+// resolveSecrets expands placeholders in the configured secrets. Errors
+// name the secret by position and, for a lone {env.*} or {file.*}
+// placeholder, by that placeholder; never by its value.
+func resolveSecrets(configured []string) ([][]byte, error) {
+	repl := caddy.NewReplacer()
+	out := make([][]byte, 0, len(configured))
+	for i, s := range configured {
+		v, err := repl.ReplaceOrErr(s, true, true)
+		if err != nil || v == "" {
+			what := "(redacted)"
+			if placeholderOnly.MatchString(s) {
+				what = s
+			}
+			return nil, fmt.Errorf("mux_webhook: signing secret %d of %d %s is unset or empty: set the environment variable or file it names, or remove it; refusing to run an open gateway",
+				i+1, len(configured), what)
+		}
+		out = append(out, []byte(v))
+	}
+	return out, nil
+}
+
+// ServeHTTP verifies the delivery and, if it is authentic, calls next.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		return h.reject(r, http.StatusMethodNotAllowed, "method", ErrMethod)
+	}
+	body, err := h.readBody(r)
+	if errors.Is(err, ErrTooLarge) {
+		return h.reject(r, http.StatusRequestEntityTooLarge, "too_large", err)
+	}
+	if err != nil {
+		return h.reject(r, http.StatusBadRequest, "read_body", err)
+	}
+	header := strings.Join(r.Header.Values(SignatureHeader), ",")
+	sig, err := Verify(header, body, h.secrets, h.now(), time.Duration(h.Tolerance))
+	if err != nil {
+		return h.reject(r, http.StatusUnauthorized, Reason(err), err)
+	}
+	ev, err := DecodeEvent(body)
+	if err != nil {
+		reason := "bad_json"
+		if errors.Is(err, ErrNoType) {
+			reason = "no_type"
+		}
+		return h.reject(r, http.StatusBadRequest, reason, err)
+	}
+	ev.Timestamp = sig.Timestamp
+	restoreBody(r, body)
+	publishEvent(r, ev)
+	if c := h.logger.Check(zap.DebugLevel, "verified mux webhook"); c != nil {
+		c.Write(
+			zap.String("type", ev.Type),
+			zap.String("id", ev.ID),
+			zap.String("object_type", ev.ObjectType),
+			zap.String("object_id", ev.ObjectID),
+			zap.Int("attempts", ev.Attempts),
+			zap.ByteString("body", truncate(body, 256)),
+		)
+	}
+	return next.ServeHTTP(w, r)
+}
+
+// readBody reads the whole body, refusing more than MaxBody bytes. A body
+// of known length gets a buffer of exactly that size; a chunked one grows
+// as it arrives, so the limit is never allocated up front.
+func (h *Handler) readBody(r *http.Request) ([]byte, error) {
+	if r.ContentLength > h.MaxBody {
+		return nil, ErrTooLarge
+	}
+	if r.Body == nil || r.Body == http.NoBody {
+		return []byte{}, nil
+	}
+	var body []byte
+	var err error
+	if r.ContentLength >= 0 {
+		body = make([]byte, r.ContentLength)
+		_, err = io.ReadFull(r.Body, body)
+	} else {
+		body, err = io.ReadAll(io.LimitReader(r.Body, h.MaxBody+1))
+		if err == nil && int64(len(body)) > h.MaxBody {
+			return nil, ErrTooLarge
+		}
+	}
+	if err != nil {
+		// A request_body limit earlier in the route is a size problem too.
+		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+			return nil, ErrTooLarge
+		}
+		return nil, fmt.Errorf("%w: %v", ErrReadBody, err)
+	}
+	return body, nil
+}
+
+// restoreBody gives the request its body back for the next handlers, as a
+// plain body of known length: a chunked delivery reaches an upstream with a
+// Content-Length, and the proxy may re-read it on retries via GetBody.
+// The slice is not pooled: the proxy transport may read it after ServeHTTP
+// has returned.
+func restoreBody(r *http.Request, body []byte) {
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.GetBody = func() (io.ReadCloser, error) {
+		return io.NopCloser(bytes.NewReader(body)), nil
+	}
+	r.ContentLength = int64(len(body))
+	r.TransferEncoding = nil
+	r.Header.Del("Transfer-Encoding")
+	if r.Header.Get("Content-Length") != "" {
+		r.Header.Set("Content-Length", strconv.Itoa(len(body)))
+	}
+}
+
+// reject logs which check failed and returns the handler error that makes
+// Caddy answer with status (or run handle_errors).
+func (h *Handler) reject(r *http.Request, status int, reason string, err error) error {
+	h.logger.Info("rejected mux webhook",
+		zap.String("reason", reason),
+		zap.Int("status", status),
+		zap.String("remote_ip", remoteHost(r.RemoteAddr)),
+		zap.String("method", r.Method),
+		zap.String("uri", r.RequestURI),
+		zap.Int64("content_length", r.ContentLength),
+	)
+	return caddyhttp.Error(status, fmt.Errorf("mux_webhook: %s: %w", reason, err))
+}
+
+func remoteHost(addr string) string {
+	if host, _, err := net.SplitHostPort(addr); err == nil {
+		return host
+	}
+	return addr
+}
+
+func truncate(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[:n]
+	}
+	return b
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)
