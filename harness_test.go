@@ -1,0 +1,208 @@
+package muxwebhook
+
+// Test harness: a real Caddy, loaded in-process from a Caddyfile, bound to
+// 127.0.0.1, with real HTTP upstreams that record what reaches them.
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// gateway is a running in-process Caddy.
+type gateway struct {
+	t       *testing.T
+	url     string // http://127.0.0.1:port
+	logFile string
+}
+
+// freePort returns a port on 127.0.0.1 that was free a moment ago.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startGateway loads site (the body of one site block) into Caddy,
+// listening on 127.0.0.1 only, with JSON debug logs written to a file.
+// Extra sites may be appended with extraSites. Caddy is stopped when the
+// test ends.
+func startGateway(t *testing.T, site string, extraSites ...string) *gateway {
+	t.Helper()
+	cfg, g := gatewayConfig(t, site, extraSites...)
+	if err := loadCaddyfile(cfg); err != nil {
+		t.Fatalf("loading Caddy config: %v\n%s", err, cfg)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping Caddy: %v", err)
+		}
+	})
+	return g
+}
+
+func gatewayConfig(t *testing.T, site string, extraSites ...string) (string, *gateway) {
+	t.Helper()
+	dir := t.TempDir()
+	port := freePort(t)
+	g := &gateway{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), logFile: filepath.Join(dir, "caddy.log")}
+	cfg := fmt.Sprintf(`{
+	admin off
+	persist_config off
+	auto_https off
+	default_bind 127.0.0.1
+	storage file_system %s
+	log {
+		output file %s
+		format json
+		level DEBUG
+	}
+}
+
+http://127.0.0.1:%d {
+%s
+}
+%s
+`, filepath.Join(dir, "storage"), g.logFile, port, site, strings.Join(extraSites, "\n"))
+	return cfg, g
+}
+
+func loadCaddyfile(cfg string) error {
+	js, err := adaptCaddyfile(cfg)
+	if err != nil {
+		return err
+	}
+	return caddy.Load([]byte(js), true)
+}
+
+// logLines returns the JSON log entries written so far.
+func (g *gateway) logLines() []map[string]any {
+	g.t.Helper()
+	f, err := os.Open(g.logFile)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	defer f.Close()
+	var out []map[string]any
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 0, 64*1024), 4<<20)
+	for sc.Scan() {
+		var m map[string]any
+		if json.Unmarshal(sc.Bytes(), &m) == nil {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// rawLog returns the whole log file.
+func (g *gateway) rawLog() string {
+	b, err := os.ReadFile(g.logFile)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	return string(b)
+}
+
+// received is one request as an upstream saw it.
+type received struct {
+	Method           string
+	URI              string
+	Header           http.Header
+	Body             []byte
+	ContentLength    int64
+	TransferEncoding []string
+}
+
+// upstream is a real HTTP server on 127.0.0.1 that records requests.
+type upstream struct {
+	*httptest.Server
+	name string
+	mu   sync.Mutex
+	reqs []received
+}
+
+func newUpstream(t *testing.T, name string) *upstream {
+	t.Helper()
+	u := &upstream{name: name}
+	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		u.mu.Lock()
+		u.reqs = append(u.reqs, received{r.Method, r.RequestURI, r.Header.Clone(), body, r.ContentLength, r.TransferEncoding})
+		u.mu.Unlock()
+		w.Header().Set("X-Upstream", name)
+		fmt.Fprintf(w, "%s got %s", name, r.Header.Get("X-Mux-Event-Type"))
+	}))
+	t.Cleanup(u.Close)
+	return u
+}
+
+// hostPort is the upstream's address in reverse_proxy's host:port form.
+func (u *upstream) hostPort() string { return strings.TrimPrefix(u.URL, "http://") }
+
+func (u *upstream) requests() []received {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]received(nil), u.reqs...)
+}
+
+// signedRequest builds a POST with a Mux-Signature computed in the test.
+func signedRequest(t *testing.T, url, secret string, body []byte, at time.Time) *http.Request {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(string(body)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := strconv.FormatInt(at.Unix(), 10)
+	req.Header.Set("Mux-Signature", "t="+ts+",v1="+macHex(secret, ts, string(body)))
+	req.Header.Set("Content-Type", "application/json")
+	return req
+}
+
+// do sends req and returns the status, headers and body of the response.
+func do(t *testing.T, req *http.Request) (int, http.Header, string) {
+	t.Helper()
+	client := &http.Client{Timeout: 10 * time.Second}
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", req.Method, req.URL, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header, string(b)
+}
+
+// event returns a realistic Mux event body.
+func event(typ, id string, data string) []byte {
+	objType := "asset"
+	switch {
+	case strings.HasPrefix(typ, "video.live_stream."):
+		objType = "live"
+	case strings.HasPrefix(typ, "video.upload."):
+		objType = "upload"
+	}
+	if data == "" {
+		data = `{"id":"obj-` + id + `","status":"ready"}`
+	}
+	return []byte(fmt.Sprintf(`{"type":%q,"request_id":null,"object":{"type":%q,"id":"obj-%s"},"id":%q,"environment":{"name":"Production","id":"env-1"},"data":%s,"created_at":"2024-05-01T10:00:00.000000Z","attempts":[],"accessor_source":null,"accessor":null}`,
+		typ, objType, id, id, data))
+}
+
+func stopCaddy() error { return caddy.Stop() }
