@@ -143,7 +143,7 @@ func TestMapPicksUpstream(t *testing.T) {
 	a, b := newUpstream(t, "a"), newUpstream(t, "b")
 	g := startGateway(t, fmt.Sprintf(`
 	map {http.mux.event.type} {upstream} {
-		video.upload.created %s
+		~^video\.upload\. %s
 		default %s
 	}
 	mux_webhook %s
@@ -194,7 +194,7 @@ func TestExpressionRoute(t *testing.T) {
 	vip := newUpstream(t, "vip")
 	g := startGateway(t, fmt.Sprintf(`
 	mux_webhook %s
-	@vip expression mux_event('video.upload.*', 'video.asset.created') && {http.mux.data.passthrough} == 'vip'
+	@vip expression mux_event('video.upload.*', 'video.asset.created') && {http.mux.data.passthrough}.startsWith('vip')
 	handle @vip {
 		reverse_proxy %s
 	}
@@ -206,6 +206,7 @@ func TestExpressionRoute(t *testing.T) {
 		{"video.upload.created", "vip", "vip got "},
 		{"video.asset.created", "vip", "vip got "},
 		{"video.upload.created", "nobody", "plain"},
+		{"video.upload.created", "vip-gold", "vip got "},
 		{"video.asset.ready", "vip", "plain"},
 	}
 	for _, c := range cases {
