@@ -57,6 +57,12 @@ func (m *MatchMuxEvent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
+// Provision warns about patterns that match no known event type.
+func (m MatchMuxEvent) Provision(ctx caddy.Context) error {
+	lintPatterns(ctx.Logger(), m)
+	return nil
+}
+
 // Validate rejects patterns that can never be meant: empty ones and ones
 // containing white space.
 func (m MatchMuxEvent) Validate() error {
@@ -105,7 +111,7 @@ func (m MatchMuxEvent) MatchWithError(r *http.Request) (bool, error) {
 // CELLibrary makes the matcher available to `expression`:
 //
 //	expression mux_event('video.asset.*', 'video.upload.*')
-func (MatchMuxEvent) CELLibrary(_ caddy.Context) (cel.Library, error) {
+func (MatchMuxEvent) CELLibrary(ctx caddy.Context) (cel.Library, error) {
 	return caddyhttp.CELMatcherImpl(
 		"mux_event",
 		"mux_event_match_request_list",
@@ -116,7 +122,10 @@ func (MatchMuxEvent) CELLibrary(_ caddy.Context) (cel.Library, error) {
 				return nil, err
 			}
 			m := MatchMuxEvent(list.([]string))
-			return m, m.Validate()
+			if err := m.Validate(); err != nil {
+				return nil, err
+			}
+			return m, m.Provision(ctx)
 		},
 	)
 }
@@ -151,6 +160,7 @@ func globMatch(pattern, s string) bool {
 var (
 	_ caddyhttp.RequestMatcherWithError = (*MatchMuxEvent)(nil)
 	_ caddyhttp.CELLibraryProducer      = (*MatchMuxEvent)(nil)
+	_ caddy.Provisioner                 = (*MatchMuxEvent)(nil)
 	_ caddy.Validator                   = (*MatchMuxEvent)(nil)
 	_ caddyfile.Unmarshaler             = (*MatchMuxEvent)(nil)
 )
