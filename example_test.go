@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -131,5 +132,107 @@ func TestDemoSendEventScript(t *testing.T) {
 		if !strings.Contains(string(out), "HTTP/1.1 200") || !strings.Contains(string(out), c.want) {
 			t.Errorf("send-event.sh %s printed:\n%s\nwant 200 and %q", c.typ, out, c.want)
 		}
+	}
+}
+
+// TestDemoSendCommand is the README's demo: the built binary's
+// `caddy mux-webhook send` delivers events of three families, and each
+// lands at its upstream.
+func TestDemoSendCommand(t *testing.T) {
+	base := startDemo(t)
+	bin := caddyBinary(t)
+	cases := []struct{ typ, want string }{
+		{"video.asset.ready", "200 OK assets service received video.asset.ready"},
+		{"video.live_stream.active", "200 OK live service received video.live_stream.active"},
+		{"video.upload.asset_created", "200 OK assets service received video.upload.asset_created"},
+		{"robots.job.summarize.completed", "200 OK ignored robots.job.summarize.completed"},
+	}
+	for _, c := range cases {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		cmd := exec.CommandContext(ctx, bin, "mux-webhook", "send", "--to", base+"/mux", "--type", c.typ)
+		cmd.Env = append(os.Environ(), SecretEnv+"="+demoSecret)
+		out, err := cmd.CombinedOutput()
+		cancel()
+		if err != nil || !strings.Contains(string(out), c.want) {
+			t.Errorf("send %s: err %v, printed:\n%s\nwant %q", c.typ, err, out, c.want)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bin, "mux-webhook", "send", "--to", base+"/mux", "--type", "video.asset.ready", "--secret", "wrong").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "401") {
+		t.Errorf("send with a wrong secret: err %v, printed:\n%s", err, out)
+	}
+}
+
+// TestNodeBackendExample runs examples/backend.js behind a real gateway.
+func TestNodeBackendExample(t *testing.T) {
+	node, err := exec.LookPath("node")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("node is required on CI for the backend example test")
+		}
+		t.Skip("node not installed")
+	}
+	port := freePort(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, node, "examples/backend.js")
+	cmd.Env = append(os.Environ(), fmt.Sprintf("PORT=%d", port))
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); _ = cmd.Wait() })
+	waitFor(t, func() bool { return strings.Contains(out.String(), "backend listening") }, out.String)
+
+	g := startGateway(t, fmt.Sprintf(`
+	mux_webhook %s
+	@assets mux_event video.asset.*
+	handle @assets {
+		reverse_proxy 127.0.0.1:%d {
+			header_up X-Mux-Event-Type {http.mux.event.type}
+		}
+	}
+	handle {
+		respond 204
+	}`, testSecret, port))
+	body := event("video.asset.ready", "node-1", `{"id":"asset-9","status":"ready"}`)
+	status, _, got := do(t, signedRequest(t, g.url, testSecret, body, time.Now()))
+	if status != 200 || got != "handled video.asset.ready asset-9" {
+		t.Fatalf("got %d %q", status, got)
+	}
+	waitFor(t, func() bool {
+		return strings.Contains(out.String(), "received video.asset.ready node-1 for asset obj-node-1")
+	}, out.String)
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// waitFor polls cond for up to 10 seconds.
+func waitFor(t *testing.T, cond func() bool, describe func() string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out; output so far:\n%s", describe())
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
