@@ -182,11 +182,7 @@ bad_json, no_type) and exits 1, or prints the event and exits 0.`,
 			}
 			ev, err := DecodeEvent(body)
 			if err != nil {
-				reason := "bad_json"
-				if errors.Is(err, ErrNoType) {
-					reason = "no_type"
-				}
-				return fmt.Errorf("%s: signature valid, but %v", reason, err)
+				return fmt.Errorf("%s: signature valid, but %v", Reason(err), err)
 			}
 			_, err = fmt.Fprintf(cmd.OutOrStdout(), "valid: %s event %s, signed at t=%s (%s)\n", ev.Type, ev.ID, sig.Timestamp, signedAge(sig, now))
 			return err

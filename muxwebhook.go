@@ -35,14 +35,6 @@ const (
 	DefaultMaxBody   = 1 << 20 // 1 MiB
 )
 
-// Failures that are not signature checks; the handler answers 405, 413 and
-// 400 for them.
-var (
-	ErrMethod   = errors.New("method not allowed; Mux delivers webhooks with POST")
-	ErrTooLarge = errors.New("body larger than max_body")
-	ErrReadBody = errors.New("could not read the request body")
-)
-
 // Handler verifies Mux webhook deliveries. A request reaches the next
 // handler only if it is a POST whose body fits max_body, carries a
 // Mux-Signature made with one of the secrets within the tolerance window,
@@ -143,27 +135,23 @@ func resolveSecrets(configured []string) ([][]byte, error) {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		return h.reject(r, http.StatusMethodNotAllowed, "method", ErrMethod)
+		return h.reject(r, http.StatusMethodNotAllowed, ErrMethod)
 	}
 	body, err := h.readBody(r)
 	if errors.Is(err, ErrTooLarge) {
-		return h.reject(r, http.StatusRequestEntityTooLarge, "too_large", err)
+		return h.reject(r, http.StatusRequestEntityTooLarge, err)
 	}
 	if err != nil {
-		return h.reject(r, http.StatusBadRequest, "read_body", err)
+		return h.reject(r, http.StatusBadRequest, err)
 	}
 	header := strings.Join(r.Header.Values(SignatureHeader), ",")
 	sig, err := Verify(header, body, h.secrets, h.now(), time.Duration(h.Tolerance))
 	if err != nil {
-		return h.reject(r, http.StatusUnauthorized, Reason(err), err)
+		return h.reject(r, http.StatusUnauthorized, err)
 	}
 	ev, err := DecodeEvent(body)
 	if err != nil {
-		reason := "bad_json"
-		if errors.Is(err, ErrNoType) {
-			reason = "no_type"
-		}
-		return h.reject(r, http.StatusBadRequest, reason, err)
+		return h.reject(r, http.StatusBadRequest, err)
 	}
 	ev.Timestamp = sig.Timestamp
 	restoreBody(r, body)
@@ -232,7 +220,8 @@ func restoreBody(r *http.Request, body []byte) {
 
 // reject logs which check failed and returns the handler error that makes
 // Caddy answer with status (or run handle_errors).
-func (h *Handler) reject(r *http.Request, status int, reason string, err error) error {
+func (h *Handler) reject(r *http.Request, status int, err error) error {
+	reason := Reason(err)
 	h.logger.Info("rejected mux webhook",
 		zap.String("reason", reason),
 		zap.Int("status", status),

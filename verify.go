@@ -31,27 +31,6 @@ var (
 	ErrFuture           = errors.New("signature timestamp is further in the future than the tolerance")
 )
 
-// Reason returns the short, stable name of a verification failure
-// ("missing", "malformed", "no_v1", "mismatch", "expired", "future"), or ""
-// if err is not one of them. These names appear in logs.
-func Reason(err error) string {
-	switch {
-	case errors.Is(err, ErrMissingSignature):
-		return "missing"
-	case errors.Is(err, ErrMalformed):
-		return "malformed"
-	case errors.Is(err, ErrNoV1):
-		return "no_v1"
-	case errors.Is(err, ErrMismatch):
-		return "mismatch"
-	case errors.Is(err, ErrExpired):
-		return "expired"
-	case errors.Is(err, ErrFuture):
-		return "future"
-	}
-	return ""
-}
-
 // maxTimestampDigits bounds the t value: 19 digits is the most a
 // non-negative int64 can need.
 const maxTimestampDigits = 19

@@ -133,6 +133,10 @@ func TestReason(t *testing.T) {
 		ErrMismatch:         "mismatch",
 		ErrExpired:          "expired",
 		ErrFuture:           "future",
+		ErrMethod:           "method",
+		ErrTooLarge:         "too_large",
+		ErrBadJSON:          "bad_json",
+		ErrNoType:           "no_type",
 		errors.New("other"): "",
 	}
 	for err, want := range tests {
