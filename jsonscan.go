@@ -9,9 +9,13 @@
 package muxwebhook
 
 import (
+	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"math/bits"
 	"strconv"
+	"unsafe"
 )
 
 // errSyntax is returned for any input that is not valid JSON (RFC 8259).
@@ -28,6 +32,10 @@ type jsonScanner struct {
 }
 
 func (s *jsonScanner) skipSpace() {
+	// Fast path: Mux sends compact JSON, so there is usually nothing to skip.
+	if s.i < len(s.b) && s.b[s.i] > ' ' {
+		return
+	}
 	for s.i < len(s.b) {
 		switch s.b[s.i] {
 		case ' ', '\t', '\n', '\r':
@@ -65,9 +73,25 @@ func (s *jsonScanner) str() (start, end int, escaped bool, err error) {
 	}
 	start = s.i
 	s.i++
-	for s.i < len(s.b) {
-		c := s.b[s.i]
-		switch {
+	for {
+		// Find the next quote, backslash or control character eight
+		// bytes at a time; near the end of the input, one at a time.
+		if s.i+8 <= len(s.b) {
+			m := specialBytes(binary.LittleEndian.Uint64(s.b[s.i:]))
+			if m == 0 {
+				s.i += 8
+				continue
+			}
+			s.i += bits.TrailingZeros64(m) >> 3
+		} else {
+			for s.i < len(s.b) && plainStringByte[s.b[s.i]] {
+				s.i++
+			}
+			if s.i >= len(s.b) {
+				return 0, 0, false, errSyntax
+			}
+		}
+		switch c := s.b[s.i]; {
 		case c == '"':
 			s.i++
 			return start, s.i, escaped, nil
@@ -92,41 +116,128 @@ func (s *jsonScanner) str() (start, end int, escaped bool, err error) {
 			default:
 				return 0, 0, false, errSyntax
 			}
-		case c < 0x20:
+		default: // a control character
 			return 0, 0, false, errSyntax
-		default:
-			s.i++
 		}
 	}
-	return 0, 0, false, errSyntax
 }
 
-// value scans any JSON value and returns its span.
-func (s *jsonScanner) value() (start, end int, err error) {
-	switch c := s.peek(); c {
-	case '"':
-		start, end, _, err = s.str()
-		return start, end, err
-	case '{':
-		start = s.i
-		err = s.object(nil)
-		return start, s.i, err
-	case '[':
-		start = s.i
-		_, err = s.array(nil)
-		return start, s.i, err
-	case 't':
-		return s.literal("true")
-	case 'f':
-		return s.literal("false")
-	case 'n':
-		return s.literal("null")
-	default:
-		if c == '-' || (c >= '0' && c <= '9') {
-			return s.number()
-		}
-		return 0, 0, errSyntax
+// plainStringByte marks the bytes a JSON string may hold as they are: all
+// but the quote, the backslash and control characters.
+var plainStringByte = func() (t [256]bool) {
+	for c := range t {
+		t[c] = c >= 0x20 && c != '"' && c != '\\'
 	}
+	return t
+}()
+
+// specialBytes flags, in the high bit of each byte, the bytes of w (eight
+// bytes of a string, little-endian) that are a quote, a backslash or a
+// control character: the classic SWAR zero-byte test. Bytes above the first
+// flagged one may be flagged wrongly (borrows), but the lowest flag is
+// always exact, and that is the only one used.
+func specialBytes(w uint64) uint64 {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	q := w ^ ('"' * ones)
+	b := w ^ ('\\' * ones)
+	return ((q-ones)&^q | (b-ones)&^b | (w-0x20*ones)&^w) & highs
+}
+
+// value scans any JSON value and returns its span. Nested containers are
+// walked in one loop, with a bit stack of the open ones, rather than by
+// recursion: this is the scanner's hot path, run over every byte of an
+// event's data.
+func (s *jsonScanner) value() (start, end int, err error) {
+	s.skipSpace()
+	start = s.i
+	var objects [maxJSONDepth/64 + 1]uint64 // bit d: container at depth d is an object
+	depth := 0
+next:
+	for {
+		if s.peek() == 0 {
+			return 0, 0, errSyntax
+		}
+		switch c := s.b[s.i]; c {
+		case '"':
+			if _, _, _, err := s.str(); err != nil {
+				return 0, 0, err
+			}
+		case '{', '[':
+			if s.depth+depth >= maxJSONDepth {
+				return 0, 0, errSyntax
+			}
+			closer := byte(']')
+			if c == '{' {
+				objects[depth/64] |= 1 << (depth % 64)
+				closer = '}'
+			} else {
+				objects[depth/64] &^= 1 << (depth % 64)
+			}
+			depth++
+			s.i++
+			if s.peek() == closer {
+				s.i++
+				depth--
+				break
+			}
+			if c == '{' {
+				if err := s.key(); err != nil {
+					return 0, 0, err
+				}
+			}
+			continue next
+		case 't':
+			_, _, err = s.literal("true")
+		case 'f':
+			_, _, err = s.literal("false")
+		case 'n':
+			_, _, err = s.literal("null")
+		default:
+			if c == '-' || (c >= '0' && c <= '9') {
+				_, _, err = s.number()
+			} else {
+				err = errSyntax
+			}
+		}
+		if err != nil {
+			return 0, 0, err
+		}
+		// After a value: close containers, or go on to the next element.
+		for depth > 0 {
+			inObject := objects[(depth-1)/64]&(1<<((depth-1)%64)) != 0
+			switch s.peek() {
+			case ',':
+				s.i++
+				if inObject {
+					if err := s.key(); err != nil {
+						return 0, 0, err
+					}
+				}
+				continue next
+			case '}':
+				if !inObject {
+					return 0, 0, errSyntax
+				}
+			case ']':
+				if inObject {
+					return 0, 0, errSyntax
+				}
+			default:
+				return 0, 0, errSyntax
+			}
+			s.i++
+			depth--
+		}
+		return start, s.i, nil
+	}
+}
+
+// key scans an object key and the colon after it.
+func (s *jsonScanner) key() error {
+	if _, _, _, err := s.str(); err != nil {
+		return err
+	}
+	return s.expect(':')
 }
 
 func (s *jsonScanner) literal(word string) (start, end int, err error) {
@@ -287,18 +398,29 @@ func unquote(raw []byte) string {
 }
 
 // scalarText renders a scanned value the way placeholders show it:
-// strings without quotes, everything else as compact JSON.
+// strings without quotes, everything else as compact JSON. The result may
+// share memory with raw: callers pass spans of a verified body, which is
+// never modified once read (see bytesToString).
 func scalarText(raw []byte) string {
 	if len(raw) > 0 && raw[0] == '"' {
 		content := raw[1 : len(raw)-1]
-		for _, c := range content {
-			if c == '\\' {
-				return unquote(content)
-			}
+		if bytes.IndexByte(content, '\\') >= 0 {
+			return unquote(content)
 		}
-		return string(content)
+		return bytesToString(content)
 	}
 	return compactJSON(raw)
+}
+
+// bytesToString returns a string that shares b's memory, saving a copy per
+// decoded field. It is only used on the verified body, which no one writes
+// to after the handler has read it: the handler restores it to the request
+// as a read-only bytes.Reader.
+func bytesToString(b []byte) string {
+	if len(b) == 0 {
+		return ""
+	}
+	return unsafe.String(unsafe.SliceData(b), len(b))
 }
 
 func compactJSON(raw []byte) string {
@@ -310,7 +432,7 @@ func compactJSON(raw []byte) string {
 		}
 	}
 	if simple {
-		return string(raw)
+		return bytesToString(raw)
 	}
 	return string(appendCompact(make([]byte, 0, len(raw)), raw))
 }

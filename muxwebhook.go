@@ -58,9 +58,9 @@ type Handler struct {
 	// answered 413 without being read further. Default: 1 MiB.
 	MaxBody int64 `json:"max_body,omitempty"`
 
-	secrets [][]byte
-	now     func() time.Time
-	logger  *zap.Logger
+	verifier *Verifier
+	now      func() time.Time
+	logger   *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -87,7 +87,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	h.secrets = secrets
+	h.verifier = NewVerifier(secrets)
 	return nil
 }
 
@@ -145,7 +145,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.reject(r, http.StatusBadRequest, err)
 	}
 	header := strings.Join(r.Header.Values(SignatureHeader), ",")
-	sig, err := Verify(header, body, h.secrets, h.now(), time.Duration(h.Tolerance))
+	sig, err := h.verifier.Verify(header, body, h.now(), time.Duration(h.Tolerance))
 	if err != nil {
 		return h.reject(r, http.StatusUnauthorized, err)
 	}

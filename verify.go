@@ -7,12 +7,15 @@
 package muxwebhook
 
 import (
+	"bytes"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"hash"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -42,12 +45,9 @@ type Signature struct {
 	// Unix is Timestamp as seconds since the epoch. A value too large for
 	// int64 saturates, which puts it far outside any tolerance window.
 	Unix int64
-	// V1 holds the v1 values that are well-formed (64 hex digits), decoded.
-	// Malformed v1 values are kept out: they could never match.
-	V1 [][sha256.Size]byte
-	// sawV1 records that at least one v1 item was present, well-formed or
-	// not, so that "no v1" and "mismatch" can be told apart.
-	sawV1 bool
+	// header is the whole header value: the v1 values are decoded from it
+	// only while matching, so that parsing allocates nothing.
+	header string
 }
 
 // ParseSignature parses a Mux-Signature header value. It returns
@@ -56,11 +56,11 @@ type Signature struct {
 // when no v1 item is present. Unknown keys, including other schemes, are
 // ignored.
 func ParseSignature(header string) (Signature, error) {
-	var sig Signature
 	if strings.TrimSpace(header) == "" {
-		return sig, ErrMissingSignature
+		return Signature{}, ErrMissingSignature
 	}
-	sawT := false
+	sig := Signature{header: header}
+	sawT, sawV1 := false, false
 	for item := range strings.SplitSeq(header, ",") {
 		item = trimSpaceTab(item)
 		if item == "" {
@@ -80,22 +80,68 @@ func ParseSignature(header string) (Signature, error) {
 			sig.Timestamp = value
 			sig.Unix = parseUnix(value)
 		case "v1":
-			sig.sawV1 = true
-			var mac [sha256.Size]byte
-			if len(value) == 2*sha256.Size {
-				if _, err := hex.Decode(mac[:], []byte(value)); err == nil {
-					sig.V1 = append(sig.V1, mac)
-				}
-			}
+			sawV1 = true
 		}
 	}
 	if !sawT {
 		return Signature{}, ErrMalformed
 	}
-	if !sig.sawV1 {
+	if !sawV1 {
 		return Signature{}, ErrNoV1
 	}
 	return sig, nil
+}
+
+// V1 returns the well-formed v1 values (64 hex digits, either case),
+// decoded. Malformed v1 values are left out: they could never match.
+func (sig Signature) V1() [][sha256.Size]byte {
+	var out [][sha256.Size]byte
+	for mac := range sig.v1Values {
+		out = append(out, mac)
+	}
+	return out
+}
+
+// v1Values yields the decoded well-formed v1 values without allocating.
+func (sig Signature) v1Values(yield func([sha256.Size]byte) bool) {
+	for item := range strings.SplitSeq(sig.header, ",") {
+		key, value, ok := strings.Cut(trimSpaceTab(item), "=")
+		if !ok || trimSpaceTab(key) != "v1" {
+			continue
+		}
+		var mac [sha256.Size]byte
+		if decodeHex(mac[:], trimSpaceTab(value)) && !yield(mac) {
+			return
+		}
+	}
+}
+
+// decodeHex decodes exactly len(dst) bytes from s, or reports false.
+func decodeHex(dst []byte, s string) bool {
+	if len(s) != 2*len(dst) {
+		return false
+	}
+	for i := range dst {
+		hi, ok1 := fromHex(s[2*i])
+		lo, ok2 := fromHex(s[2*i+1])
+		if !ok1 || !ok2 {
+			return false
+		}
+		dst[i] = hi<<4 | lo
+	}
+	return true
+}
+
+func fromHex(c byte) (byte, bool) {
+	switch {
+	case c >= '0' && c <= '9':
+		return c - '0', true
+	case c >= 'a' && c <= 'f':
+		return c - 'a' + 10, true
+	case c >= 'A' && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
 }
 
 // Verify checks a delivery: header is the Mux-Signature value, body the raw
@@ -103,35 +149,67 @@ func ParseSignature(header string) (Signature, error) {
 // and tolerance the largest accepted distance between now and t, in either
 // direction. It checks the MAC before the timestamp, so that a forged
 // request never learns anything about the clock. On success it returns the
-// parsed signature.
+// parsed signature. For many requests with the same secrets, a Verifier is
+// cheaper.
 func Verify(header string, body []byte, secrets [][]byte, now time.Time, tolerance time.Duration) (Signature, error) {
+	return NewVerifier(secrets).Verify(header, body, now, tolerance)
+}
+
+// Verifier verifies deliveries against a fixed set of secrets. It keeps
+// the keyed HMAC states for reuse, so a verification allocates nothing. It
+// is safe for concurrent use.
+type Verifier struct {
+	macs []sync.Pool // one per secret, of *macState
+}
+
+// macState is a keyed HMAC with scratch space for "t." and the sum.
+type macState struct {
+	h       hash.Hash
+	scratch [maxTimestampDigits + 1]byte
+	sum     [sha256.Size]byte
+}
+
+// NewVerifier returns a Verifier for secrets.
+func NewVerifier(secrets [][]byte) *Verifier {
+	v := &Verifier{macs: make([]sync.Pool, len(secrets))}
+	for i, secret := range secrets {
+		key := bytes.Clone(secret)
+		v.macs[i].New = func() any { return &macState{h: hmac.New(sha256.New, key)} }
+	}
+	return v
+}
+
+// Verify is like the package-level Verify, with v's secrets.
+func (v *Verifier) Verify(header string, body []byte, now time.Time, tolerance time.Duration) (Signature, error) {
 	sig, err := ParseSignature(header)
 	if err != nil {
 		return sig, err
 	}
-	if !sig.Matches(body, secrets) {
+	if !v.matches(sig, body) {
 		return sig, ErrMismatch
 	}
 	return sig, sig.CheckTime(now, tolerance)
 }
 
-// Matches reports whether any v1 value of sig is the MAC of body under any
-// of secrets. Every comparison runs in constant time.
-func (sig Signature) Matches(body []byte, secrets [][]byte) bool {
-	if len(sig.V1) == 0 {
-		return false
-	}
-	var sum [sha256.Size]byte
+// matches reports whether any v1 value of sig is the MAC of body under any
+// of the secrets. Every comparison runs in constant time, and every secret
+// and every v1 value is tried, whichever matches.
+func (v *Verifier) matches(sig Signature, body []byte) bool {
 	matched := false
-	for _, secret := range secrets {
-		mac := computeMAC(secret, sig.Timestamp, body, sum[:0])
-		for i := range sig.V1 {
-			// No early return: the work done does not depend on which
-			// secret or which v1 value matched.
-			if hmac.Equal(mac, sig.V1[i][:]) {
+	for i := range v.macs {
+		st := v.macs[i].Get().(*macState)
+		st.h.Reset()
+		n := copy(st.scratch[:], sig.Timestamp)
+		st.scratch[n] = '.'
+		st.h.Write(st.scratch[:n+1])
+		st.h.Write(body)
+		mac := st.h.Sum(st.sum[:0])
+		for want := range sig.v1Values {
+			if hmac.Equal(mac, want[:]) {
 				matched = true
 			}
 		}
+		v.macs[i].Put(st)
 	}
 	return matched
 }

@@ -63,8 +63,8 @@ func TestParseSignature(t *testing.T) {
 			if sig.Timestamp != tt.wantT {
 				t.Errorf("Timestamp = %q, want %q", sig.Timestamp, tt.wantT)
 			}
-			if len(sig.V1) != tt.wantV1 {
-				t.Errorf("len(V1) = %d, want %d", len(sig.V1), tt.wantV1)
+			if len(sig.V1()) != tt.wantV1 {
+				t.Errorf("len(V1) = %d, want %d", len(sig.V1()), tt.wantV1)
 			}
 		})
 	}
