@@ -3,6 +3,8 @@
 package muxwebhook
 
 import (
+	"strconv"
+
 	"github.com/dustin/go-humanize"
 
 	"github.com/caddyserver/caddy/v2"
@@ -31,6 +33,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    secret    <secret> [<secret>...]
 //	    tolerance <duration>
 //	    max_body  <size>
+//	    dedupe    [<window>]
+//	    dedupe {
+//	        window      <duration>
+//	        max_entries <n>
+//	        storage
+//	    }
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // directive name
@@ -69,14 +77,73 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("mux_webhook: max_body must be between 1B and 1TiB, got %q", s)
 			}
 			h.MaxBody = int64(size)
+		case "dedupe":
+			dd, err := parseDedupe(d)
+			if err != nil {
+				return err
+			}
+			h.Dedupe = dd
 		default:
-			return d.Errf("mux_webhook: unknown option %q; expected secret, tolerance or max_body", d.Val())
+			return d.Errf("mux_webhook: unknown option %q; expected secret, tolerance, max_body or dedupe", d.Val())
 		}
 	}
 	if len(h.Secrets) == 0 {
 		return d.Errf("mux_webhook: no signing secret; write mux_webhook {env.MUX_WEBHOOK_SECRET} or add a secret line")
 	}
 	return nil
+}
+
+// parseDedupe parses `dedupe [<window>]` or its block form.
+func parseDedupe(d *caddyfile.Dispenser) (*Dedupe, error) {
+	dd := new(Dedupe)
+	parseWindow := func(s string) error {
+		dur, err := caddy.ParseDuration(s)
+		if err != nil || dur <= 0 {
+			return d.Errf("mux_webhook: dedupe window %q: want a duration greater than 0, e.g. 24h", s)
+		}
+		dd.Window = caddy.Duration(dur)
+		return nil
+	}
+	args := d.RemainingArgs()
+	switch len(args) {
+	case 0:
+	case 1:
+		if err := parseWindow(args[0]); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "window":
+			var s string
+			if !d.AllArgs(&s) {
+				return nil, d.ArgErr()
+			}
+			if err := parseWindow(s); err != nil {
+				return nil, err
+			}
+		case "max_entries":
+			var s string
+			if !d.AllArgs(&s) {
+				return nil, d.ArgErr()
+			}
+			n, err := strconv.Atoi(s)
+			if err != nil || n < 1 || n > 100_000_000 {
+				return nil, d.Errf("mux_webhook: dedupe max_entries %q: want a whole number from 1 to 100000000", s)
+			}
+			dd.MaxEntries = n
+		case "storage":
+			if d.NextArg() {
+				return nil, d.Errf("mux_webhook: dedupe storage takes no argument; it uses the storage global option")
+			}
+			dd.Storage = true
+		default:
+			return nil, d.Errf("mux_webhook: unknown dedupe option %q; expected window, max_entries or storage", d.Val())
+		}
+	}
+	return dd, nil
 }
 
 // Interface guard

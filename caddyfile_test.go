@@ -98,6 +98,11 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"bad max_body", "mux_webhook s {\n max_body lots\n}", "max_body"},
 		{"zero max_body", "mux_webhook s {\n max_body 0\n}", "max_body must be"},
 		{"unknown option", "mux_webhook s {\n secrets x\n}", `unknown option "secrets"`},
+		{"dedupe window", "mux_webhook s {\n dedupe never\n}", "dedupe window"},
+		{"dedupe zero window", "mux_webhook s {\n dedupe {\n window 0s\n }\n}", "dedupe window"},
+		{"dedupe max_entries", "mux_webhook s {\n dedupe {\n max_entries lots\n }\n}", "max_entries"},
+		{"dedupe storage arg", "mux_webhook s {\n dedupe {\n storage redis\n }\n}", "takes no argument"},
+		{"dedupe unknown", "mux_webhook s {\n dedupe {\n ttl 1h\n }\n}", "unknown dedupe option"},
 		{"matcher without pattern", "@m mux_event\nrespond @m 200", "at least one event type pattern"},
 		{"matcher with block", "@m mux_event a {\n b\n}\nrespond @m 200", "does not take a block"},
 	}

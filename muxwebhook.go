@@ -58,7 +58,14 @@ type Handler struct {
 	// answered 413 without being read further. Default: 1 MiB.
 	MaxBody int64 `json:"max_body,omitempty"`
 
+	// Dedupe, when set, answers repeated deliveries of an event id that the
+	// route already answered 2xx with 200, without calling the next
+	// handler, and answers 409 to an id whose delivery is in flight. Off by
+	// default.
+	Dedupe *Dedupe `json:"dedupe,omitempty"`
+
 	verifier *Verifier
+	dedupe   *deduper
 	now      func() time.Time
 	logger   *zap.Logger
 }
@@ -88,6 +95,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.verifier = NewVerifier(secrets)
+	if h.Dedupe != nil {
+		if h.dedupe, err = h.Dedupe.provision(ctx, secrets, h.logger, func() time.Time { return h.now() }); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Cleanup releases the dedupe record's share of the usage pool; the record
+// itself outlives config reloads while any config uses it.
+func (h *Handler) Cleanup() error {
+	if h.dedupe != nil {
+		h.dedupe.cleanup()
+	}
 	return nil
 }
 
@@ -101,6 +122,9 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxBody < 0 {
 		return fmt.Errorf("mux_webhook: max_body must be greater than 0, got %d", h.MaxBody)
+	}
+	if h.Dedupe != nil {
+		return h.Dedupe.validate()
 	}
 	return nil
 }
@@ -165,6 +189,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			zap.Int("attempts", ev.Attempts),
 			zap.ByteString("body", truncate(body, 256)),
 		)
+	}
+	if h.dedupe != nil {
+		return h.dedupe.serve(w, r, ev, next)
 	}
 	return next.ServeHTTP(w, r)
 }
@@ -251,5 +278,6 @@ func truncate(b []byte, n int) []byte {
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )
