@@ -161,6 +161,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		w.Header().Set("Allow", http.MethodPost)
 		return h.reject(r, http.StatusMethodNotAllowed, ErrMethod)
 	}
+	sig, sigErr := ParseSignature(strings.Join(r.Header.Values(SignatureHeader), ","))
+	if sigErr != nil && r.ContentLength >= 0 && r.ContentLength <= h.MaxBody {
+		// The size check already passes, so a header that cannot verify
+		// decides the answer: refuse it before buffering the body.
+		return h.reject(r, http.StatusUnauthorized, sigErr)
+	}
 	body, err := h.readBody(r)
 	if errors.Is(err, ErrTooLarge) {
 		return h.reject(r, http.StatusRequestEntityTooLarge, err)
@@ -168,10 +174,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if err != nil {
 		return h.reject(r, http.StatusBadRequest, err)
 	}
-	header := strings.Join(r.Header.Values(SignatureHeader), ",")
-	sig, err := h.verifier.Verify(header, body, h.now(), time.Duration(h.Tolerance))
-	if err != nil {
-		return h.reject(r, http.StatusUnauthorized, err)
+	if sigErr == nil {
+		sigErr = h.verifier.Check(sig, body, h.now(), time.Duration(h.Tolerance))
+	}
+	if sigErr != nil {
+		return h.reject(r, http.StatusUnauthorized, sigErr)
 	}
 	ev, err := DecodeEvent(body)
 	if err != nil {

@@ -160,3 +160,34 @@ func TestRejectionsAreHandlerErrors(t *testing.T) {
 		t.Fatal("error mentions the secret")
 	}
 }
+
+// unreadable fails the test if the handler reads it.
+type unreadable struct{ t *testing.T }
+
+func (u unreadable) Read([]byte) (int, error) {
+	u.t.Error("the body of a request with an unverifiable header was read")
+	return 0, io.EOF
+}
+
+// TestBadHeaderRefusedBeforeReading: with a Content-Length within the
+// limit, a missing or malformed header gets 401 without the body being
+// buffered (the cheap answer to floods of header-less junk).
+func TestBadHeaderRefusedBeforeReading(t *testing.T) {
+	h := provisionedHandler(t, &Handler{Secrets: []string{"s"}})
+	for _, header := range []string{"", "t=abc,v1=00", "t=1"} {
+		r := benchRequest(nil, header)
+		r.Body = io.NopCloser(unreadable{t})
+		r.ContentLength = 1000
+		err := h.ServeHTTP(httptest.NewRecorder(), r, nil)
+		if he, ok := errors.AsType[caddyhttp.HandlerError](err); !ok || he.StatusCode != http.StatusUnauthorized {
+			t.Errorf("header %q: err = %v, want 401", header, err)
+		}
+	}
+	// Over the limit, 413 still comes first.
+	r := benchRequest(nil, "")
+	r.Body = io.NopCloser(unreadable{t})
+	r.ContentLength = 2 << 20
+	if he, ok := errors.AsType[caddyhttp.HandlerError](h.ServeHTTP(httptest.NewRecorder(), r, nil)); !ok || he.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Errorf("oversized header-less request: want 413")
+	}
+}

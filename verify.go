@@ -185,10 +185,16 @@ func (v *Verifier) Verify(header string, body []byte, now time.Time, tolerance t
 	if err != nil {
 		return sig, err
 	}
+	return sig, v.Check(sig, body, now, tolerance)
+}
+
+// Check verifies an already parsed signature: the MAC first, then the
+// timestamp window.
+func (v *Verifier) Check(sig Signature, body []byte, now time.Time, tolerance time.Duration) error {
 	if !v.matches(sig, body) {
-		return sig, ErrMismatch
+		return ErrMismatch
 	}
-	return sig, sig.CheckTime(now, tolerance)
+	return sig.CheckTime(now, tolerance)
 }
 
 // matches reports whether any v1 value of sig is the MAC of body under any
