@@ -240,24 +240,24 @@ type storedRecord struct {
 	Expires     int64  `json:"expires"`
 }
 
-// serve runs next for a verified event unless its id was delivered or is
-// in flight.
-func (dd *deduper) serve(w http.ResponseWriter, r *http.Request, ev *Event, next caddyhttp.Handler) error {
+// serve calls forward for a verified event unless its id was delivered or
+// is in flight.
+func (dd *deduper) serve(ctx context.Context, w http.ResponseWriter, ev *Event, rec *requestRecord, forward func() (int, error)) error {
 	if ev.ID == "" {
-		return next.ServeHTTP(w, r)
+		_, err := forward()
+		return err
 	}
-	ctx := r.Context()
 	switch dd.memory.begin(ev.ID, dd.now()) {
 	case dedupeDuplicate:
-		return dd.answerDuplicate(w, ev, "memory")
+		return dd.answerDuplicate(w, rec)
 	case dedupeInFlight:
-		return dd.inFlight(ev)
+		return rec.reject(http.StatusConflict, ErrInFlight)
 	}
 	unlock := func() {}
 	if dd.storage != nil {
 		if delivered := dd.storedDelivered(ctx, ev.ID); delivered {
 			dd.memory.markDelivered(ev.ID, dd.now())
-			return dd.answerDuplicate(w, ev, "storage")
+			return dd.answerDuplicate(w, rec)
 		}
 		if locker, ok := dd.storage.(certmagic.TryLocker); ok {
 			name := dd.lockName(ev.ID)
@@ -267,7 +267,7 @@ func (dd *deduper) serve(w http.ResponseWriter, r *http.Request, ev *Event, next
 				dd.logger.Warn("dedupe: could not take the storage lock; delivering anyway", zap.String("id", ev.ID), zap.Error(err))
 			case !got:
 				dd.memory.forget(ev.ID)
-				return dd.inFlight(ev)
+				return rec.reject(http.StatusConflict, ErrInFlight)
 			default:
 				unlock = func() {
 					if err := dd.storage.Unlock(context.WithoutCancel(ctx), name); err != nil {
@@ -279,18 +279,7 @@ func (dd *deduper) serve(w http.ResponseWriter, r *http.Request, ev *Event, next
 	}
 	defer unlock()
 
-	rec := &statusRecorder{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}
-	err := next.ServeHTTP(rec, r)
-	status := rec.status
-	if err != nil {
-		status = http.StatusInternalServerError
-		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
-			status = he.StatusCode
-		}
-	}
-	if status == 0 {
-		status = http.StatusOK // nothing written: net/http answers 200
-	}
+	status, err := forward()
 	if status < 200 || status > 299 {
 		dd.memory.forget(ev.ID)
 		return err
@@ -298,8 +287,8 @@ func (dd *deduper) serve(w http.ResponseWriter, r *http.Request, ev *Event, next
 	now := dd.now()
 	dd.memory.markDelivered(ev.ID, now)
 	if dd.storage != nil {
-		rec := storedRecord{ID: ev.ID, DeliveredAt: now.Unix(), Expires: now.Add(time.Duration(dd.cfg.Window)).Unix()}
-		b, _ := json.Marshal(rec)
+		sr := storedRecord{ID: ev.ID, DeliveredAt: now.Unix(), Expires: now.Add(time.Duration(dd.cfg.Window)).Unix()}
+		b, _ := json.Marshal(sr)
 		if serr := dd.storage.Store(context.WithoutCancel(ctx), dd.storageKey(ev.ID), b); serr != nil {
 			dd.logger.Warn("dedupe: could not record the delivery in storage", zap.String("id", ev.ID), zap.Error(serr))
 		}
@@ -325,25 +314,11 @@ func (dd *deduper) storedDelivered(ctx context.Context, id string) bool {
 	return dd.now().Unix() <= rec.Expires
 }
 
-func (dd *deduper) answerDuplicate(w http.ResponseWriter, ev *Event, source string) error {
-	dd.logger.Info("duplicate mux webhook suppressed",
-		zap.String("type", ev.Type),
-		zap.String("id", ev.ID),
-		zap.Int("attempts", ev.Attempts),
-		zap.String("known_from", source),
-	)
+// answerDuplicate answers 200 for an id already delivered.
+func (dd *deduper) answerDuplicate(w http.ResponseWriter, rec *requestRecord) error {
+	rec.outcome, rec.status = "duplicate", http.StatusOK
 	w.WriteHeader(http.StatusOK)
 	return nil
-}
-
-func (dd *deduper) inFlight(ev *Event) error {
-	dd.logger.Info("mux webhook already in flight",
-		zap.String("reason", "in_flight"),
-		zap.String("type", ev.Type),
-		zap.String("id", ev.ID),
-		zap.Int("status", http.StatusConflict),
-	)
-	return caddyhttp.Error(http.StatusConflict, fmt.Errorf("mux_webhook: in_flight: %w", ErrInFlight))
 }
 
 // purgeLoop deletes expired records from storage until ctx is done.

@@ -96,7 +96,7 @@ func TestDedupeSuppressesRedelivery(t *testing.T) {
 	}
 	found := false
 	for _, l := range g.logLines() {
-		if l["msg"] == "duplicate mux webhook suppressed" && l["id"] == "dup-1" {
+		if l["msg"] == "mux webhook" && l["outcome"] == "duplicate" && l["id"] == "dup-1" && l["status"] == float64(200) {
 			found = true
 		}
 	}

@@ -26,6 +26,7 @@ import (
 type gateway struct {
 	t       *testing.T
 	url     string // http://127.0.0.1:port
+	admin   string // http://localhost:port of the admin API, if enabled
 	logFile string
 }
 
@@ -47,6 +48,22 @@ func freePort(t *testing.T) int {
 func startGateway(t *testing.T, site string, extraSites ...string) *gateway {
 	t.Helper()
 	cfg, g := gatewayConfig(t, site, extraSites...)
+	return g.load(cfg)
+}
+
+// startGatewayWithAdmin is startGateway with the admin API on a free
+// localhost port and extra global options.
+func startGatewayWithAdmin(t *testing.T, global, site string) *gateway {
+	t.Helper()
+	port := freePort(t)
+	cfg, g := gatewayConfigWith(t, fmt.Sprintf("localhost:%d", port), global, site)
+	g.admin = fmt.Sprintf("http://localhost:%d", port)
+	return g.load(cfg)
+}
+
+func (g *gateway) load(cfg string) *gateway {
+	t := g.t
+	t.Helper()
 	if err := loadCaddyfile(cfg); err != nil {
 		t.Fatalf("loading Caddy config: %v\n%s", err, cfg)
 	}
@@ -60,11 +77,16 @@ func startGateway(t *testing.T, site string, extraSites ...string) *gateway {
 
 func gatewayConfig(t *testing.T, site string, extraSites ...string) (string, *gateway) {
 	t.Helper()
+	return gatewayConfigWith(t, "off", "", site, extraSites...)
+}
+
+func gatewayConfigWith(t *testing.T, admin, global, site string, extraSites ...string) (string, *gateway) {
+	t.Helper()
 	dir := t.TempDir()
 	port := freePort(t)
 	g := &gateway{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), logFile: filepath.Join(dir, "caddy.log")}
 	cfg := fmt.Sprintf(`{
-	admin off
+	admin %s
 	persist_config off
 	auto_https off
 	default_bind 127.0.0.1
@@ -74,13 +96,14 @@ func gatewayConfig(t *testing.T, site string, extraSites ...string) (string, *ga
 		format json
 		level DEBUG
 	}
+%s
 }
 
 http://127.0.0.1:%d {
 %s
 }
 %s
-`, filepath.Join(dir, "storage"), g.logFile, port, site, strings.Join(extraSites, "\n"))
+`, admin, filepath.Join(dir, "storage"), g.logFile, global, port, site, strings.Join(extraSites, "\n"))
 	return cfg, g
 }
 

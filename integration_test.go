@@ -301,7 +301,7 @@ func TestRejections(t *testing.T) {
 
 func hasRejection(g *gateway, reason string, status int) bool {
 	for _, l := range g.logLines() {
-		if l["msg"] == "rejected mux webhook" && l["reason"] == reason && l["status"] == float64(status) {
+		if l["msg"] == "mux webhook" && l["outcome"] == "rejected" && l["reason"] == reason && l["status"] == float64(status) {
 			return true
 		}
 	}

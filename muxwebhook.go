@@ -81,6 +81,16 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // Provision sets defaults and resolves the secrets.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("mux_webhook: registering metrics: %v", err)
+	}
+	// The mux_webhook app's live log settings apply to this config, or,
+	// without the global option, their defaults.
+	if _, err := ctx.AppIfConfigured("mux_webhook"); errors.Is(err, caddy.ErrNotConfigured) {
+		(&App{}).Provision(ctx)
+	} else if err != nil {
+		return fmt.Errorf("mux_webhook: loading the mux_webhook app: %v", err)
+	}
 	if h.Tolerance == 0 {
 		h.Tolerance = caddy.Duration(DefaultTolerance)
 	}
@@ -156,51 +166,77 @@ func resolveSecrets(configured []string) ([][]byte, error) {
 }
 
 // ServeHTTP verifies the delivery and, if it is authentic, calls next.
+// Every request, whatever its outcome, is logged once, counted in the
+// metrics and added to the live log.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	rec := requestRecord{start: time.Now()}
+	err := h.serve(w, r, next, &rec)
+	h.observe(r, &rec)
+	return err
+}
+
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, rec *requestRecord) error {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		return h.reject(r, http.StatusMethodNotAllowed, ErrMethod)
+		return rec.reject(http.StatusMethodNotAllowed, ErrMethod)
 	}
 	sig, sigErr := ParseSignature(strings.Join(r.Header.Values(SignatureHeader), ","))
 	if sigErr != nil && r.ContentLength >= 0 && r.ContentLength <= h.MaxBody {
 		// The size check already passes, so a header that cannot verify
 		// decides the answer: refuse it before buffering the body.
-		return h.reject(r, http.StatusUnauthorized, sigErr)
+		return rec.reject(http.StatusUnauthorized, sigErr)
 	}
 	body, err := h.readBody(r)
 	if errors.Is(err, ErrTooLarge) {
-		return h.reject(r, http.StatusRequestEntityTooLarge, err)
+		return rec.reject(http.StatusRequestEntityTooLarge, err)
 	}
 	if err != nil {
-		return h.reject(r, http.StatusBadRequest, err)
+		return rec.reject(http.StatusBadRequest, err)
 	}
+	verifyStart := time.Now()
 	if sigErr == nil {
 		sigErr = h.verifier.Check(sig, body, h.now(), time.Duration(h.Tolerance))
 	}
 	if sigErr != nil {
-		return h.reject(r, http.StatusUnauthorized, sigErr)
+		rec.verifySeconds = time.Since(verifyStart).Seconds()
+		return rec.reject(http.StatusUnauthorized, sigErr)
 	}
+	// Authentic from here on: the body may be shown in the live log.
+	rec.body = body
 	ev, err := DecodeEvent(body)
+	rec.verifySeconds = time.Since(verifyStart).Seconds()
 	if err != nil {
-		return h.reject(r, http.StatusBadRequest, err)
+		return rec.reject(http.StatusBadRequest, err)
 	}
 	ev.Timestamp = sig.Timestamp
+	rec.event, rec.outcome = ev, "verified"
 	restoreBody(r, body)
 	publishEvent(r, ev)
-	if c := h.logger.Check(zap.DebugLevel, "verified mux webhook"); c != nil {
-		c.Write(
-			zap.String("type", ev.Type),
-			zap.String("id", ev.ID),
-			zap.String("object_type", ev.ObjectType),
-			zap.String("object_id", ev.ObjectID),
-			zap.Int("attempts", ev.Attempts),
-			zap.ByteString("body", truncate(body, 256)),
-		)
-	}
+	forward := func() (int, error) { return forward(w, r, next, rec) }
 	if h.dedupe != nil {
-		return h.dedupe.serve(w, r, ev, next)
+		return h.dedupe.serve(r.Context(), w, ev, rec, forward)
 	}
-	return next.ServeHTTP(w, r)
+	_, err = forward()
+	return err
+}
+
+// forward calls the next handler and records the status it answered with
+// (for an error, the status Caddy will answer).
+func forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, rec *requestRecord) (int, error) {
+	sr := &statusRecorder{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}
+	err := next.ServeHTTP(sr, r)
+	status := sr.status
+	if err != nil {
+		status = http.StatusInternalServerError
+		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
+			status = he.StatusCode
+		}
+	}
+	if status == 0 {
+		status = http.StatusOK // nothing written: net/http answers 200
+	}
+	rec.reachedNext, rec.status = true, status
+	return status, err
 }
 
 // readBody reads the whole body, refusing more than MaxBody bytes. A body
@@ -252,33 +288,11 @@ func restoreBody(r *http.Request, body []byte) {
 	}
 }
 
-// reject logs which check failed and returns the handler error that makes
-// Caddy answer with status (or run handle_errors).
-func (h *Handler) reject(r *http.Request, status int, err error) error {
-	reason := Reason(err)
-	h.logger.Info("rejected mux webhook",
-		zap.String("reason", reason),
-		zap.Int("status", status),
-		zap.String("remote_ip", remoteHost(r.RemoteAddr)),
-		zap.String("method", r.Method),
-		zap.String("uri", r.RequestURI),
-		zap.Int64("content_length", r.ContentLength),
-	)
-	return caddyhttp.Error(status, fmt.Errorf("mux_webhook: %s: %w", reason, err))
-}
-
 func remoteHost(addr string) string {
 	if host, _, err := net.SplitHostPort(addr); err == nil {
 		return host
 	}
 	return addr
-}
-
-func truncate(b []byte, n int) []byte {
-	if len(b) > n {
-		return b[:n]
-	}
-	return b
 }
 
 // Interface guards

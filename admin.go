@@ -1,0 +1,178 @@
+// Live Logs on Caddy's admin API (module admin.api.mux_webhook):
+//
+//	GET /mux-webhook/                the page (embedded, self-contained)
+//	GET /mux-webhook/events          the latest requests, newest first, as JSON
+//	                                 (?type=<glob>&outcome=<outcome>&limit=<n>)
+//	GET /mux-webhook/events/stream   Server-Sent Events, one per request
+//
+// The admin API listens on localhost:2019 by default; like the rest of it,
+// these endpoints are as private as its listener.
+
+package muxwebhook
+
+import (
+	_ "embed"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+func init() {
+	caddy.RegisterModule(adminAPI{})
+}
+
+//go:embed web/livelog.html
+var liveLogPage []byte
+
+// sseKeepAlive is how often an idle event stream gets a comment line, so
+// that proxies and browsers keep it open.
+const sseKeepAlive = 15 * time.Second
+
+// adminAPI serves the live log on the admin endpoint.
+type adminAPI struct {
+	ctx caddy.Context
+}
+
+// CaddyModule returns the Caddy module information.
+func (adminAPI) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.mux_webhook",
+		New: func() caddy.Module { return new(adminAPI) },
+	}
+}
+
+// Provision keeps the config's context: its end (a config reload or a
+// stop) ends the event streams.
+func (a *adminAPI) Provision(ctx caddy.Context) error {
+	a.ctx = ctx
+	return nil
+}
+
+// Routes returns the admin routes.
+func (a *adminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{
+		{Pattern: "/mux-webhook/", Handler: caddy.AdminHandlerFunc(a.route)},
+	}
+}
+
+func (a *adminAPI) route(w http.ResponseWriter, r *http.Request) error {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed", r.Method)}
+	}
+	switch r.URL.Path {
+	case "/mux-webhook/", "/mux-webhook/index.html":
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.Header().Set("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		_, err := w.Write(liveLogPage)
+		return err
+	case "/mux-webhook/events":
+		return a.events(w, r)
+	case "/mux-webhook/events/stream":
+		return a.stream(w, r)
+	}
+	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no such live log endpoint: %s", r.URL.Path)}
+}
+
+// filters reads ?type, ?outcome and ?limit.
+func filters(r *http.Request) (typePattern, outcome string, limit int, err error) {
+	q := r.URL.Query()
+	typePattern, outcome = q.Get("type"), q.Get("outcome")
+	if typePattern != "" {
+		if err := checkPattern(typePattern); err != nil {
+			return "", "", 0, err
+		}
+	}
+	if outcome != "" && !outcomes[outcome] {
+		return "", "", 0, fmt.Errorf("unknown outcome %q", outcome)
+	}
+	limit = 100
+	if s := q.Get("limit"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 {
+			return "", "", 0, fmt.Errorf("limit %q: want a whole number >= 1", s)
+		}
+		limit = min(n, 100000)
+	}
+	return typePattern, outcome, limit, nil
+}
+
+func (a *adminAPI) events(w http.ResponseWriter, r *http.Request) error {
+	typePattern, outcome, limit, err := filters(r)
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	return json.NewEncoder(w).Encode(liveLog.query(typePattern, outcome, limit))
+}
+
+// stream sends each new request as an SSE event ("request", JSON data),
+// until the client goes, or the config that serves it is replaced or
+// stopped (then a final "reload" event says so).
+func (a *adminAPI) stream(w http.ResponseWriter, r *http.Request) error {
+	typePattern, outcome, _, err := filters(r)
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+	}
+	rc := http.NewResponseController(w)
+	ch, ok := liveLog.subscribe()
+	if !ok {
+		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("too many live log streams (at most %d)", maxSubscribers)}
+	}
+	defer liveLog.unsubscribe(ch)
+	// The admin server's write timeout must not cut the stream.
+	_ = rc.SetWriteDeadline(time.Time{})
+
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("X-Accel-Buffering", "no")
+	w.WriteHeader(http.StatusOK)
+	if _, err := fmt.Fprint(w, "retry: 2000\n: mux_webhook live log\n\n"); err != nil {
+		return nil
+	}
+	if err := rc.Flush(); err != nil {
+		return nil
+	}
+	keepAlive := time.NewTicker(sseKeepAlive)
+	defer keepAlive.Stop()
+	for {
+		select {
+		case <-r.Context().Done():
+			return nil
+		case <-a.ctx.Done():
+			_, _ = fmt.Fprint(w, "event: reload\ndata: {}\n\n")
+			_ = rc.Flush()
+			return nil
+		case <-keepAlive.C:
+			if _, err := fmt.Fprint(w, ": keep-alive\n\n"); err != nil {
+				return nil
+			}
+		case e := <-ch:
+			if !entryMatches(e, typePattern, outcome) {
+				continue
+			}
+			data, err := json.Marshal(e)
+			if err != nil {
+				return nil
+			}
+			if _, err := fmt.Fprintf(w, "id: %d\nevent: request\ndata: %s\n\n", e.Seq, data); err != nil {
+				return nil
+			}
+		}
+		if err := rc.Flush(); err != nil {
+			return nil
+		}
+	}
+}
+
+// Interface guards
+var (
+	_ caddy.AdminRouter = (*adminAPI)(nil)
+	_ caddy.Provisioner = (*adminAPI)(nil)
+)

@@ -1,0 +1,329 @@
+package muxwebhook
+
+// Live Logs, metrics and the per-request log line, against a real Caddy
+// with its admin API on a free localhost port.
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+const liveLogGlobal = `	mux_webhook {
+		log_size 50
+		log_body 64
+	}`
+
+func liveLogSite(up *upstream) string {
+	return fmt.Sprintf(`
+	mux_webhook %s
+	@assets mux_event video.asset.*
+	handle @assets {
+		reverse_proxy %s
+	}
+	handle {
+		respond 204
+	}`, testSecret, up.hostPort())
+}
+
+func getJSON(t *testing.T, url string, v any) int {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusOK && v != nil {
+		if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return resp.StatusCode
+}
+
+func TestLiveLogEndpoints(t *testing.T) {
+	up := newUpstream(t, "assets")
+	g := startGatewayWithAdmin(t, liveLogGlobal, liveLogSite(up))
+
+	verified := event("video.asset.ready", "ll-1", `{"passthrough":"`+strings.Repeat("p", 200)+`"}`)
+	do(t, signedRequest(t, g.url, testSecret, verified, time.Now()))
+	do(t, signedRequest(t, g.url, "forged", event("video.asset.ready", "ll-2", ""), time.Now()))
+	do(t, signedRequest(t, g.url, testSecret, []byte("not json"), time.Now()))
+	do(t, signedRequest(t, g.url, testSecret, event("video.upload.created", "ll-3", ""), time.Now()))
+
+	var list []LogEntry
+	if status := getJSON(t, g.admin+"/mux-webhook/events", &list); status != 200 || len(list) < 4 {
+		t.Fatalf("events: %d, %d entries", status, len(list))
+	}
+	list = list[:4]
+	wantOutcomes := []string{"verified", "bad_json", "mismatch", "verified"} // newest first
+	wantStatus := []int{204, 400, 401, 200}
+	for i, e := range list {
+		if e.Outcome != wantOutcomes[i] || e.Status != wantStatus[i] {
+			t.Errorf("entry %d: outcome %s status %d, want %s %d", i, e.Outcome, e.Status, wantOutcomes[i], wantStatus[i])
+		}
+		if sig := e.Headers["Mux-Signature"]; len(sig) != 1 || sig[0] != "[redacted]" {
+			t.Errorf("entry %d: Mux-Signature shown as %v", i, sig)
+		}
+		if i > 0 && e.Seq >= list[i-1].Seq {
+			t.Errorf("not newest first: %d after %d", e.Seq, list[i-1].Seq)
+		}
+	}
+	asset := list[3]
+	if asset.Type != "video.asset.ready" || asset.ID != "ll-1" || asset.ObjectType != "asset" || asset.ObjectID != "obj-ll-1" {
+		t.Errorf("verified entry: %+v", asset)
+	}
+	if !asset.BodyTruncated || asset.Body != string(verified[:64]) {
+		t.Errorf("body not cut to log_body=64: %q (truncated %v)", asset.Body, asset.BodyTruncated)
+	}
+	if forged := list[2]; forged.Body != "" || forged.BodyUnavailable == "" {
+		t.Errorf("a forged request's body is shown: %+v", forged)
+	}
+	if list[1].Body != "not json" {
+		t.Errorf("authentic bad JSON should be shown for debugging: %q", list[1].Body)
+	}
+
+	for _, c := range []struct {
+		query string
+		want  int
+	}{
+		{"?outcome=verified&limit=1000", 2},
+		{"?type=video.upload.*", 1},
+		{"?outcome=mismatch", 1},
+		{"?limit=1", 1},
+	} {
+		var got []LogEntry
+		if status := getJSON(t, g.admin+"/mux-webhook/events"+c.query, &got); status != 200 || len(got) != c.want {
+			t.Errorf("%s: %d, %d entries, want %d", c.query, status, len(got), c.want)
+		}
+	}
+	for _, bad := range []string{"?outcome=nope", "?limit=0", "?type=a%20b"} {
+		if status := getJSON(t, g.admin+"/mux-webhook/events"+bad, nil); status != http.StatusBadRequest {
+			t.Errorf("%s: %d, want 400", bad, status)
+		}
+	}
+
+	resp, err := http.Get(g.admin + "/mux-webhook/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(resp.Header.Get("Content-Type"), "text/html") ||
+		!strings.Contains(string(page), "EventSource") || strings.Contains(string(page), "http://") || strings.Contains(string(page), "https://") {
+		t.Errorf("page: %d %s, %d bytes; it must be self-contained", resp.StatusCode, resp.Header.Get("Content-Type"), len(page))
+	}
+}
+
+// sseEvent is one Server-Sent Event.
+type sseEvent struct{ name, data string }
+
+// readSSE sends the stream's events to the returned channel until it ends.
+func readSSE(t *testing.T, url string) (<-chan sseEvent, func()) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("stream: %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	ch := make(chan sseEvent, 100)
+	go func() {
+		defer close(ch)
+		sc := bufio.NewScanner(resp.Body)
+		var ev sseEvent
+		for sc.Scan() {
+			line := sc.Text()
+			switch {
+			case strings.HasPrefix(line, "event: "):
+				ev.name = strings.TrimPrefix(line, "event: ")
+			case strings.HasPrefix(line, "data: "):
+				ev.data = strings.TrimPrefix(line, "data: ")
+			case line == "" && ev.name != "":
+				ch <- ev
+				ev = sseEvent{}
+			}
+		}
+	}()
+	return ch, func() { resp.Body.Close() }
+}
+
+func nextSSE(t *testing.T, ch <-chan sseEvent) (sseEvent, bool) {
+	t.Helper()
+	select {
+	case ev, ok := <-ch:
+		return ev, ok
+	case <-time.After(10 * time.Second):
+		t.Fatal("no event on the stream within 10s")
+		return sseEvent{}, false
+	}
+}
+
+func TestLiveLogStreamAndReload(t *testing.T) {
+	up := newUpstream(t, "assets")
+	g := startGatewayWithAdmin(t, liveLogGlobal, liveLogSite(up))
+	ch, closeStream := readSSE(t, g.admin+"/mux-webhook/events/stream")
+	defer closeStream()
+	time.Sleep(100 * time.Millisecond) // let the stream subscribe
+
+	do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "s-1", ""), time.Now()))
+	do(t, signedRequest(t, g.url, "forged", event("video.live_stream.active", "s-2", ""), time.Now()))
+	for _, want := range []struct{ outcome, typ string }{{"verified", "video.asset.ready"}, {"mismatch", ""}} {
+		ev, ok := nextSSE(t, ch)
+		if !ok || ev.name != "request" {
+			t.Fatalf("stream: %+v, %v", ev, ok)
+		}
+		var e LogEntry
+		if err := json.Unmarshal([]byte(ev.data), &e); err != nil {
+			t.Fatal(err)
+		}
+		if e.Outcome != want.outcome || e.Type != want.typ || e.Headers["Mux-Signature"][0] != "[redacted]" {
+			t.Errorf("streamed %+v, want %s %q with a redacted signature", e, want.outcome, want.typ)
+		}
+	}
+
+	// A filtered stream only gets what matches.
+	fch, closeFiltered := readSSE(t, g.admin+"/mux-webhook/events/stream?outcome=verified&type=video.upload.*")
+	defer closeFiltered()
+	time.Sleep(100 * time.Millisecond)
+	do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "s-3", ""), time.Now()))
+	do(t, signedRequest(t, g.url, testSecret, event("video.upload.created", "s-4", ""), time.Now()))
+	if ev, _ := nextSSE(t, fch); !strings.Contains(ev.data, `"id":"s-4"`) {
+		t.Errorf("filtered stream got %s", ev.data)
+	}
+
+	// A config reload ends the stream with a reload event; the entries
+	// survive into the new config.
+	cfg, _ := gatewayConfigWith(t, strings.TrimPrefix(g.admin, "http://"), liveLogGlobal, liveLogSite(up))
+	if err := loadCaddyfile(cfg); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		ev, ok := nextSSE(t, ch)
+		if !ok {
+			t.Fatal("stream ended without a reload event")
+		}
+		if ev.name == "reload" {
+			break
+		}
+	}
+	if _, ok := nextSSE(t, ch); ok {
+		t.Fatal("stream goes on after the reload event")
+	}
+	var list []LogEntry
+	getJSON(t, g.admin+"/mux-webhook/events?limit=1000", &list)
+	found := false
+	for _, e := range list {
+		found = found || e.ID == "s-1"
+	}
+	if !found {
+		t.Error("entries from before the reload are gone")
+	}
+}
+
+// scrape returns the value of each caddy_mux_webhook sample on /metrics.
+func scrape(t *testing.T, admin string) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get(admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	out := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 0, 64*1024), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "caddy_mux_webhook_") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			t.Fatalf("metric line %q: %v", line, err)
+		}
+		out[line[:i]] = v
+	}
+	return out
+}
+
+func TestMetrics(t *testing.T) {
+	up := newUpstream(t, "assets")
+	g := startGatewayWithAdmin(t, "", liveLogSite(up))
+	before := scrape(t, g.admin)
+
+	do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "m-1", ""), time.Now()))
+	do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "m-2", ""), time.Now()))
+	do(t, signedRequest(t, g.url, testSecret, event("video.upload.created", "m-3", ""), time.Now()))
+	do(t, signedRequest(t, g.url, testSecret, event("attacker.chosen.type", "m-4", ""), time.Now()))
+	do(t, signedRequest(t, g.url, "forged", event("video.asset.ready", "m-5", ""), time.Now()))
+	req, _ := http.NewRequest(http.MethodGet, g.url, nil)
+	do(t, req)
+
+	after := scrape(t, g.admin)
+	delta := func(name string) float64 { return after[name] - before[name] }
+	want := map[string]float64{
+		`caddy_mux_webhook_requests_total{outcome="verified"}`:                4,
+		`caddy_mux_webhook_requests_total{outcome="mismatch"}`:                1,
+		`caddy_mux_webhook_requests_total{outcome="method"}`:                  1,
+		`caddy_mux_webhook_events_total{type="video.asset.ready"}`:            2,
+		`caddy_mux_webhook_events_total{type="video.upload.created"}`:         1,
+		`caddy_mux_webhook_events_total{type="unknown"}`:                      1,
+		`caddy_mux_webhook_responses_total{code="2xx",family="video.asset"}`:  2,
+		`caddy_mux_webhook_responses_total{code="2xx",family="video.upload"}`: 1,
+		`caddy_mux_webhook_responses_total{code="2xx",family="unknown"}`:      1,
+		`caddy_mux_webhook_verify_duration_seconds_count`:                     5,
+	}
+	for name, w := range want {
+		if got := delta(name); got != w {
+			t.Errorf("%s grew by %v, want %v", name, got, w)
+		}
+	}
+	for name := range after {
+		if strings.Contains(name, "attacker") {
+			t.Errorf("an attacker-chosen value became a label: %s", name)
+		}
+	}
+}
+
+func TestRequestLogLine(t *testing.T) {
+	up := newUpstream(t, "assets")
+	g := startGateway(t, liveLogSite(up))
+	body := []byte(`{"type":"video.asset.ready","id":"log-1","object":{"type":"asset","id":"a-9"},"environment":{"id":"env-3","name":"P"},"attempts":[{},{}],"data":{}}`)
+	do(t, signedRequest(t, g.url, testSecret, body, time.Now()))
+	var line map[string]any
+	for _, l := range g.logLines() {
+		if l["msg"] == "mux webhook" && l["id"] == "log-1" {
+			line = l
+		}
+	}
+	if line == nil {
+		t.Fatal("no log line for the event")
+	}
+	want := map[string]any{
+		"outcome": "verified", "reason": "", "type": "video.asset.ready", "object_type": "asset",
+		"object_id": "a-9", "environment_id": "env-3", "attempts": float64(2), "status": float64(200),
+	}
+	for k, v := range want {
+		if line[k] != v {
+			t.Errorf("%s = %v, want %v", k, line[k], v)
+		}
+	}
+	if _, ok := line["duration"].(float64); !ok {
+		t.Errorf("no duration: %v", line)
+	}
+	// The test logs at debug level: the body is there, cut short.
+	if b, _ := line["body"].(string); b == "" || len(b) > maxLoggedBody {
+		t.Errorf("debug body %q", b)
+	}
+	if strings.Contains(g.rawLog(), testSecret) {
+		t.Error("the secret is in the log")
+	}
+}

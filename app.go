@@ -1,0 +1,133 @@
+// The mux_webhook app: server-wide settings of the live log, set with the
+// Caddyfile global option
+//
+//	{
+//		mux_webhook {
+//			log_size 500
+//			log_body 16KiB
+//		}
+//	}
+//
+// The app owns no entries: the live log (livelog.go) outlives config
+// reloads; each config's app sets its size and body cap when it loads.
+
+package muxwebhook
+
+import (
+	"fmt"
+	"strconv"
+
+	"github.com/dustin/go-humanize"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+)
+
+func init() {
+	caddy.RegisterModule(App{})
+	httpcaddyfile.RegisterGlobalOption("mux_webhook", parseGlobalOption)
+}
+
+// App holds the server-wide settings of the mux_webhook handlers.
+type App struct {
+	// LogSize is how many of the latest requests the live log keeps (the
+	// admin API's /mux-webhook/ page and endpoints). 0 turns the live log
+	// off. Default: 500.
+	LogSize *int `json:"log_size,omitempty"`
+
+	// LogBody is how many bytes of each verified body the live log keeps.
+	// Default: 16 KiB.
+	LogBody *int `json:"log_body,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "mux_webhook",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+// Provision applies the settings to the live log.
+func (a *App) Provision(caddy.Context) error {
+	size, body := DefaultLogSize, DefaultLogBody
+	if a.LogSize != nil {
+		size = *a.LogSize
+	}
+	if a.LogBody != nil {
+		body = *a.LogBody
+	}
+	liveLog.configure(size, body)
+	return nil
+}
+
+// Validate checks the bounds.
+func (a *App) Validate() error {
+	if a.LogSize != nil && (*a.LogSize < 0 || *a.LogSize > 100000) {
+		return fmt.Errorf("mux_webhook: log_size must be between 0 (off) and 100000, got %d", *a.LogSize)
+	}
+	if a.LogBody != nil && (*a.LogBody < 0 || *a.LogBody > 1<<20) {
+		return fmt.Errorf("mux_webhook: log_body must be between 0 and 1MiB, got %d", *a.LogBody)
+	}
+	return nil
+}
+
+// Start implements caddy.App.
+func (a *App) Start() error { return nil }
+
+// Stop implements caddy.App. The live log's entries stay for the next
+// config.
+func (a *App) Stop() error { return nil }
+
+// parseGlobalOption parses the global option block:
+//
+//	mux_webhook {
+//		log_size <n>
+//		log_body <size>
+//	}
+func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
+	app := new(App)
+	d.Next() // option name
+	if d.NextArg() {
+		return nil, d.Errf("mux_webhook global option takes a block, not arguments")
+	}
+	for d.NextBlock(0) {
+		var s string
+		switch d.Val() {
+		case "log_size":
+			if !d.AllArgs(&s) {
+				return nil, d.ArgErr()
+			}
+			n, err := strconv.Atoi(s)
+			if err != nil {
+				return nil, d.Errf("mux_webhook: log_size %q: want a whole number (0 turns the live log off)", s)
+			}
+			app.LogSize = &n
+		case "log_body":
+			if !d.AllArgs(&s) {
+				return nil, d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(s)
+			if err != nil || n > 1<<20 {
+				return nil, d.Errf("mux_webhook: log_body %q: want a size up to 1MiB, e.g. 16KiB", s)
+			}
+			size := int(n)
+			app.LogBody = &size
+		default:
+			return nil, d.Errf("mux_webhook: unknown global option %q; expected log_size or log_body", d.Val())
+		}
+	}
+	if err := app.Validate(); err != nil {
+		return nil, d.Err(err.Error())
+	}
+	return httpcaddyfile.App{Name: "mux_webhook", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// Interface guards
+var (
+	_ caddy.App         = (*App)(nil)
+	_ caddy.Provisioner = (*App)(nil)
+	_ caddy.Validator   = (*App)(nil)
+)

@@ -1,0 +1,212 @@
+// The live log: a bounded ring of the latest requests the mux_webhook
+// handlers saw, with subscribers for the admin API's event stream.
+//
+// There is one per process (liveLog below), owned by no config: it keeps
+// its entries across config reloads, while each config's mux_webhook app
+// sets its size and body cap.
+
+package muxwebhook
+
+import (
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Live log defaults and bounds, as documented in the README.
+const (
+	DefaultLogSize = 500
+	DefaultLogBody = 16 << 10
+	// maxSubscribers bounds concurrent event streams.
+	maxSubscribers = 32
+	// subscriberBuffer is how many entries a slow stream may lag behind
+	// before it misses some.
+	subscriberBuffer = 256
+	// Header bounds for an entry: count, and bytes per value.
+	maxLoggedHeaders     = 64
+	maxLoggedHeaderBytes = 512
+)
+
+// redactedHeaders never appear in the live log as they were sent.
+var redactedHeaders = map[string]bool{
+	"Mux-Signature":       true,
+	"Authorization":       true,
+	"Proxy-Authorization": true,
+	"Cookie":              true,
+}
+
+// LogEntry is one request as the live log shows it.
+type LogEntry struct {
+	Seq             uint64              `json:"seq"`
+	Time            time.Time           `json:"time"`
+	Outcome         string              `json:"outcome"`
+	Status          int                 `json:"status"`
+	DurationMS      float64             `json:"duration_ms"`
+	Type            string              `json:"type,omitempty"`
+	ID              string              `json:"id,omitempty"`
+	ObjectType      string              `json:"object_type,omitempty"`
+	ObjectID        string              `json:"object_id,omitempty"`
+	EnvironmentID   string              `json:"environment_id,omitempty"`
+	Attempts        int                 `json:"attempts"`
+	Method          string              `json:"method"`
+	URI             string              `json:"uri"`
+	RemoteIP        string              `json:"remote_ip"`
+	Headers         map[string][]string `json:"headers"`
+	Body            string              `json:"body,omitempty"`
+	BodyTruncated   bool                `json:"body_truncated,omitempty"`
+	BodyUnavailable string              `json:"body_unavailable,omitempty"`
+}
+
+// liveLogState is the ring and its subscribers.
+type liveLogState struct {
+	mu      sync.Mutex
+	size    int
+	bodyMax int
+	ring    []LogEntry // ring[(start+i)%len] is the i-th oldest
+	start   int
+	count   int
+	seq     uint64
+	subs    map[chan LogEntry]struct{}
+}
+
+// liveLog is the process's live log.
+var liveLog = &liveLogState{size: DefaultLogSize, bodyMax: DefaultLogBody, subs: map[chan LogEntry]struct{}{}}
+
+// configure sets the size and body cap, keeping the newest entries.
+func (l *liveLogState) configure(size, bodyMax int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if size == l.size && bodyMax == l.bodyMax && l.ring != nil {
+		return
+	}
+	keep := l.snapshotLocked()
+	if len(keep) > size {
+		keep = keep[len(keep)-size:]
+	}
+	l.size, l.bodyMax = size, bodyMax
+	l.ring = make([]LogEntry, size)
+	l.start, l.count = 0, 0
+	for _, e := range keep {
+		if len(e.Body) > bodyMax {
+			e.Body, e.BodyTruncated = e.Body[:bodyMax], true
+		}
+		l.ring[l.count] = e
+		l.count++
+	}
+}
+
+func (l *liveLogState) enabled() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.size > 0
+}
+
+// bodyCap returns the configured body cap.
+func (l *liveLogState) bodyCap() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.bodyMax
+}
+
+// add appends e (assigning its sequence number) and hands it to every
+// subscriber that has room; a subscriber without room misses it.
+func (l *liveLogState) add(e LogEntry) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.size == 0 {
+		return
+	}
+	if l.ring == nil || len(l.ring) != l.size {
+		l.ring = make([]LogEntry, l.size)
+		l.start, l.count = 0, 0
+	}
+	l.seq++
+	e.Seq = l.seq
+	if l.count < l.size {
+		l.ring[(l.start+l.count)%l.size] = e
+		l.count++
+	} else {
+		l.ring[l.start] = e
+		l.start = (l.start + 1) % l.size
+	}
+	for ch := range l.subs {
+		select {
+		case ch <- e:
+		default:
+		}
+	}
+}
+
+// snapshotLocked returns the entries, oldest first.
+func (l *liveLogState) snapshotLocked() []LogEntry {
+	out := make([]LogEntry, 0, l.count)
+	for i := range l.count {
+		out = append(out, l.ring[(l.start+i)%len(l.ring)])
+	}
+	return out
+}
+
+// query returns up to limit entries, newest first, that match the type
+// pattern (a mux_event glob; "" for all) and the outcome ("" for all).
+func (l *liveLogState) query(typePattern, outcome string, limit int) []LogEntry {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := []LogEntry{}
+	for i := l.count - 1; i >= 0 && len(out) < limit; i-- {
+		e := l.ring[(l.start+i)%len(l.ring)]
+		if entryMatches(e, typePattern, outcome) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+func entryMatches(e LogEntry, typePattern, outcome string) bool {
+	if outcome != "" && e.Outcome != outcome {
+		return false
+	}
+	return typePattern == "" || globMatch(typePattern, e.Type)
+}
+
+// subscribe returns a channel of new entries, or false when there are
+// too many subscribers.
+func (l *liveLogState) subscribe() (chan LogEntry, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.subs) >= maxSubscribers {
+		return nil, false
+	}
+	ch := make(chan LogEntry, subscriberBuffer)
+	l.subs[ch] = struct{}{}
+	return ch, true
+}
+
+func (l *liveLogState) unsubscribe(ch chan LogEntry) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	delete(l.subs, ch)
+}
+
+// loggedHeaders copies h for the live log: bounded, with secrets redacted.
+func loggedHeaders(h http.Header) map[string][]string {
+	out := make(map[string][]string, min(len(h), maxLoggedHeaders))
+	for name, values := range h {
+		if len(out) >= maxLoggedHeaders {
+			break
+		}
+		if redactedHeaders[http.CanonicalHeaderKey(name)] {
+			out[name] = []string{"[redacted]"}
+			continue
+		}
+		vs := make([]string, 0, len(values))
+		for _, v := range values {
+			if len(v) > maxLoggedHeaderBytes {
+				v = v[:maxLoggedHeaderBytes] + "…"
+			}
+			vs = append(vs, strings.ToValidUTF8(v, "�"))
+		}
+		out[name] = vs
+	}
+	return out
+}
