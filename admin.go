@@ -6,7 +6,10 @@
 //	GET /mux-webhook/events/stream   Server-Sent Events, one per request
 //
 // The admin API listens on localhost:2019 by default; like the rest of it,
-// these endpoints are as private as its listener.
+// these endpoints are as private as its listener. Caddy's admin API refuses
+// requests from browser navigations that carry no Origin (its CSRF and DNS
+// rebinding defence), so to open the page in a browser, mount the same
+// endpoints on a site with the mux_webhook_ui handler (ui.go).
 
 package muxwebhook
 
@@ -16,6 +19,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -60,23 +64,32 @@ func (a *adminAPI) Routes() []caddy.AdminRoute {
 }
 
 func (a *adminAPI) route(w http.ResponseWriter, r *http.Request) error {
+	return serveLiveLog(w, r, strings.TrimPrefix(r.URL.Path, "/mux-webhook"), a.ctx.Done())
+}
+
+// serveLiveLog serves the live log's page ("/"), JSON ("/events") and
+// event stream ("/events/stream"), for the admin API and for the
+// mux_webhook_ui handler. done ends event streams: the end of the config
+// that serves them.
+func serveLiveLog(w http.ResponseWriter, r *http.Request, path string, done <-chan struct{}) error {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed", r.Method)}
 	}
-	switch r.URL.Path {
-	case "/mux-webhook/", "/mux-webhook/index.html":
+	switch path {
+	case "/", "/index.html":
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
-		w.Header().Set("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'")
+		w.Header().Set("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
+		w.Header().Set("Cache-Control", "no-store")
 		_, err := w.Write(liveLogPage)
 		return err
-	case "/mux-webhook/events":
-		return a.events(w, r)
-	case "/mux-webhook/events/stream":
-		return a.stream(w, r)
+	case "/events":
+		return serveEvents(w, r)
+	case "/events/stream":
+		return serveStream(w, r, done)
 	}
-	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no such live log endpoint: %s", r.URL.Path)}
+	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no such live log endpoint: %s", path)}
 }
 
 // filters reads ?type, ?outcome and ?limit.
@@ -102,7 +115,7 @@ func filters(r *http.Request) (typePattern, outcome string, limit int, err error
 	return typePattern, outcome, limit, nil
 }
 
-func (a *adminAPI) events(w http.ResponseWriter, r *http.Request) error {
+func serveEvents(w http.ResponseWriter, r *http.Request) error {
 	typePattern, outcome, limit, err := filters(r)
 	if err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
@@ -115,7 +128,7 @@ func (a *adminAPI) events(w http.ResponseWriter, r *http.Request) error {
 // stream sends each new request as an SSE event ("request", JSON data),
 // until the client goes, or the config that serves it is replaced or
 // stopped (then a final "reload" event says so).
-func (a *adminAPI) stream(w http.ResponseWriter, r *http.Request) error {
+func serveStream(w http.ResponseWriter, r *http.Request, done <-chan struct{}) error {
 	typePattern, outcome, _, err := filters(r)
 	if err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
@@ -145,7 +158,7 @@ func (a *adminAPI) stream(w http.ResponseWriter, r *http.Request) error {
 		select {
 		case <-r.Context().Done():
 			return nil
-		case <-a.ctx.Done():
+		case <-done:
 			_, _ = fmt.Fprint(w, "event: reload\ndata: {}\n\n")
 			_ = rc.Flush()
 			return nil

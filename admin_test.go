@@ -5,10 +5,13 @@ package muxwebhook
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -325,5 +328,55 @@ func TestRequestLogLine(t *testing.T) {
 	}
 	if strings.Contains(g.rawLog(), testSecret) {
 		t.Error("the secret is in the log")
+	}
+}
+
+// TestLiveLogPageInBrowser runs web/browser-test.js: headless Chromium,
+// driven by playwright-core, opens the page where a browser can (a site
+// route with mux_webhook_ui; Caddy's admin API refuses browser
+// navigations) and watches three events arrive.
+// Set MUX_SCREENSHOT=path.png to save a screenshot (docs/livelog.png).
+func TestLiveLogPageInBrowser(t *testing.T) {
+	chromium := os.Getenv("CHROMIUM")
+	if chromium == "" {
+		chromium = "/usr/bin/chromium"
+	}
+	node, err := exec.LookPath("node")
+	if err == nil {
+		_, err = os.Stat(chromium)
+	}
+	if err == nil {
+		_, err = os.Stat("node_modules/playwright-core/package.json")
+	}
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("the browser test needs node, npm ci and Debian's chromium: %v", err)
+		}
+		t.Skipf("node, playwright-core or chromium missing (apt-get install chromium; npm ci): %v", err)
+	}
+	up := newUpstream(t, "app")
+	g := startGateway(t, fmt.Sprintf(`
+	mux_webhook /mux %s
+	handle /mux {
+		reverse_proxy %s
+	}
+	handle_path /mux-webhook/* {
+		mux_webhook_ui
+	}`, testSecret, up.hostPort()))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	args := []string{"web/browser-test.js", g.url + "/mux-webhook/", g.url + "/mux", testSecret}
+	if shot := os.Getenv("MUX_SCREENSHOT"); shot != "" {
+		args = append(args, shot)
+	}
+	cmd := exec.CommandContext(ctx, node, args...)
+	cmd.Env = append(os.Environ(), "CHROMIUM="+chromium)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("browser test: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "browser test passed") {
+		t.Fatalf("browser test did not finish:\n%s", out)
 	}
 }

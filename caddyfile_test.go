@@ -84,6 +84,22 @@ func (a *adaptWarnings) Error() string {
 	return "warnings: " + b.String()
 }
 
+func TestGlobalOptionErrors(t *testing.T) {
+	tests := []struct{ input, wantErr string }{
+		{"mux_webhook {\n log_size many\n}", "log_size"},
+		{"mux_webhook {\n log_size -1\n}", "log_size must be between"},
+		{"mux_webhook {\n log_body 2MiB\n}", "log_body"},
+		{"mux_webhook {\n colour blue\n}", "unknown global option"},
+		{"mux_webhook 5", "takes a block"},
+	}
+	for _, tt := range tests {
+		_, err := adaptCaddyfile("{\n" + tt.input + "\n}\n:8080 {\n respond 204\n}\n")
+		if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+			t.Errorf("%q: err = %v, want %q", tt.input, err, tt.wantErr)
+		}
+	}
+}
+
 func TestCaddyfileErrors(t *testing.T) {
 	tests := []struct {
 		name, input, wantErr string
@@ -103,6 +119,7 @@ func TestCaddyfileErrors(t *testing.T) {
 		{"dedupe max_entries", "mux_webhook s {\n dedupe {\n max_entries lots\n }\n}", "max_entries"},
 		{"dedupe storage arg", "mux_webhook s {\n dedupe {\n storage redis\n }\n}", "takes no argument"},
 		{"dedupe unknown", "mux_webhook s {\n dedupe {\n ttl 1h\n }\n}", "unknown dedupe option"},
+		{"ui with args", "mux_webhook_ui x", "takes no arguments"},
 		{"matcher without pattern", "@m mux_event\nrespond @m 200", "at least one event type pattern"},
 		{"matcher with block", "@m mux_event a {\n b\n}\nrespond @m 200", "does not take a block"},
 	}
