@@ -102,9 +102,11 @@ func newLogEntry(r *http.Request, rec *requestRecord, duration time.Duration) Lo
 	}
 	limit := liveLog.bodyCap()
 	if len(rec.body) > limit {
+		// A copy, so that the entry does not pin the whole body.
 		e.Body, e.BodyTruncated = string(rec.body[:limit]), true
 	} else {
-		e.Body = string(rec.body)
+		// The verified body is never modified: share it.
+		e.Body = bytesToString(rec.body)
 	}
 	return e
 }
