@@ -34,7 +34,7 @@ const maxSendCount = 10000
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "mux-webhook",
-		Usage: "<events|sign|verify|send> [flags]",
+		Usage: "<events|sign|verify|send|replay> [flags]",
 		Short: "Lists Mux event types and signs, verifies or sends test webhooks",
 		Long: `
 Tools for testing a mux_webhook gateway without Mux:
@@ -46,6 +46,8 @@ Tools for testing a mux_webhook gateway without Mux:
                                      check a signature offline, saying why it fails
   send   --to URL --type T [--secret S] [--data FILE] [--passthrough X]
          [--id ID] [--count N]       sign and POST a realistic event
+  replay --from DIR --to URL [--secret S] [--type GLOB] [--dry-run]
+                                     deliver what mux_store kept, oldest first
 
 The secret defaults to the MUX_WEBHOOK_SECRET environment variable.
 Run 'caddy mux-webhook <command> --help' for each command's flags.
@@ -64,7 +66,7 @@ func newCommand() *cobra.Command {
 }
 
 func addSubcommands(cmd *cobra.Command) {
-	cmd.AddCommand(eventsCommand(), signCommand(), verifyCommand(), sendCommand())
+	cmd.AddCommand(eventsCommand(), signCommand(), verifyCommand(), sendCommand(), replayCommand())
 }
 
 func eventsCommand() *cobra.Command {
@@ -264,10 +266,13 @@ POSTs it to URL, printing the status and response of each request. It exits
 
 // sendOne signs and POSTs body, prints the outcome and reports whether the
 // response was 2xx.
-func sendOne(out io.Writer, client *http.Client, url, secret, typ string, body []byte) (bool, error) {
+func sendOne(out io.Writer, client *http.Client, url, secret, typ string, body []byte, extra ...string) (bool, error) {
 	req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(string(body)))
 	if err != nil {
 		return false, err
+	}
+	for i := 0; i+1 < len(extra); i += 2 {
+		req.Header.Set(extra[i], extra[i+1])
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", "caddy-mux-webhook send")
@@ -308,15 +313,14 @@ func readInput(cmd *cobra.Command, args []string) ([]byte, error) {
 }
 
 func readFile(cmd *cobra.Command, name string) ([]byte, error) {
-	var r io.Reader = cmd.InOrStdin()
-	if name != "-" {
-		f, err := os.Open(name)
-		if err != nil {
-			return nil, err
-		}
-		defer f.Close()
-		r = f
+	if name == "-" {
+		return readAllBounded(cmd.InOrStdin(), "standard input")
 	}
+	return readStored(name)
+}
+
+// readAllBounded reads r, refusing more than maxInput bytes.
+func readAllBounded(r io.Reader, name string) ([]byte, error) {
 	b, err := io.ReadAll(io.LimitReader(r, maxInput+1))
 	if err != nil {
 		return nil, err
