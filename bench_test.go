@@ -20,7 +20,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"go.uber.org/zap"
 )
 
 var benchSizes = []int{1 << 10, 4 << 10, 64 << 10}
@@ -64,24 +63,32 @@ func TestBenchPayloadIsValid(t *testing.T) {
 
 func sizeName(n int) string { return fmt.Sprintf("%dKiB", n>>10) }
 
-// BenchmarkHMACFloor is the floor: HMAC-SHA256 of "t." + body with a fresh
-// hmac.New, as any verifier must compute.
-func BenchmarkHMACFloor(b *testing.B) {
-	secret := []byte("bench-secret")
+// forEachSize runs f as a sub-benchmark per payload size, reporting
+// throughput and allocations.
+func forEachSize(b *testing.B, f func(b *testing.B, body []byte)) {
 	for _, size := range benchSizes {
 		body := benchPayload(size)
 		b.Run(sizeName(size), func(b *testing.B) {
 			b.SetBytes(int64(size))
 			b.ReportAllocs()
-			var sum [sha256.Size]byte
-			for b.Loop() {
-				m := hmac.New(sha256.New, secret)
-				m.Write([]byte("1700000000."))
-				m.Write(body)
-				m.Sum(sum[:0])
-			}
+			f(b, body)
 		})
 	}
+}
+
+// BenchmarkHMACFloor is the floor: HMAC-SHA256 of "t." + body with a fresh
+// hmac.New, as any verifier must compute.
+func BenchmarkHMACFloor(b *testing.B) {
+	secret := []byte("bench-secret")
+	forEachSize(b, func(b *testing.B, body []byte) {
+		var sum [sha256.Size]byte
+		for b.Loop() {
+			m := hmac.New(sha256.New, secret)
+			m.Write([]byte("1700000000."))
+			m.Write(body)
+			m.Sum(sum[:0])
+		}
+	})
 }
 
 // BenchmarkVerifyDecode is what the gateway does per request before calling
@@ -91,90 +98,64 @@ func BenchmarkVerifyDecode(b *testing.B) {
 	secret := []byte("bench-secret")
 	v := NewVerifier([][]byte{secret})
 	now := time.Unix(1_700_000_000, 0)
-	for _, size := range benchSizes {
-		body := benchPayload(size)
+	forEachSize(b, func(b *testing.B, body []byte) {
 		header := Sign(secret, body, now)
-		b.Run(sizeName(size), func(b *testing.B) {
-			b.SetBytes(int64(size))
-			b.ReportAllocs()
-			for b.Loop() {
-				sig, err := v.Verify(header, body, now, 5*time.Minute)
-				if err != nil {
-					b.Fatal(err)
-				}
-				ev, err := DecodeEvent(body)
-				if err != nil || ev.Type == "" || sig.Timestamp == "" {
-					b.Fatal(err)
-				}
+		for b.Loop() {
+			sig, err := v.Verify(header, body, now, 5*time.Minute)
+			if err != nil {
+				b.Fatal(err)
 			}
-		})
-	}
+			ev, err := DecodeEvent(body)
+			if err != nil || ev.Type == "" || sig.Timestamp == "" {
+				b.Fatal(err)
+			}
+		}
+	})
 }
 
 // BenchmarkDecode is the JSON part alone.
 func BenchmarkDecode(b *testing.B) {
-	for _, size := range benchSizes {
-		body := benchPayload(size)
-		b.Run(sizeName(size), func(b *testing.B) {
-			b.SetBytes(int64(size))
-			b.ReportAllocs()
-			for b.Loop() {
-				if _, err := DecodeEvent(body); err != nil {
-					b.Fatal(err)
-				}
+	forEachSize(b, func(b *testing.B, body []byte) {
+		for b.Loop() {
+			if _, err := DecodeEvent(body); err != nil {
+				b.Fatal(err)
 			}
-		})
-	}
+		}
+	})
 }
 
 // BenchmarkHandler runs the whole ServeHTTP, with a next handler that reads
 // the restored body, the way a proxy would.
 func BenchmarkHandler(b *testing.B) {
 	secret := "bench-secret"
-	h := &Handler{Secrets: []string{secret}}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	defer cancel()
-	if err := h.Provision(ctx); err != nil {
-		b.Fatal(err)
-	}
-	h.logger = zap.NewNop()
+	h := provisionedHandler(b, &Handler{Secrets: []string{secret}})
 	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		_, err := io.Copy(io.Discard, r.Body)
 		return err
 	})
-	for _, size := range benchSizes {
-		body := benchPayload(size)
+	forEachSize(b, func(b *testing.B, body []byte) {
 		header := Sign([]byte(secret), body, time.Now())
-		b.Run(sizeName(size), func(b *testing.B) {
-			b.SetBytes(int64(size))
-			b.ReportAllocs()
-			w := httptest.NewRecorder()
-			for b.Loop() {
-				r := benchRequest(body, header)
-				if err := h.ServeHTTP(w, r, next); err != nil {
-					b.Fatal(err)
-				}
+		w := httptest.NewRecorder()
+		for b.Loop() {
+			r := benchRequest(body, header)
+			if err := h.ServeHTTP(w, r, next); err != nil {
+				b.Fatal(err)
 			}
-		})
-	}
+		}
+	})
 }
 
 // BenchmarkHandlerHarness is BenchmarkHandler without the handler: what
 // building each request costs. Subtract it to get the handler's own share.
 func BenchmarkHandlerHarness(b *testing.B) {
-	for _, size := range benchSizes {
-		body := benchPayload(size)
-		b.Run(sizeName(size), func(b *testing.B) {
-			b.SetBytes(int64(size))
-			b.ReportAllocs()
-			for b.Loop() {
-				r := benchRequest(body, "t=1,v1=00")
-				if _, err := io.Copy(io.Discard, r.Body); err != nil {
-					b.Fatal(err)
-				}
+	forEachSize(b, func(b *testing.B, body []byte) {
+		for b.Loop() {
+			r := benchRequest(body, "t=1,v1=00")
+			if _, err := io.Copy(io.Discard, r.Body); err != nil {
+				b.Fatal(err)
 			}
-		})
-	}
+		}
+	})
 }
 
 // benchRequest builds a request the way Caddy's server hands it to a

@@ -29,7 +29,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // Dedupe defaults, as documented in the README.
@@ -368,24 +367,4 @@ func (dd *deduper) purge(ctx context.Context) int {
 		dd.logger.Debug("dedupe: purged expired records", zap.Int("count", purged))
 	}
 	return purged
-}
-
-// statusRecorder remembers the status the next handlers answered.
-type statusRecorder struct {
-	*caddyhttp.ResponseWriterWrapper
-	status int
-}
-
-func (s *statusRecorder) WriteHeader(code int) {
-	if s.status == 0 && code >= 200 {
-		s.status = code
-	}
-	s.ResponseWriterWrapper.WriteHeader(code)
-}
-
-func (s *statusRecorder) Write(b []byte) (int, error) {
-	if s.status == 0 {
-		s.status = http.StatusOK
-	}
-	return s.ResponseWriterWrapper.Write(b)
 }

@@ -1,12 +1,9 @@
 package muxwebhook
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -182,9 +179,8 @@ func TestDedupeAcrossInstances(t *testing.T) {
 	}))
 	t.Cleanup(up.Close)
 	shared := t.TempDir()
-	start := func(name string) string {
+	start := func() string {
 		port := freePort(t)
-		dir := t.TempDir()
 		cfg := fmt.Sprintf(`{
 	admin off
 	auto_https off
@@ -202,37 +198,12 @@ http://127.0.0.1:%d {
 	reverse_proxy %s
 }
 `, shared, port, testSecret, strings.TrimPrefix(up.URL, "http://"))
-		path := filepath.Join(dir, "Caddyfile")
-		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		cmd := exec.CommandContext(ctx, bin, "run", "--config", path, "--adapter", "caddyfile")
-		cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
-		out := &syncBuffer{}
-		cmd.Stdout, cmd.Stderr = out, out
-		if err := cmd.Start(); err != nil {
-			cancel()
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			cancel()
-			_ = cmd.Wait()
-			if t.Failed() {
-				t.Logf("instance %s:\n%s", name, out.String())
-			}
-		})
+		out := runCaddyBinary(t, bin, cfg)
 		base := fmt.Sprintf("http://127.0.0.1:%d", port)
-		waitFor(t, func() bool {
-			resp, err := http.Get(base)
-			if err == nil {
-				resp.Body.Close()
-			}
-			return err == nil
-		}, out.String)
+		waitForHTTP(t, base, out)
 		return base
 	}
-	a, b := start("A"), start("B")
+	a, b := start(), start()
 
 	body := event("video.asset.ready", "cluster-1", "")
 	for i, url := range []string{a, b, a} {

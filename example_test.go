@@ -52,40 +52,22 @@ func startDemo(t *testing.T) string {
 		ports[p] = n
 		cfg = strings.ReplaceAll(cfg, ":"+p, fmt.Sprintf(":%d", n))
 	}
-	dir := t.TempDir()
-	path := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, bin, "run", "--config", path, "--adapter", "caddyfile")
-	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
-	var out strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cancel()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("caddy output:\n%s", out.String())
-		}
-	})
+	out := runCaddyBinary(t, bin, cfg)
 	base := fmt.Sprintf("http://localhost:%d", ports["8080"])
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	waitForHTTP(t, base, out)
+	return base
+}
+
+// waitForHTTP waits up to 10 s until base answers.
+func waitForHTTP(t *testing.T, base string, out *syncBuffer) {
+	t.Helper()
+	waitFor(t, func() bool {
 		resp, err := http.Get(base + "/")
 		if err == nil {
 			resp.Body.Close()
-			return base
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("demo Caddy did not come up: %v\n%s", err, out.String())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return err == nil
+	}, out.String)
 }
 
 func TestDemoBinaryRoutesEvents(t *testing.T) {
@@ -133,6 +115,34 @@ func TestDemoSendEventScript(t *testing.T) {
 			t.Errorf("send-event.sh %s printed:\n%s\nwant 200 and %q", c.typ, out, c.want)
 		}
 	}
+}
+
+// runCaddyBinary runs `bin run` on the Caddyfile cfg, with its own HOME,
+// until the test ends, and returns its output (logged if the test fails).
+func runCaddyBinary(t *testing.T, bin, cfg string) *syncBuffer {
+	t.Helper()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, bin, "run", "--config", path, "--adapter", "caddyfile")
+	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+	out := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("caddy output:\n%s", out.String())
+		}
+	})
+	return out
 }
 
 // TestDemoSendCommand is the README's demo: the built binary's

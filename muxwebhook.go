@@ -239,6 +239,26 @@ func forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, rec
 	return status, err
 }
 
+// statusRecorder remembers the status the next handlers answered.
+type statusRecorder struct {
+	*caddyhttp.ResponseWriterWrapper
+	status int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	if s.status == 0 && code >= 200 {
+		s.status = code
+	}
+	s.ResponseWriterWrapper.WriteHeader(code)
+}
+
+func (s *statusRecorder) Write(b []byte) (int, error) {
+	if s.status == 0 {
+		s.status = http.StatusOK
+	}
+	return s.ResponseWriterWrapper.Write(b)
+}
+
 // readBody reads the whole body, refusing more than MaxBody bytes. A body
 // of known length gets a buffer of exactly that size; a chunked one grows
 // as it arrives, so the limit is never allocated up front.
