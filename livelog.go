@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 // Live log defaults and bounds, as documented in the README.
@@ -199,14 +200,27 @@ func loggedHeaders(h http.Header) map[string][]string {
 			out[name] = []string{"[redacted]"}
 			continue
 		}
-		vs := make([]string, 0, len(values))
-		for _, v := range values {
-			if len(v) > maxLoggedHeaderBytes {
-				v = v[:maxLoggedHeaderBytes] + "…"
-			}
-			vs = append(vs, strings.ToValidUTF8(v, "�"))
-		}
-		out[name] = vs
+		out[name] = boundedValues(values)
 	}
 	return out
+}
+
+// boundedValues returns values as they are when they are few, short and
+// valid UTF-8 (the common case: no copy), else a cut-down copy.
+func boundedValues(values []string) []string {
+	ok := len(values) <= maxLoggedHeaders
+	for _, v := range values {
+		ok = ok && len(v) <= maxLoggedHeaderBytes && utf8.ValidString(v)
+	}
+	if ok {
+		return values
+	}
+	vs := make([]string, 0, min(len(values), maxLoggedHeaders))
+	for _, v := range values[:min(len(values), maxLoggedHeaders)] {
+		if len(v) > maxLoggedHeaderBytes {
+			v = v[:maxLoggedHeaderBytes] + "…"
+		}
+		vs = append(vs, strings.ToValidUTF8(v, "�"))
+	}
+	return vs
 }
