@@ -406,3 +406,26 @@ func TestMissingSecretFailsLoad(t *testing.T) {
 		})
 	}
 }
+
+// TestPlaceholdersInLogAppend: log_append (evaluated lazily, when the
+// access log is written) sees the event.
+func TestPlaceholdersInLogAppend(t *testing.T) {
+	g := startGateway(t, fmt.Sprintf(`
+	log
+	log_append mux_type {http.mux.event.type}
+	log_append mux_asset {http.mux.data.playback_ids.0.id}
+	mux_webhook %s
+	respond 204`, testSecret))
+	body := event("video.asset.ready", "la-1", `{"playback_ids":[{"id":"pb-9"}]}`)
+	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, body, time.Now())); status != 204 {
+		t.Fatalf("status %d", status)
+	}
+	waitFor(t, func() bool {
+		for _, l := range g.logLines() {
+			if l["mux_type"] == "video.asset.ready" && l["mux_asset"] == "pb-9" {
+				return true
+			}
+		}
+		return false
+	}, func() string { return g.rawLog() })
+}

@@ -92,3 +92,19 @@ func TestLintAtLoadTime(t *testing.T) {
 		t.Errorf("unknown type did not route as written: %d %q", status, got)
 	}
 }
+
+// TestBadPatternFailsLoad: a pattern that can never be meant is a config
+// error at load time, not a warning.
+func TestBadPatternFailsLoad(t *testing.T) {
+	for _, pattern := range []string{`""`, `"video asset"`} {
+		cfg, _ := gatewayConfig(t, fmt.Sprintf("mux_webhook %s\n\t@m mux_event %s\n\trespond @m 200", testSecret, pattern))
+		err := loadCaddyfile(cfg)
+		if err == nil {
+			_ = stopCaddy()
+			t.Fatalf("pattern %s loaded", pattern)
+		}
+		if !strings.Contains(err.Error(), "mux_event") {
+			t.Errorf("pattern %s: error %q does not name mux_event", pattern, err)
+		}
+	}
+}

@@ -87,7 +87,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// The mux_webhook app's live log settings apply to this config, or,
 	// without the global option, their defaults.
 	if _, err := ctx.AppIfConfigured("mux_webhook"); errors.Is(err, caddy.ErrNotConfigured) {
-		(&App{}).Provision(ctx)
+		_ = (&App{}).Provision(ctx) // cannot fail: it only applies defaults
 	} else if err != nil {
 		return fmt.Errorf("mux_webhook: loading the mux_webhook app: %v", err)
 	}
