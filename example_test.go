@@ -90,6 +90,15 @@ func TestDemoBinaryRoutesEvents(t *testing.T) {
 	if status != 401 {
 		t.Errorf("forged event: got %d, want 401", status)
 	}
+	// The live log page and its entries.
+	req, _ := http.NewRequest(http.MethodGet, base+"/mux-webhook/", nil)
+	if status, hdr, page := do(t, req); status != 200 || !strings.Contains(hdr.Get("Content-Type"), "text/html") || !strings.Contains(page, "live log") {
+		t.Errorf("live log page: %d %s", status, hdr.Get("Content-Type"))
+	}
+	req, _ = http.NewRequest(http.MethodGet, base+"/mux-webhook/events?outcome=verified", nil)
+	if status, _, list := do(t, req); status != 200 || !strings.Contains(list, `"id":"d1"`) {
+		t.Errorf("live log entries: %d %.200s", status, list)
+	}
 }
 
 func TestDemoSendEventScript(t *testing.T) {
