@@ -89,6 +89,7 @@ func TestDecodeEventEdgeCases(t *testing.T) {
 		{` {"type" : "a" } `, "a", 0},
 		{`{"\u0074ype":"esc\u0061ped"}`, "escaped", 0},
 		{`{"type":2,"type":"b"}`, "b", 0},
+		{"{\"type\":\"a\x80\x80b\"}", "a\uFFFD\uFFFDb", 0}, // invalid UTF-8, as encoding/json reads it
 		{`{"type":"a","attempts":[]}`, "a", 0},
 		{`{"type":"a","attempts":[1,[2,3],{"x":[]}]}`, "a", 3},
 		{`{"type":"a","attempts":"three"}`, "a", 0},

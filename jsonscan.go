@@ -15,6 +15,8 @@ import (
 	"errors"
 	"math/bits"
 	"strconv"
+	"strings"
+	"unicode/utf8"
 	"unsafe"
 )
 
@@ -407,9 +409,30 @@ func scalarText(raw []byte) string {
 		if bytes.IndexByte(content, '\\') >= 0 {
 			return unquote(content)
 		}
+		if !utf8.Valid(content) {
+			return validUTF8(content)
+		}
 		return bytesToString(content)
 	}
 	return compactJSON(raw)
+}
+
+// validUTF8 replaces each byte of b that is not part of valid UTF-8 with
+// U+FFFD, as encoding/json and JSON.parse (after decoding the body as
+// UTF-8) do.
+func validUTF8(b []byte) string {
+	var sb strings.Builder
+	sb.Grow(len(b) + 8)
+	for len(b) > 0 {
+		r, size := utf8.DecodeRune(b)
+		if r == utf8.RuneError && size == 1 {
+			sb.WriteString("\uFFFD")
+		} else {
+			sb.Write(b[:size])
+		}
+		b = b[size:]
+	}
+	return sb.String()
 }
 
 // bytesToString returns a string that shares b's memory, saving a copy per
