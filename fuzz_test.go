@@ -94,19 +94,25 @@ func FuzzGlobMatch(f *testing.F) {
 	})
 }
 
+// globReference is the textbook dynamic-programming matcher:
+// match[i][j] says whether p[i:] matches s[j:]. It is independent of
+// globMatch's backtracking, and polynomial even for many stars.
 func globReference(p, s string) bool {
-	if p == "" {
-		return s == ""
+	match := make([][]bool, len(p)+1)
+	for i := range match {
+		match[i] = make([]bool, len(s)+1)
 	}
-	if p[0] == '*' {
-		for i := 0; i <= len(s); i++ {
-			if globReference(p[1:], s[i:]) {
-				return true
+	match[len(p)][len(s)] = true
+	for i := len(p) - 1; i >= 0; i-- {
+		for j := len(s); j >= 0; j-- {
+			if p[i] == '*' {
+				match[i][j] = match[i+1][j] || (j < len(s) && match[i][j+1])
+			} else {
+				match[i][j] = j < len(s) && p[i] == s[j] && match[i+1][j+1]
 			}
 		}
-		return false
 	}
-	return s != "" && p[0] == s[0] && globReference(p[1:], s[1:])
+	return match[0][0]
 }
 
 // FuzzDataPath: lookups never panic and agree with encoding/json on
