@@ -123,6 +123,8 @@ func TestDataValue(t *testing.T) {
 		{"playback_ids.2.id", "", false},
 		{"playback_ids.01.id", "", false},
 		{"playback_ids.-1.id", "", false},
+		{"playback_ids.+1.id", "", false},
+		{"playback_ids.-0.id", "", false},
 		{"playback_ids.x", "", false},
 		{"duration", "23.5", true},
 		{"tracks", `[{"type":"video","max_width":1920}]`, true},

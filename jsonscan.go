@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"errors"
 	"math/bits"
-	"strconv"
 	"strings"
 	"unicode/utf8"
 	"unsafe"
@@ -380,7 +379,9 @@ func (s *jsonScanner) end() error {
 // escapes are decoded first, so "\u0074ype" is "type" as JSON.parse sees it.
 func keyIs(raw []byte, escaped bool, name string) bool {
 	if !escaped {
-		return string(raw) == name
+		// A key with invalid UTF-8 reads as U+FFFD in JSON, so it can only
+		// equal a name that is valid UTF-8 after that replacement.
+		return string(raw) == name && (utf8.ValidString(name) || validUTF8(raw) == name)
 	}
 	return unquote(raw) == name
 }
@@ -511,11 +512,11 @@ func lookupPath(raw []byte, path []string) ([]byte, bool) {
 				return nil, false
 			}
 		case '[':
-			want, err := strconv.Atoi(step)
-			if err != nil || want < 0 || (len(step) > 1 && step[0] == '0') {
+			want, ok := arrayIndex(step)
+			if !ok {
 				return nil, false
 			}
-			_, err = s.array(func(index int) error {
+			_, err := s.array(func(index int) error {
 				st, en, err := s.value()
 				if err == nil && index == want {
 					found = s.b[st:en]
@@ -534,6 +535,22 @@ func lookupPath(raw []byte, path []string) ([]byte, bool) {
 		raw = found
 	}
 	return raw, true
+}
+
+// arrayIndex parses a path step as an array index: decimal digits only,
+// without leading zeros or a sign.
+func arrayIndex(step string) (int, bool) {
+	if step == "" || len(step) > 9 || (len(step) > 1 && step[0] == '0') {
+		return 0, false
+	}
+	n := 0
+	for i := 0; i < len(step); i++ {
+		if step[i] < '0' || step[i] > '9' {
+			return 0, false
+		}
+		n = n*10 + int(step[i]-'0')
+	}
+	return n, true
 }
 
 func isHex(c byte) bool {
