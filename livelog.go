@@ -97,16 +97,14 @@ func (l *liveLogState) configure(size, bodyMax int) {
 	}
 }
 
-func (l *liveLogState) enabled() bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.size > 0
-}
-
-// bodyCap returns the configured body cap.
+// bodyCap returns how many body bytes an entry keeps, or -1 when the
+// live log is off.
 func (l *liveLogState) bodyCap() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.size == 0 {
+		return -1
+	}
 	return l.bodyMax
 }
 

@@ -74,14 +74,14 @@ func (h *Handler) observe(r *http.Request, rec *requestRecord) {
 		c.Write(fields...)
 	}
 
-	if liveLog.enabled() {
-		liveLog.add(newLogEntry(r, rec, duration))
+	if limit := liveLog.bodyCap(); limit >= 0 {
+		liveLog.add(newLogEntry(r, rec, duration, limit))
 	}
 }
 
 // newLogEntry builds the live log's view of a request. The body is kept
 // only once the signature verified, cut to the configured cap.
-func newLogEntry(r *http.Request, rec *requestRecord, duration time.Duration) LogEntry {
+func newLogEntry(r *http.Request, rec *requestRecord, duration time.Duration, limit int) LogEntry {
 	e := LogEntry{
 		Time:       rec.start,
 		Outcome:    rec.outcome,
@@ -100,7 +100,6 @@ func newLogEntry(r *http.Request, rec *requestRecord, duration time.Duration) Lo
 		e.BodyUnavailable = "not shown: the signature did not verify"
 		return e
 	}
-	limit := liveLog.bodyCap()
 	if len(rec.body) > limit {
 		// A copy, so that the entry does not pin the whole body.
 		e.Body, e.BodyTruncated = string(rec.body[:limit]), true
