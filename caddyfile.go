@@ -33,6 +33,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    secret    <secret> [<secret>...]
 //	    tolerance <duration>
 //	    max_body  <size>
+//	    body_timeout <duration>
 //	    dedupe    [<window>]
 //	    dedupe {
 //	        window      <duration>
@@ -70,13 +71,20 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			size, err := humanize.ParseBytes(s)
-			if err != nil {
-				return d.Errf("mux_webhook: max_body %q: %v", s, err)
-			}
-			if size == 0 || size > 1<<40 {
-				return d.Errf("mux_webhook: max_body must be between 1B and 1TiB, got %q", s)
+			if err != nil || size == 0 || size > MaxMaxBody {
+				return d.Errf("mux_webhook: max_body %q: want a size from 1B to 16MiB, e.g. 1MiB (Mux events are a few KiB)", s)
 			}
 			h.MaxBody = int64(size)
+		case "body_timeout":
+			var s string
+			if !d.AllArgs(&s) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(s)
+			if err != nil || dur <= 0 {
+				return d.Errf("mux_webhook: body_timeout %q: want a duration greater than 0, e.g. 10s", s)
+			}
+			h.BodyTimeout = caddy.Duration(dur)
 		case "dedupe":
 			dd, err := parseDedupe(d)
 			if err != nil {
@@ -84,7 +92,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.Dedupe = dd
 		default:
-			return d.Errf("mux_webhook: unknown option %q; expected secret, tolerance, max_body or dedupe", d.Val())
+			return d.Errf("mux_webhook: unknown option %q; expected secret, tolerance, max_body, body_timeout or dedupe", d.Val())
 		}
 	}
 	if len(h.Secrets) == 0 {

@@ -4,9 +4,19 @@
 // handler, for a window; the same id arriving while its first delivery is
 // still in flight gets 409, so Mux retries later.
 //
-// Delivered ids live in a bounded in-memory record shared across config
-// reloads and, with `storage`, in Caddy's configured storage, so that
-// several instances sharing it suppress each other's duplicates.
+// The handler asks twice: claim (may this id go to the route?) and, once
+// the request is over, finish (was it delivered?). Everything else - the
+// answers, the log line - is the handler's.
+//
+// Ids are keyed exactly: by a hash of the id's JSON as sent, so that ids
+// JSON would read alike (7 and "7", two invalid bytes that both read as
+// U+FFFD) stay apart and no id, however long, is kept in full.
+//
+// Delivered ids live in a bounded in-memory record per Mux endpoint,
+// shared across config reloads - also reloads that change the window or
+// the bound, or add or drop a secret while rotating - and, with `storage`,
+// in Caddy's configured storage, so that instances sharing it deliver each
+// id once.
 
 package muxwebhook
 
@@ -19,9 +29,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/http"
-	"strconv"
-	"strings"
+	"slices"
 	"sync"
 	"time"
 
@@ -31,12 +39,20 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-// Dedupe defaults, as documented in the README.
+// Dedupe defaults and bounds, as documented in the README.
 const (
 	DefaultDedupeWindow     = 24 * time.Hour
 	DefaultDedupeMaxEntries = 100000
+	// MaxDedupeMaxEntries bounds max_entries (about 150 bytes each).
+	MaxDedupeMaxEntries = 100_000_000
 	// maxPurgePerPass bounds the storage records one purge pass visits.
 	maxPurgePerPass = 10000
+	// storageLockWait bounds the wait for a storage lock that does not
+	// support TryLock; then the request is answered 409.
+	storageLockWait = 2 * time.Second
+	// maxStoredID bounds the id text kept in a storage record (for people
+	// reading it; the key is a hash).
+	maxStoredID = 256
 )
 
 // Dedupe configures duplicate suppression by event id.
@@ -46,20 +62,18 @@ type Dedupe struct {
 	Window caddy.Duration `json:"window,omitempty"`
 
 	// MaxEntries bounds the in-memory record of ids; the oldest are
-	// forgotten first. Default: 100000 (about 20 MB at most).
+	// forgotten first. Default: 100000 (about 15 MB at most).
 	MaxEntries int `json:"max_entries,omitempty"`
 
 	// Storage also records delivered ids in Caddy's configured storage
 	// (the `storage` global option; the file system by default), so that
-	// Caddy instances sharing it suppress each other's duplicates. Expired
-	// records are purged. With a storage that supports TryLock (the file
-	// system does), an id in flight on another instance also gets 409.
+	// Caddy instances sharing it deliver each id once: an instance takes
+	// the id's storage lock, checks the record, runs the route, writes the
+	// record and only then releases the lock. Another instance receiving
+	// the id meanwhile gets 409 (Mux retries), later 200. Expired records
+	// are purged.
 	Storage bool `json:"storage,omitempty"`
 }
-
-// ErrInFlight is the failure of a delivery whose event id is being
-// delivered right now; it is answered 409.
-var ErrInFlight = errors.New("the same event id is being delivered right now")
 
 // dedupeVerdict is what the record says about an arriving event id.
 type dedupeVerdict int
@@ -70,109 +84,193 @@ const (
 	dedupeInFlight
 )
 
+// idKey identifies an event id exactly: SHA-256 of its JSON as sent.
+type idKey [sha256.Size]byte
+
+func keyOf(ev *Event) idKey { return sha256.Sum256(ev.IDRaw) }
+
 // dedupeEntry is one id in the in-memory record.
 type dedupeEntry struct {
-	id        string
+	key       idKey
 	delivered bool
 	at        time.Time // when it went in flight, or was delivered
 }
 
 // memoryRecord is the bounded in-memory record of event ids, oldest first.
+// In-flight ids are kept apart from delivered ones, so that an id stuck in
+// flight never holds up the expiry of the delivered ids behind it.
 type memoryRecord struct {
-	mu      sync.Mutex
-	max     int
-	window  time.Duration
-	byID    map[string]*list.Element
-	ordered *list.List
+	mu        sync.Mutex
+	max       int
+	window    time.Duration
+	byKey     map[idKey]*list.Element
+	delivered *list.List // *dedupeEntry, oldest first
+	inFlight  *list.List // *dedupeEntry, oldest first
+
+	// Owned by recordPool.mu.
+	users  int
+	scopes []string
 }
 
 func newMemoryRecord(max int, window time.Duration) *memoryRecord {
-	return &memoryRecord{max: max, window: window, byID: map[string]*list.Element{}, ordered: list.New()}
+	return &memoryRecord{max: max, window: window, byKey: map[idKey]*list.Element{}, delivered: list.New(), inFlight: list.New()}
 }
 
-// Destruct implements caddy.Destructor for the usage pool.
-func (m *memoryRecord) Destruct() error { return nil }
+// setLimits applies a config's bounds, dropping the oldest ids if the
+// record is now too large.
+func (m *memoryRecord) setLimits(max int, window time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.max, m.window = max, window
+	m.trim()
+}
 
-// begin checks id and, if it may proceed, marks it in flight.
-func (m *memoryRecord) begin(id string, now time.Time) dedupeVerdict {
+// begin checks key and, if it may proceed, marks it in flight.
+func (m *memoryRecord) begin(key idKey, now time.Time) dedupeVerdict {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.expire(now)
-	if el, ok := m.byID[id]; ok {
+	if el, ok := m.byKey[key]; ok {
 		if el.Value.(*dedupeEntry).delivered {
 			return dedupeDuplicate
 		}
 		return dedupeInFlight
 	}
-	m.byID[id] = m.ordered.PushBack(&dedupeEntry{id: id, at: now})
-	for m.ordered.Len() > m.max {
-		m.remove(m.ordered.Front())
-	}
+	m.byKey[key] = m.inFlight.PushBack(&dedupeEntry{key: key, at: now})
+	m.trim()
 	return dedupeProceed
 }
 
-// markDelivered records id as delivered at now (also for ids the storage
+// markDelivered records key as delivered at now (also for ids the storage
 // reported delivered by another instance).
-func (m *memoryRecord) markDelivered(id string, now time.Time) {
+func (m *memoryRecord) markDelivered(key idKey, now time.Time) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if el, ok := m.byID[id]; ok {
-		e := el.Value.(*dedupeEntry)
-		e.delivered, e.at = true, now
-		m.ordered.MoveToBack(el)
-		return
+	if el, ok := m.byKey[key]; ok {
+		m.remove(el)
 	}
-	m.byID[id] = m.ordered.PushBack(&dedupeEntry{id: id, delivered: true, at: now})
-	for m.ordered.Len() > m.max {
-		m.remove(m.ordered.Front())
-	}
+	m.byKey[key] = m.delivered.PushBack(&dedupeEntry{key: key, delivered: true, at: now})
+	m.trim()
 }
 
-// forget drops id: its delivery did not succeed.
-func (m *memoryRecord) forget(id string) {
+// forget drops key: its delivery did not succeed.
+func (m *memoryRecord) forget(key idKey) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if el, ok := m.byID[id]; ok {
+	if el, ok := m.byKey[key]; ok {
 		m.remove(el)
 	}
 }
 
-// expire drops delivered ids older than the window from the front.
+// expire drops delivered ids older than the window.
 func (m *memoryRecord) expire(now time.Time) {
-	for el := m.ordered.Front(); el != nil; el = m.ordered.Front() {
-		e := el.Value.(*dedupeEntry)
-		if !e.delivered || now.Sub(e.at) <= m.window {
+	for el := m.delivered.Front(); el != nil; el = m.delivered.Front() {
+		if now.Sub(el.Value.(*dedupeEntry).at) <= m.window {
 			return
 		}
 		m.remove(el)
 	}
 }
 
+// trim drops the oldest delivered ids (then, only if every entry is in
+// flight, the oldest in flight) beyond max.
+func (m *memoryRecord) trim() {
+	for len(m.byKey) > m.max {
+		el := m.delivered.Front()
+		if el == nil {
+			el = m.inFlight.Front()
+		}
+		m.remove(el)
+	}
+}
+
 func (m *memoryRecord) remove(el *list.Element) {
-	delete(m.byID, el.Value.(*dedupeEntry).id)
-	m.ordered.Remove(el)
+	e := el.Value.(*dedupeEntry)
+	delete(m.byKey, e.key)
+	if e.delivered {
+		m.delivered.Remove(el)
+	} else {
+		m.inFlight.Remove(el)
+	}
 }
 
 func (m *memoryRecord) len() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.ordered.Len()
+	return len(m.byKey)
 }
 
-// records holds the in-memory records across config reloads, keyed by
-// scope (which secrets) and bounds.
-var records = caddy.NewUsagePool()
+// recordPool holds the in-memory records across config reloads. A record
+// belongs to a Mux endpoint, known by the fingerprints of its secrets: a
+// new config whose secrets share any fingerprint with a record's gets that
+// record, whatever its window and bound, so a reload that tunes dedupe or
+// rotates a secret (A, then A and B, then B) keeps what was delivered.
+// Two endpoints have different secrets, and so never share a record.
+type recordPool struct {
+	mu      sync.Mutex
+	byScope map[string]*memoryRecord
+}
+
+var records = &recordPool{byScope: map[string]*memoryRecord{}}
+
+// acquire returns the record of the endpoint with these scopes, created if
+// none exists, with the given bounds; release it when the config ends.
+func (p *recordPool) acquire(scopes []string, max int, window time.Duration) *memoryRecord {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var rec *memoryRecord
+	for _, s := range scopes {
+		if rec = p.byScope[s]; rec != nil {
+			break
+		}
+	}
+	if rec == nil {
+		rec = newMemoryRecord(max, window)
+	}
+	for _, s := range scopes {
+		if p.byScope[s] == nil {
+			p.byScope[s] = rec
+			rec.scopes = append(rec.scopes, s)
+		}
+	}
+	rec.users++
+	rec.setLimits(max, window)
+	return rec
+}
+
+// release gives up one use of rec; the last one drops it.
+func (p *recordPool) release(rec *memoryRecord) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if rec.users--; rec.users > 0 {
+		return
+	}
+	for _, s := range rec.scopes {
+		if p.byScope[s] == rec {
+			delete(p.byScope, s)
+		}
+	}
+	rec.scopes = nil
+}
 
 // deduper is the provisioned form of Dedupe for one handler.
 type deduper struct {
-	cfg      Dedupe
-	scope    string // hex; identifies the endpoint (its secrets), never reveals them
-	poolKey  string
-	memory   *memoryRecord
-	storage  certmagic.Storage // nil without `storage`
-	logger   *zap.Logger
-	now      func() time.Time
-	stopOnce sync.Once
+	cfg         Dedupe
+	scopes      []string // sorted fingerprints of the secrets; never reveal them
+	memory      *memoryRecord
+	storage     certmagic.Storage // nil without `storage`
+	logger      *zap.Logger
+	now         func() time.Time
+	releaseOnce sync.Once
+}
+
+// scopeOf fingerprints one secret: it names the endpoint in the pool and
+// in storage keys without revealing the secret.
+func scopeOf(secret []byte) string {
+	h := sha256.New()
+	h.Write([]byte("mux_webhook dedupe scope\x00"))
+	h.Write(secret)
+	return hex.EncodeToString(h.Sum(nil))[:16]
 }
 
 func (d *Dedupe) provision(ctx caddy.Context, secrets [][]byte, logger *zap.Logger, now func() time.Time) (*deduper, error) {
@@ -183,23 +281,13 @@ func (d *Dedupe) provision(ctx caddy.Context, secrets [][]byte, logger *zap.Logg
 	if cfg.MaxEntries == 0 {
 		cfg.MaxEntries = DefaultDedupeMaxEntries
 	}
-	// Each Mux endpoint (secret) gets every event, with the same ids: two
-	// endpoints must not suppress each other, so the scope is the secrets.
-	h := sha256.New()
+	dd := &deduper{cfg: cfg, logger: logger, now: now}
 	for _, s := range secrets {
-		h.Write([]byte(strconv.Itoa(len(s))))
-		h.Write(s)
+		dd.scopes = append(dd.scopes, scopeOf(s))
 	}
-	scope := hex.EncodeToString(h.Sum(nil))[:16]
-	dd := &deduper{cfg: cfg, scope: scope, logger: logger, now: now}
-	dd.poolKey = fmt.Sprintf("mux_webhook.dedupe.%s.%d.%d", scope, cfg.MaxEntries, time.Duration(cfg.Window))
-	val, _, err := records.LoadOrNew(dd.poolKey, func() (caddy.Destructor, error) {
-		return newMemoryRecord(cfg.MaxEntries, time.Duration(cfg.Window)), nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	dd.memory = val.(*memoryRecord)
+	slices.Sort(dd.scopes)
+	dd.scopes = slices.Compact(dd.scopes)
+	dd.memory = records.acquire(dd.scopes, cfg.MaxEntries, time.Duration(cfg.Window))
 	if cfg.Storage {
 		dd.storage = ctx.Storage()
 		go dd.purgeLoop(ctx)
@@ -209,27 +297,25 @@ func (d *Dedupe) provision(ctx caddy.Context, secrets [][]byte, logger *zap.Logg
 
 func (d *Dedupe) validate() error {
 	if d.Window < 0 {
-		return fmt.Errorf("mux_webhook: dedupe window must be greater than 0")
+		return fmt.Errorf("mux_webhook: dedupe window must be greater than 0, got %s", time.Duration(d.Window))
 	}
-	if d.MaxEntries < 0 {
-		return fmt.Errorf("mux_webhook: dedupe max_entries must be greater than 0")
+	if d.MaxEntries < 0 || d.MaxEntries > MaxDedupeMaxEntries {
+		return fmt.Errorf("mux_webhook: dedupe max_entries must be between 1 and %d, got %d", MaxDedupeMaxEntries, d.MaxEntries)
 	}
 	return nil
 }
 
 func (dd *deduper) cleanup() {
-	dd.stopOnce.Do(func() { _, _ = records.Delete(dd.poolKey) })
+	dd.releaseOnce.Do(func() { records.release(dd.memory) })
 }
 
-// storageKey is where the delivered record of id lives; the id is hashed,
-// so any id makes a safe, fixed-length key.
-func (dd *deduper) storageKey(id string) string {
-	sum := sha256.Sum256([]byte(id))
-	return "mux_webhook/dedupe/" + dd.scope + "/" + hex.EncodeToString(sum[:])
+// storageKey is where the delivered record of an id lives under one scope.
+func storageKey(scope string, key idKey) string {
+	return "mux_webhook/dedupe/" + scope + "/" + hex.EncodeToString(key[:])
 }
 
-func (dd *deduper) lockName(id string) string {
-	return strings.ReplaceAll(dd.storageKey(id), "/", "_")
+func lockName(scope string, key idKey) string {
+	return "mux_webhook_dedupe_" + scope + "_" + hex.EncodeToString(key[:])
 }
 
 // storedRecord is what the storage holds for a delivered id.
@@ -239,85 +325,135 @@ type storedRecord struct {
 	Expires     int64  `json:"expires"`
 }
 
-// serve calls forward for a verified event unless its id was delivered or
-// is in flight.
-func (dd *deduper) serve(ctx context.Context, w http.ResponseWriter, ev *Event, rec *requestRecord, forward func() (int, error)) error {
-	if ev.ID == "" {
-		_, err := forward()
-		return err
+// dedupeClaim is an id a request may deliver; finish it exactly once.
+type dedupeClaim struct {
+	dd     *deduper
+	ctx    context.Context
+	key    idKey
+	id     string
+	locked []string // storage lock names held
+}
+
+// claim decides whether a verified event may go to the route. With
+// dedupeProceed it returns a claim that the caller must finish.
+func (dd *deduper) claim(ctx context.Context, ev *Event) (*dedupeClaim, dedupeVerdict) {
+	if len(ev.IDRaw) == 0 || ev.ID == "" {
+		return nil, dedupeProceed // no id to know it by
 	}
-	switch dd.memory.begin(ev.ID, dd.now()) {
-	case dedupeDuplicate:
-		return dd.answerDuplicate(w, rec)
-	case dedupeInFlight:
-		return rec.reject(http.StatusConflict, ErrInFlight)
+	c := &dedupeClaim{dd: dd, ctx: context.WithoutCancel(ctx), key: keyOf(ev), id: ev.ID}
+	switch v := dd.memory.begin(c.key, dd.now()); v {
+	case dedupeDuplicate, dedupeInFlight:
+		return nil, v
 	}
-	unlock := func() {}
-	if dd.storage != nil {
-		if delivered := dd.storedDelivered(ctx, ev.ID); delivered {
-			dd.memory.markDelivered(ev.ID, dd.now())
-			return dd.answerDuplicate(w, rec)
-		}
-		if locker, ok := dd.storage.(certmagic.TryLocker); ok {
-			name := dd.lockName(ev.ID)
-			got, err := locker.TryLock(ctx, name)
-			switch {
-			case err != nil:
-				dd.logger.Warn("dedupe: could not take the storage lock; delivering anyway", zap.String("id", ev.ID), zap.Error(err))
-			case !got:
-				dd.memory.forget(ev.ID)
-				return rec.reject(http.StatusConflict, ErrInFlight)
-			default:
-				unlock = func() {
-					if err := dd.storage.Unlock(context.WithoutCancel(ctx), name); err != nil {
-						dd.logger.Warn("dedupe: could not release the storage lock", zap.String("id", ev.ID), zap.Error(err))
-					}
-				}
+	if dd.storage == nil {
+		return c, dedupeProceed
+	}
+	// Lock first, then read: a record written by the instance that held
+	// the lock before us is seen; without the lock nobody writes one.
+	if !c.lock(ctx) {
+		dd.memory.forget(c.key)
+		c.unlock()
+		return nil, dedupeInFlight
+	}
+	if dd.storedDelivered(ctx, c.key) {
+		dd.memory.markDelivered(c.key, dd.now())
+		c.unlock()
+		return nil, dedupeDuplicate
+	}
+	return c, dedupeProceed
+}
+
+// lock takes the id's storage lock under every scope (several only while
+// a secret is being rotated), in a fixed order. A storage that fails to
+// lock is logged and passed: delivering a possible duplicate is safer than
+// losing an event.
+func (c *dedupeClaim) lock(ctx context.Context) bool {
+	for _, scope := range c.dd.scopes {
+		name := lockName(scope, c.key)
+		var got bool
+		var err error
+		if tl, ok := c.dd.storage.(certmagic.TryLocker); ok {
+			got, err = tl.TryLock(ctx, name)
+		} else {
+			lctx, cancel := context.WithTimeout(ctx, storageLockWait)
+			err = c.dd.storage.Lock(lctx, name)
+			cancel()
+			got = err == nil
+			if errors.Is(err, context.DeadlineExceeded) {
+				err = nil
 			}
 		}
+		switch {
+		case err != nil:
+			c.dd.logger.Warn("dedupe: could not take the storage lock; delivering anyway",
+				zap.String("id", c.id), zap.Error(err))
+		case !got:
+			return false
+		default:
+			c.locked = append(c.locked, name)
+		}
 	}
-	defer unlock()
+	return true
+}
 
-	status, err := forward()
-	if status < 200 || status > 299 {
-		dd.memory.forget(ev.ID)
-		return err
+func (c *dedupeClaim) unlock() {
+	for _, name := range c.locked {
+		if err := c.dd.storage.Unlock(c.ctx, name); err != nil {
+			c.dd.logger.Warn("dedupe: could not release the storage lock", zap.String("id", c.id), zap.Error(err))
+		}
+	}
+	c.locked = nil
+}
+
+// finish ends the claim: a delivered id is remembered (in memory and in
+// storage, before the lock is released); any other outcome - a non-2xx
+// answer, a panic in the route - releases it so that Mux's retry is
+// delivered. A nil claim is a no-op.
+func (c *dedupeClaim) finish(delivered bool) {
+	if c == nil {
+		return
+	}
+	dd := c.dd
+	defer c.unlock()
+	if !delivered {
+		dd.memory.forget(c.key)
+		return
 	}
 	now := dd.now()
-	dd.memory.markDelivered(ev.ID, now)
-	if dd.storage != nil {
-		sr := storedRecord{ID: ev.ID, DeliveredAt: now.Unix(), Expires: now.Add(time.Duration(dd.cfg.Window)).Unix()}
-		b, _ := json.Marshal(sr)
-		if serr := dd.storage.Store(context.WithoutCancel(ctx), dd.storageKey(ev.ID), b); serr != nil {
-			dd.logger.Warn("dedupe: could not record the delivery in storage", zap.String("id", ev.ID), zap.Error(serr))
+	dd.memory.markDelivered(c.key, now)
+	if dd.storage == nil {
+		return
+	}
+	id := c.id
+	if len(id) > maxStoredID {
+		id = id[:maxStoredID]
+	}
+	b, _ := json.Marshal(storedRecord{ID: id, DeliveredAt: now.Unix(), Expires: now.Add(time.Duration(dd.cfg.Window)).Unix()})
+	for _, scope := range dd.scopes {
+		if err := dd.storage.Store(c.ctx, storageKey(scope, c.key), b); err != nil {
+			dd.logger.Warn("dedupe: could not record the delivery in storage", zap.String("id", c.id), zap.Error(err))
 		}
 	}
-	return err
 }
 
-// storedDelivered reports whether storage holds an unexpired record of id.
-// Storage errors count as "not delivered": forwarding a possible duplicate
-// is safer than dropping an event.
-func (dd *deduper) storedDelivered(ctx context.Context, id string) bool {
-	b, err := dd.storage.Load(ctx, dd.storageKey(id))
-	if err != nil {
-		if !errors.Is(err, fs.ErrNotExist) {
-			dd.logger.Warn("dedupe: could not read storage; delivering", zap.String("id", id), zap.Error(err))
+// storedDelivered reports whether storage holds an unexpired record of
+// key under any scope. Storage errors count as "not delivered": forwarding
+// a possible duplicate is safer than dropping an event.
+func (dd *deduper) storedDelivered(ctx context.Context, key idKey) bool {
+	for _, scope := range dd.scopes {
+		b, err := dd.storage.Load(ctx, storageKey(scope, key))
+		if err != nil {
+			if !errors.Is(err, fs.ErrNotExist) {
+				dd.logger.Warn("dedupe: could not read storage; delivering", zap.Error(err))
+			}
+			continue
 		}
-		return false
+		var rec storedRecord
+		if json.Unmarshal(b, &rec) == nil && dd.now().Unix() <= rec.Expires {
+			return true
+		}
 	}
-	var rec storedRecord
-	if json.Unmarshal(b, &rec) != nil {
-		return false
-	}
-	return dd.now().Unix() <= rec.Expires
-}
-
-// answerDuplicate answers 200 for an id already delivered.
-func (dd *deduper) answerDuplicate(w http.ResponseWriter, rec *requestRecord) error {
-	rec.outcome, rec.status = "duplicate", http.StatusOK
-	w.WriteHeader(http.StatusOK)
-	return nil
+	return false
 }
 
 // purgeLoop deletes expired records from storage until ctx is done.
@@ -335,32 +471,34 @@ func (dd *deduper) purgeLoop(ctx caddy.Context) {
 	}
 }
 
-// purge deletes up to maxPurgePerPass expired records of this scope.
+// purge deletes up to maxPurgePerPass expired records of this endpoint.
 func (dd *deduper) purge(ctx context.Context) int {
-	prefix := "mux_webhook/dedupe/" + dd.scope
-	keys, err := dd.storage.List(ctx, prefix, false)
-	if err != nil {
-		if !errors.Is(err, fs.ErrNotExist) {
-			dd.logger.Warn("dedupe: could not list storage for purging", zap.Error(err))
-		}
-		return 0
-	}
 	now := dd.now().Unix()
-	purged := 0
-	for i, key := range keys {
-		if i >= maxPurgePerPass || ctx.Err() != nil {
-			break
-		}
-		b, err := dd.storage.Load(ctx, key)
+	purged, visited := 0, 0
+	for _, scope := range dd.scopes {
+		keys, err := dd.storage.List(ctx, "mux_webhook/dedupe/"+scope, false)
 		if err != nil {
+			if !errors.Is(err, fs.ErrNotExist) {
+				dd.logger.Warn("dedupe: could not list storage for purging", zap.Error(err))
+			}
 			continue
 		}
-		var rec storedRecord
-		if json.Unmarshal(b, &rec) == nil && now <= rec.Expires {
-			continue
-		}
-		if dd.storage.Delete(ctx, key) == nil {
-			purged++
+		for _, key := range keys {
+			if visited >= maxPurgePerPass || ctx.Err() != nil {
+				break
+			}
+			visited++
+			b, err := dd.storage.Load(ctx, key)
+			if err != nil {
+				continue
+			}
+			var rec storedRecord
+			if json.Unmarshal(b, &rec) == nil && now <= rec.Expires {
+				continue
+			}
+			if dd.storage.Delete(ctx, key) == nil {
+				purged++
+			}
 		}
 	}
 	if purged > 0 {

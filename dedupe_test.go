@@ -14,6 +14,7 @@ import (
 func TestMemoryRecord(t *testing.T) {
 	t0 := time.Unix(1_700_000_000, 0)
 	m := newMemoryRecord(3, time.Hour)
+	k := func(id string) idKey { return keyOf(&Event{IDRaw: []byte(`"` + id + `"`)}) }
 	steps := []struct {
 		do   string // begin, deliver, forget
 		id   string
@@ -34,26 +35,26 @@ func TestMemoryRecord(t *testing.T) {
 		now := t0.Add(s.at)
 		switch s.do {
 		case "begin":
-			if got := m.begin(s.id, now); got != s.want {
+			if got := m.begin(k(s.id), now); got != s.want {
 				t.Fatalf("step %d: begin(%s) = %v, want %v", i, s.id, got, s.want)
 			}
 		case "deliver":
-			m.markDelivered(s.id, now)
+			m.markDelivered(k(s.id), now)
 		case "forget":
-			m.forget(s.id)
+			m.forget(k(s.id))
 		}
 	}
 	// Bounded: the oldest entries go first.
 	m = newMemoryRecord(3, time.Hour)
 	for i := range 10 {
 		id := fmt.Sprint(i)
-		m.begin(id, t0)
-		m.markDelivered(id, t0)
+		m.begin(k(id), t0)
+		m.markDelivered(k(id), t0)
 	}
 	if m.len() != 3 {
 		t.Fatalf("record holds %d entries, want at most 3", m.len())
 	}
-	if m.begin("9", t0) != dedupeDuplicate || m.begin("0", t0) != dedupeProceed {
+	if m.begin(k("9"), t0) != dedupeDuplicate || m.begin(k("0"), t0) != dedupeProceed {
 		t.Fatal("eviction did not drop the oldest ids")
 	}
 }

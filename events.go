@@ -17,8 +17,14 @@ var (
 // Event is a verified Mux webhook event. Only the routing fields are
 // decoded; Data keeps the raw bytes of the `data` member.
 type Event struct {
-	Type            string
-	ID              string
+	Type string
+	// ID is the event id as placeholder text (a JSON string unquoted, any
+	// other value as compact JSON).
+	ID string
+	// IDRaw is the id's JSON exactly as sent (a sub-slice of Body), nil
+	// when the event has none: it tells apart ids whose text reads alike,
+	// such as 7 and "7".
+	IDRaw           []byte
 	CreatedAt       string
 	ObjectType      string
 	ObjectID        string
@@ -73,7 +79,12 @@ func DecodeEvent(body []byte) (*Event, error) {
 			st, en, err = s.value()
 			typeRaw, typeIsString = body[st:en], err == nil && body[st] == '"'
 		case keyIs(key, esc, "id"):
-			ev.ID, err = s.text()
+			var st, en int
+			st, en, err = s.value()
+			if err == nil {
+				ev.IDRaw = body[st:en]
+				ev.ID = scalarText(ev.IDRaw)
+			}
 		case keyIs(key, esc, "created_at"):
 			ev.CreatedAt, err = s.text()
 		case keyIs(key, esc, "object"):

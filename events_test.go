@@ -36,9 +36,12 @@ func TestDecodeEvent(t *testing.T) {
 		EnvironmentID: "env42", EnvironmentName: "Production", Attempts: 2,
 	}
 	got := *ev
-	got.Body, got.Data = nil, nil
+	got.Body, got.Data, got.IDRaw = nil, nil, nil
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("decoded\n %+v\nwant\n %+v", got, want)
+	}
+	if string(ev.IDRaw) != `"3a56ac3d-33da-4366-855b-f592d898409d"` {
+		t.Errorf("IDRaw = %s", ev.IDRaw)
 	}
 	if string(ev.Body) != sampleEvent {
 		t.Error("Body is not the input")

@@ -202,7 +202,9 @@ func signedRequest(t *testing.T, url, secret string, body []byte, at time.Time) 
 // do sends req and returns the status, headers and body of the response.
 func do(t *testing.T, req *http.Request) (int, http.Header, string) {
 	t.Helper()
-	client := &http.Client{Timeout: 10 * time.Second}
+	// A connection of its own: a pooled one may lead to a server an
+	// earlier test stopped on the same port.
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	resp, err := client.Do(req)
 	if err != nil {
 		t.Fatalf("%s %s: %v", req.Method, req.URL, err)

@@ -56,32 +56,25 @@ func registerMetrics(registry *prometheus.Registry) error {
 	return nil
 }
 
-// outcomes is the bounded set of values of the outcome label.
-var outcomes = map[string]bool{
-	"verified": true, "duplicate": true, "in_flight": true,
-	"method": true, "too_large": true, "read_body": true, "missing": true, "malformed": true,
-	"no_v1": true, "mismatch": true, "expired": true, "future": true, "bad_json": true, "no_type": true,
-}
-
 // families are the event families the responses metric names.
 var families = []string{
 	"video.asset", "video.live_stream", "video.upload", "video.delivery",
 	"robots.job", "robots.directive_run",
 }
 
-// metricType is typ if it is a known type, else "unknown".
+// metricType is the catalog's own copy of typ if it is a known type (a
+// label value is kept for the life of the process: it must not share the
+// request body's memory), else "unknown".
 func metricType(typ string) string {
-	if IsKnownType(typ) {
-		return typ
+	if known, ok := knownType(typ); ok {
+		return known
 	}
 	return "unknown"
 }
 
-// metricFamily is the family of a known type, else "unknown".
+// metricFamily is the family of typ - known or new, since Mux adds types
+// to its families over time - else "unknown".
 func metricFamily(typ string) string {
-	if !IsKnownType(typ) {
-		return "unknown"
-	}
 	for _, f := range families {
 		if strings.HasPrefix(typ, f+".") {
 			return f
@@ -105,24 +98,25 @@ func codeClass(status int) string {
 	return "other"
 }
 
-// observeMetrics records one request.
-func observeMetrics(rec *requestRecord) {
+// observeMetrics records one request. Every label value is a constant
+// of this package or of the catalog.
+func observeMetrics(res *result) {
 	if muxMetrics.requests == nil {
 		return
 	}
-	outcome := rec.outcome
-	if !outcomes[outcome] {
-		outcome = "other"
+	outcome := "other"
+	if outcomes[res.outcome.Name] {
+		outcome = res.outcome.Name
 	}
 	muxMetrics.requests.WithLabelValues(outcome).Inc()
-	if rec.verifySeconds > 0 {
-		muxMetrics.verify.Observe(rec.verifySeconds)
+	if res.verifySeconds > 0 {
+		muxMetrics.verify.Observe(res.verifySeconds)
 	}
-	if rec.event == nil {
+	if res.event == nil {
 		return
 	}
-	muxMetrics.events.WithLabelValues(metricType(rec.event.Type)).Inc()
-	if rec.reachedNext {
-		muxMetrics.responses.WithLabelValues(metricFamily(rec.event.Type), codeClass(rec.status)).Inc()
+	muxMetrics.events.WithLabelValues(metricType(res.event.Type)).Inc()
+	if res.route != nil {
+		muxMetrics.responses.WithLabelValues(metricFamily(res.event.Type), codeClass(res.status)).Inc()
 	}
 }

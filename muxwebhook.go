@@ -8,14 +8,11 @@
 package muxwebhook
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"regexp"
-	"strconv"
 	"strings"
 	"time"
 
@@ -31,8 +28,12 @@ func init() {
 
 // Defaults, as documented in the README.
 const (
-	DefaultTolerance = 5 * time.Minute
-	DefaultMaxBody   = 1 << 20 // 1 MiB
+	DefaultTolerance   = 5 * time.Minute
+	DefaultMaxBody     = 1 << 20 // 1 MiB
+	DefaultBodyTimeout = 10 * time.Second
+	// MaxMaxBody is the largest max_body accepted: Mux events are a few
+	// KiB, and a gateway that accepts more only helps a flood.
+	MaxMaxBody = 16 << 20
 )
 
 // Handler verifies Mux webhook deliveries. A request reaches the next
@@ -55,8 +56,14 @@ type Handler struct {
 	Tolerance caddy.Duration `json:"tolerance,omitempty"`
 
 	// MaxBody is the largest accepted body, in bytes; larger requests are
-	// answered 413 without being read further. Default: 1 MiB.
+	// answered 413 without being read further. Default: 1 MiB; at most
+	// 16 MiB. Memory follows the bytes that arrive, not Content-Length.
 	MaxBody int64 `json:"max_body,omitempty"`
+
+	// BodyTimeout is how long the body may take to arrive, from when the
+	// handler starts reading it; a slower body is answered 408 and nothing
+	// is forwarded. Default: 10s.
+	BodyTimeout caddy.Duration `json:"body_timeout,omitempty"`
 
 	// Dedupe, when set, answers repeated deliveries of an event id that the
 	// route already answered 2xx with 200, without calling the next
@@ -97,6 +104,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxBody == 0 {
 		h.MaxBody = DefaultMaxBody
 	}
+	if h.BodyTimeout == 0 {
+		h.BodyTimeout = caddy.Duration(DefaultBodyTimeout)
+	}
 	if h.now == nil {
 		h.now = time.Now
 	}
@@ -130,8 +140,11 @@ func (h *Handler) Validate() error {
 	if h.Tolerance < 0 {
 		return fmt.Errorf("mux_webhook: tolerance must be greater than 0, got %s", time.Duration(h.Tolerance))
 	}
-	if h.MaxBody < 0 {
-		return fmt.Errorf("mux_webhook: max_body must be greater than 0, got %d", h.MaxBody)
+	if h.MaxBody < 0 || h.MaxBody > MaxMaxBody {
+		return fmt.Errorf("mux_webhook: max_body must be between 1 and %d bytes (16MiB), got %d", MaxMaxBody, h.MaxBody)
+	}
+	if h.BodyTimeout < 0 {
+		return fmt.Errorf("mux_webhook: body_timeout must be greater than 0, got %s", time.Duration(h.BodyTimeout))
 	}
 	if h.Dedupe != nil {
 		return h.Dedupe.validate()
@@ -165,78 +178,101 @@ func resolveSecrets(configured []string) ([][]byte, error) {
 	return out, nil
 }
 
-// ServeHTTP verifies the delivery and, if it is authentic, calls next.
-// Every request, whatever its outcome, is logged once, counted in the
-// metrics and added to the live log.
+// ServeHTTP is the gateway's pipeline, top to bottom: method, size,
+// signature header, body, MAC and timestamp, event, dedupe, route. Each
+// refusal is answered by refuse from the outcomes table (outcome.go).
+// Whatever happens - even a panic in a later handler, such as
+// reverse_proxy aborting when its upstream dies mid-response - the
+// deferred settle releases the dedupe claim (a panic is never a delivery)
+// and logs, counts and live-logs the request once; then the panic goes on.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	rec := requestRecord{start: time.Now()}
-	err := h.serve(w, r, next, &rec)
-	h.observe(r, &rec)
-	return err
-}
+	res := &result{start: time.Now()}
+	var claim *dedupeClaim
+	defer func() {
+		p := recover()
+		if p != nil {
+			res.abort(p)
+		}
+		claim.finish(res.delivered())
+		h.observe(r, res)
+		if p != nil {
+			panic(p)
+		}
+	}()
 
-func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, rec *requestRecord) error {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		return rec.reject(http.StatusMethodNotAllowed, ErrMethod)
+		return res.refuse(ErrMethod)
+	}
+	if r.ContentLength > h.MaxBody {
+		dropUnreadBody(w, r)
+		return res.refuse(ErrTooLarge)
 	}
 	sig, sigErr := ParseSignature(strings.Join(r.Header.Values(SignatureHeader), ","))
-	if sigErr != nil && r.ContentLength >= 0 && r.ContentLength <= h.MaxBody {
-		// The size check already passes, so a header that cannot verify
-		// decides the answer: refuse it before buffering the body.
-		return rec.reject(http.StatusUnauthorized, sigErr)
+	if sigErr != nil && r.ContentLength >= 0 {
+		// The size check already passed, so a header that cannot verify
+		// decides the answer: refuse it before reading the body.
+		dropUnreadBody(w, r)
+		return res.refuse(sigErr)
 	}
-	body, err := h.readBody(r)
-	if errors.Is(err, ErrTooLarge) {
-		return rec.reject(http.StatusRequestEntityTooLarge, err)
-	}
+	body, err := h.readBody(w, r)
 	if err != nil {
-		return rec.reject(http.StatusBadRequest, err)
+		return res.refuse(err)
 	}
+
 	verifyStart := time.Now()
 	if sigErr == nil {
 		sigErr = h.verifier.Check(sig, body, h.now(), time.Duration(h.Tolerance))
 	}
 	if sigErr != nil {
-		rec.verifySeconds = time.Since(verifyStart).Seconds()
-		return rec.reject(http.StatusUnauthorized, sigErr)
+		res.verifySeconds = time.Since(verifyStart).Seconds()
+		return res.refuse(sigErr)
 	}
-	// Authentic from here on: the body may be shown in the live log.
-	rec.body = body
+	// Authentic from here on: the body may be decoded and shown.
+	res.body = body
 	ev, err := DecodeEvent(body)
-	rec.verifySeconds = time.Since(verifyStart).Seconds()
+	res.verifySeconds = time.Since(verifyStart).Seconds()
 	if err != nil {
-		return rec.reject(http.StatusBadRequest, err)
+		return res.refuse(err)
 	}
 	ev.Timestamp = sig.Timestamp
-	rec.event, rec.outcome = ev, "verified"
+	res.event, res.outcome = ev, OutcomeVerified
 	restoreBody(r, body)
 	publishEvent(r, ev)
-	forward := func() (int, error) { return forward(w, r, next, rec) }
+
 	if h.dedupe != nil {
-		return h.dedupe.serve(r.Context(), w, ev, rec, forward)
+		var verdict dedupeVerdict
+		claim, verdict = h.dedupe.claim(r.Context(), ev)
+		switch verdict {
+		case dedupeDuplicate:
+			res.outcome, res.status = OutcomeDuplicate, OutcomeDuplicate.Status
+			w.WriteHeader(OutcomeDuplicate.Status)
+			return nil
+		case dedupeInFlight:
+			return res.refuse(ErrInFlight)
+		}
 	}
-	_, err = forward()
+
+	sr := &statusRecorder{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}
+	res.route = sr
+	err = next.ServeHTTP(sr, r)
+	res.status = routeStatus(sr.status, err)
 	return err
 }
 
-// forward calls the next handler and records the status it answered with
-// (for an error, the status Caddy will answer).
-func forward(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, rec *requestRecord) (int, error) {
-	sr := &statusRecorder{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}}
-	err := next.ServeHTTP(sr, r)
-	status := sr.status
+// routeStatus is the status the route answered, or, for an error, the
+// status Caddy will answer.
+func routeStatus(written int, err error) int {
 	if err != nil {
-		status = http.StatusInternalServerError
 		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
-			status = he.StatusCode
+			return he.StatusCode
 		}
+		return http.StatusInternalServerError
 	}
-	if status == 0 {
-		status = http.StatusOK // nothing written: net/http answers 200
+	if written == 0 {
+		return http.StatusOK // nothing written: net/http answers 200
 	}
-	rec.reachedNext, rec.status = true, status
-	return status, err
+	return written
 }
 
 // statusRecorder remembers the status the next handlers answered.
@@ -257,55 +293,6 @@ func (s *statusRecorder) Write(b []byte) (int, error) {
 		s.status = http.StatusOK
 	}
 	return s.ResponseWriterWrapper.Write(b)
-}
-
-// readBody reads the whole body, refusing more than MaxBody bytes. A body
-// of known length gets a buffer of exactly that size; a chunked one grows
-// as it arrives, so the limit is never allocated up front.
-func (h *Handler) readBody(r *http.Request) ([]byte, error) {
-	if r.ContentLength > h.MaxBody {
-		return nil, ErrTooLarge
-	}
-	if r.Body == nil || r.Body == http.NoBody {
-		return []byte{}, nil
-	}
-	var body []byte
-	var err error
-	if r.ContentLength >= 0 {
-		body = make([]byte, r.ContentLength)
-		_, err = io.ReadFull(r.Body, body)
-	} else {
-		body, err = io.ReadAll(io.LimitReader(r.Body, h.MaxBody+1))
-		if err == nil && int64(len(body)) > h.MaxBody {
-			return nil, ErrTooLarge
-		}
-	}
-	if err != nil {
-		// A request_body limit earlier in the route is a size problem too.
-		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
-			return nil, ErrTooLarge
-		}
-		return nil, fmt.Errorf("%w: %v", ErrReadBody, err)
-	}
-	return body, nil
-}
-
-// restoreBody gives the request its body back for the next handlers, as a
-// plain body of known length: a chunked delivery reaches an upstream with a
-// Content-Length, and the proxy may re-read it on retries via GetBody.
-// The slice is not pooled: the proxy transport may read it after ServeHTTP
-// has returned.
-func restoreBody(r *http.Request, body []byte) {
-	r.Body = io.NopCloser(bytes.NewReader(body))
-	r.GetBody = func() (io.ReadCloser, error) {
-		return io.NopCloser(bytes.NewReader(body)), nil
-	}
-	r.ContentLength = int64(len(body))
-	r.TransferEncoding = nil
-	r.Header.Del("Transfer-Encoding")
-	if r.Header.Get("Content-Length") != "" {
-		r.Header.Set("Content-Length", strconv.Itoa(len(body)))
-	}
 }
 
 func remoteHost(addr string) string {

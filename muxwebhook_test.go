@@ -50,7 +50,7 @@ func TestProvisionDefaults(t *testing.T) {
 // TestSmallRequestDoesNotAllocateLimit: memory per request follows the
 // body, not max_body, for known and unknown (chunked) lengths.
 func TestSmallRequestDoesNotAllocateLimit(t *testing.T) {
-	h := provisionedHandler(t, &Handler{Secrets: []string{"s"}, MaxBody: 64 << 20})
+	h := provisionedHandler(t, &Handler{Secrets: []string{"s"}, MaxBody: MaxMaxBody})
 	body := event("video.asset.ready", "m1", "")
 	header := Sign([]byte("s"), body, time.Now())
 	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
@@ -70,7 +70,7 @@ func TestSmallRequestDoesNotAllocateLimit(t *testing.T) {
 		runtime.GC()
 		runtime.ReadMemStats(&before)
 		for _, r := range reqs {
-			if err := h.ServeHTTP(httptest.NewRecorder(), r, next); err != nil {
+			if err := h.ServeHTTP(newRecorder(), r, next); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -98,7 +98,7 @@ func TestReadBodyLimits(t *testing.T) {
 	for _, tt := range tests {
 		r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader(tt.body))
 		r.ContentLength = tt.length
-		got, err := h.readBody(r)
+		got, err := h.readBody(newRecorder(), r)
 		if !errors.Is(err, tt.wantErr) {
 			t.Errorf("%q (length %d): err = %v, want %v", tt.body, tt.length, err, tt.wantErr)
 		}
@@ -109,14 +109,14 @@ func TestReadBodyLimits(t *testing.T) {
 	// A body cut short by the client is a read error (400), not a size error.
 	r := httptest.NewRequest(http.MethodPost, "/", io.LimitReader(strings.NewReader("0123456789"), 4))
 	r.ContentLength = 10
-	if _, err := h.readBody(r); !errors.Is(err, ErrReadBody) {
+	if _, err := h.readBody(newRecorder(), r); !errors.Is(err, ErrReadBody) {
 		t.Errorf("short body: err = %v, want ErrReadBody", err)
 	}
 	// request_body's limit earlier in the route counts as too large.
 	r = httptest.NewRequest(http.MethodPost, "/", nil)
 	r.Body = http.MaxBytesReader(httptest.NewRecorder(), io.NopCloser(strings.NewReader("0123456789")), 5)
 	r.ContentLength = -1
-	if _, err := h.readBody(r); !errors.Is(err, ErrTooLarge) {
+	if _, err := h.readBody(newRecorder(), r); !errors.Is(err, ErrTooLarge) {
 		t.Errorf("MaxBytesReader: err = %v, want ErrTooLarge", err)
 	}
 }

@@ -44,10 +44,20 @@ func publishEvent(r *http.Request, ev *Event) {
 	}
 }
 
-// placeholder resolves one {http.mux.*} key for ev.
+// placeholder resolves one {http.mux.*} key for ev. Values never hold
+// control characters (see noControls), so that any of them is safe in a
+// request or response header.
 func (e *Event) placeholder(key string) (any, bool) {
-	if e == nil || !strings.HasPrefix(key, placeholderPrefix) {
+	v, ok := e.placeholderText(key)
+	if !ok {
 		return nil, false
+	}
+	return noControls(v), true
+}
+
+func (e *Event) placeholderText(key string) (string, bool) {
+	if e == nil || !strings.HasPrefix(key, placeholderPrefix) {
+		return "", false
 	}
 	switch key[len(placeholderPrefix):] {
 	case "event.type":
@@ -73,5 +83,28 @@ func (e *Event) placeholder(key string) (any, bool) {
 		v, _ := e.DataValue(path)
 		return v, true
 	}
-	return nil, false
+	return "", false
 }
+
+// noControls returns s with every ASCII control character but tab (NUL,
+// CR, LF, ESC, DEL, ...) replaced by a space. Go's HTTP client and server
+// refuse such bytes in header values: `header_up X-Passthrough
+// {http.mux.data.passthrough}` would otherwise answer 502 for every event
+// whose free-text passthrough holds a newline, for as long as Mux retries.
+// The body is forwarded unchanged; exact values are read from it. Strings
+// without control characters, nearly all, are returned as they are.
+func noControls(s string) string {
+	i := strings.IndexFunc(s, isControl)
+	if i < 0 {
+		return s
+	}
+	b := []byte(s)
+	for j := i; j < len(b); j++ {
+		if b[j] < 0x20 && b[j] != '\t' || b[j] == 0x7f {
+			b[j] = ' '
+		}
+	}
+	return string(b)
+}
+
+func isControl(r rune) bool { return r < 0x20 && r != '\t' || r == 0x7f }
