@@ -13,7 +13,7 @@ import (
 // catalogText is the list of known types, one per line, extracted from the
 // official Mux Node SDK (see scripts/refresh-catalog).
 //
-//go:embed testdata/mux-event-types.txt
+//go:embed catalog/mux-event-types.txt
 var catalogText string
 
 // EventType describes one known Mux event type.
@@ -32,10 +32,19 @@ func Catalog() []EventType { return catalog }
 
 // IsKnownType reports whether typ is in the catalog.
 func IsKnownType(typ string) bool {
-	_, ok := slices.BinarySearchFunc(catalog, typ, func(e EventType, t string) int {
+	_, ok := knownType(typ)
+	return ok
+}
+
+// knownType returns the catalog's own string for typ, if it is known.
+func knownType(typ string) (string, bool) {
+	i, ok := slices.BinarySearchFunc(catalog, typ, func(e EventType, t string) int {
 		return strings.Compare(e.Type, t)
 	})
-	return ok
+	if !ok {
+		return "", false
+	}
+	return catalog[i].Type, true
 }
 
 var catalog = buildCatalog(catalogText)

@@ -7,9 +7,9 @@ import (
 )
 
 // TestCatalogPinned checks the catalog against the pinned list of types
-// extracted from the Mux Node SDK (testdata/mux-event-types.txt).
+// extracted from the Mux Node SDK (catalog/mux-event-types.txt).
 func TestCatalogPinned(t *testing.T) {
-	raw, err := os.ReadFile("testdata/mux-event-types.txt")
+	raw, err := os.ReadFile("catalog/mux-event-types.txt")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,7 +26,7 @@ func runCommand(t *testing.T, stdin string, args ...string) (string, error) {
 
 func TestEventsCommand(t *testing.T) {
 	t.Setenv(SecretEnv, "")
-	raw, err := os.ReadFile("testdata/mux-event-types.txt")
+	raw, err := os.ReadFile("catalog/mux-event-types.txt")
 	if err != nil {
 		t.Fatal(err)
 	}
