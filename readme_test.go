@@ -9,6 +9,7 @@ package muxwebhook
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"io/fs"
 	"net"
@@ -136,12 +137,12 @@ type blockRun struct {
 	name       string
 	down       []string          // upstreams with nothing listening in this run
 	files      map[string]string // files written before the load, by documented path
-	deliveries []delivery
+	deliveries []docDelivery
 	check      func(t *testing.T, s *blockSite)
 }
 
-// delivery is one genuine signed event and what must become of it.
-type delivery struct {
+// docDelivery is one genuine signed event and what must become of it.
+type docDelivery struct {
 	typ, data string
 	id        string            // a label: the same label is the same event id within a run
 	path      string            // default: the webhook path
@@ -153,7 +154,8 @@ type delivery struct {
 	stored    string            // documented path of the file that must hold it ({id} = the event id)
 }
 
-// Wrappers for fragments. Each verifies /mux and serves nothing else.
+// Wrappers for fragments. None lets a request to a path other than /mux
+// reach a backend.
 const (
 	// wrapInMuxRoute puts a handler fragment in the route of /mux.
 	wrapInMuxRoute = `hooks.example.com {
@@ -176,6 +178,18 @@ BLOCK
 	}
 }
 `
+	// wrapMuxWebhook completes a mux_webhook /mux directive with a route
+	// proxying /mux to app.
+	wrapMuxWebhook = `hooks.example.com {
+BLOCK
+	handle /mux {
+		reverse_proxy app:8080
+	}
+	handle {
+		respond 404
+	}
+}
+`
 	// wrapGlobal puts global options before a site proxying /mux to app.
 	wrapGlobal = `BLOCK
 hooks.example.com {
@@ -191,13 +205,13 @@ hooks.example.com {
 )
 
 // toApp is a genuine event that app:8080 must receive.
-var toApp = []delivery{{typ: "video.asset.ready", status: 200, to: "app:8080"}}
+var toApp = []docDelivery{{typ: "video.asset.ready", status: 200, to: "app:8080"}}
 
 // readmeBlockTests has an entry for every documented Caddyfile.
 var readmeBlockTests = map[string]blockTest{
 	"README.md: caddy-mux-webhook #1": {
 		upstreams: []string{"assets:8080", "live:8080"},
-		runs: []blockRun{{deliveries: []delivery{
+		runs: []blockRun{{deliveries: []docDelivery{
 			{typ: "video.asset.ready", status: 200, to: "assets:8080"},
 			{typ: "video.asset.static_renditions.ready", status: 200, to: "assets:8080"},
 			{typ: "video.live_stream.active", status: 200, to: "live:8080"},
@@ -212,18 +226,9 @@ var readmeBlockTests = map[string]blockTest{
 			"<size>", "1MiB",
 			"[<window>]", "1h",
 		},
-		wrap: `hooks.example.com {
-BLOCK
-	handle /mux {
-		reverse_proxy app:8080
-	}
-	handle {
-		respond 404
-	}
-}
-`,
+		wrap:      wrapMuxWebhook,
 		upstreams: []string{"app:8080"},
-		runs: []blockRun{{deliveries: []delivery{
+		runs: []blockRun{{deliveries: []docDelivery{
 			// Every secret listed is accepted (rotation).
 			{typ: "video.asset.ready", status: 200, to: "app:8080"},
 			{typ: "video.asset.ready", secret: readmeOldSecret, status: 200, to: "app:8080"},
@@ -255,7 +260,7 @@ BLOCK
 }
 `,
 		upstreams: []string{"ready:8080", "assets:8080"},
-		runs: []blockRun{{deliveries: []delivery{
+		runs: []blockRun{{deliveries: []docDelivery{
 			{typ: "video.asset.ready", status: 200, to: "ready:8080"},
 			{typ: "video.asset.static_renditions.ready", status: 200, to: "assets:8080"},
 			{typ: "video.upload.created", status: 200, to: "assets:8080"},
@@ -264,15 +269,15 @@ BLOCK
 	},
 	"README.md: Duplicates: `dedupe` #1": {
 		split:     true,
-		wrap:      "hooks.example.com {\nBLOCK\n\thandle /mux {\n\t\treverse_proxy app:8080\n\t}\n\thandle {\n\t\trespond 404\n\t}\n}\n",
+		wrap:      wrapMuxWebhook,
 		upstreams: []string{"app:8080"},
 		runs: []blockRun{
-			{name: "delivered once", deliveries: []delivery{
+			{name: "delivered once", deliveries: []docDelivery{
 				{typ: "video.asset.ready", id: "a", status: 200, to: "app:8080"},
 				{typ: "video.asset.ready", id: "a", status: 200, body: ""},
 				{typ: "video.asset.created", id: "b", status: 200, to: "app:8080"},
 			}},
-			{name: "a failure is not remembered", down: []string{"app:8080"}, deliveries: []delivery{
+			{name: "a failure is not remembered", down: []string{"app:8080"}, deliveries: []docDelivery{
 				{typ: "video.asset.ready", id: "c", status: 502},
 				{typ: "video.asset.ready", id: "c", status: 502},
 			}},
@@ -285,14 +290,14 @@ BLOCK
 		},
 		wrap: wrapInMuxRoute,
 		dirs: []string{"/var/spool/mux"},
-		runs: []blockRun{{deliveries: []delivery{
+		runs: []blockRun{{deliveries: []docDelivery{
 			{typ: "video.asset.ready", status: 201, stored: "/var/spool/mux/{id}.json"},
 		}}},
 	},
 	"README.md: `mux_store`: never lose an event #2": {
 		wrap: wrapInMuxRoute,
 		dirs: []string{"/var/spool/mux"},
-		runs: []blockRun{{deliveries: []delivery{
+		runs: []blockRun{{deliveries: []docDelivery{
 			{typ: "video.asset.ready", status: 202, stored: "/var/spool/mux/video.asset.ready/{id}.json"},
 			{typ: "video.live_stream.idle", status: 202, stored: "/var/spool/mux/video.live_stream.idle/{id}.json"},
 		}}},
@@ -306,7 +311,7 @@ BLOCK
 		replace:   []string{"$2a$14$…", "<bcrypt>"},
 		upstreams: []string{"app:8080"},
 		runs: []blockRun{{
-			deliveries: []delivery{{typ: "video.asset.ready", id: "seen", status: 200, to: "app:8080"}},
+			deliveries: []docDelivery{{typ: "video.asset.ready", id: "seen", status: 200, to: "app:8080"}},
 			check: func(t *testing.T, s *blockSite) {
 				req, _ := http.NewRequest(http.MethodGet, s.url+"/mux-webhook/events", nil)
 				if status, _, _ := do(t, req); status != http.StatusUnauthorized {
@@ -322,7 +327,7 @@ BLOCK
 	},
 	"README.md: Route by family, acknowledge the rest #1": {
 		upstreams: []string{"media-service:8080", "live-service:8080"},
-		runs: []blockRun{{deliveries: []delivery{
+		runs: []blockRun{{deliveries: []docDelivery{
 			{typ: "video.asset.ready", status: 200, to: "media-service:8080"},
 			{typ: "video.upload.asset_created", status: 200, to: "media-service:8080"},
 			{typ: "video.live_stream.active", status: 200, to: "live-service:8080"},
@@ -334,7 +339,7 @@ BLOCK
 		wrap:      "hooks.example.com {\nBLOCK\n}\n",
 		upstreams: []string{"assets:8080", "live:8080", "fallback:8080"},
 		everyPath: true,
-		runs: []blockRun{{deliveries: []delivery{
+		runs: []blockRun{{deliveries: []docDelivery{
 			{typ: "video.asset.ready", status: 200, to: "assets:8080"},
 			{typ: "video.live_stream.idle", status: 200, to: "live:8080"},
 			{typ: "video.upload.created", status: 200, to: "fallback:8080"},
@@ -343,7 +348,7 @@ BLOCK
 	"README.md: Pass the event to the backend in headers #1": {
 		wrap:      wrapInMuxRoute,
 		upstreams: []string{"app:8080"},
-		runs: []blockRun{{deliveries: []delivery{{
+		runs: []blockRun{{deliveries: []docDelivery{{
 			typ: "video.asset.ready", data: `{"id":"a1","passthrough":"order-42"}`, status: 200, to: "app:8080",
 			header: map[string]string{
 				"X-Mux-Event-Type":  "video.asset.ready",
@@ -360,7 +365,7 @@ BLOCK
 			{name: "backend up", deliveries: toApp},
 			{
 				name: "backend down", down: []string{"app:8080"},
-				deliveries: []delivery{{typ: "video.asset.ready", status: 503, body: "retry later"}},
+				deliveries: []docDelivery{{typ: "video.asset.ready", status: 503, body: "retry later"}},
 				check: func(t *testing.T, s *blockSite) {
 					req := signedRequest(t, s.url+"/mux", "wrong", event("video.asset.ready", s.id("forged"), ""), time.Now())
 					if status, _, body := do(t, req); status != 401 || body != "bad signature" {
@@ -375,7 +380,7 @@ BLOCK
 		dirs: []string{"/srv/mux-responses"},
 		runs: []blockRun{{
 			files: map[string]string{"/srv/mux-responses/video.asset.ready.json": `{"answer":"asset ready"}`},
-			deliveries: []delivery{
+			deliveries: []docDelivery{
 				{typ: "video.asset.ready", status: 200, body: `{"answer":"asset ready"}`},
 				{typ: "video.asset.errored", status: 404},
 				{typ: "video.live_stream.active", status: 204},
@@ -389,7 +394,7 @@ BLOCK
 			{name: "backend up", deliveries: toApp},
 			{
 				name: "backend down", down: []string{"app:8080"},
-				deliveries: []delivery{{typ: "video.asset.ready", id: "parked", status: 202, stored: "/var/spool/mux/video.asset.ready/{id}.json"}},
+				deliveries: []docDelivery{{typ: "video.asset.ready", id: "parked", status: 202, stored: "/var/spool/mux/video.asset.ready/{id}.json"}},
 				check:      checkReplay,
 			},
 		},
@@ -397,7 +402,7 @@ BLOCK
 	"README.md: Route on event content #1": {
 		wrap:      wrapInSite,
 		upstreams: []string{"vip-pipeline:8080"},
-		runs: []blockRun{{deliveries: []delivery{
+		runs: []blockRun{{deliveries: []docDelivery{
 			{typ: "video.asset.ready", data: `{"id":"a1","passthrough":"vip-7"}`, status: 200, to: "vip-pipeline:8080"},
 			{typ: "video.asset.ready", data: `{"id":"a2","passthrough":"regular"}`, status: 204},
 			{typ: "video.asset.created", data: `{"id":"a3","passthrough":"vip-8"}`, status: 204},
@@ -406,7 +411,7 @@ BLOCK
 	"README.md: Backends without a vendor SDK #1": {
 		wrap:      wrapInMuxRoute,
 		upstreams: []string{"app:9001"},
-		runs: []blockRun{{deliveries: []delivery{{
+		runs: []blockRun{{deliveries: []docDelivery{{
 			typ: "video.asset.ready", status: 200, to: "app:9001",
 			header: map[string]string{"X-Mux-Event-Type": "video.asset.ready"},
 		}}}},
@@ -414,7 +419,7 @@ BLOCK
 	"README.md: Running on several machines #1": {
 		upstreams: []string{"app:8080"},
 		dirs:      []string{"/mnt/shared/caddy"},
-		runs: []blockRun{{deliveries: []delivery{
+		runs: []blockRun{{deliveries: []docDelivery{
 			{typ: "video.asset.ready", id: "once", status: 200, to: "app:8080"},
 			{typ: "video.asset.ready", id: "once", status: 200},
 		}}},
@@ -433,7 +438,7 @@ BLOCK
 		},
 		upstreams: []string{"127.0.0.1:9001", "127.0.0.1:9002"},
 		secret:    demoSecret,
-		runs: []blockRun{{deliveries: []delivery{
+		runs: []blockRun{{deliveries: []docDelivery{
 			{typ: "video.asset.ready", status: 200, to: "127.0.0.1:9001",
 				header: map[string]string{"X-Mux-Event-Type": "video.asset.ready", "X-Mux-Event-Id": "{id}"}},
 			{typ: "video.upload.asset_created", status: 200, to: "127.0.0.1:9001"},
@@ -529,17 +534,10 @@ func (bt blockTest) test(t *testing.T, b docBlock) {
 				return
 			}
 			for _, r := range bt.runs {
-				t.Run(cmpOr(r.name, "run"), func(t *testing.T) { bt.run(t, cfg, r) })
+				t.Run(cmp.Or(r.name, "run"), func(t *testing.T) { bt.run(t, cfg, r) })
 			}
 		})
 	}
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // blockSite is a documented Caddyfile made real.
@@ -560,8 +558,8 @@ type blockSite struct {
 
 var readmeRuns atomic.Int64
 
-// id is the event id for a delivery label in this run. dedupe remembers ids
-// across config loads, so every run has its own.
+// id is the event id for a delivery label in this run. dedupe remembers
+// ids across config loads, so every run has its own.
 func (s *blockSite) id(label string) string { return s.prefix + label }
 
 func (s *blockSite) file(documented string) string {
@@ -574,13 +572,13 @@ func (s *blockSite) file(documented string) string {
 	return ""
 }
 
-var tokens = regexp.MustCompile(`<free-port>|<secret-file>|<bcrypt>`)
+var docTokens = regexp.MustCompile(`<free-port>|<secret-file>|<bcrypt>`)
 
 // prepare makes the Caddyfile runnable for run r.
 func (bt blockTest) prepare(t *testing.T, cfg string, r blockRun) *blockSite {
 	t.Helper()
 	s := &blockSite{
-		t: t, secret: cmpOr(bt.secret, readmeSecret), hook: cmpOr(bt.hook, "/mux"),
+		t: t, secret: cmp.Or(bt.secret, readmeSecret), hook: cmp.Or(bt.hook, "/mux"),
 		ups: map[string]*upstream{}, down: map[string]string{}, dirs: map[string]string{},
 		prefix: fmt.Sprintf("readme-%d-%d-", time.Now().UnixNano(), readmeRuns.Add(1)),
 		bodies: map[string][]byte{}, preset: map[string]bool{},
@@ -619,7 +617,7 @@ func (bt blockTest) prepare(t *testing.T, cfg string, r blockRun) *blockSite {
 		}
 		s.preset[path] = true
 	}
-	cfg = tokens.ReplaceAllStringFunc(cfg, func(tok string) string {
+	cfg = docTokens.ReplaceAllStringFunc(cfg, func(tok string) string {
 		switch tok {
 		case "<free-port>":
 			return fmt.Sprint(freePort(t))
@@ -751,21 +749,21 @@ func forgedPaths(hook string) []string {
 	return []string{hook, hook + "/", hook + ".json", "/", "/other/path?x=1", "/" + hook, strings.ToUpper(hook)}
 }
 
-// forged is one forged request.
-type forged struct {
+// docForgery is one forged request.
+type docForgery struct {
 	what     string
 	path     string
 	req      *http.Request
 	verified bool // the path is one mux_webhook checks: the answer must be 401 (405 for a GET)
 }
 
-// forgeries builds requests with a wrong secret, without a signature, with
+// forgedRequests builds requests with a wrong secret, without a signature, with
 // a genuine signature too old, and GETs, for every path of forgedPaths,
 // with bodies that look like events every route wants.
-func forgeries(t *testing.T, base, hook, secret string, everyPath bool) []forged {
+func forgedRequests(t *testing.T, base, hook, secret string, everyPath bool) []docForgery {
 	t.Helper()
 	types := []string{"video.asset.ready", "video.live_stream.active", "video.upload.created", "robots.job.summarize.completed"}
-	var out []forged
+	var out []docForgery
 	for _, p := range forgedPaths(hook) {
 		verified := everyPath || p == hook || p == "/"+hook || p == strings.ToUpper(hook)
 		for i, typ := range types {
@@ -773,16 +771,16 @@ func forgeries(t *testing.T, base, hook, secret string, everyPath bool) []forged
 			unsigned := signedRequest(t, base+p, secret, body, time.Now())
 			unsigned.Header.Del("Mux-Signature")
 			out = append(out,
-				forged{typ + ", wrong secret", p, signedRequest(t, base+p, "not-"+secret, body, time.Now()), verified},
-				forged{typ + ", no signature", p, unsigned, verified},
-				forged{typ + ", expired", p, signedRequest(t, base+p, secret, body, time.Now().Add(-time.Hour)), verified},
+				docForgery{typ + ", wrong secret", p, signedRequest(t, base+p, "not-"+secret, body, time.Now()), verified},
+				docForgery{typ + ", no signature", p, unsigned, verified},
+				docForgery{typ + ", expired", p, signedRequest(t, base+p, secret, body, time.Now().Add(-time.Hour)), verified},
 			)
 		}
 		get, err := http.NewRequest(http.MethodGet, base+p, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		out = append(out, forged{"GET", p, get, verified})
+		out = append(out, docForgery{"GET", p, get, verified})
 	}
 	return out
 }
@@ -792,7 +790,7 @@ func forgeries(t *testing.T, base, hook, secret string, everyPath bool) []forged
 func (s *blockSite) forgeries(everyPath bool) {
 	t := s.t
 	t.Helper()
-	for _, f := range forgeries(t, s.url, s.hook, s.secret, everyPath) {
+	for _, f := range forgedRequests(t, s.url, s.hook, s.secret, everyPath) {
 		status, _, _ := do(t, f.req)
 		want := http.StatusUnauthorized
 		if f.req.Method == http.MethodGet {
@@ -824,22 +822,22 @@ func (s *blockSite) forgeries(everyPath bool) {
 }
 
 // deliver sends one genuine event and checks where it went.
-func (s *blockSite) deliver(d delivery) {
+func (s *blockSite) deliver(d docDelivery) {
 	t := s.t
 	t.Helper()
-	id := s.id(cmpOr(d.id, fmt.Sprint(len(s.bodies))))
+	id := s.id(cmp.Or(d.id, fmt.Sprint(len(s.bodies))))
 	body := event(d.typ, id, d.data)
 	if prev, ok := s.bodies[id]; ok && d.data == "" {
 		body = prev // the same event again
 	}
 	s.bodies[id] = body
-	path := cmpOr(d.path, s.hook)
+	path := cmp.Or(d.path, s.hook)
 	before := map[string]int{}
 	for name, u := range s.ups {
 		before[name] = len(u.requests())
 	}
-	status, _, got := do(t, signedRequest(t, s.url+path, cmpOr(d.secret, s.secret), body, time.Now()))
-	what := fmt.Sprintf("%s %s", d.typ, cmpOr(d.id, "event"))
+	status, _, got := do(t, signedRequest(t, s.url+path, cmp.Or(d.secret, s.secret), body, time.Now()))
+	what := fmt.Sprintf("%s %s", d.typ, cmp.Or(d.id, "event"))
 	if status != d.status {
 		t.Errorf("%s: answered %d %.200q, want %d", what, status, got, d.status)
 	}
@@ -927,7 +925,7 @@ func TestDemoBinaryForgeriesNeverReachUpstreams(t *testing.T) {
 	base := fmt.Sprintf("http://localhost:%d", ports["8080"])
 	waitForHTTP(t, base, out)
 
-	for _, f := range forgeries(t, base, "/mux", demoSecret, false) {
+	for _, f := range forgedRequests(t, base, "/mux", demoSecret, false) {
 		status, _, body := do(t, f.req)
 		if strings.Contains(body, "service received") {
 			t.Errorf("%s to %s was answered by an upstream: %d %q", f.what, f.path, status, body)
@@ -960,5 +958,20 @@ func TestDemoBinaryForgeriesNeverReachUpstreams(t *testing.T) {
 		if n := len(lines()); n != 1 {
 			t.Errorf("upstream :%s logged %d requests, want 1", p, n)
 		}
+	}
+}
+
+// TestMarkdownCaddyfiles: headings inside code blocks are not headings,
+// blocks are counted per heading, and only Caddyfile blocks are taken.
+func TestMarkdownCaddyfiles(t *testing.T) {
+	got := markdownCaddyfiles(t, "testdata/markdown-caddyfiles.md")
+	want := []docBlock{
+		{"testdata/markdown-caddyfiles.md: Title #1", 3, "respond 204\n"},
+		{"testdata/markdown-caddyfiles.md: Section #1", 14, "a\n"},
+		{"testdata/markdown-caddyfiles.md: Section #2", 18, "b\n"},
+		{"testdata/markdown-caddyfiles.md: Other `section` #1", 28, "c\n```\nstill c\n"},
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("got  %+v\nwant %+v", got, want)
 	}
 }
