@@ -1,0 +1,977 @@
+package muxwebhook
+
+// Every Caddyfile of the documentation (each ```caddyfile block of
+// README.md, and examples/Caddyfile) is run here as written, in an
+// in-process Caddy with recording upstreams: a genuine signed event must be
+// routed as the text next to the block says, and forged requests, to the
+// webhook path and to every other path of the site, must never reach an
+// upstream or a file.
+
+import (
+	"bytes"
+	"cmp"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+const (
+	// readmeSecret replaces {env.MUX_WEBHOOK_SECRET} in the documented
+	// Caddyfiles.
+	readmeSecret = "whsec-readme-0123456789abcdef"
+	// readmeOldSecret is a second, "rotated" secret.
+	readmeOldSecret = "whsec-readme-old-secret"
+	// readmeBcrypt is a bcrypt hash (cost 4) of readmePassword, for the
+	// basic_auth of the documented Live Logs site.
+	readmeBcrypt   = "$2a$04$q.PiehR/N45VzQKszHv4featKfJulTXAceihThDbSREJky7f2fAVS"
+	readmePassword = "readme-password"
+)
+
+// docBlock is one Caddyfile of the documentation.
+type docBlock struct {
+	key  string // file, heading and index under the heading: the table's key
+	line int    // where the block starts, for messages
+	text string
+}
+
+var (
+	fenceRe   = regexp.MustCompile("^ {0,3}(```+|~~~+)[ \t]*([^ \t`]*)")
+	headingRe = regexp.MustCompile(`^ {0,3}#{1,6}[ \t]+(.*?)[ \t#]*$`)
+)
+
+// markdownCaddyfiles returns the Caddyfile code blocks of a markdown file,
+// keyed by the heading they sit under and their index under it (from 1).
+func markdownCaddyfiles(t *testing.T, path string) []docBlock {
+	t.Helper()
+	src, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(src), "\n")
+	heading := "(before any heading)"
+	perHeading := map[string]int{}
+	var blocks []docBlock
+	for i := 0; i < len(lines); i++ {
+		m := fenceRe.FindStringSubmatch(lines[i])
+		if m == nil {
+			if h := headingRe.FindStringSubmatch(lines[i]); h != nil {
+				heading = h[1]
+			}
+			continue
+		}
+		start, fence, lang := i, m[1], strings.ToLower(m[2])
+		var body []string
+		for i++; ; i++ {
+			if i == len(lines) {
+				t.Fatalf("%s:%d: code block never closed", path, start+1)
+			}
+			l := strings.TrimSpace(lines[i])
+			if strings.HasPrefix(l, fence) && strings.Trim(l, fence[:1]) == "" {
+				break
+			}
+			body = append(body, lines[i])
+		}
+		switch lang {
+		case "caddyfile", "caddy", "caddy-d":
+			perHeading[heading]++
+			blocks = append(blocks, docBlock{
+				key:  fmt.Sprintf("%s: %s #%d", path, heading, perHeading[heading]),
+				line: start + 1,
+				text: strings.Join(body, "\n") + "\n",
+			})
+		}
+	}
+	return blocks
+}
+
+// docCaddyfiles is every Caddyfile the documentation shows.
+func docCaddyfiles(t *testing.T) []docBlock {
+	t.Helper()
+	blocks := markdownCaddyfiles(t, "README.md")
+	demo, err := os.ReadFile("examples/Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(blocks, docBlock{key: "examples/Caddyfile", line: 1, text: string(demo)})
+}
+
+// blockTest says how to run one documented Caddyfile and what it must do.
+//
+// The block's text gets replace applied (each old string must be in the
+// block, so that an edit of the block that the entry does not follow fails
+// the test), is put into wrap where it says BLOCK, and then every
+// stand-in is made real: hooks.example.com becomes a free port on
+// 127.0.0.1, each address of upstreams a recording server on 127.0.0.1
+// (or, in a run that lists it as down, a port where nothing listens), each
+// path of dirs a fresh temporary directory, {env.MUX_WEBHOOK_SECRET} the
+// test's secret. The tokens <free-port>, <secret-file> (a file holding the
+// secret and a newline) and <bcrypt> (readmeBcrypt) may be used in replace
+// and wrap.
+type blockTest struct {
+	replace   []string // pairs: old, new
+	wrap      string   // a Caddyfile with BLOCK where the block goes; "" = the block is whole
+	split     bool     // the block shows alternatives separated by a blank line: each runs alone
+	upstreams []string // the upstream addresses the block (or wrap) names
+	dirs      []string // file system paths the block names
+	secret    string   // the signing secret; default readmeSecret
+	hook      string   // the webhook path; default /mux
+	everyPath bool     // mux_webhook has no matcher: a forgery to any path gets 401
+	noRun     string   // why the block cannot run; it is then only adapted
+	runs      []blockRun
+}
+
+// blockRun is one load of the Caddyfile: forgeries to every path first,
+// then the deliveries, then check.
+type blockRun struct {
+	name       string
+	down       []string          // upstreams with nothing listening in this run
+	files      map[string]string // files written before the load, by documented path
+	deliveries []docDelivery
+	check      func(t *testing.T, s *blockSite)
+}
+
+// docDelivery is one genuine signed event and what must become of it.
+type docDelivery struct {
+	typ, data string
+	id        string            // a label: the same label is the same event id within a run
+	path      string            // default: the webhook path
+	secret    string            // default: the block's secret
+	status    int               // the answer
+	body      string            // the answer's body, when set
+	to        string            // the upstream that must receive it, byte for byte; "" = none
+	header    map[string]string // headers that upstream must see ({id} = the event id)
+	stored    string            // documented path of the file that must hold it ({id} = the event id)
+}
+
+// Wrappers for fragments. None lets a request to a path other than /mux
+// reach a backend.
+const (
+	// wrapInMuxRoute puts a handler fragment in the route of /mux.
+	wrapInMuxRoute = `hooks.example.com {
+	mux_webhook /mux {env.MUX_WEBHOOK_SECRET}
+	handle /mux {
+BLOCK
+	}
+	handle {
+		respond 404
+	}
+}
+`
+	// wrapInSite puts site-level lines after mux_webhook, before a
+	// catch-all 204.
+	wrapInSite = `hooks.example.com {
+	mux_webhook /mux {env.MUX_WEBHOOK_SECRET}
+BLOCK
+	handle {
+		respond 204
+	}
+}
+`
+	// wrapMuxWebhook completes a mux_webhook /mux directive with a route
+	// proxying /mux to app.
+	wrapMuxWebhook = `hooks.example.com {
+BLOCK
+	handle /mux {
+		reverse_proxy app:8080
+	}
+	handle {
+		respond 404
+	}
+}
+`
+	// wrapGlobal puts global options before a site proxying /mux to app.
+	wrapGlobal = `BLOCK
+hooks.example.com {
+	mux_webhook /mux {env.MUX_WEBHOOK_SECRET}
+	handle /mux {
+		reverse_proxy app:8080
+	}
+	handle {
+		respond 404
+	}
+}
+`
+)
+
+// toApp is a genuine event that app:8080 must receive.
+var toApp = []docDelivery{{typ: "video.asset.ready", status: 200, to: "app:8080"}}
+
+// readmeBlockTests has an entry for every documented Caddyfile.
+var readmeBlockTests = map[string]blockTest{
+	"README.md: caddy-mux-webhook #1": {
+		upstreams: []string{"assets:8080", "live:8080"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", status: 200, to: "assets:8080"},
+			{typ: "video.asset.static_renditions.ready", status: 200, to: "assets:8080"},
+			{typ: "video.live_stream.active", status: 200, to: "live:8080"},
+			{typ: "video.upload.created", status: 204},
+		}}},
+	},
+	"README.md: `mux_webhook` #1": {
+		replace: []string{
+			"[<matcher>] [<secret>...]", "/mux {env.MUX_WEBHOOK_SECRET}",
+			"<secret> [<secret>...]", readmeOldSecret,
+			"<duration>", "5m",
+			"<size>", "1MiB",
+			"[<window>]", "1h",
+		},
+		wrap:      wrapMuxWebhook,
+		upstreams: []string{"app:8080"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			// Every secret listed is accepted (rotation).
+			{typ: "video.asset.ready", status: 200, to: "app:8080"},
+			{typ: "video.asset.ready", secret: readmeOldSecret, status: 200, to: "app:8080"},
+			// dedupe: a delivered id is answered 200 without the backend.
+			{typ: "video.asset.ready", id: "twice", status: 200, to: "app:8080"},
+			{typ: "video.asset.ready", id: "twice", status: 200},
+		}}},
+	},
+	"README.md: Secrets: use `{env.*}` or `{file.*}` #1": {
+		replace:   []string{"/run/secrets/mux_webhook", "<secret-file>"},
+		wrap:      "hooks.example.com {\nBLOCK\n\treverse_proxy app:8080\n}\n",
+		upstreams: []string{"app:8080"},
+		everyPath: true,
+		runs:      []blockRun{{deliveries: toApp}},
+	},
+	"README.md: `mux_event` #1": {
+		wrap: `hooks.example.com {
+	mux_webhook /mux {env.MUX_WEBHOOK_SECRET}
+BLOCK
+	handle @ready {
+		reverse_proxy ready:8080
+	}
+	handle @assets {
+		reverse_proxy assets:8080
+	}
+	handle {
+		respond 204
+	}
+}
+`,
+		upstreams: []string{"ready:8080", "assets:8080"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", status: 200, to: "ready:8080"},
+			{typ: "video.asset.static_renditions.ready", status: 200, to: "assets:8080"},
+			{typ: "video.upload.created", status: 200, to: "assets:8080"},
+			{typ: "video.live_stream.active", status: 204},
+		}}},
+	},
+	"README.md: Duplicates: `dedupe` #1": {
+		split:     true,
+		wrap:      wrapMuxWebhook,
+		upstreams: []string{"app:8080"},
+		runs: []blockRun{
+			{name: "delivered once", deliveries: []docDelivery{
+				{typ: "video.asset.ready", id: "a", status: 200, to: "app:8080"},
+				{typ: "video.asset.ready", id: "a", status: 200, body: ""},
+				{typ: "video.asset.created", id: "b", status: 200, to: "app:8080"},
+			}},
+			{name: "a failure is not remembered", down: []string{"app:8080"}, deliveries: []docDelivery{
+				{typ: "video.asset.ready", id: "c", status: 502},
+				{typ: "video.asset.ready", id: "c", status: 502},
+			}},
+		},
+	},
+	"README.md: `mux_store`: never lose an event #1": {
+		replace: []string{
+			"[<matcher>] <path-template>", "/var/spool/mux/{http.mux.event.id}.json",
+			"<code>", "201",
+		},
+		wrap: wrapInMuxRoute,
+		dirs: []string{"/var/spool/mux"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", status: 201, stored: "/var/spool/mux/{id}.json"},
+		}}},
+	},
+	"README.md: `mux_store`: never lose an event #2": {
+		wrap: wrapInMuxRoute,
+		dirs: []string{"/var/spool/mux"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", status: 202, stored: "/var/spool/mux/video.asset.ready/{id}.json"},
+			{typ: "video.live_stream.idle", status: 202, stored: "/var/spool/mux/video.live_stream.idle/{id}.json"},
+		}}},
+	},
+	"README.md: Live Logs #1": {
+		wrap:      wrapGlobal,
+		upstreams: []string{"app:8080"},
+		runs:      []blockRun{{deliveries: toApp}},
+	},
+	"README.md: Live Logs #2": {
+		replace:   []string{"$2a$14$…", "<bcrypt>"},
+		upstreams: []string{"app:8080"},
+		runs: []blockRun{{
+			deliveries: []docDelivery{{typ: "video.asset.ready", id: "seen", status: 200, to: "app:8080"}},
+			check: func(t *testing.T, s *blockSite) {
+				req, _ := http.NewRequest(http.MethodGet, s.url+"/mux-webhook/events", nil)
+				if status, _, _ := do(t, req); status != http.StatusUnauthorized {
+					t.Errorf("live log without credentials: %d, want 401", status)
+				}
+				req, _ = http.NewRequest(http.MethodGet, s.url+"/mux-webhook/events", nil)
+				req.SetBasicAuth("admin", readmePassword)
+				if status, _, list := do(t, req); status != 200 || !strings.Contains(list, `"id":"`+s.id("seen")+`"`) {
+					t.Errorf("live log with credentials: %d %.300s", status, list)
+				}
+			},
+		}},
+	},
+	"README.md: Route by family, acknowledge the rest #1": {
+		upstreams: []string{"media-service:8080", "live-service:8080"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", status: 200, to: "media-service:8080"},
+			{typ: "video.upload.asset_created", status: 200, to: "media-service:8080"},
+			{typ: "video.live_stream.active", status: 200, to: "live-service:8080"},
+			{typ: "video.delivery.high_traffic", status: 200, to: "live-service:8080"},
+			{typ: "robots.job.summarize.completed", status: 204},
+		}}},
+	},
+	"README.md: Dynamic upstream with `map` #1": {
+		wrap:      "hooks.example.com {\nBLOCK\n}\n",
+		upstreams: []string{"assets:8080", "live:8080", "fallback:8080"},
+		everyPath: true,
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", status: 200, to: "assets:8080"},
+			{typ: "video.live_stream.idle", status: 200, to: "live:8080"},
+			{typ: "video.upload.created", status: 200, to: "fallback:8080"},
+		}}},
+	},
+	"README.md: Pass the event to the backend in headers #1": {
+		wrap:      wrapInMuxRoute,
+		upstreams: []string{"app:8080"},
+		runs: []blockRun{{deliveries: []docDelivery{{
+			typ: "video.asset.ready", data: `{"id":"a1","passthrough":"order-42"}`, status: 200, to: "app:8080",
+			header: map[string]string{
+				"X-Mux-Event-Type":  "video.asset.ready",
+				"X-Mux-Event-Id":    "{id}",
+				"X-Mux-Asset-Id":    "obj-{id}",
+				"X-Mux-Passthrough": "order-42",
+			},
+		}}}},
+	},
+	"README.md: Custom error responses with `handle_errors` #1": {
+		wrap:      "hooks.example.com {\n\tmux_webhook /mux {env.MUX_WEBHOOK_SECRET}\n\thandle /mux {\n\t\treverse_proxy app:8080\n\t}\n\thandle {\n\t\trespond 404\n\t}\nBLOCK\n}\n",
+		upstreams: []string{"app:8080"},
+		runs: []blockRun{
+			{name: "backend up", deliveries: toApp},
+			{
+				name: "backend down", down: []string{"app:8080"},
+				deliveries: []docDelivery{{typ: "video.asset.ready", status: 503, body: "retry later"}},
+				check: func(t *testing.T, s *blockSite) {
+					req := signedRequest(t, s.url+"/mux", "wrong", event("video.asset.ready", s.id("forged"), ""), time.Now())
+					if status, _, body := do(t, req); status != 401 || body != "bad signature" {
+						t.Errorf("forged: %d %q, want 401 %q", status, body, "bad signature")
+					}
+				},
+			},
+		},
+	},
+	"README.md: Answer from a file per event type #1": {
+		wrap: wrapInSite,
+		dirs: []string{"/srv/mux-responses"},
+		runs: []blockRun{{
+			files: map[string]string{"/srv/mux-responses/video.asset.ready.json": `{"answer":"asset ready"}`},
+			deliveries: []docDelivery{
+				{typ: "video.asset.ready", status: 200, body: `{"answer":"asset ready"}`},
+				{typ: "video.asset.errored", status: 404},
+				{typ: "video.live_stream.active", status: 204},
+			},
+		}},
+	},
+	"README.md: Park events while the backend is down, replay them later #1": {
+		upstreams: []string{"app:8080"},
+		dirs:      []string{"/var/spool/mux"},
+		runs: []blockRun{
+			{name: "backend up", deliveries: toApp},
+			{
+				name: "backend down", down: []string{"app:8080"},
+				deliveries: []docDelivery{{typ: "video.asset.ready", id: "parked", status: 202, stored: "/var/spool/mux/video.asset.ready/{id}.json"}},
+				check:      checkReplay,
+			},
+		},
+	},
+	"README.md: Route on event content #1": {
+		wrap:      wrapInSite,
+		upstreams: []string{"vip-pipeline:8080"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", data: `{"id":"a1","passthrough":"vip-7"}`, status: 200, to: "vip-pipeline:8080"},
+			{typ: "video.asset.ready", data: `{"id":"a2","passthrough":"regular"}`, status: 204},
+			{typ: "video.asset.created", data: `{"id":"a3","passthrough":"vip-8"}`, status: 204},
+		}}},
+	},
+	"README.md: Backends without a vendor SDK #1": {
+		wrap:      wrapInMuxRoute,
+		upstreams: []string{"app:9001"},
+		runs: []blockRun{{deliveries: []docDelivery{{
+			typ: "video.asset.ready", status: 200, to: "app:9001",
+			header: map[string]string{"X-Mux-Event-Type": "video.asset.ready"},
+		}}}},
+	},
+	"README.md: Running on several machines #1": {
+		upstreams: []string{"app:8080"},
+		dirs:      []string{"/mnt/shared/caddy"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", id: "once", status: 200, to: "app:8080"},
+			{typ: "video.asset.ready", id: "once", status: 200},
+		}}},
+	},
+	"README.md: Floods and slow clients #1": {
+		wrap:      wrapGlobal,
+		upstreams: []string{"app:8080"},
+		runs:      []blockRun{{deliveries: toApp}},
+	},
+	"examples/Caddyfile": {
+		replace: []string{
+			"admin localhost:2019", "admin off",
+			"http://localhost:8080", "hooks.example.com",
+			"http://localhost:9001", "http://localhost:<free-port>",
+			"http://localhost:9002", "http://localhost:<free-port>",
+		},
+		upstreams: []string{"127.0.0.1:9001", "127.0.0.1:9002"},
+		secret:    demoSecret,
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", status: 200, to: "127.0.0.1:9001",
+				header: map[string]string{"X-Mux-Event-Type": "video.asset.ready", "X-Mux-Event-Id": "{id}"}},
+			{typ: "video.upload.asset_created", status: 200, to: "127.0.0.1:9001"},
+			{typ: "video.live_stream.active", status: 200, to: "127.0.0.1:9002",
+				header: map[string]string{"X-Mux-Event-Type": "video.live_stream.active", "X-Mux-Event-Id": "{id}"}},
+			{typ: "robots.job.summarize.completed", status: 200, body: "ignored robots.job.summarize.completed"},
+		}}},
+	},
+}
+
+// checkReplay brings the parked event's backend up and replays the spool
+// with the README's command line.
+func checkReplay(t *testing.T, s *blockSite) {
+	app := newUpstreamAt(t, "app:8080", s.down["app:8080"])
+	spool := s.dirs["/var/spool/mux"]
+	out, err := runCommand(t, "", "replay", "--from", spool, "--to", s.url+"/mux")
+	if err != nil {
+		t.Fatalf("replay: %v\n%s", err, out)
+	}
+	got := app.requests()
+	if len(got) != 1 || !bytes.Equal(got[0].Body, s.bodies[s.id("parked")]) {
+		t.Fatalf("the backend got %d requests after the replay, want the parked event", len(got))
+	}
+	if _, err := os.Stat(filepath.Join(spool, "delivered", "video.asset.ready", s.id("parked")+".json")); err != nil {
+		t.Errorf("the replayed file was not moved to delivered/: %v", err)
+	}
+}
+
+func TestReadmeCaddyfiles(t *testing.T) {
+	t.Setenv(SecretEnv, readmeSecret)
+	blocks := docCaddyfiles(t)
+	seen := map[string]bool{}
+	for _, b := range blocks {
+		seen[b.key] = true
+	}
+	for key := range readmeBlockTests {
+		if !seen[key] {
+			t.Errorf("readmeBlockTests has an entry for %q, but no such Caddyfile block exists: update the key", key)
+		}
+	}
+	for _, b := range blocks {
+		bt, ok := readmeBlockTests[b.key]
+		if !ok {
+			t.Errorf("%s (line %d) is not tested: add an entry for %q to readmeBlockTests", b.key, b.line, b.key)
+			continue
+		}
+		// Braces would make placeholders of the test's temporary paths.
+		name := strings.NewReplacer("{", "(", "}", ")").Replace(b.key)
+		t.Run(name, func(t *testing.T) { bt.test(t, b) })
+	}
+}
+
+func (bt blockTest) test(t *testing.T, b docBlock) {
+	text := b.text
+	if len(bt.replace)%2 != 0 {
+		t.Fatal("replace needs pairs")
+	}
+	for i := 0; i < len(bt.replace); i += 2 {
+		if !strings.Contains(text, bt.replace[i]) {
+			t.Fatalf("the block (line %d) no longer contains %q: update its entry", b.line, bt.replace[i])
+		}
+		text = strings.ReplaceAll(text, bt.replace[i], bt.replace[i+1])
+	}
+	variants := []string{text}
+	if bt.split {
+		variants = strings.Split(strings.TrimSpace(text), "\n\n")
+		if len(variants) < 2 {
+			t.Fatal("split, but the block shows only one alternative")
+		}
+	}
+	if bt.noRun == "" && len(bt.runs) == 0 {
+		t.Fatal("the entry has no runs and no noRun reason")
+	}
+	allUp := slices.ContainsFunc(bt.runs, func(r blockRun) bool { return len(r.down) == 0 })
+	if bt.noRun == "" && !allUp {
+		t.Fatal("the entry needs a run with every upstream up, where forgeries could reach them")
+	}
+	for i, v := range variants {
+		cfg := v
+		if bt.wrap != "" {
+			cfg = strings.Replace(bt.wrap, "BLOCK", v, 1)
+		}
+		name := "variant " + fmt.Sprint(i+1)
+		if len(variants) == 1 {
+			name = "as written"
+		}
+		t.Run(name, func(t *testing.T) {
+			if bt.noRun != "" {
+				s := bt.prepare(t, cfg, blockRun{})
+				if _, err := adaptCaddyfile(s.cfg); err != nil {
+					t.Fatalf("adapting (not run: %s): %v\n%s", bt.noRun, err, s.cfg)
+				}
+				return
+			}
+			for _, r := range bt.runs {
+				t.Run(cmp.Or(r.name, "run"), func(t *testing.T) { bt.run(t, cfg, r) })
+			}
+		})
+	}
+}
+
+// blockSite is a documented Caddyfile made real.
+type blockSite struct {
+	t       *testing.T
+	cfg     string
+	url     string
+	secret  string
+	hook    string
+	ups     map[string]*upstream // documented address -> recording upstream
+	down    map[string]string    // documented address -> 127.0.0.1:port, nothing listening
+	dirs    map[string]string    // documented path -> temporary directory
+	logFile string
+	prefix  string            // of this run's event ids
+	bodies  map[string][]byte // event id -> body delivered
+	preset  map[string]bool   // files written before the load
+}
+
+var readmeRuns atomic.Int64
+
+// id is the event id for a delivery label in this run. dedupe remembers
+// ids across config loads, so every run has its own.
+func (s *blockSite) id(label string) string { return s.prefix + label }
+
+func (s *blockSite) file(documented string) string {
+	for doc, dir := range s.dirs {
+		if rest, ok := strings.CutPrefix(documented, doc); ok {
+			return dir + rest
+		}
+	}
+	s.t.Fatalf("%s is under none of the entry's dirs", documented)
+	return ""
+}
+
+var docTokens = regexp.MustCompile(`<free-port>|<secret-file>|<bcrypt>`)
+
+// prepare makes the Caddyfile runnable for run r.
+func (bt blockTest) prepare(t *testing.T, cfg string, r blockRun) *blockSite {
+	t.Helper()
+	s := &blockSite{
+		t: t, secret: cmp.Or(bt.secret, readmeSecret), hook: cmp.Or(bt.hook, "/mux"),
+		ups: map[string]*upstream{}, down: map[string]string{}, dirs: map[string]string{},
+		prefix: fmt.Sprintf("readme-%d-%d-", time.Now().UnixNano(), readmeRuns.Add(1)),
+		bodies: map[string][]byte{}, preset: map[string]bool{},
+	}
+	// Longest first, so that no address is a part of another.
+	addrs := slices.Clone(bt.upstreams)
+	sort.Slice(addrs, func(i, j int) bool { return len(addrs[i]) > len(addrs[j]) })
+	for _, addr := range addrs {
+		if !strings.Contains(cfg, addr) {
+			t.Fatalf("the Caddyfile names no upstream %s", addr)
+		}
+		hostPort := ""
+		if slices.Contains(r.down, addr) {
+			hostPort = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+			s.down[addr] = hostPort
+		} else {
+			s.ups[addr] = newUpstream(t, addr)
+			hostPort = s.ups[addr].hostPort()
+		}
+		cfg = strings.ReplaceAll(cfg, addr, hostPort)
+	}
+	for _, d := range bt.dirs {
+		if !strings.Contains(cfg, d) {
+			t.Fatalf("the Caddyfile names no %s", d)
+		}
+		s.dirs[d] = t.TempDir()
+		cfg = strings.ReplaceAll(cfg, d, s.dirs[d])
+	}
+	for doc, content := range r.files {
+		path := s.file(doc)
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		s.preset[path] = true
+	}
+	cfg = docTokens.ReplaceAllStringFunc(cfg, func(tok string) string {
+		switch tok {
+		case "<free-port>":
+			return fmt.Sprint(freePort(t))
+		case "<secret-file>":
+			path := filepath.Join(t.TempDir(), "secret")
+			if err := os.WriteFile(path, []byte(s.secret+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return path
+		default:
+			return readmeBcrypt
+		}
+	})
+	if !strings.Contains(cfg, "hooks.example.com") {
+		t.Fatal("the Caddyfile has no hooks.example.com site")
+	}
+	s.url = fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	cfg = strings.ReplaceAll(cfg, "hooks.example.com", s.url)
+	cfg = s.withTestGlobals(cfg)
+	checkLocalOnly(t, cfg)
+	s.cfg = cfg
+	return s
+}
+
+// withTestGlobals adds to the Caddyfile's global options (or to a new
+// global block) what a test needs and the Caddyfile does not set: no admin
+// endpoint, no autosave, no HTTPS, 127.0.0.1 only, storage and a log in
+// temporary directories.
+func (s *blockSite) withTestGlobals(cfg string) string {
+	dir := s.t.TempDir()
+	s.logFile = filepath.Join(dir, "caddy.log")
+	opts := []struct{ name, line string }{
+		{"admin", "admin off"},
+		{"persist_config", "persist_config off"},
+		{"auto_https", "auto_https off"},
+		{"default_bind", "default_bind 127.0.0.1"},
+		{"storage", "storage file_system " + filepath.Join(dir, "storage")},
+		{"log", "log {\n\t\toutput file " + s.logFile + "\n\t\tformat json\n\t}"},
+	}
+	lines := strings.Split(cfg, "\n")
+	start, end := -1, -1
+	for i, l := range lines {
+		if tl := strings.TrimSpace(l); tl != "" && !strings.HasPrefix(tl, "#") {
+			if tl == "{" {
+				start = i
+			}
+			break
+		}
+	}
+	if start >= 0 {
+		for i := start + 1; i < len(lines) && end < 0; i++ {
+			if lines[i] == "}" {
+				end = i
+			}
+		}
+		if end < 0 {
+			s.t.Fatal("the global options block never ends")
+		}
+	}
+	global := ""
+	if start >= 0 {
+		global = strings.Join(lines[start+1:end], "\n")
+	}
+	var add []string
+	for _, o := range opts {
+		if !regexp.MustCompile(`(?m)^\s*` + o.name + `(\s|$)`).MatchString(global) {
+			add = append(add, "\t"+o.line)
+		}
+	}
+	if start < 0 {
+		return "{\n" + strings.Join(add, "\n") + "\n}\n\n" + cfg
+	}
+	return strings.Join(slices.Concat(lines[:start+1], add, lines[start+1:]), "\n")
+}
+
+var (
+	hostPortRe  = regexp.MustCompile(`(?:^|[\s/])([A-Za-z][\w.-]*):\d+\b`)
+	outsidePath = []string{"/var/", "/srv/", "/mnt/", "/run/", "/etc/", "/home/"}
+)
+
+// checkLocalOnly fails when the Caddyfile still names a host or a path
+// that the entry did not replace.
+func checkLocalOnly(t *testing.T, cfg string) {
+	t.Helper()
+	for _, m := range hostPortRe.FindAllStringSubmatch(cfg, -1) {
+		if m[1] != "localhost" {
+			t.Fatalf("the Caddyfile still names %s: list it in the entry's upstreams\n%s", strings.TrimSpace(m[0]), cfg)
+		}
+	}
+	for _, p := range outsidePath {
+		if strings.Contains(cfg, p) {
+			t.Fatalf("the Caddyfile still names a path under %s: list it in the entry's dirs\n%s", p, cfg)
+		}
+	}
+	if strings.Contains(cfg, "example.com") {
+		t.Fatalf("the Caddyfile still names example.com\n%s", cfg)
+	}
+}
+
+func (bt blockTest) run(t *testing.T, cfg string, r blockRun) {
+	s := bt.prepare(t, cfg, r)
+	if _, err := adaptCaddyfile(s.cfg); err != nil {
+		t.Fatalf("adapting: %v\n%s", err, s.cfg)
+	}
+	if err := loadCaddyfile(s.cfg); err != nil {
+		t.Fatalf("loading: %v\n%s", err, s.cfg)
+	}
+	t.Cleanup(func() {
+		if err := stopCaddy(); err != nil {
+			t.Errorf("stopping Caddy: %v", err)
+		}
+		if t.Failed() {
+			log, _ := os.ReadFile(s.logFile)
+			t.Logf("Caddyfile:\n%s\nCaddy's log (last 4 KiB):\n%s", s.cfg, log[max(0, len(log)-4096):])
+		}
+	})
+	s.forgeries(bt.everyPath)
+	for _, d := range r.deliveries {
+		s.deliver(d)
+	}
+	if r.check != nil {
+		r.check(t, s)
+	}
+}
+
+// forgedPaths are the paths forgeries are sent to: the webhook path,
+// look-alikes, the site's root and another path.
+func forgedPaths(hook string) []string {
+	return []string{hook, hook + "/", hook + ".json", "/", "/other/path?x=1", "/" + hook, strings.ToUpper(hook)}
+}
+
+// docForgery is one forged request.
+type docForgery struct {
+	what     string
+	path     string
+	req      *http.Request
+	verified bool // the path is one mux_webhook checks: the answer must be 401 (405 for a GET)
+}
+
+// forgedRequests builds requests with a wrong secret, without a signature, with
+// a genuine signature too old, and GETs, for every path of forgedPaths,
+// with bodies that look like events every route wants.
+func forgedRequests(t *testing.T, base, hook, secret string, everyPath bool) []docForgery {
+	t.Helper()
+	types := []string{"video.asset.ready", "video.live_stream.active", "video.upload.created", "robots.job.summarize.completed"}
+	var out []docForgery
+	for _, p := range forgedPaths(hook) {
+		verified := everyPath || p == hook || p == "/"+hook || p == strings.ToUpper(hook)
+		for i, typ := range types {
+			body := event(typ, fmt.Sprintf("forged-%d", i), `{"id":"a1","passthrough":"vip-1"}`)
+			unsigned := signedRequest(t, base+p, secret, body, time.Now())
+			unsigned.Header.Del("Mux-Signature")
+			out = append(out,
+				docForgery{typ + ", wrong secret", p, signedRequest(t, base+p, "not-"+secret, body, time.Now()), verified},
+				docForgery{typ + ", no signature", p, unsigned, verified},
+				docForgery{typ + ", expired", p, signedRequest(t, base+p, secret, body, time.Now().Add(-time.Hour)), verified},
+			)
+		}
+		get, err := http.NewRequest(http.MethodGet, base+p, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, docForgery{"GET", p, get, verified})
+	}
+	return out
+}
+
+// forgeries sends forgeries and checks that none reached an upstream or
+// wrote a file.
+func (s *blockSite) forgeries(everyPath bool) {
+	t := s.t
+	t.Helper()
+	for _, f := range forgedRequests(t, s.url, s.hook, s.secret, everyPath) {
+		status, _, _ := do(t, f.req)
+		want := http.StatusUnauthorized
+		if f.req.Method == http.MethodGet {
+			want = http.StatusMethodNotAllowed
+		}
+		if f.verified && status != want {
+			t.Errorf("%s to %s: %d, want %d", f.what, f.path, status, want)
+		}
+	}
+	for name, u := range s.ups {
+		if got := u.requests(); len(got) > 0 {
+			var seen []string
+			for _, r := range got {
+				if what := r.Method + " " + r.URI; !slices.Contains(seen, what) {
+					seen = append(seen, what)
+				}
+			}
+			t.Errorf("%d forged requests reached %s: %s", len(got), name, strings.Join(seen, ", "))
+		}
+	}
+	for doc, dir := range s.dirs {
+		_ = filepath.WalkDir(dir, func(path string, e fs.DirEntry, err error) error {
+			if err == nil && !e.IsDir() && !s.preset[path] {
+				t.Errorf("a forged request wrote %s (under %s)", path, doc)
+			}
+			return nil
+		})
+	}
+}
+
+// deliver sends one genuine event and checks where it went.
+func (s *blockSite) deliver(d docDelivery) {
+	t := s.t
+	t.Helper()
+	id := s.id(cmp.Or(d.id, fmt.Sprint(len(s.bodies))))
+	body := event(d.typ, id, d.data)
+	if prev, ok := s.bodies[id]; ok && d.data == "" {
+		body = prev // the same event again
+	}
+	s.bodies[id] = body
+	path := cmp.Or(d.path, s.hook)
+	before := map[string]int{}
+	for name, u := range s.ups {
+		before[name] = len(u.requests())
+	}
+	status, _, got := do(t, signedRequest(t, s.url+path, cmp.Or(d.secret, s.secret), body, time.Now()))
+	what := fmt.Sprintf("%s %s", d.typ, cmp.Or(d.id, "event"))
+	if status != d.status {
+		t.Errorf("%s: answered %d %.200q, want %d", what, status, got, d.status)
+	}
+	if d.body != "" && got != d.body {
+		t.Errorf("%s: answered %q, want %q", what, got, d.body)
+	}
+	if d.to != "" && s.ups[d.to] == nil {
+		t.Fatalf("%s: no upstream %s in this run", what, d.to)
+	}
+	for name, u := range s.ups {
+		reqs := u.requests()
+		want := before[name]
+		if name == d.to {
+			want++
+		}
+		if len(reqs) != want {
+			t.Errorf("%s: %s received %d requests, want %d", what, name, len(reqs)-before[name], want-before[name])
+			continue
+		}
+		if name != d.to {
+			continue
+		}
+		last := reqs[len(reqs)-1]
+		if last.Method != http.MethodPost || last.URI != path || !bytes.Equal(last.Body, body) {
+			t.Errorf("%s: %s received %s %s %.100q, want the event as sent", what, name, last.Method, last.URI, last.Body)
+		}
+		for k, v := range d.header {
+			if want := strings.ReplaceAll(v, "{id}", id); last.Header.Get(k) != want {
+				t.Errorf("%s: %s received %s: %q, want %q", what, name, k, last.Header.Get(k), want)
+			}
+		}
+	}
+	if d.stored != "" {
+		file := s.file(strings.ReplaceAll(d.stored, "{id}", id))
+		if b, err := os.ReadFile(file); err != nil || !bytes.Equal(b, body) {
+			t.Errorf("%s: stored file %s: %v, content %.100q", what, file, err, b)
+		}
+	}
+}
+
+// newUpstreamAt is newUpstream listening on addr (a port that was down).
+func newUpstreamAt(t *testing.T, name, addr string) *upstream {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := newUpstream(t, name)
+	u.Server.Close()
+	srv := httptest.NewUnstartedServer(u.Server.Config.Handler)
+	srv.Listener.Close()
+	srv.Listener = ln
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return u
+}
+
+// TestDemoBinaryForgeriesNeverReachUpstreams runs the xcaddy-built binary
+// on examples/Caddyfile, with an access log added to each demo upstream
+// (served by the same Caddy), and sends forgeries to /mux and to the
+// demo's other paths: none may be answered by, or logged at, an upstream.
+// Genuine events then are, once each.
+func TestDemoBinaryForgeriesNeverReachUpstreams(t *testing.T) {
+	bin := caddyBinary(t)
+	src, err := os.ReadFile("examples/Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, dir := string(src), t.TempDir()
+	logs := map[string]string{}
+	for _, p := range []string{"9001", "9002"} {
+		site := "http://localhost:" + p + " {"
+		if !strings.Contains(cfg, site) {
+			t.Fatalf("examples/Caddyfile has no site %q any more: update this test", site)
+		}
+		logs[p] = filepath.Join(dir, p+".log")
+		cfg = strings.Replace(cfg, site, site+"\n\tlog {\n\t\toutput file "+logs[p]+"\n\t\tformat json\n\t}", 1)
+	}
+	ports := map[string]int{}
+	for _, p := range []string{"2019", "8080", "9001", "9002"} {
+		ports[p] = freePort(t)
+		cfg = strings.ReplaceAll(cfg, ":"+p, fmt.Sprintf(":%d", ports[p]))
+	}
+	out := runCaddyBinary(t, bin, cfg)
+	base := fmt.Sprintf("http://localhost:%d", ports["8080"])
+	waitForHTTP(t, base, out)
+
+	for _, f := range forgedRequests(t, base, "/mux", demoSecret, false) {
+		status, _, body := do(t, f.req)
+		if strings.Contains(body, "service received") {
+			t.Errorf("%s to %s was answered by an upstream: %d %q", f.what, f.path, status, body)
+		}
+		if f.verified && f.req.Method == http.MethodPost && status != http.StatusUnauthorized {
+			t.Errorf("%s to %s: %d, want 401", f.what, f.path, status)
+		}
+	}
+	genuine := map[string]string{"9001": "video.asset.ready", "9002": "video.live_stream.active"}
+	want := map[string]string{"9001": "assets service received", "9002": "live service received"}
+	for p, typ := range genuine {
+		id := "genuine-" + p
+		status, _, body := do(t, signedRequest(t, base+"/mux", demoSecret, event(typ, id, ""), time.Now()))
+		if w := fmt.Sprintf("%s %s (%s)", want[p], typ, id); status != 200 || body != w {
+			t.Errorf("%s: %d %q, want 200 %q", typ, status, body, w)
+		}
+	}
+	// Each upstream logged the genuine event, and nothing else.
+	for p, path := range logs {
+		lines := func() []string {
+			b, _ := os.ReadFile(path)
+			return strings.Split(strings.TrimSpace(string(b)), "\n")
+		}
+		waitFor(t, func() bool { return strings.Contains(strings.Join(lines(), ""), "genuine-"+p) }, out.String)
+		for _, l := range lines() {
+			if !strings.Contains(l, `"genuine-`+p+`"`) {
+				t.Errorf("upstream :%s served a request that was not the genuine event: %.400s", p, l)
+			}
+		}
+		if n := len(lines()); n != 1 {
+			t.Errorf("upstream :%s logged %d requests, want 1", p, n)
+		}
+	}
+}
+
+// TestMarkdownCaddyfiles: headings inside code blocks are not headings,
+// blocks are counted per heading, and only Caddyfile blocks are taken.
+func TestMarkdownCaddyfiles(t *testing.T) {
+	got := markdownCaddyfiles(t, "testdata/markdown-caddyfiles.md")
+	want := []docBlock{
+		{"testdata/markdown-caddyfiles.md: Title #1", 3, "respond 204\n"},
+		{"testdata/markdown-caddyfiles.md: Section #1", 14, "a\n"},
+		{"testdata/markdown-caddyfiles.md: Section #2", 18, "b\n"},
+		{"testdata/markdown-caddyfiles.md: Other `section` #1", 28, "c\n```\nstill c\n"},
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("got  %+v\nwant %+v", got, want)
+	}
+}
