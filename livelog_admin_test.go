@@ -137,10 +137,17 @@ func readSSE(t *testing.T, url string) (<-chan sseEvent, func()) {
 	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
 		t.Fatalf("stream: %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
+	return sseEvents(resp.Body), func() { resp.Body.Close() }
+}
+
+// sseEvents sends the events read from body to the returned channel until
+// body ends.
+func sseEvents(body io.Reader) <-chan sseEvent {
 	ch := make(chan sseEvent, 100)
 	go func() {
 		defer close(ch)
-		sc := bufio.NewScanner(resp.Body)
+		sc := bufio.NewScanner(body)
+		sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 		var ev sseEvent
 		for sc.Scan() {
 			line := sc.Text()
@@ -155,7 +162,7 @@ func readSSE(t *testing.T, url string) (<-chan sseEvent, func()) {
 			}
 		}
 	}()
-	return ch, func() { resp.Body.Close() }
+	return ch
 }
 
 func nextSSE(t *testing.T, ch <-chan sseEvent) (sseEvent, bool) {
