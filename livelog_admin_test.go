@@ -50,9 +50,18 @@ func getJSON(t *testing.T, url string, v any) int {
 	return resp.StatusCode
 }
 
+// clearLiveLog empties the process's live log, which outlives configs,
+// and so tests.
+func clearLiveLog() {
+	liveLog.mu.Lock()
+	defer liveLog.mu.Unlock()
+	liveLog.ring, liveLog.start, liveLog.count = nil, 0, 0
+}
+
 func TestLiveLogEndpoints(t *testing.T) {
 	up := newUpstream(t, "assets")
 	g := startGatewayWithAdmin(t, liveLogGlobal, liveLogSite(up))
+	clearLiveLog() // the counts below are this test's entries
 
 	verified := event("video.asset.ready", "ll-1", `{"passthrough":"`+strings.Repeat("p", 200)+`"}`)
 	do(t, signedRequest(t, g.url, testSecret, verified, time.Now()))
@@ -385,5 +394,36 @@ func TestLiveLogPageInBrowser(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "browser test passed") {
 		t.Fatalf("browser test did not finish:\n%s", out)
+	}
+}
+
+// TestLiveLogHeadersAfterHandleErrors: handle_errors runs after the live
+// log entry of a rejected request is made, and request_header there edits
+// the request's header values in place. The entry keeps what was sent, and
+// a stream marshalling it meanwhile does not race (run with -race).
+func TestLiveLogHeadersAfterHandleErrors(t *testing.T) {
+	g := startGatewayWithAdmin(t, liveLogGlobal, fmt.Sprintf(`
+	mux_webhook %s
+	respond 204
+	handle_errors {
+		request_header X-Probe sent edited
+		respond "rejected: {http.request.header.X-Probe}" {err.status_code}
+	}`, testSecret))
+	ch, closeStream := readSSE(t, g.admin+"/mux-webhook/events/stream")
+	defer closeStream()
+	time.Sleep(100 * time.Millisecond) // let the stream subscribe
+
+	req := signedRequest(t, g.url, "forged", event("video.asset.ready", "he-1", ""), time.Now())
+	req.Header.Set("X-Probe", "sent")
+	if status, _, body := do(t, req); status != http.StatusUnauthorized || body != "rejected: edited" {
+		t.Fatalf("forged request: %d %q; want handle_errors to have edited the header", status, body)
+	}
+	if ev, ok := nextSSE(t, ch); !ok || !strings.Contains(ev.data, `"X-Probe":["sent"]`) {
+		t.Errorf("streamed entry: %s", ev.data)
+	}
+	var list []LogEntry
+	getJSON(t, g.admin+"/mux-webhook/events?limit=1", &list)
+	if len(list) != 1 || len(list[0].Headers["X-Probe"]) != 1 || list[0].Headers["X-Probe"][0] != "sent" {
+		t.Errorf("live log entry's X-Probe: %+v, want what was sent", list)
 	}
 }
