@@ -50,8 +50,13 @@ func (App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision applies the settings to the live log.
+// Provision checks the settings and applies them to the live log. It
+// checks them itself: Caddy validates a module only after provisioning
+// it, and a negative size must never reach the live log.
 func (a *App) Provision(caddy.Context) error {
+	if err := a.Validate(); err != nil {
+		return err
+	}
 	size, body := DefaultLogSize, DefaultLogBody
 	if a.LogSize != nil {
 		size = *a.LogSize

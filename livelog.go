@@ -24,10 +24,16 @@ const (
 	// subscriberBuffer is how many entries a slow stream may lag behind
 	// before it misses some.
 	subscriberBuffer = 256
-	// Header bounds for an entry: count, and bytes per value.
+	// Header bounds for an entry: count, and bytes per name and per value.
 	maxLoggedHeaders     = 64
 	maxLoggedHeaderBytes = 512
+	// maxLoggedFieldBytes bounds each of an entry's other text fields
+	// (type, id, object, environment, method, URI, remote address).
+	maxLoggedFieldBytes = 1 << 10
 )
+
+// cutMark ends a text that the live log cut short.
+const cutMark = "…"
 
 // redactedHeaders never appear in the live log as they were sent.
 var redactedHeaders = map[string]bool{
@@ -89,9 +95,7 @@ func (l *liveLogState) configure(size, bodyMax int) {
 	l.ring = make([]LogEntry, size)
 	l.start, l.count = 0, 0
 	for _, e := range keep {
-		if len(e.Body) > bodyMax {
-			e.Body, e.BodyTruncated = e.Body[:bodyMax], true
-		}
+		e.cutBody(bodyMax)
 		l.ring[l.count] = e
 		l.count++
 	}
@@ -109,13 +113,16 @@ func (l *liveLogState) bodyCap() int {
 }
 
 // add appends e (assigning its sequence number) and hands it to every
-// subscriber that has room; a subscriber without room misses it.
+// subscriber that has room; a subscriber without room misses it. Every
+// entry passes here, so here it is detached from its request.
 func (l *liveLogState) add(e LogEntry) {
+	e.detach()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.size == 0 {
 		return
 	}
+	e.cutBody(l.bodyMax) // the cap may have shrunk since e was made
 	if l.ring == nil || len(l.ring) != l.size {
 		l.ring = make([]LogEntry, l.size)
 		l.start, l.count = 0, 0
@@ -135,6 +142,48 @@ func (l *liveLogState) add(e LogEntry) {
 		default:
 		}
 	}
+}
+
+// detach makes e hold its own copies of its text fields, each cut to
+// maxLoggedFieldBytes, so that a kept entry costs a bounded amount of
+// memory: the decoded event's strings point into the whole request body,
+// which a sub-slice would keep alive for as long as the entry lives.
+// Headers are copied when the entry is made (loggedHeaders). The body is
+// left as it is: either the whole verified body, at most log_body bytes
+// and never modified, or already a copy of its first log_body bytes.
+func (e *LogEntry) detach() {
+	for _, f := range []*string{&e.Type, &e.ID, &e.ObjectType, &e.ObjectID, &e.EnvironmentID, &e.Method, &e.URI, &e.RemoteIP} {
+		*f = boundedString(*f, maxLoggedFieldBytes)
+	}
+}
+
+// cutBody cuts the body to max bytes, as a copy that does not keep the
+// rest alive.
+func (e *LogEntry) cutBody(max int) {
+	if len(e.Body) > max {
+		e.Body, e.BodyTruncated = strings.Clone(e.Body[:max]), true
+	}
+}
+
+// boundedString returns a copy of s, valid UTF-8, of at most max bytes
+// plus cutMark when it had to be cut (at a character boundary).
+func boundedString(s string, max int) string {
+	if len(s) <= max && utf8.ValidString(s) {
+		return strings.Clone(s)
+	}
+	cut := len(s) > max
+	if cut {
+		i := max
+		for i > 0 && !utf8.RuneStart(s[i]) {
+			i--
+		}
+		s = s[:i]
+	}
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	if cut {
+		return s + cutMark // a new string
+	}
+	return strings.Clone(s) // ToValidUTF8 copies only when it replaces something
 }
 
 // snapshotLocked returns the entries, oldest first.
@@ -188,37 +237,31 @@ func (l *liveLogState) unsubscribe(ch chan LogEntry) {
 }
 
 // loggedHeaders copies h for the live log: bounded, with secrets redacted.
+// It always copies, names, slices and values: handlers that run after the
+// entry is made (request_header in handle_errors) edit the request's
+// header slices in place.
 func loggedHeaders(h http.Header) map[string][]string {
 	out := make(map[string][]string, min(len(h), maxLoggedHeaders))
 	for name, values := range h {
 		if len(out) >= maxLoggedHeaders {
 			break
 		}
+		logged := boundedString(name, maxLoggedHeaderBytes)
 		if redactedHeaders[http.CanonicalHeaderKey(name)] {
-			out[name] = []string{"[redacted]"}
+			out[logged] = []string{"[redacted]"}
 			continue
 		}
-		out[name] = boundedValues(values)
+		out[logged] = boundedValues(values)
 	}
 	return out
 }
 
-// boundedValues returns values as they are when they are few, short and
-// valid UTF-8 (the common case: no copy), else a cut-down copy.
+// boundedValues returns a copy of values: at most maxLoggedHeaders of
+// them, each valid UTF-8 and cut to maxLoggedHeaderBytes.
 func boundedValues(values []string) []string {
-	ok := len(values) <= maxLoggedHeaders
-	for _, v := range values {
-		ok = ok && len(v) <= maxLoggedHeaderBytes && utf8.ValidString(v)
-	}
-	if ok {
-		return values
-	}
 	vs := make([]string, 0, min(len(values), maxLoggedHeaders))
 	for _, v := range values[:min(len(values), maxLoggedHeaders)] {
-		if len(v) > maxLoggedHeaderBytes {
-			v = v[:maxLoggedHeaderBytes] + "…"
-		}
-		vs = append(vs, strings.ToValidUTF8(v, "�"))
+		vs = append(vs, boundedString(v, maxLoggedHeaderBytes))
 	}
 	return vs
 }

@@ -1,9 +1,16 @@
 package muxwebhook
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"sync"
 	"testing"
+	"time"
+	"unicode/utf8"
 )
 
 func newTestLog(size, body int) *liveLogState {
@@ -122,5 +129,95 @@ func TestLoggedHeadersRedacts(t *testing.T) {
 	}
 	if got := loggedHeaders(h); len(got) > maxLoggedHeaders {
 		t.Errorf("%d headers kept, want at most %d", len(got), maxLoggedHeaders)
+	}
+}
+
+// TestLiveLogEntriesDoNotPinBodies: the decoded event's strings point into
+// the request body; a live log entry must not keep that body alive. 500
+// entries made from 256 KiB bodies with log_body 16 KiB keep about
+// 500 x 16 KiB of body text, not the 128 MiB of bodies.
+func TestLiveLogEntriesDoNotPinBodies(t *testing.T) {
+	const entries, bodySize, logBody = 500, 256 << 10, 16 << 10
+	l := newTestLog(entries, logBody)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := range entries {
+		body := event("video.asset.ready", fmt.Sprintf("pin-%d", i), `{"passthrough":"`+strings.Repeat("p", bodySize)+`"}`)
+		ev, err := DecodeEvent(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec := &requestRecord{start: time.Now(), outcome: "verified", status: 200, event: ev, body: body}
+		l.add(newLogEntry(httptest.NewRequest(http.MethodPost, "/mux", nil), rec, time.Millisecond, logBody))
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	retained := int64(after.HeapAlloc) - int64(before.HeapAlloc)
+	if total := int64(entries * bodySize); retained > total/4 {
+		t.Errorf("%d entries retain %d MiB of heap; their bodies total %d MiB, the entries need about %d MiB",
+			entries, retained>>20, total>>20, entries*logBody>>20)
+	}
+	got := l.query("", "", 1)
+	if len(got) != 1 || got[0].ID != fmt.Sprintf("pin-%d", entries-1) || got[0].ObjectID != "obj-"+got[0].ID ||
+		got[0].Type != "video.asset.ready" || got[0].EnvironmentID != "env-1" || len(got[0].Body) != logBody || !got[0].BodyTruncated {
+		t.Errorf("newest entry: %+v", got[0])
+	}
+	runtime.KeepAlive(l)
+}
+
+// TestLiveLogCutsLongFields: an entry keeps at most maxLoggedFieldBytes of
+// each text field, marked as cut, valid UTF-8, whatever the request sent.
+func TestLiveLogCutsLongFields(t *testing.T) {
+	l := newTestLog(10, 64)
+	l.add(LogEntry{
+		Type:     "video.asset.ready",
+		ID:       strings.Repeat("i", 500<<10),
+		ObjectID: strings.Repeat("é", maxLoggedFieldBytes), // 2 bytes each: cut mid-character
+		URI:      "/mux?" + strings.Repeat("q", 100<<10),
+		Body:     strings.Repeat("b", 1000), // larger than log_body: cut too
+	})
+	e := l.query("", "", 1)[0]
+	if e.Type != "video.asset.ready" {
+		t.Errorf("short field changed: %q", e.Type)
+	}
+	for name, v := range map[string]string{"id": e.ID, "object_id": e.ObjectID, "uri": e.URI} {
+		if len(v) > maxLoggedFieldBytes+len(cutMark) || !strings.HasSuffix(v, cutMark) || !utf8.ValidString(v) {
+			t.Errorf("%s: %d bytes, cut mark %v, valid UTF-8 %v; want at most %d bytes plus %q",
+				name, len(v), strings.HasSuffix(v, cutMark), utf8.ValidString(v), maxLoggedFieldBytes, cutMark)
+		}
+	}
+	if len(e.Body) != 64 || !e.BodyTruncated {
+		t.Errorf("body of %d bytes (truncated %v), want log_body=64", len(e.Body), e.BodyTruncated)
+	}
+}
+
+// TestLoggedHeadersCopies: handlers that run after the entry is made
+// (request_header in handle_errors) edit the request's header values in
+// place; the entry must not see that, nor race with it (run with -race).
+func TestLoggedHeadersCopies(t *testing.T) {
+	h := http.Header{"X-Probe": {"before"}, "Content-Type": {"application/json"}}
+	logged := loggedHeaders(h)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // a stream marshalling the entry meanwhile
+		defer wg.Done()
+		for range 100 {
+			if _, err := json.Marshal(logged); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	for i := range 100 {
+		h["X-Probe"][0] = fmt.Sprint("after-", i)
+		h["Content-Type"][0] = "text/plain"
+	}
+	wg.Wait()
+	if v := logged["X-Probe"]; len(v) != 1 || v[0] != "before" {
+		t.Errorf("X-Probe logged as %q, want what was sent: before", v)
+	}
+	if v := logged["Content-Type"]; len(v) != 1 || v[0] != "application/json" {
+		t.Errorf("Content-Type logged as %q", v)
 	}
 }

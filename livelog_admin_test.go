@@ -50,9 +50,18 @@ func getJSON(t *testing.T, url string, v any) int {
 	return resp.StatusCode
 }
 
+// clearLiveLog empties the process's live log, which outlives configs,
+// and so tests.
+func clearLiveLog() {
+	liveLog.mu.Lock()
+	defer liveLog.mu.Unlock()
+	liveLog.ring, liveLog.start, liveLog.count = nil, 0, 0
+}
+
 func TestLiveLogEndpoints(t *testing.T) {
 	up := newUpstream(t, "assets")
 	g := startGatewayWithAdmin(t, liveLogGlobal, liveLogSite(up))
+	clearLiveLog() // the counts below are this test's entries
 
 	verified := event("video.asset.ready", "ll-1", `{"passthrough":"`+strings.Repeat("p", 200)+`"}`)
 	do(t, signedRequest(t, g.url, testSecret, verified, time.Now()))
@@ -137,10 +146,17 @@ func readSSE(t *testing.T, url string) (<-chan sseEvent, func()) {
 	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
 		t.Fatalf("stream: %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
+	return sseEvents(resp.Body), func() { resp.Body.Close() }
+}
+
+// sseEvents sends the events read from body to the returned channel until
+// body ends.
+func sseEvents(body io.Reader) <-chan sseEvent {
 	ch := make(chan sseEvent, 100)
 	go func() {
 		defer close(ch)
-		sc := bufio.NewScanner(resp.Body)
+		sc := bufio.NewScanner(body)
+		sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 		var ev sseEvent
 		for sc.Scan() {
 			line := sc.Text()
@@ -155,7 +171,7 @@ func readSSE(t *testing.T, url string) (<-chan sseEvent, func()) {
 			}
 		}
 	}()
-	return ch, func() { resp.Body.Close() }
+	return ch
 }
 
 func nextSSE(t *testing.T, ch <-chan sseEvent) (sseEvent, bool) {
@@ -378,5 +394,36 @@ func TestLiveLogPageInBrowser(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "browser test passed") {
 		t.Fatalf("browser test did not finish:\n%s", out)
+	}
+}
+
+// TestLiveLogHeadersAfterHandleErrors: handle_errors runs after the live
+// log entry of a rejected request is made, and request_header there edits
+// the request's header values in place. The entry keeps what was sent, and
+// a stream marshalling it meanwhile does not race (run with -race).
+func TestLiveLogHeadersAfterHandleErrors(t *testing.T) {
+	g := startGatewayWithAdmin(t, liveLogGlobal, fmt.Sprintf(`
+	mux_webhook %s
+	respond 204
+	handle_errors {
+		request_header X-Probe sent edited
+		respond "rejected: {http.request.header.X-Probe}" {err.status_code}
+	}`, testSecret))
+	ch, closeStream := readSSE(t, g.admin+"/mux-webhook/events/stream")
+	defer closeStream()
+	time.Sleep(100 * time.Millisecond) // let the stream subscribe
+
+	req := signedRequest(t, g.url, "forged", event("video.asset.ready", "he-1", ""), time.Now())
+	req.Header.Set("X-Probe", "sent")
+	if status, _, body := do(t, req); status != http.StatusUnauthorized || body != "rejected: edited" {
+		t.Fatalf("forged request: %d %q; want handle_errors to have edited the header", status, body)
+	}
+	if ev, ok := nextSSE(t, ch); !ok || !strings.Contains(ev.data, `"X-Probe":["sent"]`) {
+		t.Errorf("streamed entry: %s", ev.data)
+	}
+	var list []LogEntry
+	getJSON(t, g.admin+"/mux-webhook/events?limit=1", &list)
+	if len(list) != 1 || len(list[0].Headers["X-Probe"]) != 1 || list[0].Headers["X-Probe"][0] != "sent" {
+		t.Errorf("live log entry's X-Probe: %+v, want what was sent", list)
 	}
 }

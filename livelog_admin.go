@@ -9,7 +9,7 @@
 // these endpoints are as private as its listener. Caddy's admin API refuses
 // requests from browser navigations that carry no Origin (its CSRF and DNS
 // rebinding defence), so to open the page in a browser, mount the same
-// endpoints on a site with the mux_webhook_ui handler (ui.go).
+// endpoints on a site with the mux_webhook_ui handler (livelog_ui.go).
 
 package muxwebhook
 
@@ -17,6 +17,7 @@ import (
 	_ "embed"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -35,6 +36,12 @@ var liveLogPage []byte
 // sseKeepAlive is how often an idle event stream gets a comment line, so
 // that proxies and browsers keep it open.
 const sseKeepAlive = 15 * time.Second
+
+// sseWriteTimeout bounds each write to an event stream (an event, a
+// keep-alive, the final reload event): a client that stops reading loses
+// its stream, and its subscriber slot, this long after the socket buffers
+// fill up, instead of blocking its handler for ever.
+const sseWriteTimeout = 5 * time.Second
 
 // adminAPI serves the live log on the admin endpoint.
 type adminAPI struct {
@@ -127,45 +134,45 @@ func serveEvents(w http.ResponseWriter, r *http.Request) error {
 
 // stream sends each new request as an SSE event ("request", JSON data),
 // until the client goes, or the config that serves it is replaced or
-// stopped (then a final "reload" event says so).
+// stopped (then a final "reload" event says so), or a write does not
+// complete within sseWriteTimeout.
 func serveStream(w http.ResponseWriter, r *http.Request, done <-chan struct{}) error {
 	typePattern, outcome, _, err := filters(r)
 	if err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
 	}
 	rc := http.NewResponseController(w)
+	// Without write deadlines a client that stops reading would hold its
+	// handler and its slot for ever: refuse rather than risk it. (Go's
+	// HTTP/1 and HTTP/2 servers and Caddy's HTTP/3 support them.)
+	if err := rc.SetWriteDeadline(time.Time{}); err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: fmt.Errorf("live log stream: this connection cannot bound its writes: %v", err)}
+	}
 	ch, ok := liveLog.subscribe()
 	if !ok {
 		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("too many live log streams (at most %d)", maxSubscribers)}
 	}
 	defer liveLog.unsubscribe(ch)
-	// The admin server's write timeout must not cut the stream.
-	_ = rc.SetWriteDeadline(time.Time{})
 
 	w.Header().Set("Content-Type", "text/event-stream")
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("X-Accel-Buffering", "no")
 	w.WriteHeader(http.StatusOK)
-	if _, err := fmt.Fprint(w, "retry: 2000\n: mux_webhook live log\n\n"); err != nil {
-		return nil
-	}
-	if err := rc.Flush(); err != nil {
+	if sendSSE(w, rc, "retry: 2000\n: mux_webhook live log\n\n") != nil {
 		return nil
 	}
 	keepAlive := time.NewTicker(sseKeepAlive)
 	defer keepAlive.Stop()
 	for {
+		var msg string
 		select {
 		case <-r.Context().Done():
 			return nil
 		case <-done:
-			_, _ = fmt.Fprint(w, "event: reload\ndata: {}\n\n")
-			_ = rc.Flush()
+			_ = sendSSE(w, rc, "event: reload\ndata: {}\n\n")
 			return nil
 		case <-keepAlive.C:
-			if _, err := fmt.Fprint(w, ": keep-alive\n\n"); err != nil {
-				return nil
-			}
+			msg = ": keep-alive\n\n"
 		case e := <-ch:
 			if !entryMatches(e, typePattern, outcome) {
 				continue
@@ -174,14 +181,29 @@ func serveStream(w http.ResponseWriter, r *http.Request, done <-chan struct{}) e
 			if err != nil {
 				return nil
 			}
-			if _, err := fmt.Fprintf(w, "id: %d\nevent: request\ndata: %s\n\n", e.Seq, data); err != nil {
-				return nil
-			}
+			msg = fmt.Sprintf("id: %d\nevent: request\ndata: %s\n\n", e.Seq, data)
 		}
-		if err := rc.Flush(); err != nil {
-			return nil
+		if sendSSE(w, rc, msg) != nil {
+			return nil // the handler's return ends the response
 		}
 	}
+}
+
+// sendSSE writes and flushes msg within sseWriteTimeout, then lifts the
+// deadline again: between events the stream may idle (an HTTP/2 stream
+// whose deadline passes is reset even when nothing is being written), and
+// the server's own write timeout, if any, must not cut it either.
+func sendSSE(w http.ResponseWriter, rc *http.ResponseController, msg string) error {
+	if err := rc.SetWriteDeadline(time.Now().Add(sseWriteTimeout)); err != nil {
+		return err
+	}
+	if _, err := io.WriteString(w, msg); err != nil {
+		return err
+	}
+	if err := rc.Flush(); err != nil {
+		return err
+	}
+	return rc.SetWriteDeadline(time.Time{})
 }
 
 // Interface guards

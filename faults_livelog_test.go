@@ -1,0 +1,338 @@
+//go:build linux
+
+package muxwebhook
+
+// "A live-log stream client stops reading: its stream ends within seconds
+// (write deadline per event); reloads and new clients are unaffected"
+// (SPEC, When things fail). Linux only: the stalled clients shrink their
+// TCP buffers with Linux socket options (CI runs on Debian).
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// stalledStream opens the event stream at path on addr (host:port) over a
+// raw TCP connection that reads the response head (so that the test knows
+// the stream is subscribed) and then never reads again. Its receive buffer
+// is small (SO_RCVBUF) and so are its segments (TCP_MAXSEG, which on
+// loopback also keeps the server's send buffer small): a few large events
+// fill both and block the server's writes. It returns the response's
+// status; the connection is closed when the test ends.
+func stalledStream(t *testing.T, addr, path string) int {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		if cerr := c.Control(func(fd uintptr) {
+			err = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+			if err == nil {
+				err = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 536)
+			}
+		}); cerr != nil {
+			return cerr
+		}
+		return err
+	}}
+	conn, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	if _, err := fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, addr); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var head []byte
+	buf := make([]byte, 512)
+	status := 0
+	for len(head) < 16<<10 {
+		n, err := conn.Read(buf)
+		head = append(head, buf[:n]...)
+		if status == 0 && bytes.Contains(head, []byte("\r\n\r\n")) {
+			f := strings.Fields(string(head[:bytes.IndexByte(head, '\n')]))
+			if len(f) < 2 {
+				t.Fatalf("stream %s: response %q", path, head)
+			}
+			status, _ = strconv.Atoi(f[1])
+		}
+		if status != 0 && (status != http.StatusOK || bytes.Contains(head, []byte("live log\n\n"))) {
+			return status // and never read again
+		}
+		if err != nil {
+			t.Fatalf("stream %s: %v after %q", path, err, head)
+		}
+	}
+	t.Fatalf("stream %s: no response head in %d bytes", path, len(head))
+	return 0
+}
+
+// streamClient opens event streams; its Get returns once the head arrived.
+var streamClient = &http.Client{Transport: &http.Transport{ResponseHeaderTimeout: 10 * time.Second, DisableKeepAlives: true}}
+
+// openStream opens the event stream at url, waiting up to wait while it is
+// refused with 503 (all subscriber slots taken); it fails the test if the
+// stream cannot be opened by then.
+func openStream(t *testing.T, url string, wait time.Duration) (<-chan sseEvent, func()) {
+	t.Helper()
+	deadline := time.Now().Add(wait)
+	for {
+		resp, err := streamClient.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode == http.StatusOK {
+			return sseEvents(resp.Body), func() { resp.Body.Close() }
+		}
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<10))
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable || time.Now().After(deadline) {
+			t.Fatalf("a new stream client still gets %d %q after %s", resp.StatusCode, bytes.TrimSpace(body), wait)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// largeEvent is a signed-able event of about size bytes.
+func largeEvent(id string, size int) []byte {
+	return event("video.asset.ready", id, `{"passthrough":"`+strings.Repeat("p", size)+`"}`)
+}
+
+// waitForEvent sends an event with id to gateway and waits (10 s) until
+// ch streams it.
+func waitForEvent(t *testing.T, ch <-chan sseEvent, gateway, id string) {
+	t.Helper()
+	if status, _, _ := do(t, signedRequest(t, gateway, testSecret, event("video.asset.ready", id, ""), time.Now())); status != http.StatusNoContent {
+		t.Fatalf("event %s: status %d", id, status)
+	}
+	for {
+		ev, ok := nextSSE(t, ch)
+		if !ok {
+			t.Fatalf("the stream ended before event %s", id)
+		}
+		if ev.name == "request" && strings.Contains(ev.data, `"id":"`+id+`"`) {
+			return
+		}
+	}
+}
+
+const stallSite = `
+	mux_webhook /mux %s
+	handle /mux {
+		respond 204
+	}
+	handle_path /mux-webhook/* {
+		mux_webhook_ui
+	}
+	handle {
+		respond "round %d"
+	}`
+
+// TestLiveLogStalledStreamsEnd: maxSubscribers stream clients (on the
+// admin API and on mux_webhook_ui) stop reading while large events flow.
+// Each write has a deadline, so their streams end and free their slots: a
+// new client gets a stream and its events. (Without the deadline they
+// blocked in Write for ever, and every new client got 503.)
+func TestLiveLogStalledStreamsEnd(t *testing.T) {
+	g := startGatewayWithAdmin(t, "\tmux_webhook {\n\t\tlog_size 50\n\t\tlog_body 64KiB\n\t}", fmt.Sprintf(stallSite, testSecret, 0))
+	adminAddr, siteAddr := strings.TrimPrefix(g.admin, "http://"), strings.TrimPrefix(g.url, "http://")
+	for i := range maxSubscribers {
+		addr := adminAddr
+		if i%2 == 1 {
+			addr = siteAddr
+		}
+		if status := stalledStream(t, addr, "/mux-webhook/events/stream"); status != http.StatusOK {
+			t.Fatalf("stalled client %d: status %d, want 200", i, status)
+		}
+	}
+	if status := stalledStream(t, adminAddr, "/mux-webhook/events/stream"); status != http.StatusServiceUnavailable {
+		t.Fatalf("client %d: status %d, want 503 (all slots taken)", maxSubscribers+1, status)
+	}
+	for i := range 10 {
+		if status, _, _ := do(t, signedRequest(t, g.url+"/mux", testSecret, largeEvent(fmt.Sprint("big-", i), 60<<10), time.Now())); status != http.StatusNoContent {
+			t.Fatalf("event %d: status %d", i, status)
+		}
+	}
+	// The stalled streams end sseWriteTimeout after their buffers filled.
+	ch, closeStream := openStream(t, g.admin+"/mux-webhook/events/stream", sseWriteTimeout+20*time.Second)
+	defer closeStream()
+	waitForEvent(t, ch, g.url+"/mux", "after-stall")
+	uiCh, closeUI := openStream(t, g.url+"/mux-webhook/events/stream", 10*time.Second)
+	defer closeUI()
+	waitForEvent(t, uiCh, g.url+"/mux", "after-stall-ui")
+}
+
+// goroutines reads the total from the admin API's goroutine profile.
+func goroutines(t *testing.T, admin string) int {
+	t.Helper()
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Get(admin + "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	line, _ := bufio.NewReader(resp.Body).ReadString('\n')
+	n, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(line, "goroutine profile: total ")))
+	if resp.StatusCode != http.StatusOK || err != nil {
+		t.Fatalf("goroutine profile: %d %q", resp.StatusCode, line)
+	}
+	return n
+}
+
+// TestFaultStalledStreamClients runs the real binary: 50 stream clients
+// that stop reading, on the admin API and on mux_webhook_ui, across 10
+// config reloads, while large verified events flow. Afterwards Caddy's
+// goroutines are back near where they were, every subscriber slot is free
+// and a new client gets new events.
+func TestFaultStalledStreamClients(t *testing.T) {
+	bin := caddyBinary(t)
+	const (
+		rounds          = 10
+		clientsPerRound = 5
+		eventsPerRound  = 10
+		eventSize       = 60 << 10 // < log_body: kept and streamed whole
+		goroutineSlack  = 40
+	)
+	adminPort, sitePort := freePort(t), freePort(t)
+	admin, site := fmt.Sprintf("http://127.0.0.1:%d", adminPort), fmt.Sprintf("http://127.0.0.1:%d", sitePort)
+	config := func(round int) string {
+		return fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	persist_config off
+	auto_https off
+	default_bind 127.0.0.1
+	mux_webhook {
+		log_size 100
+		log_body 64KiB
+	}
+}
+
+http://127.0.0.1:%d {
+%s
+}
+`, adminPort, sitePort, fmt.Sprintf(stallSite, testSecret, round))
+	}
+	reload := func(round int) {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodPost, admin+"/load", strings.NewReader(config(round)))
+		req.Header.Set("Content-Type", "text/caddyfile")
+		if status, _, body := do(t, req); status != http.StatusOK {
+			t.Fatalf("reload %d: %d %s", round, status, body)
+		}
+		req, _ = http.NewRequest(http.MethodGet, site+"/", nil)
+		if _, _, body := do(t, req); body != fmt.Sprint("round ", round) {
+			t.Fatalf("after reload %d the site answers %q", round, body)
+		}
+	}
+	closeIdle := func() { http.DefaultTransport.(*http.Transport).CloseIdleConnections() }
+
+	out := runCaddyBinary(t, bin, config(0))
+	waitForHTTP(t, site, out)
+	// Warm up (a stream, an event, a reload), then take the baseline.
+	ch, closeStream := openStream(t, admin+"/mux-webhook/events/stream", 0)
+	waitForEvent(t, ch, site+"/mux", "warm-up")
+	closeStream()
+	reload(0)
+	closeIdle()
+	time.Sleep(time.Second) // the replaced admin server winds down
+	baseline := goroutines(t, admin)
+
+	refused := 0
+	for round := 1; round <= rounds; round++ {
+		for i := range clientsPerRound {
+			addr := fmt.Sprintf("127.0.0.1:%d", adminPort)
+			if i%2 == 1 {
+				addr = fmt.Sprintf("127.0.0.1:%d", sitePort)
+			}
+			switch status := stalledStream(t, addr, "/mux-webhook/events/stream"); {
+			case status == http.StatusServiceUnavailable && round > 1:
+				refused++ // earlier rounds' stalled streams may hold slots until their deadline
+			case status != http.StatusOK:
+				t.Fatalf("round %d, stalled client %d: status %d", round, i, status)
+			}
+		}
+		for i := range eventsPerRound {
+			id := fmt.Sprintf("r%d-%d", round, i)
+			if status, _, _ := do(t, signedRequest(t, site+"/mux", testSecret, largeEvent(id, eventSize), time.Now())); status != http.StatusNoContent {
+				t.Fatalf("event %s: status %d", id, status)
+			}
+		}
+		reload(round)
+	}
+	t.Logf("%d of %d stalled clients were refused (503) while earlier ones held slots", refused, rounds*clientsPerRound)
+
+	// The stalled streams end within their write deadline.
+	closeIdle()
+	deadline := time.Now().Add(sseWriteTimeout + 30*time.Second)
+	n := goroutines(t, admin)
+	for n > baseline+goroutineSlack {
+		if time.Now().After(deadline) {
+			t.Fatalf("Caddy runs %d goroutines, %d before the stalled clients (slack %d): stalled streams are stuck", n, baseline, goroutineSlack)
+		}
+		time.Sleep(500 * time.Millisecond)
+		n = goroutines(t, admin)
+	}
+	t.Logf("goroutines: %d before, %d after", baseline, n)
+
+	// A new client gets new events, within seconds.
+	ch, closeStream = openStream(t, admin+"/mux-webhook/events/stream", 0)
+	waitForEvent(t, ch, site+"/mux", "after-stall")
+	closeStream()
+
+	// Every subscriber slot is free again: maxSubscribers streams open at
+	// once (on both endpoints), and one more is refused.
+	var wg sync.WaitGroup
+	closers := make([]func(), maxSubscribers)
+	var mu sync.Mutex
+	var failures []string
+	for i := range maxSubscribers {
+		url := admin + "/mux-webhook/events/stream"
+		if i%2 == 1 {
+			url = site + "/mux-webhook/events/stream"
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := streamClient.Get(url)
+			if err != nil {
+				mu.Lock()
+				failures = append(failures, err.Error())
+				mu.Unlock()
+				return
+			}
+			closers[i] = func() { resp.Body.Close() }
+			if resp.StatusCode != http.StatusOK {
+				mu.Lock()
+				failures = append(failures, fmt.Sprintf("stream %d: %d", i, resp.StatusCode))
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	defer func() {
+		for _, c := range closers {
+			if c != nil {
+				c()
+			}
+		}
+	}()
+	if len(failures) > 0 {
+		t.Fatalf("with the stalled clients gone, %d of %d streams could not open: %v", len(failures), maxSubscribers, failures)
+	}
+	resp, err := streamClient.Get(admin + "/mux-webhook/events/stream")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("stream %d: %d, want 503", maxSubscribers+1, resp.StatusCode)
+	}
+}
