@@ -60,18 +60,23 @@ const (
 type Store struct {
 	// Path is the file to write, with placeholders, e.g.
 	// /var/spool/mux/{http.mux.event.type}/{http.mux.event.id}.json.
-	// Placeholder values are sanitised (no "/", "..", or control
-	// characters), and the result must stay under the part of the path
-	// before the first placeholder. A file that already exists with the
-	// same content counts as written; with other content, the new file
-	// gets a numbered suffix (name-1.json, ...).
+	// Configuration placeholders ({env.*}, {file.*}) are resolved once,
+	// when the config loads: they must not be empty, and must not contain
+	// braces or backslashes. The text before the first remaining
+	// placeholder must be an absolute directory; the files stay under
+	// it. The remaining (request) placeholders are filled per request
+	// with sanitised values (no "/", "..", or control characters). A file
+	// that already exists with the same content counts as written; with
+	// other content, the new file gets a numbered suffix (name-1.json,
+	// ...).
 	Path string `json:"path,omitempty"`
 
 	// Status is the status answered once the file is on disk. Default: 202.
 	Status int `json:"status,omitempty"`
 
-	root   string // the absolute directory the files must stay under
-	logger *zap.Logger
+	template string // Path with its config placeholders resolved
+	root     string // the absolute directory the files must stay under
+	logger   *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -82,17 +87,25 @@ func (Store) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision sets the default status and finds the fixed root of the path.
+// Provision sets the default status, resolves the configuration
+// placeholders of the path and finds its fixed root.
 func (s *Store) Provision(ctx caddy.Context) error {
 	s.logger = ctx.Logger()
 	if s.Status == 0 {
 		s.Status = http.StatusAccepted
 	}
-	root, err := storeRoot(s.Path)
+	if s.Path == "" {
+		return nil // Validate says what to write
+	}
+	template, err := resolveConfigPlaceholders(s.Path)
 	if err != nil {
 		return err
 	}
-	s.root = root
+	root, err := storeRoot(s.Path, template)
+	if err != nil {
+		return err
+	}
+	s.template, s.root = template, root
 	return nil
 }
 
@@ -107,25 +120,76 @@ func (s *Store) Validate() error {
 	return nil
 }
 
-// storeRoot returns the absolute directory made of the path template's
-// text before its first placeholder.
-func storeRoot(template string) (string, error) {
-	if template == "" {
-		return "", nil
+// isConfigPlaceholder reports whether a placeholder key is resolved when
+// the config loads rather than per request.
+func isConfigPlaceholder(key string) bool {
+	return strings.HasPrefix(key, "env.") || strings.HasPrefix(key, "file.")
+}
+
+// resolveConfigPlaceholders replaces the {env.*} and {file.*} placeholders
+// of template with their values (as Caddy resolves them), and leaves every
+// other placeholder, and escaped braces, as they are. An empty value, or
+// one with braces or backslashes (which would change the placeholders
+// that remain), is an error naming the placeholder.
+func resolveConfigPlaceholders(template string) (string, error) {
+	repl := caddy.NewReplacer()
+	var b strings.Builder
+	last := 0
+	for i := 0; i < len(template); i++ {
+		if template[i] != '{' || (i > 0 && template[i-1] == '\\') {
+			continue
+		}
+		end := strings.IndexByte(template[i:], '}')
+		if end < 0 {
+			break
+		}
+		key := template[i+1 : i+end]
+		if !isConfigPlaceholder(key) {
+			continue
+		}
+		val, _ := repl.Get(key)
+		v := caddy.ToString(val)
+		switch {
+		case v == "" && strings.HasPrefix(key, "env."):
+			return "", fmt.Errorf("mux_store: path %q: {%s} is unset or empty; set the environment variable %s to an absolute directory, or write the directory in the path", template, key, key[len("env."):])
+		case v == "":
+			return "", fmt.Errorf("mux_store: path %q: {%s} is empty or cannot be read; put an absolute directory in the file %s, or write the directory in the path", template, key, key[len("file."):])
+		case strings.ContainsAny(v, "{}\\"):
+			return "", fmt.Errorf("mux_store: path %q: the value of {%s} contains a brace or a backslash; use a plain directory name", template, key)
+		}
+		b.WriteString(template[last:i])
+		b.WriteString(v)
+		last = i + end + 1
+		i += end
 	}
+	b.WriteString(template[last:])
+	return b.String(), nil
+}
+
+// storeRoot returns the directory made of the resolved template's text
+// before its first placeholder, which must be absolute. configured is the
+// template as written, for the error messages.
+func storeRoot(configured, template string) (string, error) {
 	fixed := template
 	if i := strings.IndexByte(template, '{'); i >= 0 {
 		fixed = template[:i]
 	}
+	const example = "/var/spool/mux/{http.mux.event.type}/{http.mux.event.id}.json"
+	if !filepath.IsAbs(fixed) {
+		how := fmt.Sprintf("write the full path, e.g. %s", example)
+		if configured != template {
+			how = fmt.Sprintf("it resolves to %q; set the placeholder's value to an absolute directory, or write the full path, e.g. %s", template, example)
+		}
+		return "", fmt.Errorf("mux_store: path %q does not start with an absolute directory (files would land under Caddy's working directory); %s", configured, how)
+	}
+	if strings.Contains(template, string(filepath.Separator)+storeTempPrefix) {
+		return "", fmt.Errorf("mux_store: path %q has a name starting with %q, which marks temporary files; choose another name", configured, storeTempPrefix)
+	}
 	dir := fixed
-	if !strings.HasSuffix(fixed, "/") {
+	if !strings.HasSuffix(fixed, string(filepath.Separator)) {
 		dir = filepath.Dir(fixed)
 	}
-	abs, err := filepath.Abs(dir)
-	if err != nil {
-		return "", fmt.Errorf("mux_store: path %q: %v", template, err)
-	}
-	return abs, nil
+	return filepath.Clean(dir), nil
 }
 
 // ServeHTTP writes the verified event's body and answers Status.
@@ -163,7 +227,11 @@ func (s *Store) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 // resolve fills the template with sanitised placeholder values and checks
 // that the result stays under the store's root.
 func (s *Store) resolve(repl *caddy.Replacer) (string, error) {
-	out, err := repl.ReplaceFunc(s.Path, func(_ string, val any) (any, error) {
+	template := s.template
+	if template == "" {
+		template = s.Path
+	}
+	out, err := repl.ReplaceFunc(template, func(_ string, val any) (any, error) {
 		return sanitizePathValue(caddy.ToString(val)), nil
 	})
 	if err != nil {
@@ -173,7 +241,11 @@ func (s *Store) resolve(repl *caddy.Replacer) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if !strings.HasPrefix(path, s.root+string(filepath.Separator)) {
+	prefix := s.root
+	if !strings.HasSuffix(prefix, string(filepath.Separator)) {
+		prefix += string(filepath.Separator)
+	}
+	if !strings.HasPrefix(path, prefix) || len(path) == len(prefix) {
 		return "", fmt.Errorf("path %q is not under %q", path, s.root)
 	}
 	return path, nil

@@ -40,7 +40,7 @@ func TestStoreResolveStaysUnderRoot(t *testing.T) {
 	root := t.TempDir()
 	s := &Store{Path: root + "/{http.mux.event.type}/{http.mux.event.id}.json"}
 	var err error
-	if s.root, err = storeRoot(s.Path); err != nil || s.root != root {
+	if s.root, err = storeRoot(s.Path, s.Path); err != nil || s.root != root {
 		t.Fatalf("root %q, %v; want %q", s.root, err, root)
 	}
 	for _, id := range []string{"../../../etc/passwd", "..", "/abs", "a/../../b", "ok-id"} {
@@ -235,5 +235,74 @@ func TestStoreRefusesAndFails(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(spool); len(entries) != 1 {
 		t.Errorf("spool holds %d entries, want only the blocker", len(entries))
+	}
+}
+
+// TestStoreConfigPlaceholders: {env.*} and {file.*} in the path are
+// configuration, resolved when the config loads, not request data to
+// sanitise: the files land in the directory they name, not under the
+// working directory.
+func TestStoreConfigPlaceholders(t *testing.T) {
+	spool := t.TempDir()
+	t.Setenv("MUX_TEST_SPOOL", spool)
+	dirFile := filepath.Join(t.TempDir(), "spool-dir")
+	if err := os.WriteFile(dirFile, []byte(spool+"/from-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cwd := t.TempDir()
+	t.Chdir(cwd) // where the old code wrote
+	g := startGateway(t, fmt.Sprintf(`
+	mux_webhook %s
+	handle /env {
+		mux_store {env.MUX_TEST_SPOOL}/{http.mux.event.id}.json
+	}
+	handle /file {
+		mux_store {file.%s}/{http.mux.event.type}/{http.mux.event.id}.json
+	}`, testSecret, dirFile))
+
+	cases := []struct{ path, id, want string }{
+		{"/env", "cfg-1", filepath.Join(spool, "cfg-1.json")},
+		{"/file", "cfg-2", filepath.Join(spool, "from-file", "video.asset.ready", "cfg-2.json")},
+	}
+	for _, c := range cases {
+		body := event("video.asset.ready", c.id, "")
+		if status, _, _ := do(t, signedRequest(t, g.url+c.path, testSecret, body, time.Now())); status != http.StatusAccepted {
+			t.Errorf("%s: %d, want 202", c.path, status)
+		}
+		if b, err := os.ReadFile(c.want); err != nil || !bytes.Equal(b, body) {
+			t.Errorf("%s: not stored at %s: %v", c.path, c.want, err)
+		}
+	}
+	if entries, _ := os.ReadDir(cwd); len(entries) != 0 {
+		t.Errorf("files written under the working directory: %v", entries)
+	}
+}
+
+// TestStoreConfigErrors: a path that would not land in an absolute
+// directory, or whose config placeholder is empty, is a load error that
+// says what to write instead.
+func TestStoreConfigErrors(t *testing.T) {
+	t.Setenv("MUX_TEST_UNSET", "")
+	t.Setenv("MUX_TEST_REL", "relative/spool")
+	t.Setenv("MUX_TEST_BRACE", "/spool/{http.request.uri}")
+	tests := []struct{ path, want string }{
+		{"spool/{http.mux.event.id}.json", "does not start with an absolute directory"},
+		{"{http.mux.event.id}.json", "write the full path, e.g. /var/spool/mux/"},
+		{"{env.MUX_TEST_UNSET}/{http.mux.event.id}.json", "{env.MUX_TEST_UNSET} is unset or empty"},
+		{"{env.MUX_TEST_REL}/{http.mux.event.id}.json", `it resolves to "relative/spool/{http.mux.event.id}.json"`},
+		{"{env.MUX_TEST_BRACE}/{http.mux.event.id}.json", "{env.MUX_TEST_BRACE} contains a brace"},
+		{"{file./nonexistent/mux-spool-dir}/{http.mux.event.id}.json", "{file./nonexistent/mux-spool-dir} is empty or cannot be read"},
+	}
+	for _, tt := range tests {
+		cfg, _ := gatewayConfig(t, fmt.Sprintf("mux_webhook %s\n\tmux_store %s", testSecret, tt.path))
+		err := loadCaddyfile(cfg)
+		if err == nil {
+			stopCaddy()
+			t.Errorf("%s: loaded, want an error containing %q", tt.path, tt.want)
+			continue
+		}
+		if !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: %v\nwant it to contain %q", tt.path, err, tt.want)
+		}
 	}
 }
