@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"unicode/utf8"
 
 	"go.uber.org/zap"
@@ -276,41 +277,26 @@ func sanitizePathValue(v string) string {
 	return out
 }
 
-// writeOnce writes data to path durably (a temporary file in the same
-// directory, fsync, an atomic link that never overwrites, fsync of the
-// directory). An existing file with the same content counts as written;
-// with other content, the next free "-N" suffix is used. It returns the
-// path written.
+// writeOnce writes data to path durably (missing directories created with
+// their parents fsynced, a temporary file in the same directory, fsync, an
+// atomic link that never overwrites, fsync of the directory). An existing
+// file with the same content counts as written; with other content, the
+// next free "-N" suffix is used. It returns the path written.
 func writeOnce(path string, data []byte) (string, error) {
 	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+	if err := mkdirDurable(dir); err != nil {
 		return "", err
 	}
-	tmp, err := os.CreateTemp(dir, storeTempPrefix+"*.tmp")
+	tmpName, err := writeTemp(dir, data)
 	if err != nil {
 		return "", err
 	}
-	tmpName := tmp.Name()
 	defer os.Remove(tmpName)
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return "", err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return "", err
-	}
-	if err := tmp.Close(); err != nil {
-		return "", err
-	}
-	if err := os.Chmod(tmpName, 0o640); err != nil {
-		return "", err
-	}
 	for n := range maxStoreVersions {
 		candidate := withSuffix(path, n)
 		err := os.Link(tmpName, candidate)
 		if err == nil {
-			return candidate, syncDir(dir)
+			return candidate, syncDirFunc(dir)
 		}
 		if !errors.Is(err, fs.ErrExist) {
 			return "", err
@@ -320,10 +306,79 @@ func writeOnce(path string, data []byte) (string, error) {
 			return "", err
 		}
 		if same {
-			return candidate, nil
+			// Mux retrying, or an earlier attempt that failed after the
+			// link: make sure it is on disk.
+			return candidate, syncDirFunc(dir)
 		}
 	}
 	return "", fmt.Errorf("%d different versions of %s already exist", maxStoreVersions, path)
+}
+
+// writeTemp writes data to a new temporary file in dir, fsynced, with mode
+// 0640, and returns its name.
+func writeTemp(dir string, data []byte) (string, error) {
+	tmp, err := os.CreateTemp(dir, storeTempPrefix+"*.tmp")
+	if err != nil {
+		return "", err
+	}
+	name := tmp.Name()
+	fail := func(err error) (string, error) {
+		tmp.Close()
+		os.Remove(name)
+		return "", err
+	}
+	if _, err := tmp.Write(data); err != nil {
+		return fail(err)
+	}
+	if err := tmp.Sync(); err != nil {
+		return fail(err)
+	}
+	if err := tmp.Chmod(0o640); err != nil {
+		return fail(err)
+	}
+	if err := tmp.Close(); err != nil {
+		os.Remove(name)
+		return "", err
+	}
+	return name, nil
+}
+
+// mkdirDurable creates dir and its missing parents (mode 0750), and fsyncs
+// the parent of every directory it creates, up to the first one that
+// existed, so that a stored file cannot vanish with its directory after a
+// crash. An existing ancestor that is not a directory is an error.
+func mkdirDurable(dir string) error {
+	var missing []string
+	for d := filepath.Clean(dir); ; {
+		fi, err := os.Stat(d)
+		if err == nil {
+			if !fi.IsDir() {
+				return &fs.PathError{Op: "mkdir", Path: d, Err: syscall.ENOTDIR}
+			}
+			break
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		missing = append(missing, d)
+		parent := filepath.Dir(d)
+		if parent == d {
+			break
+		}
+		d = parent
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		// Another request may create the same directory at the same
+		// time; its entry must be on disk before either answers, so the
+		// parent is fsynced either way.
+		if err := os.Mkdir(missing[i], 0o750); err != nil && !errors.Is(err, fs.ErrExist) {
+			return err
+		}
+		if err := syncDirFunc(filepath.Dir(missing[i])); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // withSuffix returns path for n == 0, else path with "-n" before its
@@ -349,6 +404,9 @@ func sameContent(path string, data []byte) (bool, error) {
 	}
 	return bytes.Equal(got, data), nil
 }
+
+// syncDirFunc fsyncs a directory; tests replace it to see which are.
+var syncDirFunc = syncDir
 
 func syncDir(dir string) error {
 	d, err := os.Open(dir)

@@ -306,3 +306,33 @@ func TestStoreConfigErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestStoreSyncsNewDirectories: every directory mux_store creates has its
+// parent fsynced, up to the first one that existed, and the file's own
+// directory after the link.
+func TestStoreSyncsNewDirectories(t *testing.T) {
+	root := t.TempDir()
+	var synced []string
+	orig := syncDirFunc
+	syncDirFunc = func(dir string) error {
+		synced = append(synced, dir)
+		return orig(dir)
+	}
+	t.Cleanup(func() { syncDirFunc = orig })
+
+	deep := filepath.Join(root, "a", "b", "c")
+	if _, err := writeOnce(filepath.Join(deep, "evt.json"), []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{root, filepath.Join(root, "a"), filepath.Join(root, "a", "b"), deep}
+	if fmt.Sprint(synced) != fmt.Sprint(want) {
+		t.Errorf("fsynced %v\nwant %v", synced, want)
+	}
+	synced = nil
+	if _, err := writeOnce(filepath.Join(deep, "evt2.json"), []byte("y")); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(synced) != fmt.Sprint([]string{deep}) {
+		t.Errorf("existing directories: fsynced %v, want only %s", synced, deep)
+	}
+}
