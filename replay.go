@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -38,7 +37,8 @@ func replayCommand() *cobra.Command {
 skipped), oldest created_at first, signs each with the current time and
 POSTs its bytes unchanged to URL, with a Mux-Webhook-Replay header (which
 mux_store answers 503, so that a replay through a gateway whose backend is
-still down stops instead of storing the event again). Each delivered file
+still down stops instead of storing the event again). Redirects are not
+followed. Each delivered file
 (2xx) is moved to DIR/delivered/ under the same relative path. It stops at
 the first failure with a non-zero exit; running it again continues where
 it stopped.`,
@@ -49,8 +49,9 @@ it stopped.`,
 			if from == "" || to == "" {
 				return errors.New("--from DIR and --to URL are required, e.g. --from /var/spool/mux --to http://localhost:8080/mux")
 			}
-			if !strings.HasPrefix(to, "http://") && !strings.HasPrefix(to, "https://") {
-				return fmt.Errorf("--to %q: want an http:// or https:// URL", to)
+			target, err := parseTarget(to)
+			if err != nil {
+				return err
 			}
 			pattern, _ := cmd.Flags().GetString("type")
 			if pattern != "" {
@@ -61,7 +62,6 @@ it stopped.`,
 			dryRun, _ := cmd.Flags().GetBool("dry-run")
 			secret := ""
 			if !dryRun {
-				var err error
 				if secret, err = secretFlag(cmd); err != nil {
 					return err
 				}
@@ -75,21 +75,21 @@ it stopped.`,
 				fmt.Fprintf(out, "nothing to replay in %s\n", from)
 				return nil
 			}
-			client := &http.Client{Timeout: 10 * time.Second}
+			client := newHTTPClient()
 			for i, ev := range events {
 				if dryRun {
-					fmt.Fprintf(out, "would deliver %s %s (%s) from %s\n", ev.typ, ev.id, ev.createdAt.Format(time.RFC3339), ev.rel)
+					fmt.Fprintf(out, "would deliver %s %s (%s) from %s\n", printable(ev.typ), printable(ev.id), ev.createdAt.Format(time.RFC3339), printable(ev.rel))
 					continue
 				}
-				ok, err := sendOne(out, client, to, secret, ev.typ, ev.body, ReplayHeader, ev.rel)
+				ok, err := sendOne(out, client, target, secret, ev.typ, ev.body, ReplayHeader, printable(ev.rel))
 				if err == nil && !ok {
-					err = errors.New("non-2xx response")
+					err = errors.New("no 2xx response")
 				}
 				if err != nil {
-					return fmt.Errorf("stopped at %s: %v; %d delivered, %d left; run replay again to continue", ev.rel, err, i, len(events)-i)
+					return fmt.Errorf("stopped at %s: %s; %d delivered, %d left; run replay again to continue", printable(ev.rel), printable(err.Error()), i, len(events)-i)
 				}
 				if err := moveDelivered(from, ev); err != nil {
-					return fmt.Errorf("delivered %s but could not move it to %s/: %v; it would be sent again", ev.rel, deliveredDir, err)
+					return fmt.Errorf("delivered %s but could not move it to %s/: %s; it would be sent again", printable(ev.rel), deliveredDir, printable(err.Error()))
 				}
 			}
 			if !dryRun {
