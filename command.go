@@ -50,8 +50,9 @@ Tools for testing a mux_webhook gateway without Mux:
                                      check a signature offline, saying why it fails
   send   --to URL --type T [--secret S] [--data FILE] [--passthrough X]
          [--id ID] [--count N]       sign and POST a realistic event
-  replay --from DIR --to URL [--secret S] [--type GLOB] [--dry-run]
-                                     deliver what mux_store kept, oldest first
+  replay --from DIR --to URL [--secret S]... [--type GLOB] [--dry-run]
+                                     deliver what mux_store kept, oldest first,
+                                     if its stored signature still proves it
 
 The secret defaults to the MUX_WEBHOOK_SECRET environment variable.
 Run 'caddy mux-webhook <command> --help' for each command's flags.

@@ -299,9 +299,7 @@ func TestCommandsDoNotFollowRedirects(t *testing.T) {
 
 	spool := t.TempDir()
 	path := filepath.Join(spool, "r-1.json")
-	if err := os.WriteFile(path, event("video.asset.ready", "r-1", ""), 0o640); err != nil {
-		t.Fatal(err)
-	}
+	storeGenuine(t, path, testSecret, event("video.asset.ready", "r-1", ""))
 	out, err = runCommand(t, "", "replay", "--from", spool, "--to", redirector.URL+"/mux")
 	if err == nil || !strings.Contains(err.Error(), "stopped at r-1.json") || !strings.Contains(out, "not followed") {
 		t.Errorf("replay: err %v, printed %q", err, out)
@@ -320,9 +318,7 @@ func TestCommandsRedactURLPassword(t *testing.T) {
 	t.Setenv(SecretEnv, testSecret)
 	closed := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	spool := t.TempDir()
-	if err := os.WriteFile(filepath.Join(spool, "p-1.json"), event("video.asset.ready", "p-1", ""), 0o640); err != nil {
-		t.Fatal(err)
-	}
+	storeGenuine(t, filepath.Join(spool, "p-1.json"), testSecret, event("video.asset.ready", "p-1", ""))
 	for _, args := range [][]string{
 		{"send", "--type", "video.asset.ready", "--to", "http://user:hunter2@" + closed + "/mux"},
 		{"send", "--type", "video.asset.ready", "--to", "ftp://user:hunter2@" + closed + "/mux"},

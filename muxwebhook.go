@@ -209,6 +209,7 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		return rec.reject(http.StatusBadRequest, err)
 	}
 	ev.Timestamp = sig.Timestamp
+	ev.Signature = sig.header
 	rec.event, rec.outcome = ev, "verified"
 	restoreBody(r, body)
 	publishEvent(r, ev)

@@ -43,6 +43,14 @@ const (
 	// storeTempPrefix starts the names of files being written; replay
 	// skips them.
 	storeTempPrefix = ".mux_store-"
+	// sigSuffix ends the name of the sidecar that keeps, beside each
+	// event file, the Mux-Signature header value that verified it; replay
+	// checks the file against it before signing it again. A .sig file is
+	// never an event.
+	sigSuffix = ".sig"
+	// maxSigFile bounds what replay reads of a sidecar (Go's default
+	// limit for all request headers together).
+	maxSigFile = 1 << 20
 	// ReplayHeader marks deliveries made by `caddy mux-webhook replay`.
 	// mux_store answers them 503 without writing: the event is in the
 	// spool already, and a 2xx would make replay count it as delivered.
@@ -69,7 +77,8 @@ type Store struct {
 	// with sanitised values (no "/", "..", or control characters). A file
 	// that already exists with the same content counts as written; with
 	// other content, the new file gets a numbered suffix (name-1.json,
-	// ...).
+	// ...). Beside each file, name.json.sig keeps the Mux-Signature
+	// header value that verified it, for `caddy mux-webhook replay`.
 	Path string `json:"path,omitempty"`
 
 	// Status is the status answered once the file is on disk. Default: 202.
@@ -183,6 +192,9 @@ func storeRoot(configured, template string) (string, error) {
 		}
 		return "", fmt.Errorf("mux_store: path %q does not start with an absolute directory (files would land under Caddy's working directory); %s", configured, how)
 	}
+	if strings.HasSuffix(template, sigSuffix) {
+		return "", fmt.Errorf("mux_store: path %q ends in %q, which marks the signature files kept beside the events; end it in .json, e.g. %s", configured, sigSuffix, example)
+	}
 	if strings.Contains(template, string(filepath.Separator)+storeTempPrefix) {
 		return "", fmt.Errorf("mux_store: path %q has a name starting with %q, which marks temporary files; choose another name", configured, storeTempPrefix)
 	}
@@ -200,6 +212,10 @@ func (s *Store) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 		s.logger.Error("mux_store: no verified event in this request; put mux_webhook before it in the route", zap.String("uri", r.RequestURI))
 		return caddyhttp.Error(http.StatusInternalServerError, errors.New("mux_store: no verified event"))
 	}
+	if ev.Signature == "" {
+		s.logger.Error("mux_store: the verified event carries no signature to keep as proof; nothing written", zap.String("id", ev.ID))
+		return caddyhttp.Error(http.StatusInternalServerError, errors.New("mux_store: no signature kept with the event"))
+	}
 	if r.Header.Get(ReplayHeader) != "" {
 		s.logger.Warn("mux_store: a replayed event failed again; it stays in the spool",
 			zap.String("type", ev.Type), zap.String("id", ev.ID))
@@ -214,7 +230,7 @@ func (s *Store) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 		s.logger.Error("mux_store: refusing to write outside the store", zap.String("id", ev.ID), zap.Error(err))
 		return caddyhttp.Error(http.StatusInternalServerError, err)
 	}
-	written, err := writeOnce(path, ev.Body)
+	written, err := writeOnce(path, ev.Body, ev.Signature)
 	if err != nil {
 		s.logger.Error("mux_store: could not store the event; answering 503 so that Mux retries",
 			zap.String("type", ev.Type), zap.String("id", ev.ID), zap.String("path", path), zap.Error(err))
@@ -226,7 +242,8 @@ func (s *Store) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 }
 
 // resolve fills the template with sanitised placeholder values and checks
-// that the result stays under the store's root.
+// that the result stays under the store's root. A file name that would end
+// in .sig gets a "_" appended, so that no event is taken for a sidecar.
 func (s *Store) resolve(repl *caddy.Replacer) (string, error) {
 	template := s.template
 	if template == "" {
@@ -248,6 +265,9 @@ func (s *Store) resolve(repl *caddy.Replacer) (string, error) {
 	}
 	if !strings.HasPrefix(path, prefix) || len(path) == len(prefix) {
 		return "", fmt.Errorf("path %q is not under %q", path, s.root)
+	}
+	if strings.HasSuffix(path, sigSuffix) {
+		path += "_"
 	}
 	return path, nil
 }
@@ -279,10 +299,12 @@ func sanitizePathValue(v string) string {
 
 // writeOnce writes data to path durably (missing directories created with
 // their parents fsynced, a temporary file in the same directory, fsync, an
-// atomic link that never overwrites, fsync of the directory). An existing
-// file with the same content counts as written; with other content, the
-// next free "-N" suffix is used. It returns the path written.
-func writeOnce(path string, data []byte) (string, error) {
+// atomic link that never overwrites, fsync of the directory), and beside
+// it, in path.sig, the signature header value that verified data. An
+// existing file with the same content counts as written (its sidecar is
+// written if missing); with other content, the next free "-N" suffix is
+// used. It returns the path written.
+func writeOnce(path string, data []byte, signature string) (string, error) {
 	dir := filepath.Dir(path)
 	if err := mkdirDurable(dir); err != nil {
 		return "", err
@@ -296,6 +318,11 @@ func writeOnce(path string, data []byte) (string, error) {
 		candidate := withSuffix(path, n)
 		err := os.Link(tmpName, candidate)
 		if err == nil {
+			// The proof belongs to the bytes just linked: replace any
+			// stale sidecar left under this name.
+			if err := writeSidecar(candidate, signature, true); err != nil {
+				return "", err
+			}
 			return candidate, syncDirFunc(dir)
 		}
 		if !errors.Is(err, fs.ErrExist) {
@@ -307,7 +334,10 @@ func writeOnce(path string, data []byte) (string, error) {
 		}
 		if same {
 			// Mux retrying, or an earlier attempt that failed after the
-			// link: make sure it is on disk.
+			// link: make sure the proof exists and all of it is on disk.
+			if err := writeSidecar(candidate, signature, false); err != nil {
+				return "", err
+			}
 			return candidate, syncDirFunc(dir)
 		}
 	}
@@ -341,6 +371,32 @@ func writeTemp(dir string, data []byte) (string, error) {
 		return "", err
 	}
 	return name, nil
+}
+
+// writeSidecar writes signature to event+".sig" through a fsynced
+// temporary file: renamed over any existing one when replace is set, else
+// linked only if none exists. The caller fsyncs the directory.
+func writeSidecar(event, signature string, replace bool) error {
+	sidecar := event + sigSuffix
+	if !replace {
+		if _, err := os.Lstat(sidecar); err == nil {
+			return nil
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	tmpName, err := writeTemp(filepath.Dir(event), []byte(signature))
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmpName)
+	if replace {
+		return os.Rename(tmpName, sidecar)
+	}
+	if err := os.Link(tmpName, sidecar); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	return nil
 }
 
 // mkdirDurable creates dir and its missing parents (mode 0750), and fsyncs
