@@ -5,16 +5,20 @@
 package muxwebhook
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/spf13/cobra"
 
@@ -46,8 +50,9 @@ Tools for testing a mux_webhook gateway without Mux:
                                      check a signature offline, saying why it fails
   send   --to URL --type T [--secret S] [--data FILE] [--passthrough X]
          [--id ID] [--count N]       sign and POST a realistic event
-  replay --from DIR --to URL [--secret S] [--type GLOB] [--dry-run]
-                                     deliver what mux_store kept, oldest first
+  replay --from DIR --to URL [--secret S]... [--type GLOB] [--dry-run]
+                                     deliver what mux_store kept, oldest first,
+                                     if its stored signature still proves it
 
 The secret defaults to the MUX_WEBHOOK_SECRET environment variable.
 Run 'caddy mux-webhook <command> --help' for each command's flags.
@@ -212,8 +217,9 @@ POSTs it to URL, printing the status and response of each request. It exits
 			if to == "" || typ == "" {
 				return errors.New("--to URL and --type T are required, e.g. --to http://localhost:8080/mux --type video.asset.ready")
 			}
-			if !strings.HasPrefix(to, "http://") && !strings.HasPrefix(to, "https://") {
-				return fmt.Errorf("--to %q: want an http:// or https:// URL", to)
+			target, err := parseTarget(to)
+			if err != nil {
+				return err
 			}
 			secret, err := secretFlag(cmd)
 			if err != nil {
@@ -233,14 +239,14 @@ POSTs it to URL, printing the status and response of each request. It exits
 				}
 				opt.Data = b
 			}
-			client := &http.Client{Timeout: 10 * time.Second}
+			client := newHTTPClient()
 			failed := 0
 			for range count {
 				body, err := SampleEvent(typ, opt)
 				if err != nil {
 					return err
 				}
-				ok, err := sendOne(cmd.OutOrStdout(), client, to, secret, typ, body)
+				ok, err := sendOne(cmd.OutOrStdout(), client, target, secret, typ, body)
 				if err != nil {
 					return err
 				}
@@ -265,11 +271,13 @@ POSTs it to URL, printing the status and response of each request. It exits
 }
 
 // sendOne signs and POSTs body, prints the outcome and reports whether the
-// response was 2xx.
-func sendOne(out io.Writer, client *http.Client, url, secret, typ string, body []byte, extra ...string) (bool, error) {
-	req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(string(body)))
+// response was 2xx. A redirect is not followed, and counts as a failure.
+// What it prints never shows the URL's password or a raw control
+// character of the response.
+func sendOne(out io.Writer, client *http.Client, target *url.URL, secret, typ string, body []byte, extra ...string) (bool, error) {
+	req, err := http.NewRequest(http.MethodPost, target.String(), bytes.NewReader(body))
 	if err != nil {
-		return false, err
+		return false, fmt.Errorf("POST %s: %v", target.Redacted(), unwrapURLError(err))
 	}
 	for i := 0; i+1 < len(extra); i += 2 {
 		req.Header.Set(extra[i], extra[i+1])
@@ -279,7 +287,7 @@ func sendOne(out io.Writer, client *http.Client, url, secret, typ string, body [
 	req.Header.Set(SignatureHeader, Sign([]byte(secret), body, time.Now()))
 	resp, err := client.Do(req)
 	if err != nil {
-		return false, fmt.Errorf("POST %s: %v", url, err)
+		return false, fmt.Errorf("POST %s: %v", target.Redacted(), unwrapURLError(err))
 	}
 	defer resp.Body.Close()
 	reply, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
@@ -287,8 +295,92 @@ func sendOne(out io.Writer, client *http.Client, url, secret, typ string, body [
 		ID string `json:"id"`
 	}
 	_ = json.Unmarshal(body, &ev)
-	fmt.Fprintf(out, "%s %s -> %s %s\n", typ, ev.ID, resp.Status, strings.TrimSpace(string(reply)))
+	note := ""
+	if resp.StatusCode >= 300 && resp.StatusCode < 400 {
+		note = " (a redirect" + redirectTarget(resp) + ": not followed, so the signed event was not delivered; point --to at the final URL)"
+	}
+	fmt.Fprintf(out, "%s %s -> %s %s%s\n", printable(typ), printable(ev.ID), printable(resp.Status), printable(strings.TrimSpace(string(reply))), note)
 	return resp.StatusCode >= 200 && resp.StatusCode < 300, nil
+}
+
+// redirectTarget describes a redirect's Location for a message, password
+// redacted and control characters escaped.
+func redirectTarget(resp *http.Response) string {
+	loc := resp.Header.Get("Location")
+	if loc == "" {
+		return ""
+	}
+	u, err := url.Parse(loc)
+	if err != nil {
+		return " to an unparsable Location"
+	}
+	return " to " + printable(u.Redacted())
+}
+
+// newHTTPClient returns the client send and replay deliver with. It never
+// follows a redirect: that would carry the Mux-Signature (and the event)
+// to wherever the Location points.
+func newHTTPClient() *http.Client {
+	return &http.Client{
+		Timeout: 10 * time.Second,
+		CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse
+		},
+	}
+}
+
+// parseTarget parses --to. Its errors never show the URL's password.
+func parseTarget(to string) (*url.URL, error) {
+	u, err := url.Parse(to)
+	if err != nil {
+		return nil, fmt.Errorf("--to: not a valid URL (%v); want e.g. http://localhost:8080/mux", unwrapURLError(err))
+	}
+	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("--to %q: want an http:// or https:// URL, e.g. http://localhost:8080/mux", u.Redacted())
+	}
+	return u, nil
+}
+
+// unwrapURLError drops the URL a *url.Error repeats (with its password,
+// for a parse error), keeping the cause.
+func unwrapURLError(err error) error {
+	var uerr *url.Error
+	if errors.As(err, &uerr) {
+		return uerr.Err
+	}
+	return err
+}
+
+// printable escapes what a terminal would interpret in text from outside
+// (a response body, a file name): C0 and C1 control characters, DEL,
+// other non-printable runes and invalid UTF-8 become Go escapes (\x1b,
+// \n, \u009b, \xff); everything else is kept as it is, to stay readable.
+func printable(s string) string {
+	clean := true
+	for _, r := range s {
+		if r != ' ' && (r == utf8.RuneError || !unicode.IsPrint(r)) {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && size == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[i])
+		case r == ' ' || unicode.IsPrint(r):
+			b.WriteString(s[i : i+size])
+		default:
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		}
+		i += size
+	}
+	return b.String()
 }
 
 // secretFlag returns --secret, or $MUX_WEBHOOK_SECRET.

@@ -3,6 +3,10 @@ package muxwebhook
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -271,5 +275,103 @@ func TestSamplePayloadShapes(t *testing.T) {
 	}
 	if _, err := SampleEvent("x", SampleOptions{Data: []byte("{")}); err == nil {
 		t.Error("invalid --data accepted")
+	}
+}
+
+// TestCommandsDoNotFollowRedirects: send and replay never carry a signed
+// event to where a redirect points; a 3xx is a failure, and says so.
+func TestCommandsDoNotFollowRedirects(t *testing.T) {
+	t.Setenv(SecretEnv, testSecret)
+	elsewhere := newUpstream(t, "elsewhere")
+	redirector := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Location", "http://user:hunter3@"+elsewhere.hostPort()+"/mux")
+		w.WriteHeader(http.StatusTemporaryRedirect)
+	}))
+	t.Cleanup(redirector.Close)
+
+	out, err := runCommand(t, "", "send", "--to", redirector.URL+"/mux", "--type", "video.asset.ready")
+	if err == nil || !strings.Contains(out, "307 Temporary Redirect") || !strings.Contains(out, "not followed") {
+		t.Errorf("send: err %v, printed %q", err, out)
+	}
+	if strings.Contains(out, "hunter3") {
+		t.Errorf("send printed the Location's password: %q", out)
+	}
+
+	spool := t.TempDir()
+	path := filepath.Join(spool, "r-1.json")
+	storeGenuine(t, path, testSecret, event("video.asset.ready", "r-1", ""))
+	out, err = runCommand(t, "", "replay", "--from", spool, "--to", redirector.URL+"/mux")
+	if err == nil || !strings.Contains(err.Error(), "stopped at r-1.json") || !strings.Contains(out, "not followed") {
+		t.Errorf("replay: err %v, printed %q", err, out)
+	}
+	if _, err := os.Stat(path); err != nil {
+		t.Errorf("a redirected replay moved the file: %v", err)
+	}
+	if n := len(elsewhere.requests()); n != 0 {
+		t.Errorf("the redirect target got %d signed events", n)
+	}
+}
+
+// TestCommandsRedactURLPassword: no error or output shows the password of
+// a --to URL.
+func TestCommandsRedactURLPassword(t *testing.T) {
+	t.Setenv(SecretEnv, testSecret)
+	closed := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	spool := t.TempDir()
+	storeGenuine(t, filepath.Join(spool, "p-1.json"), testSecret, event("video.asset.ready", "p-1", ""))
+	for _, args := range [][]string{
+		{"send", "--type", "video.asset.ready", "--to", "http://user:hunter2@" + closed + "/mux"},
+		{"send", "--type", "video.asset.ready", "--to", "ftp://user:hunter2@" + closed + "/mux"},
+		{"send", "--type", "video.asset.ready", "--to", "http://user:hunter2@[::1/mux"},
+		{"send", "--type", "video.asset.ready", "--to", "http://user:hunter2@" + closed + "/%zz"},
+		{"replay", "--from", spool, "--to", "http://user:hunter2@" + closed + "/mux"},
+		{"replay", "--from", spool, "--to", "https://user:hunter2@/mux"},
+	} {
+		out, err := runCommand(t, "", args...)
+		if err == nil {
+			t.Errorf("%v: no error", args)
+			continue
+		}
+		if strings.Contains(err.Error()+out, "hunter2") {
+			t.Errorf("%v: the password is shown:\n%v\n%s", args, err, out)
+		}
+	}
+}
+
+// TestSendEscapesResponseControls: a response body cannot drive the
+// terminal: control characters are printed as escapes.
+func TestSendEscapesResponseControls(t *testing.T) {
+	t.Setenv(SecretEnv, testSecret)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok \x1b[2J\x1b]0;pwned\x07 \u009b31m \x7f \xff \u202e é")
+	}))
+	t.Cleanup(srv.Close)
+	out, err := runCommand(t, "", "send", "--to", srv.URL, "--type", "video.asset.ready")
+	if err != nil {
+		t.Fatalf("send: %v\n%s", err, out)
+	}
+	for _, raw := range []string{"\x1b", "\x07", "\u009b", "\x7f", "\xff", "\u202e"} {
+		if strings.Contains(out, raw) {
+			t.Errorf("printed a raw %q: %q", raw, out)
+		}
+	}
+	if want := `ok \x1b[2J\x1b]0;pwned\a \u009b31m \x7f \xff \u202e é`; !strings.Contains(out, want) {
+		t.Errorf("printed %q, want it to contain %q", out, want)
+	}
+}
+
+func TestPrintable(t *testing.T) {
+	tests := map[string]string{
+		"plain text, é ü 日本": "plain text, é ü 日本",
+		"tab\there\r\n":      `tab\there\r\n`,
+		"\x00\x1b\x7f":       `\x00\x1b\x7f`,
+		"\u0085\u009f":       `\u0085\u009f`,
+		"bad\xffutf8":        `bad\xffutf8`,
+		"\ufffd":             "\ufffd",
+	}
+	for in, want := range tests {
+		if got := printable(in); got != want {
+			t.Errorf("printable(%q) = %q, want %q", in, got, want)
+		}
 	}
 }

@@ -34,6 +34,8 @@ type Event struct {
 	Attempts int
 	// Timestamp is the verified t of the Mux-Signature header.
 	Timestamp string
+	// Signature is the Mux-Signature header value that verified Body.
+	Signature string
 	// Body is the raw request body, exactly as signed.
 	Body []byte
 	// Data is the raw JSON of the `data` member, a sub-slice of Body, or

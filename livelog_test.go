@@ -148,7 +148,7 @@ func TestLiveLogEntriesDoNotPinBodies(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		rec := &requestRecord{start: time.Now(), outcome: "verified", status: 200, event: ev, body: body}
+		rec := &result{start: time.Now(), outcome: OutcomeVerified, status: 200, event: ev, body: body}
 		l.add(newLogEntry(httptest.NewRequest(http.MethodPost, "/mux", nil), rec, time.Millisecond, logBody))
 	}
 	runtime.GC()

@@ -236,6 +236,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return res.refuse(err)
 	}
 	ev.Timestamp = sig.Timestamp
+	ev.Signature = sig.header
 	res.event, res.outcome = ev, OutcomeVerified
 	restoreBody(r, body)
 	publishEvent(r, ev)

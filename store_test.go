@@ -8,7 +8,9 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -40,7 +42,7 @@ func TestStoreResolveStaysUnderRoot(t *testing.T) {
 	root := t.TempDir()
 	s := &Store{Path: root + "/{http.mux.event.type}/{http.mux.event.id}.json"}
 	var err error
-	if s.root, err = storeRoot(s.Path); err != nil || s.root != root {
+	if s.root, err = storeRoot(s.Path, s.Path); err != nil || s.root != root {
 		t.Fatalf("root %q, %v; want %q", s.root, err, root)
 	}
 	for _, id := range []string{"../../../etc/passwd", "..", "/abs", "a/../../b", "ok-id"} {
@@ -68,18 +70,38 @@ func TestStoreResolveStaysUnderRoot(t *testing.T) {
 func TestWriteOnce(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "sub", "evt.json")
-	got, err := writeOnce(path, []byte("one"))
+	got, err := writeOnce(path, []byte("one"), "t=1,v1=aa")
 	if err != nil || got != path {
 		t.Fatalf("first write: %q, %v", got, err)
 	}
-	// Same content: idempotent, no new file.
-	if got, err := writeOnce(path, []byte("one")); err != nil || got != path {
+	if b, err := os.ReadFile(path + ".sig"); err != nil || string(b) != "t=1,v1=aa" {
+		t.Fatalf("sidecar: %q, %v", b, err)
+	}
+	// Same content: idempotent, no new file, the first proof is kept.
+	if got, err := writeOnce(path, []byte("one"), "t=2,v1=bb"); err != nil || got != path {
 		t.Fatalf("same content: %q, %v", got, err)
 	}
+	if b, _ := os.ReadFile(path + ".sig"); string(b) != "t=1,v1=aa" {
+		t.Fatalf("sidecar replaced on the same-content path: %q", b)
+	}
+	// Same content, sidecar missing (stored by an older version, or lost
+	// to a failure after the link): it is written.
+	if err := os.Remove(path + ".sig"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := writeOnce(path, []byte("one"), "t=3,v1=cc"); err != nil || got != path {
+		t.Fatalf("same content without sidecar: %q, %v", got, err)
+	}
+	if b, _ := os.ReadFile(path + ".sig"); string(b) != "t=3,v1=cc" {
+		t.Fatalf("missing sidecar not written: %q", b)
+	}
 	// Different content: a suffix, never an overwrite.
-	got, err = writeOnce(path, []byte("two"))
+	got, err = writeOnce(path, []byte("two"), "t=4,v1=dd")
 	if err != nil || got != filepath.Join(dir, "sub", "evt-1.json") {
 		t.Fatalf("different content: %q, %v", got, err)
+	}
+	if b, _ := os.ReadFile(got + ".sig"); string(b) != "t=4,v1=dd" {
+		t.Fatalf("sidecar of the suffixed file: %q", b)
 	}
 	if b, _ := os.ReadFile(path); string(b) != "one" {
 		t.Fatalf("original overwritten: %q", b)
@@ -95,7 +117,7 @@ func TestWriteOnce(t *testing.T) {
 	if err := os.WriteFile(blocker, []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := writeOnce(filepath.Join(blocker, "evt.json"), []byte("x")); err == nil {
+	if _, err := writeOnce(filepath.Join(blocker, "evt.json"), []byte("x"), "t=1,v1=aa"); err == nil {
 		t.Fatal("write under a regular file succeeded")
 	}
 }
@@ -115,9 +137,12 @@ func storeSite(spool, up string) string {
 	}`, testSecret, up, spool, spool)
 }
 
-// TestStoreAndReplay: upstream down, the event is stored byte for byte and
-// answered 202; upstream up, replay delivers it byte for byte with a fresh
-// valid signature, and moves the file to delivered/.
+// TestStoreAndReplay: upstream down, the event is stored byte for byte
+// with the signature that verified it beside it, and answered 202;
+// upstream up, replay delivers it byte for byte with a fresh valid
+// signature, and moves it to delivered/. A file planted in the spool, one
+// with a forged proof, and a stored event edited on disk are refused,
+// named, never delivered, and make the exit non-zero.
 func TestStoreAndReplay(t *testing.T) {
 	spool := t.TempDir()
 	upPort := freePort(t)
@@ -126,9 +151,13 @@ func TestStoreAndReplay(t *testing.T) {
 	bodies := map[string][]byte{
 		"st-2": []byte(`{"type":"video.asset.ready","id":"st-2","created_at":"2024-05-01T10:00:02Z","data":{"x":"é \u2028"}}`),
 		"st-1": []byte(`{"type":"video.live_stream.active","id":"st-1","created_at":"2024-05-01T10:00:01Z","data":{}}`),
+		"st-3": []byte(`{"type":"video.asset.ready","id":"st-3","created_at":"2024-05-01T10:00:00Z","data":{"amount":1}}`),
 	}
-	for _, id := range []string{"st-2", "st-1"} {
-		status, _, _ := do(t, signedRequest(t, g.url+"/mux", testSecret, bodies[id], time.Now().Add(-time.Minute)))
+	headers := map[string]string{}
+	for _, id := range []string{"st-2", "st-1", "st-3"} {
+		req := signedRequest(t, g.url+"/mux", testSecret, bodies[id], time.Now().Add(-time.Minute))
+		headers[id] = req.Header.Get("Mux-Signature")
+		status, _, _ := do(t, req)
 		if status != http.StatusAccepted {
 			t.Fatalf("%s with the upstream down: %d, want 202", id, status)
 		}
@@ -137,19 +166,53 @@ func TestStoreAndReplay(t *testing.T) {
 	if b, err := os.ReadFile(stored); err != nil || !bytes.Equal(b, bodies["st-2"]) {
 		t.Fatalf("stored file %q: %v", b, err)
 	}
+	if b, err := os.ReadFile(stored + ".sig"); err != nil || string(b) != headers["st-2"] {
+		t.Fatalf("stored proof %q, %v; want the verified header %q", b, err, headers["st-2"])
+	}
 	// The same delivery again (Mux retrying) is idempotent.
 	if status, _, _ := do(t, signedRequest(t, g.url+"/mux", testSecret, bodies["st-2"], time.Now())); status != http.StatusAccepted {
 		t.Fatalf("repeat: %d", status)
 	}
 	files, _ := filepath.Glob(filepath.Join(spool, "*", "*.json"))
-	if len(files) != 2 {
-		t.Fatalf("spool holds %v, want 2 files", files)
+	if len(files) != 3 {
+		t.Fatalf("spool holds %v, want 3 files", files)
 	}
 
-	// A dry run delivers nothing.
+	// st-3 is edited on disk after it was stored (its proof stays).
+	edited := filepath.Join(spool, "video.asset.ready", "st-3.json")
+	if err := os.WriteFile(edited, bytes.Replace(bodies["st-3"], []byte(`"amount":1`), []byte(`"amount":9`), 1), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	// Files dropped into the spool: a JSON event without a proof (even
+	// named .txt), one with a proof signed under another secret, and
+	// something that is not an event at all.
+	planted := filepath.Join(spool, "planted.txt")
+	plantedBody := event("video.asset.ready", "planted-1", "")
+	forged := filepath.Join(spool, "video.asset.ready", "forged.json")
+	forgedBody := event("video.asset.ready", "forged-1", "")
+	for path, data := range map[string]string{
+		planted:                            string(plantedBody),
+		forged:                             string(forgedBody),
+		forged + ".sig":                    Sign([]byte("not-the-secret"), forgedBody, time.Now()),
+		filepath.Join(spool, "notes.md"):   "# not an event\n",
+		filepath.Join(spool, "orphan.sig"): "t=1,v1=00",
+	} {
+		if err := os.WriteFile(path, []byte(data), 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	refusedFiles := []string{"planted.txt", "video.asset.ready/forged.json", "video.asset.ready/st-3.json", "notes.md"}
+
+	// A dry run delivers nothing; without a secret it checks no proof.
+	t.Setenv(SecretEnv, "")
 	out, err := runCommand(t, "", "replay", "--from", spool, "--to", g.url+"/mux", "--dry-run")
-	if err != nil || !strings.Contains(out, "would deliver video.live_stream.active st-1") {
+	if !strings.Contains(out, "would deliver video.live_stream.active st-1") {
 		t.Fatalf("dry run: %v\n%s", err, out)
+	}
+	// With a secret, it says what it would refuse.
+	out, err = runCommand(t, "", "replay", "--from", spool, "--to", g.url+"/mux", "--dry-run", "--secret", testSecret)
+	if err == nil || !strings.Contains(out, "would refuse planted.txt") || strings.Contains(out, "would deliver video.asset.ready planted-1") {
+		t.Fatalf("dry run with a secret: %v\n%s", err, out)
 	}
 
 	// Replay while the upstream is still down: stops, non-zero, nothing moved.
@@ -169,11 +232,14 @@ func TestStoreAndReplay(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var mu sync.Mutex
 	var got []received
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body := new(bytes.Buffer)
 		body.ReadFrom(r.Body)
+		mu.Lock()
 		got = append(got, received{Method: r.Method, URI: r.RequestURI, Header: r.Header.Clone(), Body: body.Bytes()})
+		mu.Unlock()
 		w.WriteHeader(http.StatusOK)
 	}))
 	srv.Listener.Close()
@@ -182,29 +248,57 @@ func TestStoreAndReplay(t *testing.T) {
 	t.Cleanup(srv.Close)
 
 	out, err = runCommand(t, "", "replay", "--from", spool, "--to", g.url+"/mux", "--secret", testSecret)
-	if err != nil {
-		t.Fatalf("replay: %v\n%s", err, out)
+	if err == nil || !strings.Contains(err.Error(), "refused 4 file(s)") {
+		t.Fatalf("replay with refused files: err %v, want non-zero naming 4 refused\n%s", err, out)
 	}
-	if len(got) != 2 {
-		t.Fatalf("upstream got %d events, want 2", len(got))
+	for _, rel := range refusedFiles {
+		if !strings.Contains(out, "refused "+rel+": ") {
+			t.Errorf("replay did not name the refused %s:\n%s", rel, out)
+		}
+		if _, err := os.Stat(filepath.Join(spool, rel)); err != nil {
+			t.Errorf("refused %s left the spool: %v", rel, err)
+		}
+	}
+	mu.Lock()
+	delivered := append([]received(nil), got...)
+	mu.Unlock()
+	if len(delivered) != 2 {
+		t.Fatalf("upstream got %d events, want the 2 genuine ones:\n%s", len(delivered), out)
 	}
 	for i, id := range []string{"st-1", "st-2"} { // created_at order
-		if !bytes.Equal(got[i].Body, bodies[id]) {
-			t.Errorf("replayed %d: body %q, want %q", i, got[i].Body, bodies[id])
+		if !bytes.Equal(delivered[i].Body, bodies[id]) {
+			t.Errorf("replayed %d: body %q, want %q", i, delivered[i].Body, bodies[id])
 		}
-		if _, err := Verify(got[i].Header.Get("Mux-Signature"), got[i].Body, [][]byte{[]byte(testSecret)}, time.Now(), time.Minute); err != nil {
+		if _, err := Verify(delivered[i].Header.Get("Mux-Signature"), delivered[i].Body, [][]byte{[]byte(testSecret)}, time.Now(), time.Minute); err != nil {
 			t.Errorf("replayed %s: signature %v", id, err)
 		}
 	}
 	if _, err := os.Stat(stored); !os.IsNotExist(err) {
 		t.Errorf("delivered file still in the spool: %v", err)
 	}
-	if b, err := os.ReadFile(filepath.Join(spool, "delivered", "video.asset.ready", "st-2.json")); err != nil || !bytes.Equal(b, bodies["st-2"]) {
+	moved := filepath.Join(spool, "delivered", "video.asset.ready", "st-2.json")
+	if b, err := os.ReadFile(moved); err != nil || !bytes.Equal(b, bodies["st-2"]) {
 		t.Errorf("delivered/ copy: %q, %v", b, err)
 	}
-	// Running it again finds nothing left.
-	if out, err := runCommand(t, "", "replay", "--from", spool, "--to", g.url+"/mux", "--secret", testSecret); err != nil || !strings.Contains(out, "nothing to replay") {
+	if _, err := os.Stat(moved + ".sig"); err != nil {
+		t.Errorf("the proof did not move with the delivered file: %v", err)
+	}
+	// Running it again refuses the same files, and delivers nothing more.
+	if out, err := runCommand(t, "", "replay", "--from", spool, "--to", g.url+"/mux", "--secret", testSecret); err == nil || !strings.Contains(out, "refused planted.txt") {
 		t.Errorf("second replay: %v\n%s", err, out)
+	}
+	// Once the operator removed them, nothing is left.
+	for _, rel := range refusedFiles {
+		os.Remove(filepath.Join(spool, rel))
+		os.Remove(filepath.Join(spool, rel) + ".sig")
+	}
+	if out, err := runCommand(t, "", "replay", "--from", spool, "--to", g.url+"/mux", "--secret", testSecret); err != nil || !strings.Contains(out, "nothing to replay") {
+		t.Errorf("replay of an empty spool: %v\n%s", err, out)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 2 {
+		t.Errorf("upstream got %d events in all, want 2", len(got))
 	}
 }
 
@@ -236,4 +330,211 @@ func TestStoreRefusesAndFails(t *testing.T) {
 	if entries, _ := os.ReadDir(spool); len(entries) != 1 {
 		t.Errorf("spool holds %d entries, want only the blocker", len(entries))
 	}
+}
+
+// TestStoreConfigPlaceholders: {env.*} and {file.*} in the path are
+// configuration, resolved when the config loads, not request data to
+// sanitise: the files land in the directory they name, not under the
+// working directory.
+func TestStoreConfigPlaceholders(t *testing.T) {
+	spool := t.TempDir()
+	t.Setenv("MUX_TEST_SPOOL", spool)
+	dirFile := filepath.Join(t.TempDir(), "spool-dir")
+	if err := os.WriteFile(dirFile, []byte(spool+"/from-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cwd := t.TempDir()
+	t.Chdir(cwd) // where the old code wrote
+	g := startGateway(t, fmt.Sprintf(`
+	mux_webhook %s
+	handle /env {
+		mux_store {env.MUX_TEST_SPOOL}/{http.mux.event.id}.json
+	}
+	handle /file {
+		mux_store {file.%s}/{http.mux.event.type}/{http.mux.event.id}.json
+	}`, testSecret, dirFile))
+
+	cases := []struct{ path, id, want string }{
+		{"/env", "cfg-1", filepath.Join(spool, "cfg-1.json")},
+		{"/file", "cfg-2", filepath.Join(spool, "from-file", "video.asset.ready", "cfg-2.json")},
+	}
+	for _, c := range cases {
+		body := event("video.asset.ready", c.id, "")
+		if status, _, _ := do(t, signedRequest(t, g.url+c.path, testSecret, body, time.Now())); status != http.StatusAccepted {
+			t.Errorf("%s: %d, want 202", c.path, status)
+		}
+		if b, err := os.ReadFile(c.want); err != nil || !bytes.Equal(b, body) {
+			t.Errorf("%s: not stored at %s: %v", c.path, c.want, err)
+		}
+	}
+	if entries, _ := os.ReadDir(cwd); len(entries) != 0 {
+		t.Errorf("files written under the working directory: %v", entries)
+	}
+}
+
+// TestStoreConfigErrors: a path that would not land in an absolute
+// directory, or whose config placeholder is empty, is a load error that
+// says what to write instead.
+func TestStoreConfigErrors(t *testing.T) {
+	t.Setenv("MUX_TEST_UNSET", "")
+	t.Setenv("MUX_TEST_REL", "relative/spool")
+	t.Setenv("MUX_TEST_BRACE", "/spool/{http.request.uri}")
+	tests := []struct{ path, want string }{
+		{"spool/{http.mux.event.id}.json", "does not start with an absolute directory"},
+		{"{http.mux.event.id}.json", "write the full path, e.g. /var/spool/mux/"},
+		{"{env.MUX_TEST_UNSET}/{http.mux.event.id}.json", "{env.MUX_TEST_UNSET} is unset or empty"},
+		{"{env.MUX_TEST_REL}/{http.mux.event.id}.json", `it resolves to "relative/spool/{http.mux.event.id}.json"`},
+		{"{env.MUX_TEST_BRACE}/{http.mux.event.id}.json", "{env.MUX_TEST_BRACE} contains a brace"},
+		{"{file./nonexistent/mux-spool-dir}/{http.mux.event.id}.json", "{file./nonexistent/mux-spool-dir} is empty or cannot be read"},
+		{"/var/spool/mux/{http.mux.event.id}.sig", "end it in .json"},
+	}
+	for _, tt := range tests {
+		cfg, _ := gatewayConfig(t, fmt.Sprintf("mux_webhook %s\n\tmux_store %s", testSecret, tt.path))
+		err := loadCaddyfile(cfg)
+		if err == nil {
+			stopCaddy()
+			t.Errorf("%s: loaded, want an error containing %q", tt.path, tt.want)
+			continue
+		}
+		if !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: %v\nwant it to contain %q", tt.path, err, tt.want)
+		}
+	}
+}
+
+// TestStoreSyncsNewDirectories: every directory mux_store creates has its
+// parent fsynced, up to the first one that existed, and the file's own
+// directory after the link.
+func TestStoreSyncsNewDirectories(t *testing.T) {
+	root := t.TempDir()
+	var synced []string
+	orig := syncDirFunc
+	syncDirFunc = func(dir string) error {
+		synced = append(synced, dir)
+		return orig(dir)
+	}
+	t.Cleanup(func() { syncDirFunc = orig })
+
+	deep := filepath.Join(root, "a", "b", "c")
+	if _, err := writeOnce(filepath.Join(deep, "evt.json"), []byte("x"), "t=1,v1=aa"); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{root, filepath.Join(root, "a"), filepath.Join(root, "a", "b"), deep}
+	if fmt.Sprint(synced) != fmt.Sprint(want) {
+		t.Errorf("fsynced %v\nwant %v", synced, want)
+	}
+	synced = nil
+	if _, err := writeOnce(filepath.Join(deep, "evt2.json"), []byte("y"), "t=1,v1=aa"); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(synced) != fmt.Sprint([]string{deep}) {
+		t.Errorf("existing directories: fsynced %v, want only %s", synced, deep)
+	}
+}
+
+// storeGenuine stores body as mux_store does, with a proof signed by
+// secret two days ago (replay ignores the time window).
+func storeGenuine(t *testing.T, path, secret string, body []byte) {
+	t.Helper()
+	if _, err := writeOnce(path, body, Sign([]byte(secret), body, time.Now().Add(-48*time.Hour))); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReplaySecretRotation: the first --secret signs; every --secret is
+// accepted for the stored proofs.
+func TestReplaySecretRotation(t *testing.T) {
+	t.Setenv(SecretEnv, "")
+	spool := t.TempDir()
+	body := event("video.asset.ready", "rot-1", "")
+	storeGenuine(t, filepath.Join(spool, "rot-1.json"), "old-secret", body)
+	up := newUpstream(t, "app")
+
+	out, err := runCommand(t, "", "replay", "--from", spool, "--to", up.URL, "--secret", "new-secret")
+	if err == nil || !strings.Contains(out, "refused rot-1.json: the signature kept beside it does not match") || len(up.requests()) != 0 {
+		t.Fatalf("only the new secret: err %v, %d delivered\n%s", err, len(up.requests()), out)
+	}
+	out, err = runCommand(t, "", "replay", "--from", spool, "--to", up.URL, "--secret", "new-secret", "--secret", "old-secret")
+	if err != nil {
+		t.Fatalf("both secrets: %v\n%s", err, out)
+	}
+	got := up.requests()
+	if len(got) != 1 || !bytes.Equal(got[0].Body, body) {
+		t.Fatalf("upstream got %d requests", len(got))
+	}
+	if _, err := Verify(got[0].Header.Get(SignatureHeader), got[0].Body, [][]byte{[]byte("new-secret")}, time.Now(), time.Minute); err != nil {
+		t.Errorf("not signed with the first secret: %v", err)
+	}
+	if _, err := runCommand(t, "", "replay", "--from", spool, "--to", up.URL, "--secret", ""); err == nil {
+		t.Error("an empty --secret was accepted")
+	}
+}
+
+// TestReplayRereadsBeforeSending: replay checks and sends the bytes it
+// reads just before sending, not what it saw when it listed the spool: a
+// file edited meanwhile is refused.
+func TestReplayRereadsBeforeSending(t *testing.T) {
+	t.Setenv(SecretEnv, testSecret)
+	spool := t.TempDir()
+	first, second := filepath.Join(spool, "a.json"), filepath.Join(spool, "b.json")
+	firstBody := []byte(`{"type":"video.asset.ready","id":"a","created_at":"2024-05-01T10:00:00Z"}`)
+	secondBody := []byte(`{"type":"video.asset.ready","id":"b","created_at":"2024-05-01T10:00:01Z"}`)
+	storeGenuine(t, first, testSecret, firstBody)
+	storeGenuine(t, second, testSecret, secondBody)
+
+	var mu sync.Mutex
+	var got [][]byte
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b := new(bytes.Buffer)
+		b.ReadFrom(r.Body)
+		mu.Lock()
+		got = append(got, b.Bytes())
+		n := len(got)
+		mu.Unlock()
+		if n == 1 { // edit the second file while the first is delivered
+			os.WriteFile(second, bytes.Replace(secondBody, []byte(`"id":"b"`), []byte(`"id":"B"`), 1), 0o640)
+		}
+	}))
+	t.Cleanup(srv.Close)
+
+	out, err := runCommand(t, "", "replay", "--from", spool, "--to", srv.URL)
+	if err == nil || !strings.Contains(out, "refused b.json") {
+		t.Fatalf("err %v, want b.json refused\n%s", err, out)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 1 || !bytes.Equal(got[0], firstBody) {
+		t.Fatalf("upstream got %q, want only a.json", got)
+	}
+}
+
+// TestReplayKeepsOnlyMetadata: listing a spool keeps a few strings per
+// file, not the bodies.
+func TestReplayKeepsOnlyMetadata(t *testing.T) {
+	spool := t.TempDir()
+	const files, size = 16, 1 << 20
+	for i := range files {
+		id := fmt.Sprintf("big-%02d", i)
+		body := fmt.Appendf(nil, `{"type":"video.asset.ready","id":%q,"created_at":"2024-05-01T10:00:%02dZ","data":{"pad":"%s"}}`, id, i, strings.Repeat("x", size))
+		if err := os.WriteFile(filepath.Join(spool, id+".json"), body, 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	events, refused, err := readSpool(spool, "")
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if err != nil || len(events) != files || len(refused) != 0 {
+		t.Fatalf("%d events, %v refused, %v", len(events), refused, err)
+	}
+	if events[0].id != "big-00" || events[files-1].typ != "video.asset.ready" {
+		t.Errorf("metadata: %+v", events[0])
+	}
+	kept := int64(after.HeapAlloc) - int64(before.HeapAlloc)
+	if kept > size { // the bodies are 16 MiB together
+		t.Errorf("listing %d files of %d MiB keeps %d bytes", files, size>>20, kept)
+	}
+	runtime.KeepAlive(events)
 }
