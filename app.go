@@ -15,19 +15,12 @@ package muxwebhook
 
 import (
 	"fmt"
-	"strconv"
-
-	"github.com/dustin/go-humanize"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 )
 
 func init() {
 	caddy.RegisterModule(App{})
-	httpcaddyfile.RegisterGlobalOption("mux_webhook", parseGlobalOption)
 }
 
 // App holds the server-wide settings of the mux_webhook handlers.
@@ -85,50 +78,6 @@ func (a *App) Start() error { return nil }
 // Stop implements caddy.App. The live log's entries stay for the next
 // config.
 func (a *App) Stop() error { return nil }
-
-// parseGlobalOption parses the global option block:
-//
-//	mux_webhook {
-//		log_size <n>
-//		log_body <size>
-//	}
-func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
-	app := new(App)
-	d.Next() // option name
-	if d.NextArg() {
-		return nil, d.Errf("mux_webhook global option takes a block, not arguments")
-	}
-	for d.NextBlock(0) {
-		var s string
-		switch d.Val() {
-		case "log_size":
-			if !d.AllArgs(&s) {
-				return nil, d.ArgErr()
-			}
-			n, err := strconv.Atoi(s)
-			if err != nil {
-				return nil, d.Errf("mux_webhook: log_size %q: want a whole number (0 turns the live log off)", s)
-			}
-			app.LogSize = &n
-		case "log_body":
-			if !d.AllArgs(&s) {
-				return nil, d.ArgErr()
-			}
-			n, err := humanize.ParseBytes(s)
-			if err != nil || n > 1<<20 {
-				return nil, d.Errf("mux_webhook: log_body %q: want a size up to 1MiB, e.g. 16KiB", s)
-			}
-			size := int(n)
-			app.LogBody = &size
-		default:
-			return nil, d.Errf("mux_webhook: unknown global option %q; expected log_size or log_body", d.Val())
-		}
-	}
-	if err := app.Validate(); err != nil {
-		return nil, d.Err(err.Error())
-	}
-	return httpcaddyfile.App{Name: "mux_webhook", Value: caddyconfig.JSON(app, nil)}, nil
-}
 
 // Interface guards
 var (

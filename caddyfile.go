@@ -1,4 +1,6 @@
-// Caddyfile support for the mux_webhook directive.
+// Caddyfile support: every directive, matcher and global option of the
+// plugin is registered and parsed here (the modules' own files hold their
+// JSON config and behaviour).
 
 package muxwebhook
 
@@ -8,6 +10,7 @@ import (
 	"github.com/dustin/go-humanize"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -19,6 +22,18 @@ func init() {
 	// limiters, before handle, route, respond, reverse_proxy and
 	// file_server, which can then use the event.
 	httpcaddyfile.RegisterDirectiveOrder("mux_webhook", httpcaddyfile.After, "basic_auth")
+
+	// Terminal handlers that answer from the verified event: before
+	// respond, like file_server's neighbours.
+	httpcaddyfile.RegisterDirective("mux_store", parseStoreCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("mux_store", httpcaddyfile.Before, "respond")
+	httpcaddyfile.RegisterHandlerDirective("mux_webhook_ui", func(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+		u := new(UI)
+		return u, u.UnmarshalCaddyfile(h.Dispenser)
+	})
+	httpcaddyfile.RegisterDirectiveOrder("mux_webhook_ui", httpcaddyfile.Before, "respond")
+
+	httpcaddyfile.RegisterGlobalOption("mux_webhook", parseGlobalOption)
 }
 
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
@@ -154,5 +169,124 @@ func parseDedupe(d *caddyfile.Dispenser) (*Dedupe, error) {
 	return dd, nil
 }
 
-// Interface guard
-var _ caddyfile.Unmarshaler = (*Handler)(nil)
+// parseGlobalOption parses the global option block:
+//
+//	mux_webhook {
+//		log_size <n>
+//		log_body <size>
+//	}
+func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
+	app := new(App)
+	d.Next() // option name
+	if d.NextArg() {
+		return nil, d.Errf("mux_webhook global option takes a block, not arguments")
+	}
+	for d.NextBlock(0) {
+		var s string
+		switch d.Val() {
+		case "log_size":
+			if !d.AllArgs(&s) {
+				return nil, d.ArgErr()
+			}
+			n, err := strconv.Atoi(s)
+			if err != nil {
+				return nil, d.Errf("mux_webhook: log_size %q: want a whole number (0 turns the live log off)", s)
+			}
+			app.LogSize = &n
+		case "log_body":
+			if !d.AllArgs(&s) {
+				return nil, d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(s)
+			if err != nil || n > 1<<20 {
+				return nil, d.Errf("mux_webhook: log_body %q: want a size up to 1MiB, e.g. 16KiB", s)
+			}
+			size := int(n)
+			app.LogBody = &size
+		default:
+			return nil, d.Errf("mux_webhook: unknown global option %q; expected log_size or log_body", d.Val())
+		}
+	}
+	if err := app.Validate(); err != nil {
+		return nil, d.Err(err.Error())
+	}
+	return httpcaddyfile.App{Name: "mux_webhook", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// parseStoreCaddyfile parses the directive the way Caddy's root directive
+// is parsed, so that a path template starting with "/" is not taken for a
+// path matcher:
+//
+//	mux_store [<matcher>] <path-template> {
+//		status <code>
+//	}
+func parseStoreCaddyfile(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error) {
+	h.Next() // directive name
+	var matcherSet caddy.ModuleMap
+	switch h.CountRemainingArgs() {
+	case 1:
+	case 2:
+		var err error
+		if matcherSet, err = h.ExtractMatcherSet(); err != nil {
+			return nil, err
+		}
+		h.Next() // the directive name again: matcher parsing resets
+	default:
+		return nil, h.Errf("mux_store: want [<matcher>] <path-template>, e.g. mux_store /var/spool/mux/{http.mux.event.type}/{http.mux.event.id}.json")
+	}
+	s := new(Store)
+	if !h.NextArg() {
+		return nil, h.ArgErr()
+	}
+	s.Path = h.Val()
+	for h.NextBlock(0) {
+		switch h.Val() {
+		case "status":
+			var v string
+			if !h.AllArgs(&v) {
+				return nil, h.ArgErr()
+			}
+			code, err := strconv.Atoi(v)
+			if err != nil || code < 200 || code > 299 {
+				return nil, h.Errf("mux_store: status %q: want a 2xx code, e.g. 202", v)
+			}
+			s.Status = code
+		default:
+			return nil, h.Errf("mux_store: unknown option %q; expected status", h.Val())
+		}
+	}
+	return h.NewRoute(matcherSet, s), nil
+}
+
+// UnmarshalCaddyfile sets up the matcher from Caddyfile tokens. Syntax:
+//
+//	mux_event <pattern>...
+func (m *MatchMuxEvent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	for d.Next() {
+		patterns := d.RemainingArgs()
+		if len(patterns) == 0 {
+			return d.Errf("mux_event needs at least one event type pattern, e.g. mux_event video.asset.*")
+		}
+		*m = append(*m, patterns...)
+		if d.NextBlock(0) {
+			return d.Err("mux_event does not take a block; list the patterns on the line")
+		}
+	}
+	return nil
+}
+
+// UnmarshalCaddyfile: mux_webhook_ui takes no arguments.
+func (u *UI) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next()
+	if d.NextArg() || d.NextBlock(0) {
+		return d.Err("mux_webhook_ui takes no arguments; mount it with handle_path /mux-webhook/* { mux_webhook_ui }")
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*MatchMuxEvent)(nil)
+	_ caddyfile.Unmarshaler = (*UI)(nil)
+)

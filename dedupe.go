@@ -175,7 +175,7 @@ func (m *memoryRecord) expire(now time.Time) {
 // trim drops the oldest delivered ids (then, only if every entry is in
 // flight, the oldest in flight) beyond max.
 func (m *memoryRecord) trim() {
-	for len(m.byKey) > m.max {
+	for len(m.byKey) > max(m.max, 1) {
 		el := m.delivered.Front()
 		if el == nil {
 			el = m.inFlight.Front()
@@ -297,10 +297,10 @@ func (d *Dedupe) provision(ctx caddy.Context, secrets [][]byte, logger *zap.Logg
 
 func (d *Dedupe) validate() error {
 	if d.Window < 0 {
-		return fmt.Errorf("mux_webhook: dedupe window must be greater than 0, got %s", time.Duration(d.Window))
+		return fmt.Errorf("mux_webhook: dedupe window must be greater than 0 (or unset for the default 24h), got %s", time.Duration(d.Window))
 	}
 	if d.MaxEntries < 0 || d.MaxEntries > MaxDedupeMaxEntries {
-		return fmt.Errorf("mux_webhook: dedupe max_entries must be between 1 and %d, got %d", MaxDedupeMaxEntries, d.MaxEntries)
+		return fmt.Errorf("mux_webhook: dedupe max_entries must be between 1 and %d (or unset for the default 100000), got %d", MaxDedupeMaxEntries, d.MaxEntries)
 	}
 	return nil
 }

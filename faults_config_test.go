@@ -73,7 +73,8 @@ func TestFaultBadJSONConfigs(t *testing.T) {
 		{"negative max_body", ``, `"max_body": -1`, "max_body"},
 		{"negative dedupe window", ``, `"dedupe": {"window": "-1h"}`, "window"},
 		{"negative dedupe max_entries", ``, `"dedupe": {"max_entries": -1}`, "max_entries"},
-		// {"negative body_timeout", ``, `"body_timeout": "-1s"`, "body_timeout"}, // with body_timeout (being added to the handler)
+		{"negative body_timeout", ``, `"body_timeout": "-1s"`, "body_timeout"},
+		{"max_body over the ceiling", ``, `"max_body": 1099511627776`, "max_body"},
 		{"unknown field in the handler", ``, `"secret_typo": "x"`, "secret_typo"},
 		{"unknown field in the app", `{"log_sise": 5}`, ``, "log_sise"},
 		{"unknown field in dedupe", ``, `"dedupe": {"windw": "1h"}`, "windw"},

@@ -16,18 +16,11 @@ import (
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 func init() {
 	caddy.RegisterModule(UI{})
-	httpcaddyfile.RegisterHandlerDirective("mux_webhook_ui", func(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
-		u := new(UI)
-		return u, u.UnmarshalCaddyfile(h.Dispenser)
-	})
-	httpcaddyfile.RegisterDirectiveOrder("mux_webhook_ui", httpcaddyfile.Before, "respond")
 }
 
 // UI serves the live log's page at "/" (and "/index.html"), its entries at
@@ -51,15 +44,6 @@ func (u *UI) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// UnmarshalCaddyfile: mux_webhook_ui takes no arguments.
-func (u *UI) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next()
-	if d.NextArg() || d.NextBlock(0) {
-		return d.Err("mux_webhook_ui takes no arguments; mount it with handle_path /mux-webhook/* { mux_webhook_ui }")
-	}
-	return nil
-}
-
 // ServeHTTP serves the live log.
 func (u *UI) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	path := r.URL.Path
@@ -80,5 +64,4 @@ func (u *UI) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handl
 var (
 	_ caddyhttp.MiddlewareHandler = (*UI)(nil)
 	_ caddy.Provisioner           = (*UI)(nil)
-	_ caddyfile.Unmarshaler       = (*UI)(nil)
 )

@@ -13,7 +13,6 @@ import (
 	"cel.dev/cel-go/common/types/ref"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
@@ -38,23 +37,6 @@ func (MatchMuxEvent) CaddyModule() caddy.ModuleInfo {
 		ID:  "http.matchers.mux_event",
 		New: func() caddy.Module { return new(MatchMuxEvent) },
 	}
-}
-
-// UnmarshalCaddyfile sets up the matcher from Caddyfile tokens. Syntax:
-//
-//	mux_event <pattern>...
-func (m *MatchMuxEvent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	for d.Next() {
-		patterns := d.RemainingArgs()
-		if len(patterns) == 0 {
-			return d.Errf("mux_event needs at least one event type pattern, e.g. mux_event video.asset.*")
-		}
-		*m = append(*m, patterns...)
-		if d.NextBlock(0) {
-			return d.Err("mux_event does not take a block; list the patterns on the line")
-		}
-	}
-	return nil
 }
 
 // Provision warns about patterns that match no known event type.
@@ -162,5 +144,4 @@ var (
 	_ caddyhttp.CELLibraryProducer      = (*MatchMuxEvent)(nil)
 	_ caddy.Provisioner                 = (*MatchMuxEvent)(nil)
 	_ caddy.Validator                   = (*MatchMuxEvent)(nil)
-	_ caddyfile.Unmarshaler             = (*MatchMuxEvent)(nil)
 )

@@ -110,6 +110,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.now == nil {
 		h.now = time.Now
 	}
+	// Validate before anything uses the values: Caddy calls Validate
+	// only after Provision.
+	if err := h.Validate(); err != nil {
+		return err
+	}
 	secrets, err := resolveSecrets(h.Secrets)
 	if err != nil {
 		return err
@@ -138,13 +143,13 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("mux_webhook: no signing secret configured; add one, e.g. mux_webhook {env.MUX_WEBHOOK_SECRET}")
 	}
 	if h.Tolerance < 0 {
-		return fmt.Errorf("mux_webhook: tolerance must be greater than 0, got %s", time.Duration(h.Tolerance))
+		return fmt.Errorf("mux_webhook: tolerance must be greater than 0 (or unset for the default 5m), got %s", time.Duration(h.Tolerance))
 	}
 	if h.MaxBody < 0 || h.MaxBody > MaxMaxBody {
-		return fmt.Errorf("mux_webhook: max_body must be between 1 and %d bytes (16MiB), got %d", MaxMaxBody, h.MaxBody)
+		return fmt.Errorf("mux_webhook: max_body must be between 1 and %d bytes (16MiB), or unset for the default 1MiB; got %d", MaxMaxBody, h.MaxBody)
 	}
 	if h.BodyTimeout < 0 {
-		return fmt.Errorf("mux_webhook: body_timeout must be greater than 0, got %s", time.Duration(h.BodyTimeout))
+		return fmt.Errorf("mux_webhook: body_timeout must be greater than 0 (or unset for the default 10s), got %s", time.Duration(h.BodyTimeout))
 	}
 	if h.Dedupe != nil {
 		return h.Dedupe.validate()

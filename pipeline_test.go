@@ -228,10 +228,12 @@ func TestDedupeSurvivesReloadAndRotation(t *testing.T) {
 // TestRequestsDoNotPinBodies: 1 000 remembered ids of 64 KiB events (and
 // their live log entries) keep a small fraction of the 64 MiB of bodies.
 func TestRequestsDoNotPinBodies(t *testing.T) {
-	liveLog.configure(DefaultLogSize, 1024)
-	t.Cleanup(func() { liveLog.configure(DefaultLogSize, DefaultLogBody) })
 	h, _ := observedHandler(t, &Handler{Secrets: []string{"pin-secret"}, Dedupe: &Dedupe{}})
 	h.logger = zap.NewNop()
+	// After provisioning, which applies the live log's defaults: the live
+	// log keeps 1 KiB of each body, 0.5 MiB in all.
+	liveLog.configure(DefaultLogSize, 1024)
+	t.Cleanup(func() { liveLog.configure(DefaultLogSize, DefaultLogBody) })
 	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error { return nil })
 	const n, size = 1000, 64 << 10
 	var before, after runtime.MemStats

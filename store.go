@@ -23,14 +23,11 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 func init() {
 	caddy.RegisterModule(Store{})
-	httpcaddyfile.RegisterDirective("mux_store", parseStoreCaddyfile)
-	httpcaddyfile.RegisterDirectiveOrder("mux_store", httpcaddyfile.Before, "respond")
 }
 
 // Bounds of the store.
@@ -471,51 +468,6 @@ func syncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
-}
-
-// parseStoreCaddyfile parses the directive the way Caddy's root directive
-// is parsed, so that a path template starting with "/" is not taken for a
-// path matcher:
-//
-//	mux_store [<matcher>] <path-template> {
-//		status <code>
-//	}
-func parseStoreCaddyfile(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error) {
-	h.Next() // directive name
-	var matcherSet caddy.ModuleMap
-	switch h.CountRemainingArgs() {
-	case 1:
-	case 2:
-		var err error
-		if matcherSet, err = h.ExtractMatcherSet(); err != nil {
-			return nil, err
-		}
-		h.Next() // the directive name again: matcher parsing resets
-	default:
-		return nil, h.Errf("mux_store: want [<matcher>] <path-template>, e.g. mux_store /var/spool/mux/{http.mux.event.type}/{http.mux.event.id}.json")
-	}
-	s := new(Store)
-	if !h.NextArg() {
-		return nil, h.ArgErr()
-	}
-	s.Path = h.Val()
-	for h.NextBlock(0) {
-		switch h.Val() {
-		case "status":
-			var v string
-			if !h.AllArgs(&v) {
-				return nil, h.ArgErr()
-			}
-			code, err := strconv.Atoi(v)
-			if err != nil || code < 200 || code > 299 {
-				return nil, h.Errf("mux_store: status %q: want a 2xx code, e.g. 202", v)
-			}
-			s.Status = code
-		default:
-			return nil, h.Errf("mux_store: unknown option %q; expected status", h.Val())
-		}
-	}
-	return h.NewRoute(matcherSet, s), nil
 }
 
 // Interface guards
