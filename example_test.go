@@ -132,16 +132,28 @@ func TestDemoSendEventScript(t *testing.T) {
 func runCaddyBinary(t *testing.T, bin, cfg string) *syncBuffer {
 	t.Helper()
 	dir := t.TempDir()
+	return runCaddyIn(t, bin, cfg, dir, dir, nil)
+}
+
+// runCaddyIn runs `bin run` on cfg, written to dir/Caddyfile, with HOME
+// (and XDG directories) at home, as the user cred names if not nil (then in
+// dir, since that user may not enter the test's working directory), until
+// the test ends, and returns its output.
+func runCaddyIn(t *testing.T, bin, cfg, dir, home string, cred *syscall.Credential) *syncBuffer {
+	t.Helper()
 	path := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := exec.CommandContext(ctx, bin, "run", "--config", path, "--adapter", "caddyfile")
-	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
+	if cred != nil {
+		cmd.Dir = dir
+	}
+	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+home, "XDG_CONFIG_HOME="+home)
 	// Caddy dies with the test process, even if it is killed or times out
 	// before its cleanups run.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Credential: cred}
 	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {

@@ -6,14 +6,12 @@ package muxwebhook
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"io/fs"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -197,35 +195,12 @@ func mkdirFor(t *testing.T, dir string, asNobody bool) {
 // nobody can run it, and HOME is dir/home.
 func runCaddyBinaryAs(t *testing.T, bin, cfg, dir string, asNobody bool) *syncBuffer {
 	t.Helper()
-	path := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	var cred *syscall.Credential
 	if asNobody {
 		bin = copyExecutable(t, bin, filepath.Join(dir, "caddy"))
+		cred = &syscall.Credential{Uid: nobodyID, Gid: nobodyID}
 	}
-	home := filepath.Join(dir, "home")
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, bin, "run", "--config", path, "--adapter", "caddyfile")
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+home, "XDG_CONFIG_HOME="+home)
-	if asNobody {
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobodyID, Gid: nobodyID}}
-	}
-	out := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cancel()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("caddy output:\n%s", out.String())
-		}
-	})
-	return out
+	return runCaddyIn(t, bin, cfg, dir, filepath.Join(dir, "home"), cred)
 }
 
 // copyExecutable copies the file src to dst, mode 0755.
