@@ -152,8 +152,29 @@ func (l *liveLogState) add(e LogEntry) {
 // left as it is: either the whole verified body, at most log_body bytes
 // and never modified, or already a copy of its first log_body bytes.
 func (e *LogEntry) detach() {
-	for _, f := range []*string{&e.Type, &e.ID, &e.ObjectType, &e.ObjectID, &e.EnvironmentID, &e.Method, &e.URI, &e.RemoteIP} {
-		*f = boundedString(*f, maxLoggedFieldBytes)
+	fields := [...]*string{&e.Type, &e.ID, &e.ObjectType, &e.ObjectID, &e.EnvironmentID, &e.Method, &e.URI, &e.RemoteIP}
+	total := 0
+	for _, f := range fields {
+		if len(*f) > maxLoggedFieldBytes || !utf8.ValidString(*f) {
+			*f = boundedString(*f, maxLoggedFieldBytes) // rare: a copy of its own
+			continue
+		}
+		total += len(*f)
+	}
+	// The common case: every field short and valid, copied into one
+	// allocation that they then share.
+	var b strings.Builder
+	b.Grow(total)
+	for _, f := range fields {
+		if len(*f) <= maxLoggedFieldBytes {
+			b.WriteString(*f)
+		}
+	}
+	arena, at := b.String(), 0
+	for _, f := range fields {
+		if len(*f) <= maxLoggedFieldBytes {
+			*f, at = arena[at:at+len(*f)], at+len(*f)
+		}
 	}
 }
 
@@ -246,7 +267,7 @@ func loggedHeaders(h http.Header) map[string][]string {
 		if len(out) >= maxLoggedHeaders {
 			break
 		}
-		logged := boundedString(name, maxLoggedHeaderBytes)
+		logged := sharedOrBounded(name, maxLoggedHeaderBytes)
 		if redactedHeaders[http.CanonicalHeaderKey(name)] {
 			out[logged] = []string{"[redacted]"}
 			continue
@@ -256,12 +277,23 @@ func loggedHeaders(h http.Header) map[string][]string {
 	return out
 }
 
-// boundedValues returns a copy of values: at most maxLoggedHeaders of
-// them, each valid UTF-8 and cut to maxLoggedHeaderBytes.
+// boundedValues returns a copy of the slice values (handlers such as
+// request_header edit it in place): at most maxLoggedHeaders of them, each
+// valid UTF-8 and cut to maxLoggedHeaderBytes.
 func boundedValues(values []string) []string {
 	vs := make([]string, 0, min(len(values), maxLoggedHeaders))
 	for _, v := range values[:min(len(values), maxLoggedHeaders)] {
-		vs = append(vs, boundedString(v, maxLoggedHeaderBytes))
+		vs = append(vs, sharedOrBounded(v, maxLoggedHeaderBytes))
 	}
 	return vs
+}
+
+// sharedOrBounded returns s itself when it is short and valid UTF-8 (a
+// header's strings are immutable and hold no request body), else a
+// bounded copy.
+func sharedOrBounded(s string, max int) string {
+	if len(s) <= max && utf8.ValidString(s) {
+		return s
+	}
+	return boundedString(s, max)
 }
