@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"os"
 	"strconv"
-	"sync/atomic"
 	"time"
 )
 
@@ -53,22 +52,34 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, erro
 			_ = rc.SetReadDeadline(time.Now())
 		}
 	} else {
-		var late atomic.Bool
-		rb := r.Body
-		timer := time.AfterFunc(timeout, func() {
-			late.Store(true)
-			rb.Close()
-		})
-		body, err = readBounded(rb, r.ContentLength, h.MaxBody)
-		timer.Stop()
-		timedOut = late.Load()
+		// No deadline here: read in a goroutine and stop waiting when the
+		// time is up (closing the body would not do: net/http's Close
+		// waits for a Read in progress). The reader goes on until the
+		// client sends or goes, at most max_body bytes.
+		type outcome struct {
+			body []byte
+			err  error
+		}
+		done := make(chan outcome, 1)
+		go func() {
+			b, e := readBounded(r.Body, r.ContentLength, h.MaxBody)
+			done <- outcome{b, e}
+		}()
+		timer := time.NewTimer(timeout)
+		select {
+		case o := <-done:
+			timer.Stop()
+			body, err = o.body, o.err
+		case <-timer.C:
+			timedOut, err = true, ErrBodyTimeout
+		}
 	}
 	switch {
 	case err == nil:
 		return body, nil
 	case errors.Is(err, ErrTooLarge):
 		return nil, err
-	case timedOut || isTimeout(err):
+	case timedOut || errors.Is(err, ErrBodyTimeout) || isTimeout(err):
 		return nil, ErrBodyTimeout
 	}
 	// A request_body limit earlier in the route is a size problem too.

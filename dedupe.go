@@ -45,8 +45,6 @@ const (
 	DefaultDedupeMaxEntries = 100000
 	// MaxDedupeMaxEntries bounds max_entries (about 150 bytes each).
 	MaxDedupeMaxEntries = 100_000_000
-	// maxPurgePerPass bounds the storage records one purge pass visits.
-	maxPurgePerPass = 10000
 	// storageLockWait bounds the wait for a storage lock that does not
 	// support TryLock; then the request is answered 409.
 	storageLockWait = 2 * time.Second
@@ -54,6 +52,10 @@ const (
 	// reading it; the key is a hash).
 	maxStoredID = 256
 )
+
+// maxPurgePerPass bounds the storage records one purge pass visits (a
+// variable for tests).
+var maxPurgePerPass = 10000
 
 // Dedupe configures duplicate suppression by event id.
 type Dedupe struct {
@@ -107,17 +109,24 @@ type memoryRecord struct {
 	delivered *list.List // *dedupeEntry, oldest first
 	inFlight  *list.List // *dedupeEntry, oldest first
 
-	// Owned by recordPool.mu.
-	users  int
+	// Owned by recordPool.mu: the bounds each config using the record
+	// asked for, and the scopes it is known by.
+	users  map[*deduper]recordLimits
 	scopes []string
+}
+
+// recordLimits are one config's bounds of a record.
+type recordLimits struct {
+	max    int
+	window time.Duration
 }
 
 func newMemoryRecord(max int, window time.Duration) *memoryRecord {
 	return &memoryRecord{max: max, window: window, byKey: map[idKey]*list.Element{}, delivered: list.New(), inFlight: list.New()}
 }
 
-// setLimits applies a config's bounds, dropping the oldest ids if the
-// record is now too large.
+// setLimits applies bounds, dropping the oldest ids if the record is now
+// too large.
 func (m *memoryRecord) setLimits(max int, window time.Duration) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -214,8 +223,12 @@ type recordPool struct {
 var records = &recordPool{byScope: map[string]*memoryRecord{}}
 
 // acquire returns the record of the endpoint with these scopes, created if
-// none exists, with the given bounds; release it when the config ends.
-func (p *recordPool) acquire(scopes []string, max int, window time.Duration) *memoryRecord {
+// none exists, for user with its bounds; release it when the config ends.
+// While several configs use a record - the running one and the one being
+// loaded - it keeps the largest of their bounds: a reload that fails, or
+// has not yet replaced the running config, never shrinks what the running
+// config remembers.
+func (p *recordPool) acquire(user *deduper, scopes []string, lim recordLimits) *memoryRecord {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var rec *memoryRecord
@@ -225,7 +238,8 @@ func (p *recordPool) acquire(scopes []string, max int, window time.Duration) *me
 		}
 	}
 	if rec == nil {
-		rec = newMemoryRecord(max, window)
+		rec = newMemoryRecord(lim.max, lim.window)
+		rec.users = map[*deduper]recordLimits{}
 	}
 	for _, s := range scopes {
 		if p.byScope[s] == nil {
@@ -233,16 +247,28 @@ func (p *recordPool) acquire(scopes []string, max int, window time.Duration) *me
 			rec.scopes = append(rec.scopes, s)
 		}
 	}
-	rec.users++
-	rec.setLimits(max, window)
+	rec.users[user] = lim
+	rec.applyLimits()
 	return rec
 }
 
-// release gives up one use of rec; the last one drops it.
-func (p *recordPool) release(rec *memoryRecord) {
+// applyLimits sets the largest bounds any user asked for. The caller holds
+// the pool's lock.
+func (m *memoryRecord) applyLimits() {
+	var lim recordLimits
+	for _, l := range m.users {
+		lim.max, lim.window = max(lim.max, l.max), max(lim.window, l.window)
+	}
+	m.setLimits(lim.max, lim.window)
+}
+
+// release gives up user's use of rec; the last one drops it.
+func (p *recordPool) release(user *deduper, rec *memoryRecord) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if rec.users--; rec.users > 0 {
+	delete(rec.users, user)
+	if len(rec.users) > 0 {
+		rec.applyLimits()
 		return
 	}
 	for _, s := range rec.scopes {
@@ -262,6 +288,10 @@ type deduper struct {
 	logger      *zap.Logger
 	now         func() time.Time
 	releaseOnce sync.Once
+	// purgeAfter is, per scope, the last storage key a purge pass
+	// visited: the next pass goes on from there, so that with more than
+	// maxPurgePerPass records every one is visited in turn.
+	purgeAfter map[string]string
 }
 
 // scopeOf fingerprints one secret: it names the endpoint in the pool and
@@ -287,7 +317,7 @@ func (d *Dedupe) provision(ctx caddy.Context, secrets [][]byte, logger *zap.Logg
 	}
 	slices.Sort(dd.scopes)
 	dd.scopes = slices.Compact(dd.scopes)
-	dd.memory = records.acquire(dd.scopes, cfg.MaxEntries, time.Duration(cfg.Window))
+	dd.memory = records.acquire(dd, dd.scopes, recordLimits{cfg.MaxEntries, time.Duration(cfg.Window)})
 	if cfg.Storage {
 		dd.storage = ctx.Storage()
 		go dd.purgeLoop(ctx)
@@ -306,7 +336,7 @@ func (d *Dedupe) validate() error {
 }
 
 func (dd *deduper) cleanup() {
-	dd.releaseOnce.Do(func() { records.release(dd.memory) })
+	dd.releaseOnce.Do(func() { records.release(dd, dd.memory) })
 }
 
 // storageKey is where the delivered record of an id lives under one scope.
@@ -348,6 +378,15 @@ func (dd *deduper) claim(ctx context.Context, ev *Event) (*dedupeClaim, dedupeVe
 	if dd.storage == nil {
 		return c, dedupeProceed
 	}
+	// A storage module that panics must not leave the id in flight, or
+	// its locks held, for ever.
+	defer func() {
+		if p := recover(); p != nil {
+			dd.memory.forget(c.key)
+			c.unlock()
+			panic(p)
+		}
+	}()
 	// Lock first, then read: a record written by the instance that held
 	// the lock before us is seen; without the lock nobody writes one.
 	if !c.lock(ctx) {
@@ -355,8 +394,8 @@ func (dd *deduper) claim(ctx context.Context, ev *Event) (*dedupeClaim, dedupeVe
 		c.unlock()
 		return nil, dedupeInFlight
 	}
-	if dd.storedDelivered(ctx, c.key) {
-		dd.memory.markDelivered(c.key, dd.now())
+	if at, ok := dd.storedDelivered(ctx, c.key); ok {
+		dd.memory.markDelivered(c.key, at)
 		c.unlock()
 		return nil, dedupeDuplicate
 	}
@@ -437,9 +476,10 @@ func (c *dedupeClaim) finish(delivered bool) {
 }
 
 // storedDelivered reports whether storage holds an unexpired record of
-// key under any scope. Storage errors count as "not delivered": forwarding
-// a possible duplicate is safer than dropping an event.
-func (dd *deduper) storedDelivered(ctx context.Context, key idKey) bool {
+// key under any scope, and when it was delivered. Storage errors count as
+// "not delivered": forwarding a possible duplicate is safer than dropping
+// an event.
+func (dd *deduper) storedDelivered(ctx context.Context, key idKey) (time.Time, bool) {
 	for _, scope := range dd.scopes {
 		b, err := dd.storage.Load(ctx, storageKey(scope, key))
 		if err != nil {
@@ -450,10 +490,10 @@ func (dd *deduper) storedDelivered(ctx context.Context, key idKey) bool {
 		}
 		var rec storedRecord
 		if json.Unmarshal(b, &rec) == nil && dd.now().Unix() <= rec.Expires {
-			return true
+			return time.Unix(rec.DeliveredAt, 0), true
 		}
 	}
-	return false
+	return time.Time{}, false
 }
 
 // purgeLoop deletes expired records from storage until ctx is done.
@@ -475,6 +515,9 @@ func (dd *deduper) purgeLoop(ctx caddy.Context) {
 func (dd *deduper) purge(ctx context.Context) int {
 	now := dd.now().Unix()
 	purged, visited := 0, 0
+	if dd.purgeAfter == nil {
+		dd.purgeAfter = map[string]string{}
+	}
 	for _, scope := range dd.scopes {
 		keys, err := dd.storage.List(ctx, "mux_webhook/dedupe/"+scope, false)
 		if err != nil {
@@ -483,11 +526,16 @@ func (dd *deduper) purge(ctx context.Context) int {
 			}
 			continue
 		}
+		slices.Sort(keys)
+		// Go on after the last key the previous pass visited, wrapping.
+		from, _ := slices.BinarySearch(keys, dd.purgeAfter[scope]+"\x00")
+		keys = append(keys[from:], keys[:from]...)
 		for _, key := range keys {
 			if visited >= maxPurgePerPass || ctx.Err() != nil {
 				break
 			}
 			visited++
+			dd.purgeAfter[scope] = key
 			b, err := dd.storage.Load(ctx, key)
 			if err != nil {
 				continue

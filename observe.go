@@ -142,9 +142,12 @@ func newLogEntry(r *http.Request, res *result, duration time.Duration, limit int
 	if len(res.body) > limit {
 		// A copy, so that the entry does not pin the whole body.
 		e.Body, e.BodyTruncated = string(res.body[:limit]), true
-	} else {
+	} else if cap(res.body) == len(res.body) {
 		// The verified body is never modified: share it.
 		e.Body = bytesToString(res.body)
+	} else {
+		// A chunked body's buffer may be up to four times its length.
+		e.Body = string(res.body)
 	}
 	return e
 }

@@ -6,11 +6,14 @@ package muxwebhook
 
 import (
 	"bufio"
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"strings"
 	"testing"
@@ -20,7 +23,9 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
 )
 
 func TestOutcomeTable(t *testing.T) {
@@ -381,3 +386,133 @@ func TestMetricsFamilyOfNewTypes(t *testing.T) {
 }
 
 func bufioReader(r io.Reader) *bufio.Reader { return bufio.NewReader(r) }
+
+// TestFailedReloadKeepsTheRecord: a reload that fails to load must not
+// shrink (or shorten) what the running config remembers: the record keeps
+// the largest bounds of the configs using it.
+func TestFailedReloadKeepsTheRecord(t *testing.T) {
+	up := newUpstream(t, "app")
+	base := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	storage := t.TempDir()
+	config := func(dedupe, extra string) string {
+		return fmt.Sprintf(`{
+	admin off
+	persist_config off
+	auto_https off
+	default_bind 127.0.0.1
+	storage file_system %s
+}
+%s {
+	mux_webhook %s {
+		dedupe %s
+	}
+	%s
+	reverse_proxy %s
+}
+`, storage, base, testSecret, dedupe, extra, up.hostPort())
+	}
+	if err := loadCaddyfile(config("{\n\t\t\tmax_entries 100\n\t\t}", "")); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stopCaddy() })
+	bodies := make([][]byte, 5)
+	for i := range bodies {
+		bodies[i] = event("video.asset.ready", fmt.Sprintf("keep-%d", i), "")
+		if status, _, _ := do(t, signedRequest(t, base, testSecret, bodies[i], time.Now())); status != 200 {
+			t.Fatalf("delivery %d: %d", i, status)
+		}
+	}
+	// A reload with a tiny record that then fails (mux_store with a
+	// relative directory is refused at load).
+	if err := loadCaddyfile(config("{\n\t\t\tmax_entries 1\n\t\t}", "mux_store relative/{http.mux.event.id}.json")); err == nil {
+		t.Fatal("the broken reload loaded")
+	}
+	for i, body := range bodies {
+		if status, _, _ := do(t, signedRequest(t, base, testSecret, body, time.Now())); status != 200 {
+			t.Fatalf("redelivery %d: %d", i, status)
+		}
+	}
+	if n := len(up.requests()); n != len(bodies) {
+		t.Fatalf("upstream saw %d requests, want %d: the failed reload made the running config forget ids", n, len(bodies))
+	}
+}
+
+// TestClaimPanicReleasesTheId: a storage module that panics in the middle
+// of a claim leaves neither the id in flight nor a lock held.
+func TestClaimPanicReleasesTheId(t *testing.T) {
+	h := provisionedHandler(t, &Handler{Secrets: []string{"claim-panic"}, Dedupe: &Dedupe{}})
+	h.dedupe.storage = panickyStorage{}
+	ev := &Event{ID: "p-1", IDRaw: []byte(`"p-1"`)}
+	func() {
+		defer func() { _ = recover() }()
+		h.dedupe.claim(context.Background(), ev)
+		t.Fatal("claim did not panic")
+	}()
+	h.dedupe.storage = nil
+	if c, v := h.dedupe.claim(context.Background(), ev); v != dedupeProceed || c == nil {
+		t.Fatalf("after a panic in claim: verdict %v, want the id free", v)
+	}
+}
+
+// panickyStorage panics on every lock.
+type panickyStorage struct{ certmagic.Storage }
+
+func (panickyStorage) Lock(context.Context, string) error { panic("storage module bug") }
+
+// TestPurgeVisitsEveryRecord: with more records than one purge pass
+// visits, the passes go round, so every expired record is deleted.
+func TestPurgeVisitsEveryRecord(t *testing.T) {
+	fs := &certmagic.FileStorage{Path: t.TempDir()}
+	now := time.Unix(1_800_000_000, 0)
+	dd := &deduper{scopes: []string{"s"}, storage: fs, logger: zap.NewNop(), now: func() time.Time { return now }}
+	ctx := context.Background()
+	defer func(n int) { maxPurgePerPass = n }(maxPurgePerPass)
+	maxPurgePerPass = 10
+	const n = 25
+	live, _ := json.Marshal(storedRecord{Expires: now.Add(time.Hour).Unix()})
+	dead, _ := json.Marshal(storedRecord{Expires: now.Add(-time.Hour).Unix()})
+	for i := range n {
+		rec := live
+		if i == n-1 {
+			rec = dead // sorts last
+		}
+		var k idKey
+		k[0], k[1] = byte(i>>8), byte(i)
+		if i == n-1 {
+			k[0], k[1] = 0xff, 0xff
+		}
+		if err := fs.Store(ctx, storageKey("s", k), rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	purged := 0
+	for range 3 {
+		purged += dd.purge(ctx)
+	}
+	if purged != 1 {
+		t.Fatalf("3 passes of %d purged %d records, want the 1 expired one behind %d live ones", maxPurgePerPass, purged, n-1)
+	}
+}
+
+// TestBodyTimeoutWithoutDeadlines: where the response writer cannot set a
+// read deadline, a body that does not arrive still ends at body_timeout.
+func TestBodyTimeoutWithoutDeadlines(t *testing.T) {
+	h := provisionedHandler(t, &Handler{Secrets: []string{"s"}, BodyTimeout: caddy.Duration(100 * time.Millisecond)})
+	pr, pw := io.Pipe()
+	t.Cleanup(func() { pw.Close() })
+	r := httptest.NewRequest(http.MethodPost, "/", pr)
+	r.ContentLength = 100
+	done := make(chan error, 1)
+	go func() {
+		_, err := h.readBody(httptest.NewRecorder(), r) // no SetReadDeadline
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrBodyTimeout) {
+			t.Fatalf("err = %v, want ErrBodyTimeout", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("readBody still waiting for a body that never comes")
+	}
+}

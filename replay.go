@@ -115,7 +115,7 @@ func runReplay(cmd *cobra.Command, _ []string) error {
 		}
 		verifier = NewVerifier(keys)
 	}
-	events, refused, err := readSpool(from, pattern)
+	events, refused, err := readSpool(from, pattern, verifier)
 	if err != nil {
 		return err
 	}
@@ -215,7 +215,7 @@ func secretsFlag(cmd *cobra.Command) ([]string, error) {
 
 // readSpool lists the pending events under dir, oldest first, keeping
 // only their metadata, and the files that cannot be events.
-func readSpool(dir, pattern string) ([]storedEvent, []refusal, error) {
+func readSpool(dir, pattern string, v *Verifier) ([]storedEvent, []refusal, error) {
 	root, err := filepath.Abs(dir)
 	if err != nil {
 		return nil, nil, err
@@ -240,7 +240,7 @@ func readSpool(dir, pattern string) ([]storedEvent, []refusal, error) {
 			refused = append(refused, refusal{rel, errors.New("not a regular file")})
 			return nil
 		}
-		ev, err := readMeta(path)
+		ev, err := readMeta(path, v)
 		if err != nil {
 			refused = append(refused, refusal{rel, err})
 			return nil
@@ -266,9 +266,18 @@ func readSpool(dir, pattern string) ([]storedEvent, []refusal, error) {
 
 // readMeta reads the file at path and returns its type, id and created_at,
 // copied out of the body so that the body can be freed.
-func readMeta(path string) (storedEvent, error) {
+//
+// Bytes are parsed only once their proof is checked: without a verifier
+// (a dry run without a secret) only the file is listed.
+func readMeta(path string, v *Verifier) (storedEvent, error) {
+	if v == nil {
+		return storedEvent{typ: "(unverified)", id: "-"}, nil
+	}
 	body, err := readStored(path)
 	if err != nil {
+		return storedEvent{}, err
+	}
+	if err := checkProof(path, body, v); err != nil {
 		return storedEvent{}, err
 	}
 	ev, err := DecodeEvent(body)

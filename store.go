@@ -318,6 +318,9 @@ func writeOnce(path string, data []byte, signature string) (string, error) {
 			// The proof belongs to the bytes just linked: replace any
 			// stale sidecar left under this name.
 			if err := writeSidecar(candidate, signature, true); err != nil {
+				// No event without its proof: replay would refuse it
+				// for good. Mux retries it (503).
+				_ = os.Remove(candidate)
 				return "", err
 			}
 			return candidate, syncDirFunc(dir)

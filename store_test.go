@@ -203,10 +203,11 @@ func TestStoreAndReplay(t *testing.T) {
 	}
 	refusedFiles := []string{"planted.txt", "video.asset.ready/forged.json", "video.asset.ready/st-3.json", "notes.md"}
 
-	// A dry run delivers nothing; without a secret it checks no proof.
+	// A dry run delivers nothing; without a secret it checks no proof,
+	// and so parses nothing: it lists the files.
 	t.Setenv(SecretEnv, "")
 	out, err := runCommand(t, "", "replay", "--from", spool, "--to", g.url+"/mux", "--dry-run")
-	if !strings.Contains(out, "would deliver video.live_stream.active st-1") {
+	if !strings.Contains(out, "st-1.json (signature not checked") || strings.Contains(out, "video.live_stream.active st-1") {
 		t.Fatalf("dry run: %v\n%s", err, out)
 	}
 	// With a secret, it says what it would refuse.
@@ -519,11 +520,15 @@ func TestReplayKeepsOnlyMetadata(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(spool, id+".json"), body, 0o640); err != nil {
 			t.Fatal(err)
 		}
+		sig := Sign([]byte("meta-secret"), body, time.Now())
+		if err := os.WriteFile(filepath.Join(spool, id+".json"+sigSuffix), []byte(sig), 0o640); err != nil {
+			t.Fatal(err)
+		}
 	}
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
-	events, refused, err := readSpool(spool, "")
+	events, refused, err := readSpool(spool, "", NewVerifier([][]byte{[]byte("meta-secret")}))
 	runtime.GC()
 	runtime.ReadMemStats(&after)
 	if err != nil || len(events) != files || len(refused) != 0 {
