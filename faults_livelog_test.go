@@ -336,3 +336,25 @@ http://127.0.0.1:%d {
 		t.Errorf("stream %d: %d, want 503", maxSubscribers+1, resp.StatusCode)
 	}
 }
+
+// TestLiveLogStalledStreamsEndWhenQuiet: with nothing logged, a stalled
+// client's socket buffers never fill and no write deadline fires; every
+// stream still ends after sseMaxLifetime, so the slots come free.
+func TestLiveLogStalledStreamsEndWhenQuiet(t *testing.T) {
+	defer func(d time.Duration) { sseMaxLifetime = d }(sseMaxLifetime)
+	sseMaxLifetime = 2 * time.Second
+	g := startGatewayWithAdmin(t, "", fmt.Sprintf(stallSite, testSecret, 0))
+	adminAddr := strings.TrimPrefix(g.admin, "http://")
+	for i := range maxSubscribers {
+		if status := stalledStream(t, adminAddr, "/mux-webhook/events/stream"); status != http.StatusOK {
+			t.Fatalf("stalled client %d: status %d, want 200", i, status)
+		}
+	}
+	if status := stalledStream(t, adminAddr, "/mux-webhook/events/stream"); status != http.StatusServiceUnavailable {
+		t.Fatalf("client %d: status %d, want 503 (all slots taken)", maxSubscribers+1, status)
+	}
+	// No event is sent: the slots come free by the streams' lifetime alone.
+	ch, closeStream := openStream(t, g.admin+"/mux-webhook/events/stream", 10*time.Second)
+	defer closeStream()
+	waitForEvent(t, ch, g.url+"/mux", "after-quiet-stall")
+}

@@ -43,6 +43,13 @@ const sseKeepAlive = 15 * time.Second
 // fill up, instead of blocking its handler for ever.
 const sseWriteTimeout = 5 * time.Second
 
+// sseMaxLifetime ends every event stream after this long; browsers'
+// EventSource reconnects by itself (after the stream's "retry" delay). A
+// client that stops reading while nothing is logged never fills its
+// socket buffers, so no write deadline fires: this bounds how long it can
+// hold a subscriber slot on a quiet gateway. (A variable for tests.)
+var sseMaxLifetime = time.Minute
+
 // adminAPI serves the live log on the admin endpoint.
 type adminAPI struct {
 	ctx caddy.Context
@@ -163,11 +170,15 @@ func serveStream(w http.ResponseWriter, r *http.Request, done <-chan struct{}) e
 	}
 	keepAlive := time.NewTicker(sseKeepAlive)
 	defer keepAlive.Stop()
+	lifetime := time.NewTimer(sseMaxLifetime)
+	defer lifetime.Stop()
 	for {
 		var msg string
 		select {
 		case <-r.Context().Done():
 			return nil
+		case <-lifetime.C:
+			return nil // the client reconnects; a stalled one loses its slot
 		case <-done:
 			_ = sendSSE(w, rc, "event: reload\ndata: {}\n\n")
 			return nil
