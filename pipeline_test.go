@@ -516,3 +516,20 @@ func TestBodyTimeoutWithoutDeadlines(t *testing.T) {
 		t.Fatal("readBody still waiting for a body that never comes")
 	}
 }
+
+// TestStuckIdDoesNotBlockExpiry: an id left in flight (its request never
+// finished) does not keep the delivered ids behind it from expiring.
+func TestStuckIdDoesNotBlockExpiry(t *testing.T) {
+	t0 := time.Unix(1_700_000_000, 0)
+	m := newMemoryRecord(10, time.Hour)
+	k := func(id string) idKey { return keyOf(&Event{IDRaw: []byte(`"` + id + `"`)}) }
+	m.begin(k("stuck"), t0)
+	m.begin(k("done"), t0)
+	m.markDelivered(k("done"), t0)
+	if m.begin(k("done"), t0.Add(time.Minute)) != dedupeDuplicate {
+		t.Fatal("a delivered id within the window")
+	}
+	if v := m.begin(k("done"), t0.Add(time.Hour+time.Second)); v != dedupeProceed {
+		t.Fatalf("a delivered id after the window: %v, want it expired despite the stuck id before it", v)
+	}
+}
