@@ -1,0 +1,235 @@
+// Package queue is the delivery queue of mux_deliver: verified events,
+// stored durably on NATS JetStream, one copy per destination, before
+// mux_deliver answers 202.
+//
+// This file holds the store: an embedded JetStream server (in-process,
+// no port opened, every write fsynced before it is acknowledged) or an
+// external NATS server, the stream, and Enqueue with its dedupe window.
+// It knows nothing of Caddy: the Caddy glue stays in the plugin package.
+//
+// Status: the foundation of issue #11. The delivery workers, dead letters,
+// the admin API, the CLI and the mux_deliver handler are not built yet.
+package queue
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Defaults, as SPEC's "Delivery queue" section documents them.
+const (
+	DefaultStream         = "MUX_WEBHOOK"
+	DefaultMaxBytes       = 1 << 30 // 1 GiB
+	DefaultDedupeWindow   = 24 * time.Hour
+	DefaultEnqueueTimeout = 2 * time.Second
+)
+
+// ErrFull is returned by Enqueue when the stream holds max_bytes: stored
+// events are never dropped to make room, so the new one is refused.
+var ErrFull = errors.New("the delivery queue is full (max_bytes)")
+
+// Config configures the store.
+type Config struct {
+	// Dir is the embedded server's store directory. Required without URLs.
+	Dir string
+	// URLs, if set, connect to an external NATS server or cluster instead
+	// of starting the embedded one.
+	URLs []string
+	// Replicas of the stream on an external cluster. Default: 1.
+	Replicas int
+	// Stream is the JetStream stream's name. Default: MUX_WEBHOOK.
+	Stream string
+	// MaxBytes bounds the stream. Default: 1 GiB.
+	MaxBytes int64
+	// DedupeWindow: an event id is stored once per destination within it.
+	// Default: 24h.
+	DedupeWindow time.Duration
+}
+
+// Message is one queued copy of a verified event for one destination.
+type Message struct {
+	// Destination is the configured destination's name.
+	Destination string
+	// EventID is the event's id as sent (its JSON); with Destination it
+	// keys the dedupe window.
+	EventID []byte
+	// Body is the verified body, byte for byte.
+	Body []byte
+	// Header holds what delivery needs besides the body (e.g. Mux's
+	// original Mux-Signature, the event type and id for logs).
+	Header map[string]string
+}
+
+// Store is the durable queue.
+type Store struct {
+	cfg    Config
+	server *server.Server // nil with an external NATS
+	conn   *nats.Conn
+	js     jetstream.JetStream
+}
+
+var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+
+// destinationName is what a destination's name may be: it becomes a
+// subject token.
+var destinationName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+
+// ValidDestination reports whether name can name a destination.
+func ValidDestination(name string) bool { return destinationName.MatchString(name) }
+
+// Open starts (or connects to) the server and makes sure the stream
+// exists with the configured limits.
+func Open(ctx context.Context, cfg Config) (*Store, error) {
+	if cfg.Stream == "" {
+		cfg.Stream = DefaultStream
+	}
+	if cfg.MaxBytes == 0 {
+		cfg.MaxBytes = DefaultMaxBytes
+	}
+	if cfg.DedupeWindow == 0 {
+		cfg.DedupeWindow = DefaultDedupeWindow
+	}
+	if cfg.Replicas == 0 {
+		cfg.Replicas = 1
+	}
+	if !streamName.MatchString(cfg.Stream) {
+		return nil, fmt.Errorf("queue: stream name %q: use letters, digits, _ and - only", cfg.Stream)
+	}
+	s := &Store{cfg: cfg}
+	var err error
+	if len(cfg.URLs) == 0 {
+		if cfg.Dir == "" {
+			return nil, errors.New("queue: the embedded server needs a store directory")
+		}
+		s.server, err = server.NewServer(&server.Options{
+			ServerName: "mux_webhook",
+			JetStream:  true,
+			StoreDir:   cfg.Dir,
+			DontListen: true, // in-process connections only: no port
+			SyncAlways: true, // fsync before every acknowledgement
+			NoSigs:     true,
+			NoLog:      true,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("queue: embedded NATS server: %v", err)
+		}
+		s.server.Start()
+		if !s.server.ReadyForConnections(10 * time.Second) {
+			s.server.Shutdown()
+			return nil, errors.New("queue: the embedded NATS server did not start within 10s")
+		}
+		s.conn, err = nats.Connect("", nats.InProcessServer(s.server), nats.Name("mux_webhook"))
+	} else {
+		s.conn, err = nats.Connect(joinURLs(cfg.URLs), nats.Name("mux_webhook"), nats.MaxReconnects(-1))
+	}
+	if err != nil {
+		s.Close()
+		return nil, fmt.Errorf("queue: connecting to NATS: %v", err)
+	}
+	if s.js, err = jetstream.New(s.conn); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("queue: JetStream: %v", err)
+	}
+	_, err = s.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:       cfg.Stream,
+		Subjects:   []string{cfg.Stream + ".deliver.>"},
+		Storage:    jetstream.FileStorage,
+		Retention:  jetstream.LimitsPolicy,
+		Discard:    jetstream.DiscardNew, // full: refuse the new, keep the stored
+		MaxBytes:   cfg.MaxBytes,
+		Duplicates: cfg.DedupeWindow,
+		Replicas:   cfg.Replicas,
+	})
+	if err != nil {
+		s.Close()
+		return nil, fmt.Errorf("queue: creating stream %s: %v", cfg.Stream, err)
+	}
+	return s, nil
+}
+
+func joinURLs(urls []string) string { return strings.Join(urls, ",") }
+
+// Subject is where a destination's copies are stored.
+func (s *Store) Subject(destination string) string {
+	return s.cfg.Stream + ".deliver." + destination
+}
+
+// Enqueue stores one copy of an event for one destination and returns once
+// the server acknowledged it as stored (on the embedded server: fsynced).
+// A copy with the same destination and event id within the dedupe window
+// is acknowledged without being stored again; duplicate reports it.
+func (s *Store) Enqueue(ctx context.Context, m Message) (duplicate bool, err error) {
+	if !ValidDestination(m.Destination) {
+		return false, fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", m.Destination)
+	}
+	msg := nats.NewMsg(s.Subject(m.Destination))
+	msg.Data = m.Body
+	for k, v := range m.Header {
+		msg.Header.Set(k, v)
+	}
+	msg.Header.Set(jetstream.MsgIDHeader, dedupeID(m.Destination, m.EventID))
+	ack, err := s.js.PublishMsg(ctx, msg)
+	if err != nil {
+		if errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, context.DeadlineExceeded) {
+			return false, fmt.Errorf("queue: not stored: %w", err)
+		}
+		if isFull(err) {
+			return false, ErrFull
+		}
+		return false, fmt.Errorf("queue: not stored: %w", err)
+	}
+	return ack.Duplicate, nil
+}
+
+// storeFailed is JetStream's error code for a message it could not store
+// (JSStreamStoreFailedF), which with DiscardNew includes a full stream.
+const storeFailed = 10077
+
+// isFull recognises the server's refusal of a message that would take the
+// stream over max_bytes.
+func isFull(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && apiErr.ErrorCode == storeFailed &&
+		strings.Contains(apiErr.Description, "maximum bytes")
+}
+
+// dedupeID keys the dedupe window: the destination and a hash of the
+// event id as sent (fixed length, any bytes).
+func dedupeID(destination string, eventID []byte) string {
+	sum := sha256.Sum256(eventID)
+	return destination + ":" + hex.EncodeToString(sum[:])
+}
+
+// Pending returns how many copies are stored for destination.
+func (s *Store) Pending(ctx context.Context, destination string) (uint64, error) {
+	st, err := s.js.Stream(ctx, s.cfg.Stream)
+	if err != nil {
+		return 0, err
+	}
+	info, err := st.Info(ctx, jetstream.WithSubjectFilter(s.Subject(destination)))
+	if err != nil {
+		return 0, err
+	}
+	return info.State.Subjects[s.Subject(destination)], nil
+}
+
+// Close drains the connection and shuts the embedded server down.
+func (s *Store) Close() {
+	if s.conn != nil {
+		s.conn.Close()
+	}
+	if s.server != nil {
+		s.server.Shutdown()
+		s.server.WaitForShutdown()
+	}
+}
