@@ -7,8 +7,10 @@
 // external NATS server, the stream, and Enqueue with its dedupe window.
 // It knows nothing of Caddy: the Caddy glue stays in the plugin package.
 //
-// Status: the foundation of issue #11. The delivery workers, dead letters,
-// the admin API, the CLI and the mux_deliver handler are not built yet.
+// deliver.go holds the delivery workers and dead letters.
+//
+// Status: issue #11 in progress. The admin API, the CLI, metrics and the
+// mux_deliver handler (the Caddy glue) are not built yet.
 package queue
 
 import (
@@ -63,6 +65,9 @@ type Message struct {
 	// EventID is the event's id as sent (its JSON); with Destination it
 	// keys the dedupe window.
 	EventID []byte
+	// ID and Type are the event's id and type as text: Idempotency-Key,
+	// logs and dead letters show them.
+	ID, Type string
 	// Body is the verified body, byte for byte.
 	Body []byte
 	// Header holds what delivery needs besides the body (e.g. Mux's
@@ -142,7 +147,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	}
 	_, err = s.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name:       cfg.Stream,
-		Subjects:   []string{cfg.Stream + ".deliver.>"},
+		Subjects:   []string{cfg.Stream + ".deliver.>", cfg.Stream + ".dead.>"},
 		Storage:    jetstream.FileStorage,
 		Retention:  jetstream.LimitsPolicy,
 		Discard:    jetstream.DiscardNew, // full: refuse the new, keep the stored
@@ -177,6 +182,8 @@ func (s *Store) Enqueue(ctx context.Context, m Message) (duplicate bool, err err
 	for k, v := range m.Header {
 		msg.Header.Set(k, v)
 	}
+	msg.Header.Set(HeaderEventID, m.ID)
+	msg.Header.Set(HeaderEventType, m.Type)
 	msg.Header.Set(jetstream.MsgIDHeader, dedupeID(m.Destination, m.EventID))
 	ack, err := s.js.PublishMsg(ctx, msg)
 	if err != nil {

@@ -1,0 +1,355 @@
+// Delivery: workers that POST each stored copy to its destination, retry
+// it on the destination's schedule, and keep it as a dead letter after
+// max_attempts or max_age; and the dead letters themselves.
+
+package queue
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Destination defaults, as SPEC documents them.
+const (
+	DefaultTimeout     = 30 * time.Second
+	DefaultMaxAge      = 72 * time.Hour
+	DefaultConcurrency = 4
+)
+
+// DefaultRetry is the delay between attempts; the last one repeats.
+var DefaultRetry = []time.Duration{10 * time.Second, time.Minute, 5 * time.Minute, 30 * time.Minute, time.Hour}
+
+// Headers of stored copies and of delivery requests.
+const (
+	HeaderSignature   = "Mux-Signature"
+	HeaderEventID     = "Mux-Webhook-Event-Id" // stored: the id as text, for Idempotency-Key and logs
+	HeaderEventType   = "Mux-Webhook-Event-Type"
+	HeaderAttempt     = "Mux-Webhook-Attempt"
+	HeaderDestination = "Mux-Webhook-Destination"
+	headerLastError   = "Mux-Webhook-Last-Error"
+	headerAttempts    = "Mux-Webhook-Attempts"
+	headerDeadAt      = "Mux-Webhook-Dead-At"
+)
+
+// maxErrorText bounds an error kept with a dead letter.
+const maxErrorText = 512
+
+// Destination configures delivery to one URL.
+type Destination struct {
+	Name        string
+	URL         string
+	Timeout     time.Duration   // per attempt
+	Retry       []time.Duration // delays between attempts; the last repeats
+	MaxAttempts int             // 0: until MaxAge
+	MaxAge      time.Duration   // then the copy becomes a dead letter
+	Concurrency int             // attempts in flight in this process
+	// Sign, if set, makes the Mux-Signature of each attempt; else Mux's
+	// original header is sent.
+	Sign   func(body []byte, at time.Time) string
+	Header map[string]string // extra request headers
+}
+
+// Attempt is what one delivery attempt did.
+type Attempt struct {
+	Destination string
+	EventID     string
+	EventType   string
+	Number      int
+	Status      int // 0 when no response arrived
+	Err         error
+	Duration    time.Duration
+	Result      string // "delivered", "retry" or "dead"
+}
+
+func (d *Destination) defaults() {
+	if d.Timeout == 0 {
+		d.Timeout = DefaultTimeout
+	}
+	if len(d.Retry) == 0 {
+		d.Retry = DefaultRetry
+	}
+	if d.MaxAge == 0 {
+		d.MaxAge = DefaultMaxAge
+	}
+	if d.Concurrency == 0 {
+		d.Concurrency = DefaultConcurrency
+	}
+}
+
+// delay is the wait after attempt n (from 1) failed.
+func (d *Destination) delay(n int) time.Duration {
+	return d.Retry[min(n-1, len(d.Retry)-1)]
+}
+
+func (s *Store) deadSubject(destination string) string {
+	return s.cfg.Stream + ".dead." + destination
+}
+
+// Deliver runs d's workers until ctx ends or stop is called; observe, if
+// set, hears of every attempt. Several processes running Deliver for the
+// same destination on one stream share the work (one durable consumer).
+func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt)) (stop func(), err error) {
+	if !ValidDestination(d.Name) {
+		return nil, fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", d.Name)
+	}
+	d.defaults()
+	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, jetstream.ConsumerConfig{
+		Durable:       "deliver_" + d.Name,
+		FilterSubject: s.Subject(d.Name),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		// An attempt's outcome is known within its timeout; a process that
+		// dies mid-attempt has the copy redelivered after that.
+		AckWait:       d.Timeout + 5*time.Second,
+		MaxDeliver:    -1, // attempts are counted here, against max_attempts and max_age
+		MaxAckPending: max(d.Concurrency, 1) * 16,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("queue: consumer for %s: %v", d.Name, err)
+	}
+	client := &http.Client{
+		Timeout: d.Timeout,
+		CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse // redirects are answers, not followed
+		},
+	}
+	slots := make(chan struct{}, d.Concurrency)
+	var wg sync.WaitGroup
+	cc, err := cons.Consume(func(msg jetstream.Msg) {
+		slots <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-slots }()
+			a := s.attempt(ctx, client, &d, msg)
+			if observe != nil {
+				observe(a)
+			}
+		})
+	}, jetstream.PullMaxMessages(d.Concurrency))
+	if err != nil {
+		return nil, fmt.Errorf("queue: consuming %s: %v", d.Name, err)
+	}
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cc.Stop()
+			wg.Wait()
+		})
+	}
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
+	return stop, nil
+}
+
+// attempt makes one delivery attempt of msg and settles it.
+func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg) Attempt {
+	a := Attempt{Destination: d.Name, EventID: msg.Headers().Get(HeaderEventID), EventType: msg.Headers().Get(HeaderEventType)}
+	meta, err := msg.Metadata()
+	if err != nil {
+		a.Err, a.Result = err, "retry"
+		_ = msg.NakWithDelay(d.delay(1))
+		return a
+	}
+	a.Number = int(meta.NumDelivered)
+	start := time.Now()
+	a.Status, a.Err = s.post(ctx, client, d, msg, a.Number)
+	a.Duration = time.Since(start)
+	if a.Err == nil {
+		a.Result = "delivered"
+		// Acknowledged and confirmed: a lost ack would mean one more
+		// delivery, which Idempotency-Key lets the backend tell.
+		_ = msg.DoubleAck(context.WithoutCancel(ctx))
+		return a
+	}
+	next := d.delay(a.Number)
+	if (d.MaxAttempts > 0 && a.Number >= d.MaxAttempts) || time.Since(meta.Timestamp)+next > d.MaxAge {
+		if err := s.bury(ctx, d.Name, msg, a); err != nil {
+			// Not kept as a dead letter: keep retrying rather than drop it.
+			a.Err = fmt.Errorf("%v; and could not keep it as a dead letter: %v", a.Err, err)
+			a.Result = "retry"
+			_ = msg.NakWithDelay(next)
+			return a
+		}
+		a.Result = "dead"
+		_ = msg.Term()
+		return a
+	}
+	a.Result = "retry"
+	_ = msg.NakWithDelay(next)
+	return a
+}
+
+// post sends one attempt; any non-2xx is an error.
+func (s *Store) post(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, n int) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.URL, bytes.NewReader(msg.Data()))
+	if err != nil {
+		return 0, err
+	}
+	for k, v := range d.Header {
+		req.Header.Set(k, v)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	sig := msg.Headers().Get(HeaderSignature)
+	if d.Sign != nil {
+		sig = d.Sign(msg.Data(), time.Now())
+	}
+	req.Header.Set(HeaderSignature, sig)
+	req.Header.Set(HeaderAttempt, strconv.Itoa(n))
+	req.Header.Set(HeaderDestination, d.Name)
+	if id := msg.Headers().Get(HeaderEventID); id != "" {
+		req.Header.Set("Idempotency-Key", id)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return resp.StatusCode, fmt.Errorf("%s answered %d", d.Name, resp.StatusCode)
+	}
+	return resp.StatusCode, nil
+}
+
+// bury stores msg as a dead letter of destination, with the attempts made
+// and the last error.
+func (s *Store) bury(ctx context.Context, destination string, msg jetstream.Msg, a Attempt) error {
+	dead := nats.NewMsg(s.deadSubject(destination))
+	dead.Data = msg.Data()
+	for k, vs := range msg.Headers() {
+		if k == jetstream.MsgIDHeader {
+			continue
+		}
+		for _, v := range vs {
+			dead.Header.Add(k, v)
+		}
+	}
+	text := a.Err.Error()
+	if len(text) > maxErrorText {
+		text = text[:maxErrorText]
+	}
+	dead.Header.Set(headerLastError, text)
+	dead.Header.Set(headerAttempts, strconv.Itoa(a.Number))
+	dead.Header.Set(headerDeadAt, time.Now().UTC().Format(time.RFC3339))
+	_, err := s.js.PublishMsg(context.WithoutCancel(ctx), dead)
+	return err
+}
+
+// DeadLetter is one event that could not be delivered.
+type DeadLetter struct {
+	Seq       uint64    `json:"seq"`
+	ID        string    `json:"id"`
+	Type      string    `json:"type"`
+	Attempts  int       `json:"attempts"`
+	LastError string    `json:"last_error"`
+	DeadAt    time.Time `json:"dead_at"`
+	body      []byte
+	header    nats.Header
+}
+
+// maxListed bounds what one Dead call returns.
+const maxListed = 10000
+
+// Dead lists destination's dead letters, oldest first (at most 10000).
+func (s *Store) Dead(ctx context.Context, destination string) ([]DeadLetter, error) {
+	cons, err := s.js.OrderedConsumer(ctx, s.cfg.Stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{s.deadSubject(destination)},
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := []DeadLetter{}
+	for len(out) < maxListed {
+		batch, err := cons.FetchNoWait(256)
+		if err != nil {
+			return nil, err
+		}
+		n := 0
+		for msg := range batch.Messages() {
+			n++
+			meta, err := msg.Metadata()
+			if err != nil {
+				continue
+			}
+			h := msg.Headers()
+			attempts, _ := strconv.Atoi(h.Get(headerAttempts))
+			deadAt, _ := time.Parse(time.RFC3339, h.Get(headerDeadAt))
+			out = append(out, DeadLetter{
+				Seq: meta.Sequence.Stream, ID: h.Get(HeaderEventID), Type: h.Get(HeaderEventType),
+				Attempts: attempts, LastError: h.Get(headerLastError), DeadAt: deadAt,
+				body: msg.Data(), header: h,
+			})
+		}
+		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
+			return nil, err
+		}
+		if n == 0 {
+			break
+		}
+	}
+	return out, nil
+}
+
+// Redeliver puts dead letters of destination back in its queue, attempts
+// counted from 1 again: those whose event ids are listed, or all of them.
+// It returns how many went back.
+func (s *Store) Redeliver(ctx context.Context, destination string, ids []string, all bool) (int, error) {
+	dead, err := s.Dead(ctx, destination)
+	if err != nil {
+		return 0, err
+	}
+	want := map[string]bool{}
+	for _, id := range ids {
+		want[id] = true
+	}
+	st, err := s.js.Stream(ctx, s.cfg.Stream)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, dl := range dead {
+		if !all && !want[dl.ID] {
+			continue
+		}
+		msg := nats.NewMsg(s.Subject(destination))
+		msg.Data = dl.body
+		for k, vs := range dl.header {
+			switch k {
+			case headerLastError, headerAttempts, headerDeadAt:
+				continue
+			}
+			for _, v := range vs {
+				msg.Header.Add(k, v)
+			}
+		}
+		// A fresh message id: the dedupe window must not swallow it.
+		msg.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("redeliver:%s:%d", destination, dl.Seq))
+		if _, err := s.js.PublishMsg(ctx, msg); err != nil {
+			return n, err
+		}
+		if err := st.DeleteMsg(ctx, dl.Seq); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
+}
+
+// Purge drops destination's dead letters.
+func (s *Store) Purge(ctx context.Context, destination string) error {
+	st, err := s.js.Stream(ctx, s.cfg.Stream)
+	if err != nil {
+		return err
+	}
+	return st.Purge(ctx, jetstream.WithPurgeSubject(s.deadSubject(destination)))
+}

@@ -1,0 +1,222 @@
+package queue
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+)
+
+// backend is a real HTTP server on 127.0.0.1 that records attempts and
+// answers with fail() deciding the status.
+type backend struct {
+	*httptest.Server
+	mu   sync.Mutex
+	got  []*http.Request
+	body [][]byte
+	fail func(n int) int // status for the n-th request (from 1)
+}
+
+func newBackend(t *testing.T, fail func(n int) int) *backend {
+	b := &backend{fail: fail}
+	b.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		b.mu.Lock()
+		b.got = append(b.got, r)
+		b.body = append(b.body, body)
+		n := len(b.got)
+		f := b.fail
+		b.mu.Unlock()
+		w.WriteHeader(f(n))
+	}))
+	t.Cleanup(b.Close)
+	return b
+}
+
+func (b *backend) requests() ([]*http.Request, [][]byte) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]*http.Request(nil), b.got...), append([][]byte(nil), b.body...)
+}
+
+func (b *backend) setFail(f func(n int) int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.fail = f
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func sign(secret string) func([]byte, time.Time) string {
+	return func(body []byte, at time.Time) string {
+		ts := strconv.FormatInt(at.Unix(), 10)
+		m := hmac.New(sha256.New, []byte(secret))
+		m.Write([]byte(ts + "." + string(body)))
+		return "t=" + ts + ",v1=" + hex.EncodeToString(m.Sum(nil))
+	}
+}
+
+func put(t *testing.T, s *Store, dest, id string, body []byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := s.Enqueue(ctx, Message{Destination: dest, EventID: []byte(`"` + id + `"`), ID: id, Type: "video.asset.ready", Body: body,
+		Header: map[string]string{HeaderSignature: "t=1,v1=original"}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestDeliverRetriesUntilUp: a backend down for two attempts gets the
+// event on the third, signed afresh each time, byte for byte, with the
+// attempt number, the destination and the idempotency key.
+func TestDeliverRetriesUntilUp(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	b := newBackend(t, func(n int) int {
+		if n <= 2 {
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusNoContent
+	})
+	var mu sync.Mutex
+	var attempts []Attempt
+	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{50 * time.Millisecond}, Sign: sign("dest-secret")},
+		func(a Attempt) { mu.Lock(); attempts = append(attempts, a); mu.Unlock() })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	body := []byte(`{"type":"video.asset.ready","id":"up-1","data":{"x":"\u00e9"}}`)
+	put(t, s, "app", "up-1", body)
+	waitUntil(t, "three attempts", func() bool { mu.Lock(); defer mu.Unlock(); return len(attempts) == 3 })
+	reqs, bodies := b.requests()
+	for i, r := range reqs {
+		if got := r.Header.Get(HeaderAttempt); got != strconv.Itoa(i+1) {
+			t.Errorf("attempt %d: %s %q", i+1, HeaderAttempt, got)
+		}
+		if r.Header.Get(HeaderDestination) != "app" || r.Header.Get("Idempotency-Key") != "up-1" || r.Header.Get("Content-Type") != "application/json" {
+			t.Errorf("attempt %d: headers %v", i+1, r.Header)
+		}
+		if string(bodies[i]) != string(body) {
+			t.Errorf("attempt %d: body changed", i+1)
+		}
+		sig := r.Header.Get(HeaderSignature)
+		var ts int64
+		fmt.Sscanf(sig, "t=%d", &ts)
+		if want := sign("dest-secret")(body, time.Unix(ts, 0)); sig != want {
+			t.Errorf("attempt %d: signature %q, want %q", i+1, sig, want)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if attempts[0].Result != "retry" || attempts[1].Result != "retry" || attempts[2].Result != "delivered" || attempts[2].Status != 204 {
+		t.Errorf("attempts: %+v", attempts)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if reqs, _ := b.requests(); len(reqs) != 3 {
+		t.Errorf("backend got %d requests after delivery, want 3", len(reqs))
+	}
+}
+
+// TestDeadLetterAndRedeliver: a backend that always fails makes the event
+// a dead letter after max_attempts, kept with the attempts and the last
+// error; once the backend is fixed, redelivering it delivers it, counting
+// attempts from 1 again; purge drops dead letters.
+func TestDeadLetterAndRedeliver(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	b := newBackend(t, func(int) int { return http.StatusInternalServerError })
+	var mu sync.Mutex
+	results := map[string]int{}
+	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 3},
+		func(a Attempt) { mu.Lock(); results[a.Result]++; mu.Unlock() })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	put(t, s, "app", "dead-1", []byte(`{"type":"video.asset.ready","id":"dead-1"}`))
+	put(t, s, "app", "dead-2", []byte(`{"type":"video.asset.ready","id":"dead-2"}`))
+	waitUntil(t, "two dead letters", func() bool { mu.Lock(); defer mu.Unlock(); return results["dead"] == 2 })
+	dead, err := s.Dead(context.Background(), "app")
+	if err != nil || len(dead) != 2 {
+		t.Fatalf("dead letters: %v %+v", err, dead)
+	}
+	d := dead[0]
+	if d.ID != "dead-1" {
+		d = dead[1] // they die in either order: attempts run concurrently
+	}
+	if d.ID != "dead-1" || d.Type != "video.asset.ready" || d.Attempts != 3 || d.LastError != "app answered 500" || d.DeadAt.IsZero() {
+		t.Errorf("dead letter: %+v", d)
+	}
+	if reqs, _ := b.requests(); len(reqs) != 6 {
+		t.Errorf("backend got %d attempts, want 3 per event", len(reqs))
+	}
+	if reqs, _ := b.requests(); reqs[0].Header.Get(HeaderSignature) != "t=1,v1=original" {
+		t.Errorf("without sign, Mux's original header: %q", reqs[0].Header.Get(HeaderSignature))
+	}
+
+	b.setFail(func(int) int { return http.StatusOK })
+	n, err := s.Redeliver(context.Background(), "app", []string{"dead-1"}, false)
+	if err != nil || n != 1 {
+		t.Fatalf("redeliver: %d %v", n, err)
+	}
+	waitUntil(t, "the redelivered event", func() bool { mu.Lock(); defer mu.Unlock(); return results["delivered"] == 1 })
+	reqs, _ := b.requests()
+	if last := reqs[len(reqs)-1]; last.Header.Get("Idempotency-Key") != "dead-1" || last.Header.Get(HeaderAttempt) != "1" {
+		t.Errorf("redelivered attempt: key %q, attempt %q", last.Header.Get("Idempotency-Key"), last.Header.Get(HeaderAttempt))
+	}
+	if dead, _ := s.Dead(context.Background(), "app"); len(dead) != 1 || dead[0].ID != "dead-2" {
+		t.Fatalf("after redelivering one: %+v", dead)
+	}
+	if err := s.Purge(context.Background(), "app"); err != nil {
+		t.Fatal(err)
+	}
+	if dead, _ := s.Dead(context.Background(), "app"); len(dead) != 0 {
+		t.Fatalf("after purge: %+v", dead)
+	}
+}
+
+// TestFanOut: each destination gets its own copy and its own retries.
+func TestFanOut(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	a := newBackend(t, func(int) int { return 200 })
+	b := newBackend(t, func(n int) int {
+		if n == 1 {
+			return 502
+		}
+		return 200
+	})
+	for _, d := range []Destination{{Name: "assets", URL: a.URL}, {Name: "analytics", URL: b.URL, Retry: []time.Duration{20 * time.Millisecond}}} {
+		stop, err := s.Deliver(context.Background(), d, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer stop()
+	}
+	body := []byte(`{"type":"video.asset.ready","id":"fan-1"}`)
+	put(t, s, "assets", "fan-1", body)
+	put(t, s, "analytics", "fan-1", body)
+	waitUntil(t, "both copies", func() bool {
+		ra, _ := a.requests()
+		rb, _ := b.requests()
+		return len(ra) == 1 && len(rb) == 2
+	})
+}
