@@ -33,6 +33,15 @@ type App struct {
 	// LogBody is how many bytes of each verified body the live log keeps.
 	// Default: 16 KiB.
 	LogBody *int `json:"log_body,omitempty"`
+
+	// Queue configures the delivery queue of mux_deliver (deliver.go): an
+	// embedded NATS JetStream server by default.
+	Queue *QueueConfig `json:"queue,omitempty"`
+
+	// Destinations are where mux_deliver delivers, by name.
+	Destinations map[string]*DestinationConfig `json:"destinations,omitempty"`
+
+	delivery *delivery
 }
 
 // CaddyModule returns the Caddy module information.
@@ -46,7 +55,7 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // Provision checks the settings and applies them to the live log. It
 // checks them itself: Caddy validates a module only after provisioning
 // it, and a negative size must never reach the live log.
-func (a *App) Provision(caddy.Context) error {
+func (a *App) Provision(ctx caddy.Context) error {
 	if err := a.Validate(); err != nil {
 		return err
 	}
@@ -58,7 +67,9 @@ func (a *App) Provision(caddy.Context) error {
 		body = *a.LogBody
 	}
 	liveLog.configure(size, body)
-	return nil
+	var err error
+	a.delivery, err = a.provisionDelivery(ctx)
+	return err
 }
 
 // Validate checks the bounds.
@@ -72,16 +83,35 @@ func (a *App) Validate() error {
 	return nil
 }
 
-// Start implements caddy.App.
-func (a *App) Start() error { return nil }
+// Start starts the delivery workers, if destinations are configured.
+func (a *App) Start() error {
+	if a.delivery != nil {
+		return a.delivery.start()
+	}
+	return nil
+}
 
-// Stop implements caddy.App. The live log's entries stay for the next
-// config.
-func (a *App) Stop() error { return nil }
+// Stop stops the delivery workers; what they had not delivered stays
+// queued. The live log's entries stay for the next config.
+func (a *App) Stop() error {
+	if a.delivery != nil {
+		a.delivery.stop()
+	}
+	return nil
+}
+
+// Cleanup releases the queue's store; it is closed when no config uses it.
+func (a *App) Cleanup() error {
+	if a.delivery != nil {
+		a.delivery.cleanup()
+	}
+	return nil
+}
 
 // Interface guards
 var (
-	_ caddy.App         = (*App)(nil)
-	_ caddy.Provisioner = (*App)(nil)
-	_ caddy.Validator   = (*App)(nil)
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.Validator    = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
 )

@@ -27,6 +27,8 @@ func init() {
 	// respond, like file_server's neighbours.
 	httpcaddyfile.RegisterDirective("mux_store", parseStoreCaddyfile)
 	httpcaddyfile.RegisterDirectiveOrder("mux_store", httpcaddyfile.Before, "respond")
+	httpcaddyfile.RegisterHandlerDirective("mux_deliver", parseDeliverCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("mux_deliver", httpcaddyfile.Before, "respond")
 	httpcaddyfile.RegisterHandlerDirective("mux_webhook_ui", func(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 		u := new(UI)
 		return u, u.UnmarshalCaddyfile(h.Dispenser)
@@ -174,6 +176,8 @@ func parseDedupe(d *caddyfile.Dispenser) (*Dedupe, error) {
 //	mux_webhook {
 //		log_size <n>
 //		log_body <size>
+//		queue { ... }
+//		destination <name> <url> { ... }
 //	}
 func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 	app := new(App)
@@ -203,14 +207,223 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 			}
 			size := int(n)
 			app.LogBody = &size
+		case "queue":
+			q, err := parseQueue(d)
+			if err != nil {
+				return nil, err
+			}
+			app.Queue = q
+		case "destination":
+			name, dc, err := parseDestination(d)
+			if err != nil {
+				return nil, err
+			}
+			if app.Destinations == nil {
+				app.Destinations = map[string]*DestinationConfig{}
+			}
+			if app.Destinations[name] != nil {
+				return nil, d.Errf("mux_webhook: destination %q is declared twice", name)
+			}
+			app.Destinations[name] = dc
 		default:
-			return nil, d.Errf("mux_webhook: unknown global option %q; expected log_size or log_body", d.Val())
+			return nil, d.Errf("mux_webhook: unknown global option %q; expected log_size, log_body, queue or destination", d.Val())
 		}
 	}
 	if err := app.Validate(); err != nil {
 		return nil, d.Err(err.Error())
 	}
 	return httpcaddyfile.App{Name: "mux_webhook", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// parseQueue parses
+//
+//	queue {
+//		dir <path>
+//		nats <url>... {
+//			creds <file> | user <u> / password <p> | token <t>
+//			replicas <n>
+//		}
+//		stream <name>
+//		max_bytes <size>
+//		dedupe_window <duration>
+//		enqueue_timeout <duration>
+//	}
+func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
+	q := new(QueueConfig)
+	if d.NextArg() {
+		return nil, d.Errf("mux_webhook: queue takes a block, not arguments")
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		switch opt {
+		case "dir", "stream":
+			var v string
+			if !d.AllArgs(&v) {
+				return nil, d.ArgErr()
+			}
+			if opt == "dir" {
+				q.Dir = v
+			} else {
+				q.Stream = v
+			}
+		case "max_bytes":
+			var v string
+			if !d.AllArgs(&v) {
+				return nil, d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(v)
+			if err != nil || n == 0 || n > 1<<50 {
+				return nil, d.Errf("mux_webhook: queue max_bytes %q: want a size, e.g. 1GiB", v)
+			}
+			q.MaxBytes = int64(n)
+		case "dedupe_window", "enqueue_timeout":
+			dur, err := parsePositiveDuration(d, "queue "+opt)
+			if err != nil {
+				return nil, err
+			}
+			if opt == "dedupe_window" {
+				q.DedupeWindow = dur
+			} else {
+				q.EnqueueTimeout = dur
+			}
+		case "nats":
+			n := &NATSConfig{URLs: d.RemainingArgs()}
+			if len(n.URLs) == 0 {
+				return nil, d.Errf("mux_webhook: queue nats needs the server URLs, e.g. nats nats://10.0.0.1:4222")
+			}
+			for nn := d.Nesting(); d.NextBlock(nn); {
+				var v string
+				sub := d.Val()
+				if !d.AllArgs(&v) {
+					return nil, d.ArgErr()
+				}
+				switch sub {
+				case "creds":
+					n.Creds = v
+				case "user":
+					n.User = v
+				case "password":
+					n.Password = v
+				case "token":
+					n.Token = v
+				case "replicas":
+					r, err := strconv.Atoi(v)
+					if err != nil || r < 1 || r > 5 {
+						return nil, d.Errf("mux_webhook: queue nats replicas %q: want 1 to 5", v)
+					}
+					n.Replicas = r
+				default:
+					return nil, d.Errf("mux_webhook: unknown queue nats option %q; expected creds, user, password, token or replicas", sub)
+				}
+			}
+			q.NATS = n
+		default:
+			return nil, d.Errf("mux_webhook: unknown queue option %q; expected dir, nats, stream, max_bytes, dedupe_window or enqueue_timeout", opt)
+		}
+	}
+	return q, nil
+}
+
+// parseDestination parses
+//
+//	destination <name> <url> {
+//		timeout <duration>
+//		retry <duration>...
+//		max_attempts <n>
+//		max_age <duration>
+//		concurrency <n>
+//		sign <secret>
+//		header <name> <value>
+//	}
+func parseDestination(d *caddyfile.Dispenser) (string, *DestinationConfig, error) {
+	args := d.RemainingArgs()
+	if len(args) != 2 {
+		return "", nil, d.Errf("mux_webhook: want destination <name> <url>, e.g. destination app http://localhost:9000/mux")
+	}
+	name, dc := args[0], &DestinationConfig{URL: args[1]}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		switch opt {
+		case "timeout", "max_age":
+			dur, err := parsePositiveDuration(d, "destination "+name+" "+opt)
+			if err != nil {
+				return "", nil, err
+			}
+			if opt == "timeout" {
+				dc.Timeout = dur
+			} else {
+				dc.MaxAge = dur
+			}
+		case "retry":
+			delays := d.RemainingArgs()
+			if len(delays) == 0 {
+				return "", nil, d.Errf("mux_webhook: destination %s retry needs delays, e.g. retry 10s 1m 5m", name)
+			}
+			for _, v := range delays {
+				dur, err := caddy.ParseDuration(v)
+				if err != nil || dur <= 0 {
+					return "", nil, d.Errf("mux_webhook: destination %s retry %q: want durations greater than 0", name, v)
+				}
+				dc.Retry = append(dc.Retry, caddy.Duration(dur))
+			}
+		case "max_attempts", "concurrency":
+			var v string
+			if !d.AllArgs(&v) {
+				return "", nil, d.ArgErr()
+			}
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 || n > 10000 || (opt == "concurrency" && n == 0) {
+				return "", nil, d.Errf("mux_webhook: destination %s %s %q: want a whole number", name, opt, v)
+			}
+			if opt == "max_attempts" {
+				dc.MaxAttempts = n
+			} else {
+				dc.Concurrency = n
+			}
+		case "sign":
+			if !d.AllArgs(&dc.Sign) {
+				return "", nil, d.ArgErr()
+			}
+		case "header":
+			var k, v string
+			if !d.AllArgs(&k, &v) {
+				return "", nil, d.ArgErr()
+			}
+			if dc.Header == nil {
+				dc.Header = map[string]string{}
+			}
+			dc.Header[k] = v
+		default:
+			return "", nil, d.Errf("mux_webhook: unknown destination option %q; expected timeout, retry, max_attempts, max_age, concurrency, sign or header", opt)
+		}
+	}
+	return name, dc, nil
+}
+
+func parsePositiveDuration(d *caddyfile.Dispenser, what string) (caddy.Duration, error) {
+	var v string
+	if !d.AllArgs(&v) {
+		return 0, d.ArgErr()
+	}
+	dur, err := caddy.ParseDuration(v)
+	if err != nil || dur <= 0 {
+		return 0, d.Errf("mux_webhook: %s %q: want a duration greater than 0", what, v)
+	}
+	return caddy.Duration(dur), nil
+}
+
+// parseDeliverCaddyfile parses mux_deliver [<matcher>] <destination>...
+func parseDeliverCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	dh := new(Deliver)
+	h.Next()
+	dh.Destinations = h.RemainingArgs()
+	if len(dh.Destinations) == 0 {
+		return nil, h.Errf("mux_deliver: name at least one destination, e.g. mux_deliver app")
+	}
+	if h.NextBlock(0) {
+		return nil, h.Err("mux_deliver takes no block; configure destinations in the mux_webhook global option")
+	}
+	return dh, nil
 }
 
 // parseStoreCaddyfile parses the directive the way Caddy's root directive

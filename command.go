@@ -38,7 +38,7 @@ const maxSendCount = 10000
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "mux-webhook",
-		Usage: "<events|sign|verify|send|replay> [flags]",
+		Usage: "<events|sign|verify|send|replay|queue> [flags]",
 		Short: "Lists Mux event types and signs, verifies or sends test webhooks",
 		Long: `
 Tools for testing a mux_webhook gateway without Mux:
@@ -53,6 +53,7 @@ Tools for testing a mux_webhook gateway without Mux:
   replay --from DIR --to URL [--secret S]... [--type GLOB] [--dry-run]
                                      deliver what mux_store kept, oldest first,
                                      if its stored signature still proves it
+  queue  [dead|redeliver|purge] …     the delivery queue of a running Caddy (admin API)
 
 The secret defaults to the MUX_WEBHOOK_SECRET environment variable.
 Run 'caddy mux-webhook <command> --help' for each command's flags.
@@ -71,7 +72,7 @@ func newCommand() *cobra.Command {
 }
 
 func addSubcommands(cmd *cobra.Command) {
-	cmd.AddCommand(eventsCommand(), signCommand(), verifyCommand(), sendCommand(), replayCommand())
+	cmd.AddCommand(eventsCommand(), signCommand(), verifyCommand(), sendCommand(), replayCommand(), queueCommand())
 }
 
 func eventsCommand() *cobra.Command {

@@ -78,7 +78,15 @@ func (a *adminAPI) Routes() []caddy.AdminRoute {
 }
 
 func (a *adminAPI) route(w http.ResponseWriter, r *http.Request) error {
-	return serveLiveLog(w, r, strings.TrimPrefix(r.URL.Path, "/mux-webhook"), a.ctx.Done())
+	path := strings.TrimPrefix(r.URL.Path, "/mux-webhook")
+	if sub, ok := strings.CutPrefix(path, "/queue"); ok && (sub == "" || strings.HasPrefix(sub, "/")) {
+		var app *App
+		if v, err := a.ctx.AppIfConfigured("mux_webhook"); err == nil {
+			app, _ = v.(*App)
+		}
+		return serveQueue(w, r, sub, app)
+	}
+	return serveLiveLog(w, r, path, a.ctx.Done())
 }
 
 // serveLiveLog serves the live log's page ("/"), JSON ("/events") and

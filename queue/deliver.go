@@ -353,3 +353,59 @@ func (s *Store) Purge(ctx context.Context, destination string) error {
 	}
 	return st.Purge(ctx, jetstream.WithPurgeSubject(s.deadSubject(destination)))
 }
+
+// Status is what the queue holds for one destination.
+type Status struct {
+	// Pending copies wait for their next attempt; InFlight are being
+	// attempted (or wait for a retry's delay); Dead are dead letters.
+	Pending, InFlight, Dead uint64
+	// Oldest is when the oldest copy not yet delivered was stored; zero
+	// when there is none.
+	Oldest time.Time
+}
+
+// Status reports destination's queue, from the stream: the same on every
+// instance sharing it.
+func (s *Store) Status(ctx context.Context, destination string) (Status, error) {
+	var st Status
+	stream, err := s.js.Stream(ctx, s.cfg.Stream)
+	if err != nil {
+		return st, err
+	}
+	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(s.cfg.Stream+".*."+destination))
+	if err != nil {
+		return st, err
+	}
+	st.Dead = info.State.Subjects[s.deadSubject(destination)]
+	cons, err := stream.Consumer(ctx, "deliver_"+destination)
+	if errors.Is(err, jetstream.ErrConsumerNotFound) {
+		// No worker ever ran: everything stored is pending.
+		st.Pending = info.State.Subjects[s.Subject(destination)]
+		if st.Pending > 0 {
+			st.Oldest = s.firstAfter(ctx, stream, destination, 0)
+		}
+		return st, nil
+	}
+	if err != nil {
+		return st, err
+	}
+	ci, err := cons.Info(ctx)
+	if err != nil {
+		return st, err
+	}
+	st.Pending, st.InFlight = ci.NumPending, uint64(ci.NumAckPending)
+	if st.Pending+st.InFlight > 0 {
+		st.Oldest = s.firstAfter(ctx, stream, destination, ci.AckFloor.Stream)
+	}
+	return st, nil
+}
+
+// firstAfter is when the first copy for destination after stream sequence
+// seq was stored.
+func (s *Store) firstAfter(ctx context.Context, stream jetstream.Stream, destination string, seq uint64) time.Time {
+	m, err := stream.GetMsg(ctx, seq+1, jetstream.WithGetMsgSubject(s.Subject(destination)))
+	if err != nil {
+		return time.Time{}
+	}
+	return m.Time
+}

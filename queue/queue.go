@@ -47,6 +47,9 @@ type Config struct {
 	// URLs, if set, connect to an external NATS server or cluster instead
 	// of starting the embedded one.
 	URLs []string
+	// Credentials for the external server: a creds file, or user and
+	// password, or a token.
+	Creds, User, Password, Token string
 	// Replicas of the stream on an external cluster. Default: 1.
 	Replicas int
 	// Stream is the JetStream stream's name. Default: MUX_WEBHOOK.
@@ -135,7 +138,16 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		}
 		s.conn, err = nats.Connect("", nats.InProcessServer(s.server), nats.Name("mux_webhook"))
 	} else {
-		s.conn, err = nats.Connect(joinURLs(cfg.URLs), nats.Name("mux_webhook"), nats.MaxReconnects(-1))
+		opts := []nats.Option{nats.Name("mux_webhook"), nats.MaxReconnects(-1)}
+		switch {
+		case cfg.Creds != "":
+			opts = append(opts, nats.UserCredentials(cfg.Creds))
+		case cfg.User != "":
+			opts = append(opts, nats.UserInfo(cfg.User, cfg.Password))
+		case cfg.Token != "":
+			opts = append(opts, nats.Token(cfg.Token))
+		}
+		s.conn, err = nats.Connect(joinURLs(cfg.URLs), opts...)
 	}
 	if err != nil {
 		s.Close()

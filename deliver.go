@@ -1,0 +1,334 @@
+// The Caddy glue of the delivery queue (package queue): the mux_webhook
+// app's `queue` and `destination` settings, the store kept across config
+// reloads, the delivery workers' lifecycle and log lines, and the
+// mux_deliver handler, which answers 202 once every destination's copy of
+// the verified event is stored.
+//
+//	mux_deliver [<matcher>] <destination>...
+
+package muxwebhook
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
+)
+
+func init() {
+	caddy.RegisterModule(Deliver{})
+}
+
+// QueueConfig configures the delivery queue (SPEC: "Delivery queue").
+type QueueConfig struct {
+	// Dir is the embedded JetStream server's store. Default:
+	// {Caddy's data directory}/mux_webhook/jetstream.
+	Dir string `json:"dir,omitempty"`
+	// NATS connects to an external NATS server or cluster instead of
+	// starting the embedded server.
+	NATS *NATSConfig `json:"nats,omitempty"`
+	// Stream is the JetStream stream's name. Default: MUX_WEBHOOK.
+	Stream string `json:"stream,omitempty"`
+	// MaxBytes bounds the stream; when it is full, mux_deliver answers 503
+	// and stored events are never dropped. Default: 1 GiB.
+	MaxBytes int64 `json:"max_bytes,omitempty"`
+	// DedupeWindow: a redelivered event id is queued once per destination
+	// within it. Default: 24h.
+	DedupeWindow caddy.Duration `json:"dedupe_window,omitempty"`
+	// EnqueueTimeout bounds how long mux_deliver waits for every copy to
+	// be stored before it answers 503. Default: 2s.
+	EnqueueTimeout caddy.Duration `json:"enqueue_timeout,omitempty"`
+}
+
+// NATSConfig is an external NATS server or cluster.
+type NATSConfig struct {
+	// URLs of the servers, e.g. nats://10.0.0.1:4222.
+	URLs []string `json:"urls,omitempty"`
+	// Creds is a credentials file.
+	Creds string `json:"creds,omitempty"`
+	// User and Password, or Token, authenticate instead.
+	User     string `json:"user,omitempty"`
+	Password string `json:"password,omitempty"`
+	Token    string `json:"token,omitempty"`
+	// Replicas of the stream. Default: 1; use 3 on a 3-node cluster.
+	Replicas int `json:"replicas,omitempty"`
+}
+
+// DestinationConfig is where mux_deliver delivers, by name.
+type DestinationConfig struct {
+	// URL receives a POST per event.
+	URL string `json:"url,omitempty"`
+	// Timeout bounds each attempt. Default: 30s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// Retry are the delays between attempts; the last one repeats.
+	// Default: 10s 1m 5m 30m 1h.
+	Retry []caddy.Duration `json:"retry,omitempty"`
+	// MaxAttempts makes an event a dead letter after this many failed
+	// attempts. Default: 0, until max_age.
+	MaxAttempts int `json:"max_attempts,omitempty"`
+	// MaxAge makes an event a dead letter once it is this old. Default: 72h.
+	MaxAge caddy.Duration `json:"max_age,omitempty"`
+	// Concurrency is how many attempts run at once per Caddy instance.
+	// Default: 4.
+	Concurrency int `json:"concurrency,omitempty"`
+	// Sign re-signs every attempt with this secret ({env.*} or {file.*}
+	// as for mux_webhook); without it, Mux's original signature is sent.
+	Sign string `json:"sign,omitempty"`
+	// Header adds request headers.
+	Header map[string]string `json:"header,omitempty"`
+}
+
+// stores holds the queue's store across config reloads: the embedded
+// server is not restarted, and nothing queued is lost or repeated.
+var stores = caddy.NewUsagePool()
+
+// storeHandle is a store in the pool.
+type storeHandle struct{ *queue.Store }
+
+// Destruct closes the store when no config uses it any more.
+func (s storeHandle) Destruct() error {
+	s.Close()
+	return nil
+}
+
+// delivery is the app's provisioned queue: the store and the destinations.
+type delivery struct {
+	cfg          QueueConfig
+	poolKey      string
+	store        *queue.Store
+	destinations map[string]queue.Destination
+	stops        []func()
+	logger       *zap.Logger
+
+	mu    sync.Mutex
+	stats map[string]*destinationStats // by destination, this process's attempts
+}
+
+// destinationStats counts what this process's workers did.
+type destinationStats struct {
+	delivered uint64
+	lastError string
+}
+
+// provisionDelivery opens (or shares) the store and checks the
+// destinations. It returns nil when neither is configured.
+func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
+	if a.Queue == nil && len(a.Destinations) == 0 {
+		return nil, nil
+	}
+	cfg := QueueConfig{}
+	if a.Queue != nil {
+		cfg = *a.Queue
+	}
+	if cfg.EnqueueTimeout == 0 {
+		cfg.EnqueueTimeout = caddy.Duration(queue.DefaultEnqueueTimeout)
+	}
+	if cfg.Dir == "" {
+		cfg.Dir = filepath.Join(caddy.AppDataDir(), "mux_webhook", "jetstream")
+	}
+	if cfg.MaxBytes < 0 || cfg.DedupeWindow < 0 || cfg.EnqueueTimeout < 0 {
+		return nil, errors.New("mux_webhook: queue max_bytes, dedupe_window and enqueue_timeout must not be negative")
+	}
+	d := &delivery{cfg: cfg, destinations: map[string]queue.Destination{}, logger: ctx.Logger(), stats: map[string]*destinationStats{}}
+	for name, dc := range a.Destinations {
+		dest, err := dc.destination(name)
+		if err != nil {
+			return nil, err
+		}
+		d.destinations[name] = dest
+		d.stats[name] = &destinationStats{}
+	}
+	qc := queue.Config{
+		Dir: cfg.Dir, Stream: cfg.Stream, MaxBytes: cfg.MaxBytes, DedupeWindow: time.Duration(cfg.DedupeWindow),
+	}
+	d.poolKey = "mux_webhook.queue.dir." + cfg.Dir
+	if n := cfg.NATS; n != nil {
+		qc.URLs, qc.Creds, qc.User, qc.Password, qc.Token, qc.Replicas = n.URLs, n.Creds, n.User, n.Password, n.Token, n.Replicas
+		d.poolKey = "mux_webhook.queue.nats." + strings.Join(n.URLs, ",") + "." + cfg.Stream
+	}
+	val, _, err := stores.LoadOrNew(d.poolKey, func() (caddy.Destructor, error) {
+		octx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		s, err := queue.Open(octx, qc)
+		if err != nil {
+			return nil, err
+		}
+		return storeHandle{s}, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mux_webhook: queue: %v", err)
+	}
+	d.store = val.(storeHandle).Store
+	return d, nil
+}
+
+// destination turns a configured destination into the queue's.
+func (dc *DestinationConfig) destination(name string) (queue.Destination, error) {
+	if !queue.ValidDestination(name) {
+		return queue.Destination{}, fmt.Errorf("mux_webhook: destination name %q: use letters, digits, _ and - only", name)
+	}
+	if !strings.HasPrefix(dc.URL, "http://") && !strings.HasPrefix(dc.URL, "https://") {
+		return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: url %q must start with http:// or https://", name, dc.URL)
+	}
+	if dc.Timeout < 0 || dc.MaxAge < 0 || dc.MaxAttempts < 0 || dc.Concurrency < 0 {
+		return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: timeout, max_age, max_attempts and concurrency must not be negative", name)
+	}
+	d := queue.Destination{
+		Name: name, URL: dc.URL, Timeout: time.Duration(dc.Timeout), MaxAttempts: dc.MaxAttempts,
+		MaxAge: time.Duration(dc.MaxAge), Concurrency: dc.Concurrency, Header: dc.Header,
+	}
+	for _, r := range dc.Retry {
+		if r <= 0 {
+			return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: retry delays must be greater than 0", name)
+		}
+		d.Retry = append(d.Retry, time.Duration(r))
+	}
+	if dc.Sign != "" {
+		secrets, err := resolveSecrets([]string{dc.Sign})
+		if err != nil {
+			return queue.Destination{}, fmt.Errorf("destination %s: sign: %v", name, err)
+		}
+		secret := secrets[0]
+		d.Sign = func(body []byte, at time.Time) string { return Sign(secret, body, at) }
+	}
+	return d, nil
+}
+
+// start runs the delivery workers, logging each failed attempt at WARN
+// and each dead letter at ERROR (never a secret).
+func (d *delivery) start() error {
+	for _, dest := range d.destinations {
+		stop, err := d.store.Deliver(context.Background(), dest, d.logAttempt)
+		if err != nil {
+			d.stop()
+			return fmt.Errorf("mux_webhook: %v", err)
+		}
+		d.stops = append(d.stops, stop)
+	}
+	return nil
+}
+
+func (d *delivery) logAttempt(a queue.Attempt) {
+	d.mu.Lock()
+	if st := d.stats[a.Destination]; st != nil {
+		if a.Result == "delivered" {
+			st.delivered++
+		} else if a.Err != nil {
+			st.lastError = a.Err.Error()
+		}
+	}
+	d.mu.Unlock()
+
+	fields := []zap.Field{
+		zap.String("destination", a.Destination), zap.String("id", a.EventID), zap.String("type", a.EventType),
+		zap.Int("attempt", a.Number), zap.Int("status", a.Status), zap.Duration("duration", a.Duration),
+	}
+	switch a.Result {
+	case "delivered":
+		d.logger.Info("mux webhook delivered", fields...)
+	case "retry":
+		d.logger.Warn("mux webhook delivery failed; will retry", append(fields, zap.Error(a.Err))...)
+	case "dead":
+		d.logger.Error("mux webhook delivery failed for good; kept as a dead letter", append(fields, zap.Error(a.Err))...)
+	}
+}
+
+func (d *delivery) stop() {
+	for _, stop := range d.stops {
+		stop()
+	}
+	d.stops = nil
+}
+
+func (d *delivery) cleanup() {
+	d.stop()
+	_, _ = stores.Delete(d.poolKey)
+}
+
+// Deliver is the mux_deliver handler: a terminal handler that stores one
+// copy of the event mux_webhook verified earlier in the request per named
+// destination, and answers 202 once all are stored (503 if any could not
+// be, within enqueue_timeout; Mux's retry is then stored once per
+// destination, thanks to the dedupe window). Without a verified event it
+// answers 500 and stores nothing.
+type Deliver struct {
+	// Destinations are names configured with the mux_webhook global
+	// option's destination lines.
+	Destinations []string `json:"destinations,omitempty"`
+
+	delivery *delivery
+	logger   *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (Deliver) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.mux_deliver",
+		New: func() caddy.Module { return new(Deliver) },
+	}
+}
+
+// Provision finds the destinations in the mux_webhook app.
+func (h *Deliver) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if len(h.Destinations) == 0 {
+		return errors.New("mux_deliver: name at least one destination, e.g. mux_deliver app")
+	}
+	appVal, err := ctx.App("mux_webhook")
+	if err != nil {
+		return fmt.Errorf("mux_deliver: loading the mux_webhook app: %v", err)
+	}
+	d := appVal.(*App).delivery
+	for _, name := range h.Destinations {
+		if d == nil || d.destinations[name].Name == "" {
+			return fmt.Errorf("mux_deliver: unknown destination %q; declare it in the global options: mux_webhook { destination %s <url> }", name, name)
+		}
+	}
+	h.delivery = d
+	return nil
+}
+
+// ServeHTTP stores the verified event for every destination.
+func (h *Deliver) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	ev := EventFromRequest(r)
+	if ev == nil {
+		h.logger.Error("mux_deliver: no verified event in this request; put mux_webhook before it in the route", zap.String("uri", r.RequestURI))
+		return caddyhttp.Error(http.StatusInternalServerError, errors.New("mux_deliver: no verified event"))
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.delivery.cfg.EnqueueTimeout))
+	defer cancel()
+	key := ev.IDRaw
+	if len(key) == 0 {
+		key = ev.Body // no id: only the same bytes are the same event
+	}
+	for _, name := range h.Destinations {
+		_, err := h.delivery.store.Enqueue(ctx, queue.Message{
+			Destination: name, EventID: key, ID: ev.ID, Type: ev.Type, Body: ev.Body,
+			Header: map[string]string{queue.HeaderSignature: ev.Signature},
+		})
+		if err != nil {
+			h.logger.Error("mux_deliver: could not queue the event; answering 503 so that Mux retries",
+				zap.String("destination", name), zap.String("type", ev.Type), zap.String("id", ev.ID), zap.Error(err))
+			return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("mux_deliver: %w", err))
+		}
+	}
+	w.WriteHeader(http.StatusAccepted)
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddyhttp.MiddlewareHandler = (*Deliver)(nil)
+	_ caddy.Provisioner           = (*Deliver)(nil)
+)

@@ -1,0 +1,156 @@
+package muxwebhook
+
+import (
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// deliverGlobal is the mux_webhook global option with an embedded queue
+// in dir and the given destination lines.
+func deliverGlobal(dir string, destinations ...string) string {
+	return fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n%s\n\t}", dir, strings.Join(destinations, "\n"))
+}
+
+// TestMuxDeliverFanOut: mux_deliver answers 202 once the event is stored
+// for every destination; each destination's backend receives it byte for
+// byte, re-signed; Mux's redelivery is queued once per destination; an
+// event matched by no fan-out route goes to analytics only.
+func TestMuxDeliverFanOut(t *testing.T) {
+	assets, analytics := newUpstream(t, "assets"), newUpstream(t, "analytics")
+	dir := filepath.Join(t.TempDir(), "js")
+	g := startGatewayWithAdmin(t, deliverGlobal(dir,
+		fmt.Sprintf("\t\tdestination assets %s {\n\t\t\tretry 50ms\n\t\t\tsign dest-secret\n\t\t}", assets.URL),
+		fmt.Sprintf("\t\tdestination analytics %s {\n\t\t\tretry 50ms\n\t\t}", analytics.URL),
+	), fmt.Sprintf(`
+	mux_webhook %s
+	@assets mux_event video.asset.*
+	mux_deliver @assets assets analytics
+	mux_deliver analytics`, testSecret))
+
+	body := event("video.asset.ready", "deliver-1", "")
+	for i := range 2 { // Mux's redelivery is absorbed
+		status, _, got := do(t, signedRequest(t, g.url, testSecret, body, time.Now()))
+		if status != http.StatusAccepted || got != "" {
+			t.Fatalf("delivery %d: %d %q, want 202 and no body", i+1, status, got)
+		}
+	}
+	live := event("video.live_stream.active", "deliver-2", "")
+	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, live, time.Now())); status != http.StatusAccepted {
+		t.Fatalf("live event: %d", status)
+	}
+	waitFor(t, func() bool { return len(assets.requests()) >= 1 && len(analytics.requests()) >= 2 }, func() string {
+		return fmt.Sprintf("assets got %d, analytics %d", len(assets.requests()), len(analytics.requests()))
+	})
+	time.Sleep(300 * time.Millisecond) // nothing more arrives
+	if n, m := len(assets.requests()), len(analytics.requests()); n != 1 || m != 2 {
+		t.Fatalf("assets got %d, analytics %d; want 1 and 2", n, m)
+	}
+	got := assets.requests()[0]
+	if string(got.Body) != string(body) || got.Header.Get("Idempotency-Key") != "deliver-1" ||
+		got.Header.Get("Mux-Webhook-Attempt") != "1" || got.Header.Get("Mux-Webhook-Destination") != "assets" {
+		t.Errorf("assets got %+v", got.Header)
+	}
+	sig, err := ParseSignature(got.Header.Get(SignatureHeader))
+	if err != nil || NewVerifier([][]byte{[]byte("dest-secret")}).Check(sig, got.Body, time.Now(), time.Minute) != nil {
+		t.Errorf("assets: signature %q is not a fresh one made with sign", got.Header.Get(SignatureHeader))
+	}
+	// Without sign, Mux's original signature is passed on.
+	a := analytics.requests()[0]
+	if sig, err := ParseSignature(a.Header.Get(SignatureHeader)); err != nil || NewVerifier([][]byte{[]byte(testSecret)}).Check(sig, a.Body, time.Now(), time.Minute) != nil {
+		t.Errorf("analytics: signature %q is not Mux's", a.Header.Get(SignatureHeader))
+	}
+}
+
+// TestMuxDeliverConfigErrors: an unknown destination is a load error; so
+// is a bad destination.
+func TestMuxDeliverConfigErrors(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "js")
+	cases := []struct{ global, site, want string }{
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1"), "mux_webhook s\n\tmux_deliver nope", `unknown destination "nope"`},
+		{"", "mux_webhook s\n\tmux_deliver app", `unknown destination "app"`},
+		{deliverGlobal(dir, "\t\tdestination app ftp://x"), "mux_webhook s\n\tmux_deliver app", "must start with http://"},
+		{deliverGlobal(dir, "\t\tdestination a.b http://127.0.0.1:1"), "mux_webhook s\n\tmux_deliver a.b", "destination name"},
+	}
+	for _, c := range cases {
+		cfg, _ := gatewayConfigWith(t, "off", c.global, c.site)
+		err := loadCaddyfile(cfg)
+		if err == nil {
+			_ = stopCaddy()
+			t.Errorf("%q loaded", c.site)
+			continue
+		}
+		if !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q: %v, want %q", c.site, err, c.want)
+		}
+	}
+}
+
+// TestQueueDeadLettersAndCLI: a destination that always fails makes the
+// event a dead letter after max_attempts; the admin API and `caddy
+// mux-webhook queue` show it; once the backend is fixed, the CLI
+// redelivers it and it arrives; purge empties the dead letters; a change
+// without a JSON content type is refused.
+func TestQueueDeadLettersAndCLI(t *testing.T) {
+	var failing atomic.Bool
+	failing.Store(true)
+	var got atomic.Int32
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if failing.Load() {
+			w.WriteHeader(http.StatusInternalServerError)
+			return
+		}
+		got.Add(1)
+	}))
+	t.Cleanup(app.Close)
+	dir := filepath.Join(t.TempDir(), "js")
+	g := startGatewayWithAdmin(t, deliverGlobal(dir,
+		fmt.Sprintf("\t\tdestination app %s {\n\t\t\tretry 20ms\n\t\t\tmax_attempts 2\n\t\t}", app.URL),
+	), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	for _, id := range []string{"dl-1", "dl-2"} {
+		if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.errored", id, ""), time.Now())); status != http.StatusAccepted {
+			t.Fatalf("%s: %d", id, status)
+		}
+	}
+	var status []QueueStatus
+	waitFor(t, func() bool {
+		status = nil
+		getJSON(t, g.admin+"/mux-webhook/queue", &status)
+		return len(status) == 1 && status[0].Dead == 2
+	}, func() string { return fmt.Sprintf("queue status: %+v", status) })
+	if s := status[0]; s.Name != "app" || s.Pending != 0 || s.LastError != "app answered 500" {
+		t.Errorf("status: %+v", s)
+	}
+	admin := strings.TrimPrefix(g.admin, "http://")
+	out, err := runCommand(t, "", "queue", "dead", "app", "--address", admin)
+	if err != nil || !strings.Contains(out, "dl-1") || !strings.Contains(out, "video.asset.errored") || !strings.Contains(out, "app answered 500") {
+		t.Fatalf("queue dead: %v\n%s", err, out)
+	}
+	// A form cannot redeliver.
+	req, _ := http.NewRequest(http.MethodPost, g.admin+"/mux-webhook/queue/redeliver", strings.NewReader("destination=app&all=true"))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	if code, _, _ := do(t, req); code != http.StatusUnsupportedMediaType {
+		t.Errorf("a form's redeliver: %d, want 415", code)
+	}
+	failing.Store(false)
+	if out, err := runCommand(t, "", "queue", "redeliver", "app", "dl-1", "--address", admin); err != nil || !strings.Contains(out, "redelivered 1") {
+		t.Fatalf("queue redeliver: %v\n%s", err, out)
+	}
+	waitFor(t, func() bool { return got.Load() == 1 }, func() string { return "the redelivered event never arrived" })
+	if out, err := runCommand(t, "", "queue", "--address", admin); err != nil || !strings.Contains(out, "app") {
+		t.Fatalf("queue: %v\n%s", err, out)
+	}
+	if out, err := runCommand(t, "", "queue", "purge", "app", "--address", admin); err != nil || !strings.Contains(out, "purged") {
+		t.Fatalf("queue purge: %v\n%s", err, out)
+	}
+	status = nil
+	getJSON(t, g.admin+"/mux-webhook/queue", &status)
+	if len(status) != 1 || status[0].Dead != 0 || status[0].Delivered != 1 {
+		t.Errorf("after purge: %+v", status)
+	}
+}

@@ -1,0 +1,137 @@
+// `caddy mux-webhook queue`: the delivery queue of a running Caddy,
+// through its admin API, the way `caddy reload` talks to it.
+//
+//	caddy mux-webhook queue [--address A] [--config F [--adapter N]]
+//	caddy mux-webhook queue dead <destination>
+//	caddy mux-webhook queue redeliver <destination> (<id>... | --all)
+//	caddy mux-webhook queue purge <destination>
+
+package muxwebhook
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+)
+
+func queueCommand() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "queue [status | dead <destination> | redeliver <destination> (<id>...|--all) | purge <destination>]",
+		Short: "Show the delivery queue of a running Caddy; list, redeliver or purge dead letters",
+		Long: `Talks to the admin API of a running Caddy (like 'caddy reload': --address, or
+the admin address of --config, else localhost:2019).
+
+  queue                                   per destination: pending, in flight, delivered, dead,
+                                          age of the oldest pending event, last error
+  queue dead <destination>                the destination's dead letters
+  queue redeliver <destination> <id>...   dead letters back to the queue, attempts from 1
+  queue redeliver <destination> --all
+  queue purge <destination>               drop the destination's dead letters`,
+		Args: cobra.ArbitraryArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			addr, _ := cmd.Flags().GetString("address")
+			cfg, _ := cmd.Flags().GetString("config")
+			adapter, _ := cmd.Flags().GetString("adapter")
+			admin, err := caddycmd.DetermineAdminAPIAddress(addr, nil, cfg, adapter)
+			if err != nil {
+				return err
+			}
+			all, _ := cmd.Flags().GetBool("all")
+			out := cmd.OutOrStdout()
+			verb := "status"
+			if len(args) > 0 {
+				verb, args = args[0], args[1:]
+			}
+			switch {
+			case verb == "status" && len(args) == 0:
+				var list []QueueStatus
+				if err := adminJSON(admin, http.MethodGet, "/mux-webhook/queue", nil, &list); err != nil {
+					return err
+				}
+				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "DESTINATION\tPENDING\tIN FLIGHT\tDELIVERED\tDEAD\tOLDEST PENDING\tLAST ERROR")
+				for _, q := range list {
+					oldest := "-"
+					if q.OldestPendingSeconds > 0 {
+						oldest = (time.Duration(q.OldestPendingSeconds) * time.Second).String()
+					}
+					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\n", printable(q.Name), q.Pending, q.InFlight, q.Delivered, q.Dead, oldest, printable(q.LastError))
+				}
+				return tw.Flush()
+			case verb == "dead" && len(args) == 1:
+				var dead []struct {
+					ID        string    `json:"id"`
+					Type      string    `json:"type"`
+					Attempts  int       `json:"attempts"`
+					LastError string    `json:"last_error"`
+					DeadAt    time.Time `json:"dead_at"`
+				}
+				if err := adminJSON(admin, http.MethodGet, "/mux-webhook/queue/dead?destination="+url.QueryEscape(args[0]), nil, &dead); err != nil {
+					return err
+				}
+				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "ID\tTYPE\tATTEMPTS\tDEAD AT\tLAST ERROR")
+				for _, d := range dead {
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", printable(d.ID), printable(d.Type), d.Attempts, d.DeadAt.Format(time.RFC3339), printable(d.LastError))
+				}
+				return tw.Flush()
+			case verb == "redeliver" && len(args) >= 1 && (all != (len(args) > 1)):
+				body, _ := json.Marshal(map[string]any{"destination": args[0], "ids": args[1:], "all": all})
+				var res struct {
+					Redelivered int `json:"redelivered"`
+				}
+				if err := adminJSON(admin, http.MethodPost, "/mux-webhook/queue/redeliver", body, &res); err != nil {
+					return err
+				}
+				_, err := fmt.Fprintf(out, "redelivered %d dead letters of %s\n", res.Redelivered, printable(args[0]))
+				return err
+			case verb == "purge" && len(args) == 1:
+				if err := adminJSON(admin, http.MethodDelete, "/mux-webhook/queue/dead?destination="+url.QueryEscape(args[0]), []byte("{}"), nil); err != nil {
+					return err
+				}
+				_, err := fmt.Fprintf(out, "purged the dead letters of %s\n", printable(args[0]))
+				return err
+			}
+			return errors.New("usage: queue | queue dead <destination> | queue redeliver <destination> (<id>...|--all) | queue purge <destination>")
+		},
+	}
+	c.Flags().String("address", "", "the admin API's address (default: from --config, else localhost:2019)")
+	c.Flags().String("config", "", "the config file whose admin address to use")
+	c.Flags().String("adapter", "", "the adapter of --config")
+	c.Flags().Bool("all", false, "with redeliver: every dead letter of the destination")
+	return c
+}
+
+// adminJSON makes one admin API request; a JSON body is sent as such, and
+// a JSON answer decoded into out (if not nil).
+func adminJSON(admin, method, uri string, body []byte, out any) error {
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	resp, err := caddycmd.AdminAPIRequest(admin, method, uri, http.Header{"Content-Type": {"application/json"}}, rd)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return err
+	}
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			return fmt.Errorf("%s %s: %s", method, uri, printable(string(b)))
+		}
+	}
+	return nil
+}
