@@ -67,6 +67,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		body = *a.LogBody
 	}
 	liveLog.configure(size, body)
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("mux_webhook: registering metrics: %v", err)
+	}
 	var err error
 	a.delivery, err = a.provisionDelivery(ctx)
 	return err

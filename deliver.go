@@ -154,7 +154,18 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 	}
 	d.poolKey = "mux_webhook.queue.dir." + cfg.Dir
 	if n := cfg.NATS; n != nil {
-		qc.URLs, qc.Creds, qc.User, qc.Password, qc.Token, qc.Replicas = n.URLs, n.Creds, n.User, n.Password, n.Token, n.Replicas
+		// Password and token may be {env.*} or {file.*}, resolved here as
+		// secrets are: never as plain text in the JSON config.
+		repl := caddy.NewReplacer()
+		password, err := repl.ReplaceOrErr(n.Password, true, true)
+		if err != nil && n.Password != "" {
+			return nil, errors.New("mux_webhook: queue nats password: a placeholder in it is unset or empty")
+		}
+		token, err := repl.ReplaceOrErr(n.Token, true, true)
+		if err != nil && n.Token != "" {
+			return nil, errors.New("mux_webhook: queue nats token: a placeholder in it is unset or empty")
+		}
+		qc.URLs, qc.Creds, qc.User, qc.Password, qc.Token, qc.Replicas = n.URLs, n.Creds, n.User, password, token, n.Replicas
 		d.poolKey = "mux_webhook.queue.nats." + strings.Join(n.URLs, ",") + "." + cfg.Stream
 	}
 	val, _, err := stores.LoadOrNew(d.poolKey, func() (caddy.Destructor, error) {
@@ -216,10 +227,53 @@ func (d *delivery) start() error {
 		}
 		d.stops = append(d.stops, stop)
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d.gauges(ctx)
+	}()
+	d.stops = append(d.stops, func() { cancel(); <-done })
 	return nil
 }
 
+// queueGaugeInterval is how often the queue gauges are read from the
+// stream.
+const queueGaugeInterval = 5 * time.Second
+
+// gauges keeps the queue metrics current until ctx ends.
+func (d *delivery) gauges(ctx context.Context) {
+	t := time.NewTicker(queueGaugeInterval)
+	defer t.Stop()
+	for {
+		for name := range d.destinations {
+			qctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
+			st, err := d.store.Status(qctx, name)
+			cancel()
+			if err != nil {
+				continue
+			}
+			muxMetrics.queuePending.WithLabelValues(name).Set(float64(st.Pending + st.InFlight))
+			muxMetrics.queueDead.WithLabelValues(name).Set(float64(st.Dead))
+			oldest := 0.0
+			if !st.Oldest.IsZero() {
+				oldest = time.Since(st.Oldest).Seconds()
+			}
+			muxMetrics.queueOldest.WithLabelValues(name).Set(oldest)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
 func (d *delivery) logAttempt(a queue.Attempt) {
+	if a.Result != "" {
+		muxMetrics.deliveries.WithLabelValues(a.Destination, a.Result).Inc()
+		muxMetrics.deliveryTime.WithLabelValues(a.Destination).Observe(a.Duration.Seconds())
+	}
 	d.mu.Lock()
 	if st := d.stats[a.Destination]; st != nil {
 		if a.Result == "delivered" {

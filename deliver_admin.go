@@ -19,6 +19,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"net/url"
 	"sort"
 	"time"
 
@@ -59,7 +60,7 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 			if err != nil {
 				return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("queue status of %s: %v", name, err)}
 			}
-			qs := QueueStatus{Name: name, URL: d.destinations[name].URL, Pending: st.Pending, InFlight: st.InFlight, Dead: st.Dead}
+			qs := QueueStatus{Name: name, URL: redactURL(d.destinations[name].URL), Pending: st.Pending, InFlight: st.InFlight, Dead: st.Dead}
 			if !st.Oldest.IsZero() {
 				qs.OldestPendingSeconds = time.Since(st.Oldest).Seconds()
 			}
@@ -126,6 +127,18 @@ func checkJSONChange(r *http.Request) error {
 		return caddy.APIError{HTTPStatus: http.StatusUnsupportedMediaType, Err: errors.New("send Content-Type: application/json")}
 	}
 	return nil
+}
+
+// redactURL hides a URL's password and query, which may hold credentials.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable)"
+	}
+	if u.RawQuery != "" {
+		u.RawQuery = "redacted"
+	}
+	return u.Redacted()
 }
 
 func writeJSON(w http.ResponseWriter, v any) error {

@@ -6,6 +6,7 @@ import (
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -112,6 +113,7 @@ func TestQueueDeadLettersAndCLI(t *testing.T) {
 	g := startGatewayWithAdmin(t, deliverGlobal(dir,
 		fmt.Sprintf("\t\tdestination app %s {\n\t\t\tretry 20ms\n\t\t\tmax_attempts 2\n\t\t}", app.URL),
 	), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	before := scrape(t, g.admin)
 	for _, id := range []string{"dl-1", "dl-2"} {
 		if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.errored", id, ""), time.Now())); status != http.StatusAccepted {
 			t.Fatalf("%s: %d", id, status)
@@ -125,6 +127,17 @@ func TestQueueDeadLettersAndCLI(t *testing.T) {
 	}, func() string { return fmt.Sprintf("queue status: %+v", status) })
 	if s := status[0]; s.Name != "app" || s.Pending != 0 || s.LastError != "app answered 500" {
 		t.Errorf("status: %+v", s)
+	}
+	var m map[string]float64
+	waitFor(t, func() bool {
+		m = scrape(t, g.admin)
+		return m[`caddy_mux_webhook_queue_dead{destination="app"}`] == 2
+	}, func() string { return fmt.Sprintf("metrics: %v", m) })
+	if d := m[`caddy_mux_webhook_deliveries_total{destination="app",result="dead"}`] - before[`caddy_mux_webhook_deliveries_total{destination="app",result="dead"}`]; d != 2 {
+		t.Errorf("deliveries_total dead grew by %v, want 2", d)
+	}
+	if d := m[`caddy_mux_webhook_deliveries_total{destination="app",result="retry"}`] - before[`caddy_mux_webhook_deliveries_total{destination="app",result="retry"}`]; d != 2 {
+		t.Errorf("deliveries_total retry grew by %v, want 2 (one per event before max_attempts 2)", d)
 	}
 	admin := strings.TrimPrefix(g.admin, "http://")
 	out, err := runCommand(t, "", "queue", "dead", "app", "--address", admin)
@@ -153,4 +166,59 @@ func TestQueueDeadLettersAndCLI(t *testing.T) {
 	if len(status) != 1 || status[0].Dead != 0 || status[0].Delivered != 1 {
 		t.Errorf("after purge: %+v", status)
 	}
+}
+
+// TestMuxDeliverQueueFull: when the queue holds max_bytes, mux_deliver
+// answers 503 (Mux retries) and nothing stored is dropped: every event
+// answered 202 is delivered once the backend takes them.
+func TestMuxDeliverQueueFull(t *testing.T) {
+	var up atomic.Bool
+	var mu sync.Mutex
+	delivered := map[string]bool{}
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !up.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		mu.Lock()
+		delivered[r.Header.Get("Idempotency-Key")] = true
+		mu.Unlock()
+	}))
+	t.Cleanup(app.Close)
+	dir := filepath.Join(t.TempDir(), "js")
+	cfg, g2 := gatewayConfigWith(t, "off",
+		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 64KiB\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 100ms\n\t\t}\n\t}", dir, app.URL),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	g2.load(cfg)
+	var accepted []string
+	full := false
+	for i := range 100 { // 100 × 4 KiB is far over 64 KiB
+		id := fmt.Sprint("full-", i)
+		body := event("video.asset.ready", id, fmt.Sprintf(`{"pad":%q}`, strings.Repeat("p", 4<<10)))
+		status, _, _ := do(t, signedRequest(t, g2.url, testSecret, body, time.Now()))
+		if status == http.StatusServiceUnavailable {
+			full = true
+			break
+		}
+		if status != http.StatusAccepted {
+			t.Fatalf("%s: %d", id, status)
+		}
+		accepted = append(accepted, id)
+	}
+	if !full || len(accepted) == 0 {
+		t.Fatalf("no 503 after %d accepted events", len(accepted))
+	}
+	up.Store(true)
+	waitFor(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, id := range accepted {
+			if !delivered[id] {
+				return false
+			}
+		}
+		return true
+	}, func() string {
+		return fmt.Sprintf("not every one of the %d accepted events was delivered", len(accepted))
+	})
 }

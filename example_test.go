@@ -132,14 +132,15 @@ func TestDemoSendEventScript(t *testing.T) {
 func runCaddyBinary(t *testing.T, bin, cfg string) *syncBuffer {
 	t.Helper()
 	dir := t.TempDir()
-	return runCaddyIn(t, bin, cfg, dir, dir, nil)
+	out, _ := runCaddyIn(t, bin, cfg, dir, dir, nil)
+	return out
 }
 
 // runCaddyIn runs `bin run` on cfg, written to dir/Caddyfile, with HOME
 // (and XDG directories) at home, as the user cred names if not nil (then in
 // dir, since that user may not enter the test's working directory), until
-// the test ends, and returns its output.
-func runCaddyIn(t *testing.T, bin, cfg, dir, home string, cred *syscall.Credential) *syncBuffer {
+// the test ends, and returns its output and the process (to kill it).
+func runCaddyIn(t *testing.T, bin, cfg, dir, home string, cred *syscall.Credential) (*syncBuffer, *exec.Cmd) {
 	t.Helper()
 	path := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
@@ -167,7 +168,7 @@ func runCaddyIn(t *testing.T, bin, cfg, dir, home string, cred *syscall.Credenti
 			t.Logf("caddy output:\n%s", out.String())
 		}
 	})
-	return out
+	return out, cmd
 }
 
 // TestDemoSendCommand is the README's demo: the built binary's

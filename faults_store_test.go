@@ -200,7 +200,8 @@ func runCaddyBinaryAs(t *testing.T, bin, cfg, dir string, asNobody bool) *syncBu
 		bin = copyExecutable(t, bin, filepath.Join(dir, "caddy"))
 		cred = &syscall.Credential{Uid: nobodyID, Gid: nobodyID}
 	}
-	return runCaddyIn(t, bin, cfg, dir, filepath.Join(dir, "home"), cred)
+	out, _ := runCaddyIn(t, bin, cfg, dir, filepath.Join(dir, "home"), cred)
+	return out
 }
 
 // copyExecutable copies the file src to dst, mode 0755.

@@ -18,6 +18,13 @@ var muxMetrics = struct {
 	events    *prometheus.CounterVec
 	responses *prometheus.CounterVec
 	verify    prometheus.Histogram
+
+	// The delivery queue's, labelled by configured destination names only.
+	queuePending *prometheus.GaugeVec
+	queueDead    *prometheus.GaugeVec
+	queueOldest  *prometheus.GaugeVec
+	deliveries   *prometheus.CounterVec
+	deliveryTime *prometheus.HistogramVec
 }{}
 
 // registerMetrics creates the collectors once per process and registers
@@ -42,11 +49,33 @@ func registerMetrics(registry *prometheus.Registry) error {
 			Help:    "Time to verify a delivery: header, MAC, timestamp and JSON, after the body was read.",
 			Buckets: []float64{.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01},
 		})
+		muxMetrics.queuePending = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "queue_pending",
+			Help: "Events queued for a destination and not yet delivered (waiting or being attempted).",
+		}, []string{"destination"})
+		muxMetrics.queueDead = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "queue_dead",
+			Help: "Dead letters of a destination.",
+		}, []string{"destination"})
+		muxMetrics.queueOldest = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "queue_oldest_pending_seconds",
+			Help: "Age of the oldest event queued for a destination and not yet delivered (0 when none).",
+		}, []string{"destination"})
+		muxMetrics.deliveries = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "deliveries_total",
+			Help: "Delivery attempts by this instance, by destination and result: delivered, retry, dead.",
+		}, []string{"destination", "result"})
+		muxMetrics.deliveryTime = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "delivery_duration_seconds",
+			Help:    "Time of one delivery attempt, by destination.",
+			Buckets: prometheus.DefBuckets,
+		}, []string{"destination"})
 	})
 	if registry == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify} {
+	for _, c := range []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
+		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.deliveries, muxMetrics.deliveryTime} {
 		if err := registry.Register(c); err != nil {
 			if _, dup := errors.AsType[prometheus.AlreadyRegisteredError](err); !dup {
 				return err

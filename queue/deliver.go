@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 	"time"
@@ -110,8 +111,11 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 		// An attempt's outcome is known within its timeout; a process that
 		// dies mid-attempt has the copy redelivered after that.
 		AckWait:       d.Timeout + 5*time.Second,
-		MaxDeliver:    -1, // attempts are counted here, against max_attempts and max_age
-		MaxAckPending: max(d.Concurrency, 1) * 16,
+		MaxDeliver: -1, // attempts are counted here, against max_attempts and max_age
+		// Copies waiting for a retry's delay count as pending acks: no
+		// bound, or failing events would hold up the destination's new
+		// ones (PullMaxMessages bounds what is fetched at once).
+		MaxAckPending: -1,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("queue: consumer for %s: %v", d.Name, err)
@@ -122,25 +126,52 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 			return http.ErrUseLastResponse // redirects are answers, not followed
 		},
 	}
+	ctx, cancel := context.WithCancel(ctx)
 	slots := make(chan struct{}, d.Concurrency)
+	var mu sync.Mutex // guards stopped and wg.Add against stop
+	stopped := false
 	var wg sync.WaitGroup
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
-		slots <- struct{}{}
-		wg.Go(func() {
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			_ = msg.Nak() // stopping: back to the queue at once, for another worker
+			return
+		}
+		mu.Lock()
+		if stopped {
+			mu.Unlock()
+			<-slots
+			_ = msg.Nak()
+			return
+		}
+		wg.Add(1)
+		mu.Unlock()
+		// The ack deadline ran while the copy waited for a slot: start it
+		// again, so that the server does not hand it to another worker
+		// while this one attempts it.
+		_ = msg.InProgress()
+		go func() {
+			defer wg.Done()
 			defer func() { <-slots }()
 			a := s.attempt(ctx, client, &d, msg)
 			if observe != nil {
 				observe(a)
 			}
-		})
+		}()
 	}, jetstream.PullMaxMessages(d.Concurrency))
 	if err != nil {
+		cancel()
 		return nil, fmt.Errorf("queue: consuming %s: %v", d.Name, err)
 	}
 	var once sync.Once
 	stop = func() {
 		once.Do(func() {
+			cancel() // attempts in progress end; their copies are retried
 			cc.Stop()
+			mu.Lock()
+			stopped = true
+			mu.Unlock()
 			wg.Wait()
 		})
 	}
@@ -164,11 +195,22 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 	start := time.Now()
 	a.Status, a.Err = s.post(ctx, client, d, msg, a.Number)
 	a.Duration = time.Since(start)
+	if ctx.Err() != nil && a.Err != nil {
+		// Stopped mid-attempt (a reload or shutdown): not the
+		// destination's failure; the copy goes back to the queue.
+		a.Result = "retry"
+		_ = msg.Nak()
+		return a
+	}
 	if a.Err == nil {
 		a.Result = "delivered"
 		// Acknowledged and confirmed: a lost ack would mean one more
-		// delivery, which Idempotency-Key lets the backend tell.
-		_ = msg.DoubleAck(context.WithoutCancel(ctx))
+		// delivery, which Idempotency-Key lets the backend tell. Then
+		// the copy leaves the stream, which must not fill up with what
+		// was delivered.
+		if msg.DoubleAck(context.WithoutCancel(ctx)) == nil {
+			s.forget(ctx, meta.Sequence.Stream)
+		}
 		return a
 	}
 	next := d.delay(a.Number)
@@ -181,12 +223,22 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 			return a
 		}
 		a.Result = "dead"
-		_ = msg.Term()
+		if msg.Term() == nil {
+			s.forget(ctx, meta.Sequence.Stream)
+		}
 		return a
 	}
 	a.Result = "retry"
 	_ = msg.NakWithDelay(next)
 	return a
+}
+
+// forget deletes a settled copy from the stream.
+func (s *Store) forget(ctx context.Context, seq uint64) {
+	st, err := s.js.Stream(context.WithoutCancel(ctx), s.cfg.Stream)
+	if err == nil {
+		_ = st.DeleteMsg(context.WithoutCancel(ctx), seq)
+	}
 }
 
 // post sends one attempt; any non-2xx is an error.
@@ -211,7 +263,13 @@ func (s *Store) post(ctx context.Context, client *http.Client, d *Destination, m
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return 0, err
+		// Not the *url.Error: it would repeat the URL, query and all,
+		// into logs and dead letters.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return 0, fmt.Errorf("%s: %v", d.Name, err)
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	resp.Body.Close()
@@ -241,6 +299,10 @@ func (s *Store) bury(ctx context.Context, destination string, msg jetstream.Msg,
 	dead.Header.Set(headerLastError, text)
 	dead.Header.Set(headerAttempts, strconv.Itoa(a.Number))
 	dead.Header.Set(headerDeadAt, time.Now().UTC().Format(time.RFC3339))
+	if meta, err := msg.Metadata(); err == nil {
+		// Buried twice (a lost Term, another attempt) is kept once.
+		dead.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("dead:%s:%d", destination, meta.Sequence.Stream))
+	}
 	_, err := s.js.PublishMsg(context.WithoutCancel(ctx), dead)
 	return err
 }
