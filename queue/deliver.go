@@ -110,7 +110,7 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		// An attempt's outcome is known within its timeout; a process that
 		// dies mid-attempt has the copy redelivered after that.
-		AckWait:       d.Timeout + 5*time.Second,
+		AckWait:    d.Timeout + 5*time.Second,
 		MaxDeliver: -1, // attempts are counted here, against max_attempts and max_age
 		// Copies waiting for a retry's delay count as pending acks: no
 		// bound, or failing events would hold up the destination's new
