@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -106,7 +107,8 @@ func (s storeHandle) Destruct() error {
 type delivery struct {
 	cfg          QueueConfig
 	poolKey      string
-	store        *queue.Store
+	qc           queue.Config
+	store        atomic.Pointer[queue.Store] // set once the app started
 	destinations map[string]queue.Destination
 	stops        []func()
 	logger       *zap.Logger
@@ -168,20 +170,28 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 		qc.URLs, qc.Creds, qc.User, qc.Password, qc.Token, qc.Replicas = n.URLs, n.Creds, n.User, password, token, n.Replicas
 		d.poolKey = "mux_webhook.queue.nats." + strings.Join(n.URLs, ",") + "." + cfg.Stream
 	}
+	d.qc = qc
+	return d, nil
+}
+
+// open opens (or shares) the store. It runs when the app starts, not
+// when it is provisioned: `caddy validate` provisions a config in a
+// process of its own, which must never open a running Caddy's store.
+func (d *delivery) open() error {
 	val, _, err := stores.LoadOrNew(d.poolKey, func() (caddy.Destructor, error) {
-		octx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		s, err := queue.Open(octx, qc)
+		s, err := queue.Open(ctx, d.qc)
 		if err != nil {
 			return nil, err
 		}
 		return storeHandle{s}, nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("mux_webhook: queue: %v", err)
+		return fmt.Errorf("mux_webhook: queue: %v", err)
 	}
-	d.store = val.(storeHandle).Store
-	return d, nil
+	d.store.Store(val.(storeHandle).Store)
+	return nil
 }
 
 // destination turns a configured destination into the queue's.
@@ -219,8 +229,11 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, error)
 // start runs the delivery workers, logging each failed attempt at WARN
 // and each dead letter at ERROR (never a secret).
 func (d *delivery) start() error {
+	if err := d.open(); err != nil {
+		return err
+	}
 	for _, dest := range d.destinations {
-		stop, err := d.store.Deliver(context.Background(), dest, d.logAttempt)
+		stop, err := d.store.Load().Deliver(context.Background(), dest, d.logAttempt)
 		if err != nil {
 			d.stop()
 			return fmt.Errorf("mux_webhook: %v", err)
@@ -248,7 +261,7 @@ func (d *delivery) gauges(ctx context.Context) {
 	for {
 		for name := range d.destinations {
 			qctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
-			st, err := d.store.Status(qctx, name)
+			st, err := d.store.Load().Status(qctx, name)
 			cancel()
 			if err != nil {
 				continue
@@ -307,7 +320,9 @@ func (d *delivery) stop() {
 
 func (d *delivery) cleanup() {
 	d.stop()
-	_, _ = stores.Delete(d.poolKey)
+	if d.store.Load() != nil {
+		_, _ = stores.Delete(d.poolKey)
+	}
 }
 
 // Deliver is the mux_deliver handler: a terminal handler that stores one
@@ -360,6 +375,12 @@ func (h *Deliver) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		h.logger.Error("mux_deliver: no verified event in this request; put mux_webhook before it in the route", zap.String("uri", r.RequestURI))
 		return caddyhttp.Error(http.StatusInternalServerError, errors.New("mux_deliver: no verified event"))
 	}
+	store := h.delivery.store.Load()
+	if store == nil {
+		// Caddy starts its apps in no fixed order: a request may come in
+		// before the queue is open.
+		return caddyhttp.Error(http.StatusServiceUnavailable, errors.New("mux_deliver: the queue is not open yet"))
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.delivery.cfg.EnqueueTimeout))
 	defer cancel()
 	key := ev.IDRaw
@@ -367,7 +388,7 @@ func (h *Deliver) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		key = ev.Body // no id: only the same bytes are the same event
 	}
 	for _, name := range h.Destinations {
-		_, err := h.delivery.store.Enqueue(ctx, queue.Message{
+		_, err := store.Enqueue(ctx, queue.Message{
 			Destination: name, EventID: key, ID: ev.ID, Type: ev.Type, Body: ev.Body,
 			Header: map[string]string{queue.HeaderSignature: ev.Signature},
 		})

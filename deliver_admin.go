@@ -45,6 +45,10 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errors.New("no delivery queue is configured (mux_webhook { destination … })")}
 	}
 	d := app.delivery
+	store := d.store.Load()
+	if store == nil {
+		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: errors.New("the delivery queue is not open yet")}
+	}
 	ctx := r.Context()
 	w.Header().Set("Cache-Control", "no-store")
 	switch {
@@ -56,7 +60,7 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 		sort.Strings(names)
 		out := make([]QueueStatus, 0, len(names))
 		for _, name := range names {
-			st, err := d.store.Status(ctx, name)
+			st, err := store.Status(ctx, name)
 			if err != nil {
 				return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("queue status of %s: %v", name, err)}
 			}
@@ -79,12 +83,12 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 			if err := checkJSONChange(r); err != nil {
 				return err
 			}
-			if err := d.store.Purge(ctx, name); err != nil {
+			if err := store.Purge(ctx, name); err != nil {
 				return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: err}
 			}
 			return writeJSON(w, map[string]bool{"purged": true})
 		}
-		dead, err := d.store.Dead(ctx, name)
+		dead, err := store.Dead(ctx, name)
 		if err != nil {
 			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: err}
 		}
@@ -109,7 +113,7 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 		if !req.All && len(req.IDs) == 0 {
 			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: errors.New("name the ids to redeliver, or all: true")}
 		}
-		n, err := d.store.Redeliver(ctx, req.Destination, req.IDs, req.All)
+		n, err := store.Redeliver(ctx, req.Destination, req.IDs, req.All)
 		if err != nil {
 			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("redelivered %d, then: %v", n, err)}
 		}
