@@ -6,6 +6,7 @@ package muxwebhook
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -212,6 +213,28 @@ func do(t *testing.T, req *http.Request) (int, http.Header, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, resp.Header, string(b)
+}
+
+// doAfterReload is do for the first request after a config reload: a
+// connection the outgoing server accepted as it shut down is closed
+// before the request is read (EOF), so a failed connection is tried
+// again, at most 3 times.
+func doAfterReload(t *testing.T, newReq func() *http.Request) (int, http.Header, string) {
+	t.Helper()
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for i := 0; ; i++ {
+		resp, err := client.Do(newReq())
+		if err != nil {
+			if i < 2 && errors.Is(err, io.EOF) {
+				time.Sleep(50 * time.Millisecond)
+				continue
+			}
+			t.Fatalf("after a reload: %v", err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header, string(b)
+	}
 }
 
 // event returns a realistic Mux event body.

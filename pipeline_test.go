@@ -205,7 +205,7 @@ func TestDedupeSurvivesReloadAndRotation(t *testing.T) {
 	body := event("video.asset.ready", "rotate-1", "")
 	deliver := func(secret string) int {
 		t.Helper()
-		status, _, _ := do(t, signedRequest(t, base, secret, body, time.Now()))
+		status, _, _ := doAfterReload(t, func() *http.Request { return signedRequest(t, base, secret, body, time.Now()) })
 		return status
 	}
 	load("A-secret", "1h")
@@ -428,7 +428,7 @@ func TestFailedReloadKeepsTheRecord(t *testing.T) {
 		t.Fatal("the broken reload loaded")
 	}
 	for i, body := range bodies {
-		if status, _, _ := do(t, signedRequest(t, base, testSecret, body, time.Now())); status != 200 {
+		if status, _, _ := doAfterReload(t, func() *http.Request { return signedRequest(t, base, testSecret, body, time.Now()) }); status != 200 {
 			t.Fatalf("redelivery %d: %d", i, status)
 		}
 	}
