@@ -222,3 +222,33 @@ func TestMuxDeliverQueueFull(t *testing.T) {
 		return fmt.Sprintf("not every one of the %d accepted events was delivered", len(accepted))
 	})
 }
+
+// TestMuxDeliverSlowBackend: a backend that takes longer than Mux's 5 s
+// still gets the event, once: Mux got its 202 at once, and the attempt's
+// own timeout (30s by default) is what counts.
+func TestMuxDeliverSlowBackend(t *testing.T) {
+	var got atomic.Int32
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(6 * time.Second)
+		got.Add(1)
+	}))
+	t.Cleanup(slow.Close)
+	dir := filepath.Join(t.TempDir(), "js")
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir, fmt.Sprintf("\t\tdestination slow %s", slow.URL)),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver slow", testSecret))
+	g.load(cfg)
+	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "slow-3", ""), time.Now())); status != http.StatusAccepted {
+		t.Fatalf("%d, want 202", status)
+	}
+	if got.Load() != 0 {
+		t.Error("the 202 waited for the backend")
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for got.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if n := got.Load(); n != 1 {
+		t.Fatalf("the slow backend completed %d deliveries, want 1", n)
+	}
+}

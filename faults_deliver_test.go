@@ -5,11 +5,15 @@ package muxwebhook
 
 import (
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
+	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -111,4 +115,78 @@ http://127.0.0.1:%d {
 		repeats += delivered[id] - 1
 	}
 	t.Logf("%d events: all delivered after SIGKILL and restart, %d delivered more than once, %d attempts in all", n, repeats, attempts.Load())
+}
+
+// natsServer runs the nats-server binary (.ci/run installs it) with
+// JetStream on 127.0.0.1 until the test ends, and returns its URL and
+// process.
+func natsServer(t *testing.T) (string, *exec.Cmd) {
+	t.Helper()
+	bin, err := exec.LookPath("nats-server")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("nats-server is needed on CI (.ci/run installs it)")
+		}
+		t.Skip("nats-server not installed: go install github.com/nats-io/nats-server/v2@v2.15.2")
+	}
+	port := freePort(t)
+	cmd := exec.Command(bin, "-a", "127.0.0.1", "-p", strconv.Itoa(port), "-js", "-sd", t.TempDir())
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	waitFor(t, func() bool {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}, out.String)
+	return "nats://" + addr, cmd
+}
+
+// TestFaultQueueUnreachable: with an external NATS server, events are
+// queued and delivered; when the server dies, mux_deliver answers 503
+// within enqueue_timeout (Mux retries), and says so in an ERROR line.
+func TestFaultQueueUnreachable(t *testing.T) {
+	natsURL, nats := natsServer(t)
+	var got atomic.Int32
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { got.Add(1) }))
+	t.Cleanup(app.Close)
+	cfg, g2 := gatewayConfigWith(t, "off",
+		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s\n\t}", natsURL, app.URL),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	g2.load(cfg)
+	if status, _, _ := do(t, signedRequest(t, g2.url, testSecret, event("video.asset.ready", "ext-1", ""), time.Now())); status != http.StatusAccepted {
+		t.Fatalf("with NATS up: %d, want 202", status)
+	}
+	waitFor(t, func() bool { return got.Load() == 1 }, func() string { return "the event never reached the destination" })
+
+	if err := nats.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = nats.Wait()
+	start := time.Now()
+	status, _, _ := do(t, signedRequest(t, g2.url, testSecret, event("video.asset.ready", "ext-2", ""), time.Now()))
+	took := time.Since(start)
+	if status != http.StatusServiceUnavailable {
+		t.Fatalf("with NATS down: %d, want 503", status)
+	}
+	if took > 5*time.Second {
+		t.Errorf("503 after %s; enqueue_timeout is 1s", took)
+	}
+	found := false
+	for _, l := range g2.logLines() {
+		found = found || l["msg"] == "mux_deliver: could not queue the event; answering 503 so that Mux retries" && l["level"] == "error"
+	}
+	if !found {
+		t.Error("no ERROR line for the event that could not be queued")
+	}
 }
