@@ -301,6 +301,19 @@ func (d *delivery) logAttempt(a queue.Attempt) {
 		zap.String("destination", a.Destination), zap.String("id", a.EventID), zap.String("type", a.EventType),
 		zap.Int("attempt", a.Number), zap.Int("status", a.Status), zap.Duration("duration", a.Duration),
 	}
+	if liveLog.bodyCap() >= 0 {
+		e := LogEntry{
+			Time: time.Now().Add(-a.Duration), Outcome: a.Result, Status: a.Status,
+			DurationMS: float64(a.Duration.Microseconds()) / 1000,
+			Type: a.EventType, ID: a.EventID, Method: http.MethodPost, URI: "→ " + a.Destination,
+			Headers: map[string][]string{}, BodyUnavailable: "a delivery attempt: the body is the event's",
+			Destination: a.Destination, Attempt: a.Number,
+		}
+		if a.Err != nil {
+			e.Error = a.Err.Error()
+		}
+		liveLog.add(e)
+	}
 	switch a.Result {
 	case "delivered":
 		d.logger.Info("mux webhook delivered", fields...)

@@ -61,6 +61,18 @@ func TestMuxDeliverFanOut(t *testing.T) {
 	if err != nil || NewVerifier([][]byte{[]byte("dest-secret")}).Check(sig, got.Body, time.Now(), time.Minute) != nil {
 		t.Errorf("assets: signature %q is not a fresh one made with sign", got.Header.Get(SignatureHeader))
 	}
+	// The live log shows the delivery attempts next to the requests.
+	var attempts []LogEntry
+	getJSON(t, g.admin+"/mux-webhook/events?outcome=delivered", &attempts)
+	byDest := map[string]int{}
+	for _, e := range attempts {
+		if e.ID == "deliver-1" && e.Attempt == 1 && e.Status == 200 {
+			byDest[e.Destination]++
+		}
+	}
+	if byDest["assets"] != 1 || byDest["analytics"] != 1 {
+		t.Errorf("live log delivery attempts of deliver-1: %v", byDest)
+	}
 	// Without sign, Mux's original signature is passed on.
 	a := analytics.requests()[0]
 	if sig, err := ParseSignature(a.Header.Get(SignatureHeader)); err != nil || NewVerifier([][]byte{[]byte(testSecret)}).Check(sig, a.Body, time.Now(), time.Minute) != nil {

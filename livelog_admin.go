@@ -123,7 +123,7 @@ func filters(r *http.Request) (typePattern, outcome string, limit int, err error
 			return "", "", 0, err
 		}
 	}
-	if outcome != "" && !outcomes[outcome] {
+	if outcome != "" && !outcomes[outcome] && !deliveryOutcomes[outcome] {
 		return "", "", 0, fmt.Errorf("unknown outcome %q", outcome)
 	}
 	limit = 100

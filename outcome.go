@@ -91,6 +91,10 @@ func OutcomeNames() []string {
 	return names
 }
 
+// deliveryOutcomes are the outcomes of mux_deliver's delivery attempts,
+// which the live log shows next to the requests.
+var deliveryOutcomes = map[string]bool{"delivered": true, "retry": true, "dead": true}
+
 // outcomes is the set of outcome names, built from the table.
 var outcomes = func() map[string]bool {
 	m := map[string]bool{}
