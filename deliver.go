@@ -305,7 +305,7 @@ func (d *delivery) logAttempt(a queue.Attempt) {
 		e := LogEntry{
 			Time: time.Now().Add(-a.Duration), Outcome: a.Result, Status: a.Status,
 			DurationMS: float64(a.Duration.Microseconds()) / 1000,
-			Type: a.EventType, ID: a.EventID, Method: http.MethodPost, URI: "→ " + a.Destination,
+			Type:       a.EventType, ID: a.EventID, Method: http.MethodPost, URI: "→ " + a.Destination,
 			Headers: map[string][]string{}, BodyUnavailable: "a delivery attempt: the body is the event's",
 			Destination: a.Destination, Attempt: a.Number,
 		}
