@@ -200,7 +200,7 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, error)
 		return queue.Destination{}, fmt.Errorf("mux_webhook: destination name %q: use letters, digits, _ and - only", name)
 	}
 	if !strings.HasPrefix(dc.URL, "http://") && !strings.HasPrefix(dc.URL, "https://") {
-		return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: url %q must start with http:// or https://", name, dc.URL)
+		return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: url %q must start with http:// or https://", name, redactURL(dc.URL))
 	}
 	if dc.Timeout < 0 || dc.MaxAge < 0 || dc.MaxAttempts < 0 || dc.Concurrency < 0 {
 		return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: timeout, max_age, max_attempts and concurrency must not be negative", name)

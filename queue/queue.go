@@ -147,7 +147,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		case cfg.Token != "":
 			opts = append(opts, nats.Token(cfg.Token))
 		}
-		s.conn, err = nats.Connect(joinURLs(cfg.URLs), opts...)
+		s.conn, err = nats.Connect(strings.Join(cfg.URLs, ","), opts...)
 	}
 	if err != nil {
 		s.Close()
@@ -174,8 +174,6 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	return s, nil
 }
 
-func joinURLs(urls []string) string { return strings.Join(urls, ",") }
-
 // Subject is where a destination's copies are stored.
 func (s *Store) Subject(destination string) string {
 	return s.cfg.Stream + ".deliver." + destination
@@ -199,9 +197,6 @@ func (s *Store) Enqueue(ctx context.Context, m Message) (duplicate bool, err err
 	msg.Header.Set(jetstream.MsgIDHeader, dedupeID(m.Destination, m.EventID))
 	ack, err := s.js.PublishMsg(ctx, msg)
 	if err != nil {
-		if errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, context.DeadlineExceeded) {
-			return false, fmt.Errorf("queue: not stored: %w", err)
-		}
 		if isFull(err) {
 			return false, ErrFull
 		}
