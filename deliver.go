@@ -10,6 +10,9 @@ package muxwebhook
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -94,13 +97,52 @@ type DestinationConfig struct {
 // server is not restarted, and nothing queued is lost or repeated.
 var stores = caddy.NewUsagePool()
 
-// storeHandle is a store in the pool.
-type storeHandle struct{ *queue.Store }
+// storeHandle is a store in the pool, with what this process's workers
+// did per destination: like the store, it outlives reloads.
+type storeHandle struct {
+	*queue.Store
+
+	mu    sync.Mutex
+	stats map[string]*destinationStats // by destination name
+}
 
 // Destruct closes the store when no config uses it any more.
-func (s storeHandle) Destruct() error {
+func (s *storeHandle) Destruct() error {
 	s.Close()
 	return nil
+}
+
+// destinationStats counts what this process's workers did for one
+// destination, since the store was opened.
+type destinationStats struct {
+	delivered uint64
+	lastError string
+}
+
+// stat returns a copy of destination's counts.
+func (s *storeHandle) stat(destination string) destinationStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st := s.stats[destination]; st != nil {
+		return *st
+	}
+	return destinationStats{}
+}
+
+// count records an attempt's result.
+func (s *storeHandle) count(a queue.Attempt) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stats[a.Destination]
+	if st == nil {
+		st = &destinationStats{}
+		s.stats[a.Destination] = st
+	}
+	if a.Result == "delivered" {
+		st.delivered++
+	} else if a.Err != nil {
+		st.lastError = a.Err.Error()
+	}
 }
 
 // delivery is the app's provisioned queue: the store and the destinations.
@@ -108,19 +150,19 @@ type delivery struct {
 	cfg          QueueConfig
 	poolKey      string
 	qc           queue.Config
-	store        atomic.Pointer[queue.Store] // set once the app started
+	handle       atomic.Pointer[storeHandle] // set once the app started
 	destinations map[string]queue.Destination
+	workerKeys   map[string]string // by destination: its workers' key in the pool
 	stops        []func()
 	logger       *zap.Logger
-
-	mu    sync.Mutex
-	stats map[string]*destinationStats // by destination, this process's attempts
 }
 
-// destinationStats counts what this process's workers did.
-type destinationStats struct {
-	delivered uint64
-	lastError string
+// store is the open store, or nil before the app started.
+func (d *delivery) store() *queue.Store {
+	if h := d.handle.Load(); h != nil {
+		return h.Store
+	}
+	return nil
 }
 
 // provisionDelivery opens (or shares) the store and checks the
@@ -142,14 +184,19 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 	if cfg.MaxBytes < 0 || cfg.DedupeWindow < 0 || cfg.EnqueueTimeout < 0 {
 		return nil, errors.New("mux_webhook: queue max_bytes, dedupe_window and enqueue_timeout must not be negative")
 	}
-	d := &delivery{cfg: cfg, destinations: map[string]queue.Destination{}, logger: ctx.Logger(), stats: map[string]*destinationStats{}}
+	d := &delivery{cfg: cfg, destinations: map[string]queue.Destination{}, workerKeys: map[string]string{}, logger: ctx.Logger()}
 	for name, dc := range a.Destinations {
 		dest, err := dc.destination(name)
 		if err != nil {
 			return nil, err
 		}
 		d.destinations[name] = dest
-		d.stats[name] = &destinationStats{}
+		dcJSON, err := json.Marshal(dc)
+		if err != nil {
+			return nil, err
+		}
+		sum := sha256.Sum256(dcJSON) // the key holds no secret
+		d.workerKeys[name] = hex.EncodeToString(sum[:])
 	}
 	qc := queue.Config{
 		Dir: cfg.Dir, Stream: cfg.Stream, MaxBytes: cfg.MaxBytes, DedupeWindow: time.Duration(cfg.DedupeWindow),
@@ -171,27 +218,56 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 		d.poolKey = "mux_webhook.queue.nats." + strings.Join(n.URLs, ",") + "." + cfg.Stream
 	}
 	d.qc = qc
+	for name, cfgJSON := range d.workerKeys {
+		d.workerKeys[name] = d.poolKey + ".destination." + name + "." + cfgJSON
+	}
 	return d, nil
 }
 
 // open opens (or shares) the store. It runs when the app starts, not
 // when it is provisioned: `caddy validate` provisions a config in a
 // process of its own, which must never open a running Caddy's store.
+// A reload that shares the running store applies its max_bytes,
+// dedupe_window and replicas to the stream.
 func (d *delivery) open() error {
-	val, _, err := stores.LoadOrNew(d.poolKey, func() (caddy.Destructor, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	val, loaded, err := stores.LoadOrNew(d.poolKey, func() (caddy.Destructor, error) {
 		s, err := queue.Open(ctx, d.qc)
 		if err != nil {
 			return nil, err
 		}
-		return storeHandle{s}, nil
+		return &storeHandle{Store: s, stats: map[string]*destinationStats{}}, nil
 	})
 	if err != nil {
 		return fmt.Errorf("mux_webhook: queue: %v", err)
 	}
-	d.store.Store(val.(storeHandle).Store)
+	h := val.(*storeHandle)
+	if loaded {
+		if err := h.Reconfigure(ctx, d.qc); err != nil {
+			_, _ = stores.Delete(d.poolKey)
+			return fmt.Errorf("mux_webhook: %v", err)
+		}
+	}
+	d.handle.Store(h)
+	d.warnOrphans(ctx)
 	return nil
+}
+
+// warnOrphans logs the copies queued for destinations the config no
+// longer has: they are kept (a destination configured again under its
+// name delivers them) and count against max_bytes.
+func (d *delivery) warnOrphans(ctx context.Context) {
+	queued, err := d.store().Queued(ctx)
+	if err != nil {
+		return
+	}
+	for name, n := range queued {
+		if _, ok := d.destinations[name]; !ok && n > 0 {
+			d.logger.Warn("mux_webhook: events are queued for a destination that is no longer configured; they wait until it is configured again",
+				zap.String("destination", name), zap.Uint64("queued", n))
+		}
+	}
 }
 
 // destination turns a configured destination into the queue's.
@@ -232,13 +308,24 @@ func (d *delivery) start() error {
 	if err := d.open(); err != nil {
 		return err
 	}
-	for _, dest := range d.destinations {
-		stop, err := d.store.Load().Deliver(context.Background(), dest, d.logAttempt)
+	for name, dest := range d.destinations {
+		key := d.workerKeys[name]
+		val, _, err := workerPool.LoadOrNew(key, func() (caddy.Destructor, error) {
+			w := &workers{}
+			w.observe.Store(d)
+			stop, err := d.store().Deliver(context.Background(), dest, w.observeAttempt)
+			if err != nil {
+				return nil, err
+			}
+			w.stop = stop
+			return w, nil
+		})
 		if err != nil {
 			d.stop()
 			return fmt.Errorf("mux_webhook: %v", err)
 		}
-		d.stops = append(d.stops, stop)
+		val.(*workers).observe.Store(d)
+		d.stops = append(d.stops, func() { _, _ = workerPool.Delete(key) })
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -247,6 +334,27 @@ func (d *delivery) start() error {
 		d.gauges(ctx)
 	}()
 	d.stops = append(d.stops, func() { cancel(); <-done })
+	return nil
+}
+
+// workerPool holds each destination's delivery workers across config
+// reloads that leave the destination as it was: its attempts in progress
+// carry on, nothing is cancelled or attempted twice because of a reload.
+// A destination a reload changes gets new workers; the old ones stop.
+var workerPool = caddy.NewUsagePool()
+
+// workers are one destination's running delivery workers.
+type workers struct {
+	stop    func()
+	observe atomic.Pointer[delivery] // the newest config using them logs their attempts
+}
+
+func (w *workers) observeAttempt(a queue.Attempt) { w.observe.Load().logAttempt(a) }
+
+// Destruct stops the workers when no config uses them any more; what they
+// had not delivered stays queued.
+func (w *workers) Destruct() error {
+	w.stop()
 	return nil
 }
 
@@ -259,9 +367,10 @@ func (d *delivery) gauges(ctx context.Context) {
 	t := time.NewTicker(queueGaugeInterval)
 	defer t.Stop()
 	for {
+		d.dropRemovedGauges()
 		for name := range d.destinations {
 			qctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
-			st, err := d.store.Load().Status(qctx, name)
+			st, err := d.store().Status(qctx, name)
 			cancel()
 			if err != nil {
 				continue
@@ -282,20 +391,37 @@ func (d *delivery) gauges(ctx context.Context) {
 	}
 }
 
+// gauged are the destinations the queue gauges have series for.
+var gauged = struct {
+	sync.Mutex
+	names map[string]bool
+}{names: map[string]bool{}}
+
+// dropRemovedGauges removes the gauge series of destinations a reload
+// removed, so that no stale figure is exported for them. (While an old
+// config stops, its loop may set one once more; the next pass drops it.)
+func (d *delivery) dropRemovedGauges() {
+	gauged.Lock()
+	defer gauged.Unlock()
+	for name := range gauged.names {
+		if _, ok := d.destinations[name]; !ok {
+			muxMetrics.queuePending.DeleteLabelValues(name)
+			muxMetrics.queueDead.DeleteLabelValues(name)
+			muxMetrics.queueOldest.DeleteLabelValues(name)
+			delete(gauged.names, name)
+		}
+	}
+	for name := range d.destinations {
+		gauged.names[name] = true
+	}
+}
+
 func (d *delivery) logAttempt(a queue.Attempt) {
 	if a.Result != "" {
 		muxMetrics.deliveries.WithLabelValues(a.Destination, a.Result).Inc()
 		muxMetrics.deliveryTime.WithLabelValues(a.Destination).Observe(a.Duration.Seconds())
 	}
-	d.mu.Lock()
-	if st := d.stats[a.Destination]; st != nil {
-		if a.Result == "delivered" {
-			st.delivered++
-		} else if a.Err != nil {
-			st.lastError = a.Err.Error()
-		}
-	}
-	d.mu.Unlock()
+	d.handle.Load().count(a)
 
 	fields := []zap.Field{
 		zap.String("destination", a.Destination), zap.String("id", a.EventID), zap.String("type", a.EventType),
@@ -333,7 +459,7 @@ func (d *delivery) stop() {
 
 func (d *delivery) cleanup() {
 	d.stop()
-	if d.store.Load() != nil {
+	if d.handle.Load() != nil {
 		_, _ = stores.Delete(d.poolKey)
 	}
 }
@@ -388,7 +514,7 @@ func (h *Deliver) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		h.logger.Error("mux_deliver: no verified event in this request; put mux_webhook before it in the route", zap.String("uri", r.RequestURI))
 		return caddyhttp.Error(http.StatusInternalServerError, errors.New("mux_deliver: no verified event"))
 	}
-	store := h.delivery.store.Load()
+	store := h.delivery.store()
 	if store == nil {
 		// Caddy starts its apps in no fixed order: a request may come in
 		// before the queue is open.

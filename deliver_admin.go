@@ -45,10 +45,11 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errors.New("no delivery queue is configured (mux_webhook { destination … })")}
 	}
 	d := app.delivery
-	store := d.store.Load()
-	if store == nil {
+	h := d.handle.Load()
+	if h == nil {
 		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: errors.New("the delivery queue is not open yet")}
 	}
+	store := h.Store
 	ctx := r.Context()
 	w.Header().Set("Cache-Control", "no-store")
 	switch {
@@ -68,9 +69,8 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 			if !st.Oldest.IsZero() {
 				qs.OldestPendingSeconds = time.Since(st.Oldest).Seconds()
 			}
-			d.mu.Lock()
-			qs.Delivered, qs.LastError = d.stats[name].delivered, d.stats[name].lastError
-			d.mu.Unlock()
+			stat := h.stat(name)
+			qs.Delivered, qs.LastError = stat.delivered, stat.lastError
 			out = append(out, qs)
 		}
 		return writeJSON(w, out)

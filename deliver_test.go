@@ -2,8 +2,11 @@ package muxwebhook
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -20,7 +23,8 @@ func deliverGlobal(dir string, destinations ...string) string {
 
 // TestMuxDeliverFanOut: mux_deliver answers 202 once the event is stored
 // for every destination; each destination's backend receives it byte for
-// byte, re-signed; Mux's redelivery is queued once per destination; an
+// byte, re-signed; the same event id sent 5 times is queued once per
+// destination; an
 // event matched by no fan-out route goes to analytics only.
 func TestMuxDeliverFanOut(t *testing.T) {
 	assets, analytics := newUpstream(t, "assets"), newUpstream(t, "analytics")
@@ -35,7 +39,7 @@ func TestMuxDeliverFanOut(t *testing.T) {
 	mux_deliver analytics`, testSecret))
 
 	body := event("video.asset.ready", "deliver-1", "")
-	for i := range 2 { // Mux's redelivery is absorbed
+	for i := range 5 { // the same event id 5 times: Mux's redeliveries are absorbed
 		status, _, got := do(t, signedRequest(t, g.url, testSecret, body, time.Now()))
 		if status != http.StatusAccepted || got != "" {
 			t.Fatalf("delivery %d: %d %q, want 202 and no body", i+1, status, got)
@@ -262,5 +266,277 @@ func TestMuxDeliverSlowBackend(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 	if n := got.Load(); n != 1 {
 		t.Fatalf("the slow backend completed %d deliveries, want 1", n)
+	}
+}
+
+// TestMuxDeliverBackendDownThenUp: a destination down for a while gets
+// every event once it is up again, after retries on its schedule; each
+// attempt is counted (Mux-Webhook-Attempt, deliveries_total, the live
+// log) and nothing is delivered twice.
+func TestMuxDeliverBackendDownThenUp(t *testing.T) {
+	const downFor = 3 // failed attempts per event before the backend is up
+	var mu sync.Mutex
+	tries := map[string]int{}     // attempts seen per event id
+	delivered := map[string]int{} // 2xx answered per event id
+	var lastAttempt sync.Map      // id → Mux-Webhook-Attempt of the delivery
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.Header.Get("Idempotency-Key")
+		mu.Lock()
+		defer mu.Unlock()
+		tries[id]++
+		if tries[id] <= downFor {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		delivered[id]++
+		lastAttempt.Store(id, r.Header.Get("Mux-Webhook-Attempt"))
+	}))
+	t.Cleanup(app.Close)
+	dir := filepath.Join(t.TempDir(), "js")
+	g := startGatewayWithAdmin(t, deliverGlobal(dir,
+		fmt.Sprintf("\t\tdestination app %s {\n\t\t\tretry 20ms 50ms\n\t\t}", app.URL),
+	), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	before := scrape(t, g.admin)
+	ids := []string{"down-1", "down-2", "down-3"}
+	for _, id := range ids {
+		if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now())); status != http.StatusAccepted {
+			t.Fatalf("%s: %d, want 202", id, status)
+		}
+	}
+	waitFor(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(delivered) == len(ids)
+	}, func() string { return fmt.Sprintf("delivered %v after tries %v", delivered, tries) })
+	time.Sleep(300 * time.Millisecond) // nothing more arrives
+	mu.Lock()
+	for _, id := range ids {
+		if delivered[id] != 1 || tries[id] != downFor+1 {
+			t.Errorf("%s: delivered %d times after %d tries; want once, after %d", id, delivered[id], tries[id], downFor+1)
+		}
+		if n, _ := lastAttempt.Load(id); n != fmt.Sprint(downFor+1) {
+			t.Errorf("%s: delivered with Mux-Webhook-Attempt %v, want %d", id, n, downFor+1)
+		}
+	}
+	mu.Unlock()
+	var m map[string]float64
+	waitFor(t, func() bool {
+		m = scrape(t, g.admin)
+		return m[`caddy_mux_webhook_deliveries_total{destination="app",result="delivered"}`]-before[`caddy_mux_webhook_deliveries_total{destination="app",result="delivered"}`] == 3
+	}, func() string { return fmt.Sprintf("metrics: %v", m) })
+	if d := m[`caddy_mux_webhook_deliveries_total{destination="app",result="retry"}`] - before[`caddy_mux_webhook_deliveries_total{destination="app",result="retry"}`]; d != 3*downFor {
+		t.Errorf("deliveries_total retry grew by %v, want %d", d, 3*downFor)
+	}
+	var retries []LogEntry
+	getJSON(t, g.admin+"/mux-webhook/events?outcome=retry", &retries)
+	n := 0
+	for _, e := range retries {
+		if e.ID == "down-2" && e.Destination == "app" && e.Status == http.StatusServiceUnavailable && e.Error == "app answered 503" {
+			n++
+		}
+	}
+	if n != downFor {
+		t.Errorf("the live log shows %d failed attempts of down-2, want %d", n, downFor)
+	}
+	var status []QueueStatus
+	getJSON(t, g.admin+"/mux-webhook/queue", &status)
+	if len(status) != 1 || status[0].Delivered != 3 || status[0].Pending != 0 || status[0].Dead != 0 {
+		t.Errorf("queue status: %+v", status)
+	}
+}
+
+// TestMuxDeliverSignVerifiedByBackend: a backend that verifies with the
+// destination's secret using our own `caddy mux-webhook verify` accepts
+// what sign produced; a destination signing with another secret is
+// refused by it, retried and ends a dead letter.
+func TestMuxDeliverSignVerifiedByBackend(t *testing.T) {
+	bin := caddyBinary(t)
+	const destSecret = "backend-only-secret"
+	tmp := t.TempDir()
+	var verified, refused atomic.Int32
+	var n atomic.Int32
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		file := filepath.Join(tmp, fmt.Sprint("body-", n.Add(1)))
+		if err := os.WriteFile(file, body, 0o600); err != nil {
+			w.WriteHeader(http.StatusInternalServerError)
+			return
+		}
+		cmd := exec.Command(bin, "mux-webhook", "verify", "--secret", destSecret, "--header", r.Header.Get(SignatureHeader), file)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Logf("verify refused %s: %v: %s", r.Header.Get("Mux-Webhook-Destination"), err, out)
+			refused.Add(1)
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		verified.Add(1)
+	}))
+	t.Cleanup(backend.Close)
+	dir := filepath.Join(t.TempDir(), "js")
+	g := startGatewayWithAdmin(t, deliverGlobal(dir,
+		fmt.Sprintf("\t\tdestination good %s {\n\t\t\tsign %s\n\t\t}", backend.URL, destSecret),
+		fmt.Sprintf("\t\tdestination wrong %s {\n\t\t\tsign some-other-secret\n\t\t\tretry 20ms\n\t\t\tmax_attempts 2\n\t\t}", backend.URL),
+	), fmt.Sprintf("mux_webhook %s\n\tmux_deliver good wrong", testSecret))
+	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "signed-1", ""), time.Now())); status != http.StatusAccepted {
+		t.Fatalf("%d, want 202", status)
+	}
+	var status []QueueStatus
+	waitFor(t, func() bool {
+		status = nil
+		getJSON(t, g.admin+"/mux-webhook/queue", &status)
+		return len(status) == 2 && status[0].Delivered == 1 && status[1].Dead == 1
+	}, func() string { return fmt.Sprintf("queue status: %+v", status) })
+	if verified.Load() != 1 || refused.Load() != 2 {
+		t.Errorf("the backend verified %d and refused %d attempts; want 1 and 2", verified.Load(), refused.Load())
+	}
+	if status[1].LastError != "wrong answered 401" {
+		t.Errorf("wrong's last error: %q", status[1].LastError)
+	}
+}
+
+// TestMuxDeliverReloadsWhileEventsFlow: 20 config reloads while events
+// arrive, alternating a destination's settings (new workers for it) and
+// the stream's limits (applied to the running stream), with a second
+// destination left as it was (its workers carry on): every event answered
+// 202 reaches both destinations, and none twice, since no attempt's
+// outcome was lost.
+func TestMuxDeliverReloadsWhileEventsFlow(t *testing.T) {
+	steady, changing := newUpstream(t, "steady"), newUpstream(t, "changing")
+	dir := filepath.Join(t.TempDir(), "js")
+	port := freePort(t)
+	global := func(concurrency int, maxBytes string) string {
+		return fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes %s\n\t\t}\n"+
+			"\t\tdestination steady %s {\n\t\t\tretry 50ms\n\t\t}\n"+
+			"\t\tdestination changing %s {\n\t\t\tretry 50ms\n\t\t\tconcurrency %d\n\t\t}\n\t}",
+			dir, maxBytes, steady.URL, changing.URL, concurrency)
+	}
+	site := fmt.Sprintf("mux_webhook %s\n\tmux_deliver steady changing", testSecret)
+	cfgA, g := gatewayConfigWith(t, fmt.Sprintf("localhost:%d", port), global(4, "64MiB"), site)
+	cfgB := strings.Replace(cfgA, global(4, "64MiB"), global(2, "32MiB"), 1)
+	g.admin = fmt.Sprintf("http://localhost:%d", port)
+	g.load(cfgA)
+
+	var mu sync.Mutex
+	var accepted []string
+	done := make(chan struct{})
+	go func() { // events flow: bounded in count and time
+		defer close(done)
+		client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		deadline := time.Now().Add(60 * time.Second)
+		for i := 0; i < 400 && time.Now().Before(deadline); i++ {
+			id := fmt.Sprint("flow-", i)
+			resp, err := client.Do(signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now()))
+			if err != nil {
+				continue // cut by a reload: Mux would retry; not answered 202
+			}
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusAccepted {
+				mu.Lock()
+				accepted = append(accepted, id)
+				mu.Unlock()
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	for i := range 20 {
+		cfg := cfgB
+		if i%2 == 1 {
+			cfg = cfgA
+		}
+		if err := loadCaddyfile(cfg); err != nil {
+			t.Fatalf("reload %d: %v", i+1, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	<-done
+	mu.Lock()
+	ids := append([]string(nil), accepted...)
+	mu.Unlock()
+	if len(ids) < 100 {
+		t.Fatalf("only %d events were accepted during the reloads", len(ids))
+	}
+	count := func(u *upstream) map[string]int {
+		got := map[string]int{}
+		for _, r := range u.requests() {
+			got[r.Header.Get("Idempotency-Key")]++
+		}
+		return got
+	}
+	waitFor(t, func() bool {
+		s, c := count(steady), count(changing)
+		for _, id := range ids {
+			if s[id] == 0 || c[id] == 0 {
+				return false
+			}
+		}
+		return true
+	}, func() string {
+		return fmt.Sprintf("of %d accepted events, steady got %d, changing %d", len(ids), len(count(steady)), len(count(changing)))
+	})
+	time.Sleep(300 * time.Millisecond)
+	for _, u := range []*upstream{steady, changing} {
+		repeated := 0
+		for _, n := range count(u) {
+			if n > 1 {
+				repeated++
+			}
+		}
+		t.Logf("%s: %d accepted events, %d delivered more than once", u.name, len(ids), repeated)
+		if repeated > 0 {
+			t.Errorf("%s received %d events more than once across reloads", u.name, repeated)
+		}
+	}
+}
+
+// TestQueueReloadChangesTheStream: a reload's max_bytes applies to the
+// running stream (here: a smaller one fills, 503); renaming the stream of
+// a running store is a load error that says what to do, and the running
+// config carries on.
+func TestQueueReloadChangesTheStream(t *testing.T) {
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(down.Close)
+	dir := filepath.Join(t.TempDir(), "js")
+	queueOpts := func(opts string) string {
+		return fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n%s\t\t}\n\t\tdestination app %s {\n\t\t\tretry 1h\n\t\t}\n\t}", dir, opts, down.URL)
+	}
+	site := fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret)
+	cfg, g := gatewayConfigWith(t, "off", queueOpts(""), site)
+	g.load(cfg)
+	pad := fmt.Sprintf(`{"pad":%q}`, strings.Repeat("p", 4<<10))
+	send := func(id string) int {
+		status, _, _ := doAfterReload(t, func() *http.Request {
+			return signedRequest(t, g.url, testSecret, event("video.asset.ready", id, pad), time.Now())
+		})
+		return status
+	}
+	for i := range 20 { // 80 KiB: fits the default 1 GiB
+		if status := send(fmt.Sprint("big-", i)); status != http.StatusAccepted {
+			t.Fatalf("big-%d: %d", i, status)
+		}
+	}
+	small := strings.Replace(cfg, queueOpts(""), queueOpts("\t\t\tmax_bytes 64KiB\n"), 1)
+	err := loadCaddyfile(small)
+	if err == nil {
+		// The stream already holds more than 64 KiB: JetStream may refuse
+		// to shrink it below what it holds, or accept and refuse new
+		// events. Either is fine, but never silence: new events get 503.
+		if status := send("after-shrink"); status != http.StatusServiceUnavailable {
+			t.Errorf("after max_bytes 64KiB on a stream holding 80 KiB: %d, want 503", status)
+		}
+	} else if !strings.Contains(err.Error(), "max_bytes") {
+		t.Errorf("shrinking max_bytes: %v; want an error naming max_bytes", err)
+	}
+	renamed := strings.Replace(cfg, queueOpts(""), queueOpts("\t\t\tstream OTHER\n"), 1)
+	err = loadCaddyfile(renamed)
+	if err == nil || !strings.Contains(err.Error(), "cannot rename") || !strings.Contains(err.Error(), "MUX_WEBHOOK") {
+		t.Fatalf("renaming the stream on reload: %v; want a load error naming the running stream", err)
+	}
+	if err := loadCaddyfile(cfg); err != nil { // back to the default: 1 GiB again
+		t.Fatal(err)
+	}
+	if status := send("after-restore"); status != http.StatusAccepted {
+		t.Errorf("after restoring max_bytes: %d, want 202", status)
 	}
 }

@@ -96,6 +96,10 @@ func (s *Store) deadSubject(destination string) string {
 	return s.cfg.Stream + ".dead." + destination
 }
 
+// StopGrace bounds how long stopping a destination's workers waits for
+// the attempts in progress (at most the destination's timeout).
+var StopGrace = 5 * time.Second
+
 // Deliver runs d's workers until ctx ends or stop is called; observe, if
 // set, hears of every attempt. Several processes running Deliver for the
 // same destination on one stream share the work (one durable consumer).
@@ -131,11 +135,20 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 	var mu sync.Mutex // guards stopped and wg.Add against stop
 	stopped := false
 	var wg sync.WaitGroup
+	isStopped := func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return stopped
+	}
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
+		if isStopped() {
+			_ = msg.Nak() // stopping: back to the queue at once, for another worker
+			return
+		}
 		select {
 		case slots <- struct{}{}:
 		case <-ctx.Done():
-			_ = msg.Nak() // stopping: back to the queue at once, for another worker
+			_ = msg.Nak()
 			return
 		}
 		mu.Lock()
@@ -167,12 +180,26 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 	var once sync.Once
 	stop = func() {
 		once.Do(func() {
-			cancel() // attempts in progress end; their copies are retried
-			cc.Stop()
 			mu.Lock()
 			stopped = true
 			mu.Unlock()
-			wg.Wait()
+			// Copies fetched but not started go back to the queue at once
+			// (not after AckWait); attempts in progress get a grace
+			// period to finish, so that a stop does not make a backend
+			// see an event twice. Then they are cancelled and retried.
+			// (The callback stores nothing once stopped: it only Naks.)
+			cc.Drain()
+			idle := make(chan struct{})
+			go func() { wg.Wait(); close(idle) }()
+			grace := time.NewTimer(min(d.Timeout, StopGrace))
+			select {
+			case <-idle:
+			case <-grace.C:
+			case <-ctx.Done():
+			}
+			grace.Stop()
+			cancel()
+			<-idle
 		})
 	}
 	go func() {

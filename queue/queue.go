@@ -9,8 +9,9 @@
 //
 // deliver.go holds the delivery workers and dead letters.
 //
-// Status: issue #11 in progress. The admin API, the CLI, metrics and the
-// mux_deliver handler (the Caddy glue) are not built yet.
+// The Caddy glue (the mux_deliver handler, the admin API, the CLI and
+// metrics) is in the plugin package: deliver.go, deliver_admin.go and
+// queue_command.go.
 package queue
 
 import (
@@ -95,9 +96,8 @@ var destinationName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 // ValidDestination reports whether name can name a destination.
 func ValidDestination(name string) bool { return destinationName.MatchString(name) }
 
-// Open starts (or connects to) the server and makes sure the stream
-// exists with the configured limits.
-func Open(ctx context.Context, cfg Config) (*Store, error) {
+// withDefaults fills in SPEC's defaults.
+func withDefaults(cfg Config) Config {
 	if cfg.Stream == "" {
 		cfg.Stream = DefaultStream
 	}
@@ -110,6 +110,13 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if cfg.Replicas == 0 {
 		cfg.Replicas = 1
 	}
+	return cfg
+}
+
+// Open starts (or connects to) the server and makes sure the stream
+// exists with the configured limits.
+func Open(ctx context.Context, cfg Config) (*Store, error) {
+	cfg = withDefaults(cfg)
 	if !streamName.MatchString(cfg.Stream) {
 		return nil, fmt.Errorf("queue: stream name %q: use letters, digits, _ and - only", cfg.Stream)
 	}
@@ -157,7 +164,16 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("queue: JetStream: %v", err)
 	}
-	_, err = s.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	if _, err = s.js.CreateOrUpdateStream(ctx, streamConfig(cfg)); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("queue: creating stream %s: %v", cfg.Stream, err)
+	}
+	return s, nil
+}
+
+// streamConfig is the stream as cfg describes it.
+func streamConfig(cfg Config) jetstream.StreamConfig {
+	return jetstream.StreamConfig{
 		Name:       cfg.Stream,
 		Subjects:   []string{cfg.Stream + ".deliver.>", cfg.Stream + ".dead.>"},
 		Storage:    jetstream.FileStorage,
@@ -166,12 +182,46 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		MaxBytes:   cfg.MaxBytes,
 		Duplicates: cfg.DedupeWindow,
 		Replicas:   cfg.Replicas,
-	})
-	if err != nil {
-		s.Close()
-		return nil, fmt.Errorf("queue: creating stream %s: %v", cfg.Stream, err)
 	}
-	return s, nil
+}
+
+// Reconfigure applies a reloaded config's max_bytes, dedupe_window and
+// replicas to the open store's stream. The stream itself (its name, the
+// server or directory) cannot change while events are queued in it:
+// that is an error saying what to do.
+func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
+	cfg = withDefaults(cfg)
+	if cfg.Stream != s.cfg.Stream {
+		return fmt.Errorf("queue: the stream is %s in the running Caddy; a reload cannot rename it (its queued events would wait forever): keep stream %s, or give the new stream its own dir", s.cfg.Stream, s.cfg.Stream)
+	}
+	if cfg.MaxBytes == s.cfg.MaxBytes && cfg.DedupeWindow == s.cfg.DedupeWindow && cfg.Replicas == s.cfg.Replicas {
+		return nil
+	}
+	if _, err := s.js.UpdateStream(ctx, streamConfig(cfg)); err != nil {
+		return fmt.Errorf("queue: updating stream %s (max_bytes, dedupe_window, replicas): %v", s.cfg.Stream, err)
+	}
+	s.cfg.MaxBytes, s.cfg.DedupeWindow, s.cfg.Replicas = cfg.MaxBytes, cfg.DedupeWindow, cfg.Replicas
+	return nil
+}
+
+// Queued returns, per destination name, how many copies the stream holds
+// for it (dead letters apart): also for destinations no longer
+// configured, whose copies wait until one is configured again.
+func (s *Store) Queued(ctx context.Context) (map[string]uint64, error) {
+	stream, err := s.js.Stream(ctx, s.cfg.Stream)
+	if err != nil {
+		return nil, err
+	}
+	prefix := s.cfg.Stream + ".deliver."
+	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(prefix+"*"))
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]uint64{}
+	for subject, n := range info.State.Subjects {
+		out[strings.TrimPrefix(subject, prefix)] = n
+	}
+	return out, nil
 }
 
 // Subject is where a destination's copies are stored.
