@@ -342,26 +342,46 @@ type DeadLetter struct {
 	Attempts  int       `json:"attempts"`
 	LastError string    `json:"last_error"`
 	DeadAt    time.Time `json:"dead_at"`
-	body      []byte
-	header    nats.Header
 }
 
 // maxListed bounds what one Dead call returns.
 const maxListed = 10000
 
 // Dead lists destination's dead letters, oldest first (at most 10000).
+// It reads their headers only: a listing holds no event body.
 func (s *Store) Dead(ctx context.Context, destination string) ([]DeadLetter, error) {
+	out := []DeadLetter{}
+	err := s.eachDead(ctx, destination, true, func(dl DeadLetter, _ jetstream.Msg) (bool, error) {
+		out = append(out, dl)
+		return len(out) < maxListed, nil
+	})
+	return out, err
+}
+
+// eachDead calls fn with destination's dead letters, oldest first, one at
+// a time (never all bodies at once), up to the last one stored when it
+// started, until fn returns false or an error.
+func (s *Store) eachDead(ctx context.Context, destination string, headersOnly bool, fn func(DeadLetter, jetstream.Msg) (bool, error)) error {
+	stream, err := s.js.Stream(ctx, s.cfg.Stream)
+	if err != nil {
+		return err
+	}
+	info, err := stream.Info(ctx)
+	if err != nil {
+		return err
+	}
+	last := info.State.LastSeq
 	cons, err := s.js.OrderedConsumer(ctx, s.cfg.Stream, jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{s.deadSubject(destination)},
+		HeadersOnly:    headersOnly,
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
-	out := []DeadLetter{}
-	for len(out) < maxListed {
-		batch, err := cons.FetchNoWait(256)
+	for {
+		batch, err := cons.FetchNoWait(64)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		n := 0
 		for msg := range batch.Messages() {
@@ -370,33 +390,33 @@ func (s *Store) Dead(ctx context.Context, destination string) ([]DeadLetter, err
 			if err != nil {
 				continue
 			}
+			if meta.Sequence.Stream > last {
+				return nil
+			}
 			h := msg.Headers()
 			attempts, _ := strconv.Atoi(h.Get(headerAttempts))
 			deadAt, _ := time.Parse(time.RFC3339, h.Get(headerDeadAt))
-			out = append(out, DeadLetter{
+			more, err := fn(DeadLetter{
 				Seq: meta.Sequence.Stream, ID: h.Get(HeaderEventID), Type: h.Get(HeaderEventType),
 				Attempts: attempts, LastError: h.Get(headerLastError), DeadAt: deadAt,
-				body: msg.Data(), header: h,
-			})
+			}, msg)
+			if err != nil || !more {
+				return err
+			}
 		}
 		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
-			return nil, err
+			return err
 		}
 		if n == 0 {
-			break
+			return nil
 		}
 	}
-	return out, nil
 }
 
 // Redeliver puts dead letters of destination back in its queue, attempts
-// counted from 1 again: those whose event ids are listed, or all of them.
-// It returns how many went back.
+// counted from 1 again: those whose event ids are listed, or all of them
+// (however many). It returns how many went back.
 func (s *Store) Redeliver(ctx context.Context, destination string, ids []string, all bool) (int, error) {
-	dead, err := s.Dead(ctx, destination)
-	if err != nil {
-		return 0, err
-	}
 	want := map[string]bool{}
 	for _, id := range ids {
 		want[id] = true
@@ -406,13 +426,13 @@ func (s *Store) Redeliver(ctx context.Context, destination string, ids []string,
 		return 0, err
 	}
 	n := 0
-	for _, dl := range dead {
+	err = s.eachDead(ctx, destination, false, func(dl DeadLetter, dead jetstream.Msg) (bool, error) {
 		if !all && !want[dl.ID] {
-			continue
+			return true, nil
 		}
 		msg := nats.NewMsg(s.Subject(destination))
-		msg.Data = dl.body
-		for k, vs := range dl.header {
+		msg.Data = dead.Data()
+		for k, vs := range dead.Headers() {
 			switch k {
 			case headerLastError, headerAttempts, headerDeadAt:
 				continue
@@ -424,14 +444,15 @@ func (s *Store) Redeliver(ctx context.Context, destination string, ids []string,
 		// A fresh message id: the dedupe window must not swallow it.
 		msg.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("redeliver:%s:%d", destination, dl.Seq))
 		if _, err := s.js.PublishMsg(ctx, msg); err != nil {
-			return n, err
+			return false, err
 		}
 		if err := st.DeleteMsg(ctx, dl.Seq); err != nil {
-			return n, err
+			return false, err
 		}
 		n++
-	}
-	return n, nil
+		return true, nil
+	})
+	return n, err
 }
 
 // Purge drops destination's dead letters.
