@@ -68,6 +68,18 @@ func (res *result) delivered() bool {
 	return res.route != nil && !res.aborted && res.status >= 200 && res.status <= 299
 }
 
+// ownLineLevel is the level of the handler's own line, written when the
+// site has no access log: rejections stay visible (WARN) without any
+// configuration, while verified events and duplicates, the bulk of the
+// traffic, are logged at DEBUG (add `log` to the site to see them in the
+// access log, or raise the log level).
+func ownLineLevel(res *result, level zapcore.Level) zapcore.Level {
+	if level == zapcore.InfoLevel && !res.outcome.Refused() && !res.aborted {
+		return zapcore.DebugLevel
+	}
+	return level
+}
+
 // maxLoggedBody bounds the body in the debug-level log line.
 const maxLoggedBody = 256
 
@@ -83,7 +95,10 @@ func (h *Handler) observe(r *http.Request, res *result) {
 	if res.aborted {
 		level = zapcore.WarnLevel
 	}
-	if c := h.logger.Check(level, "mux webhook"); c != nil {
+	if extra := accessLogFields(r); extra != nil {
+		// The site logs its requests: the event goes into that line.
+		addToAccessLog(r, extra, muxLogFields{outcome: logOutcome, reason: reason, event: res.event, aborted: res.aborted, err: res.err}, level)
+	} else if c := h.logger.Check(ownLineLevel(res, level), "mux webhook"); c != nil {
 		fields := make([]zap.Field, 0, 16)
 		fields = append(fields,
 			zap.String("outcome", logOutcome),

@@ -1,0 +1,96 @@
+package muxwebhook
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// jsonLinesOf reads a JSON-lines log file.
+func jsonLinesOf(t *testing.T, file string) []map[string]any {
+	t.Helper()
+	f, err := os.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []map[string]any
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 0, 64<<10), 4<<20)
+	for sc.Scan() {
+		var m map[string]any
+		if json.Unmarshal(sc.Bytes(), &m) == nil {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// TestAccessLogCarriesTheEvent: on a site with `log`, the event's fields
+// go into Caddy's access log line (a rejection's line at WARN), and the
+// handler writes no line of its own: an event is logged once.
+func TestAccessLogCarriesTheEvent(t *testing.T) {
+	accessLog := filepath.Join(t.TempDir(), "access.log")
+	cfg, g := gatewayConfigWith(t, "off", "", fmt.Sprintf(`log {
+		output file %s
+		format json
+	}
+	mux_webhook %s
+	respond 204`, accessLog, testSecret))
+	g.load(cfg)
+	body := event("video.asset.ready", "access-1", "")
+	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, body, time.Now())); status != http.StatusNoContent {
+		t.Fatalf("genuine: %d", status)
+	}
+	if status, _, _ := do(t, signedRequest(t, g.url, "forged", body, time.Now())); status != http.StatusUnauthorized {
+		t.Fatalf("forged: %d", status)
+	}
+	var lines []map[string]any
+	waitFor(t, func() bool {
+		lines = jsonLinesOf(t, accessLog)
+		return len(lines) >= 2
+	}, func() string { return fmt.Sprintf("access log: %v", lines) })
+	verified, rejected := lines[0], lines[1]
+	mux, _ := verified["mux"].(map[string]any)
+	if verified["msg"] != "handled request" || verified["level"] != "info" || verified["status"] != float64(204) ||
+		mux["outcome"] != "verified" || mux["type"] != "video.asset.ready" || mux["id"] != "access-1" || mux["object_type"] != "asset" {
+		t.Errorf("the verified event's access log line: %v", verified)
+	}
+	mux, _ = rejected["mux"].(map[string]any)
+	if rejected["level"] != "warn" || rejected["status"] != float64(401) || mux["outcome"] != "rejected" || mux["reason"] != "mismatch" || mux["id"] != nil {
+		t.Errorf("the forgery's access log line: %v", rejected)
+	}
+	for _, l := range g.logLines() {
+		if l["msg"] == "mux webhook" {
+			t.Errorf("the handler logged a line of its own as well: %v", l)
+		}
+	}
+}
+
+// TestOwnLineWithoutAccessLog: without `log`, the handler writes its own
+// line: a rejection at WARN (visible with no configuration), a verified
+// event at DEBUG.
+func TestOwnLineWithoutAccessLog(t *testing.T) {
+	cfg, g := gatewayConfigWith(t, "off", "", fmt.Sprintf("mux_webhook %s\n\trespond 204", testSecret))
+	g.load(cfg)
+	body := event("video.asset.ready", "own-1", "")
+	do(t, signedRequest(t, g.url, testSecret, body, time.Now()))
+	do(t, signedRequest(t, g.url, "forged", body, time.Now()))
+	levels := map[string]any{}
+	waitFor(t, func() bool {
+		for _, l := range g.logLines() {
+			if l["msg"] == "mux webhook" {
+				levels[fmt.Sprint(l["outcome"])] = l["level"]
+			}
+		}
+		return len(levels) == 2
+	}, func() string { return fmt.Sprintf("levels by outcome: %v", levels) })
+	if levels["verified"] != "debug" || levels["rejected"] != "warn" {
+		t.Errorf("levels by outcome: %v; want verified at debug, rejected at warn", levels)
+	}
+}
