@@ -368,11 +368,15 @@ func (d *delivery) gauges(ctx context.Context) {
 	defer t.Stop()
 	for {
 		d.dropRemovedGauges()
+		up := 1.0
 		for name := range d.destinations {
 			qctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
 			st, err := d.store().Status(qctx, name)
 			cancel()
 			if err != nil {
+				if ctx.Err() == nil {
+					up = 0
+				}
 				continue
 			}
 			muxMetrics.queuePending.WithLabelValues(name).Set(float64(st.Pending + st.InFlight))
@@ -382,6 +386,9 @@ func (d *delivery) gauges(ctx context.Context) {
 				oldest = time.Since(st.Oldest).Seconds()
 			}
 			muxMetrics.queueOldest.WithLabelValues(name).Set(oldest)
+		}
+		if ctx.Err() == nil {
+			muxMetrics.queueUp.Set(up)
 		}
 		select {
 		case <-ctx.Done():
@@ -532,6 +539,11 @@ func (h *Deliver) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 			Header: map[string]string{queue.HeaderSignature: ev.Signature},
 		})
 		if err != nil {
+			reason := "unavailable"
+			if errors.Is(err, queue.ErrFull) {
+				reason = "full"
+			}
+			muxMetrics.enqueueFails.WithLabelValues(name, reason).Inc()
 			h.logger.Error("mux_deliver: could not queue the event; answering 503 so that Mux retries",
 				zap.String("destination", name), zap.String("type", ev.Type), zap.String("id", ev.ID), zap.Error(err))
 			return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("mux_deliver: %w", err))

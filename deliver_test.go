@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // deliverGlobal is the mux_webhook global option with an embedded queue
@@ -206,6 +208,8 @@ func TestMuxDeliverQueueFull(t *testing.T) {
 		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 64KiB\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 100ms\n\t\t}\n\t}", dir, app.URL),
 		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
 	g2.load(cfg)
+	fullCount := muxMetrics.enqueueFails.WithLabelValues("app", "full")
+	before := testutil.ToFloat64(fullCount)
 	var accepted []string
 	full := false
 	for i := range 100 { // 100 × 4 KiB is far over 64 KiB
@@ -223,6 +227,9 @@ func TestMuxDeliverQueueFull(t *testing.T) {
 	}
 	if !full || len(accepted) == 0 {
 		t.Fatalf("no 503 after %d accepted events", len(accepted))
+	}
+	if d := testutil.ToFloat64(fullCount) - before; d != 1 {
+		t.Errorf(`enqueue_failures_total{destination="app",reason="full"} grew by %v, want 1`, d)
 	}
 	up.Store(true)
 	waitFor(t, func() bool {

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // TestFaultKilledWhileDelivering: Caddy is killed (SIGKILL) with events
@@ -173,6 +175,8 @@ func TestFaultQueueUnreachable(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = nats.Wait()
+	unavailable := muxMetrics.enqueueFails.WithLabelValues("app", "unavailable")
+	before := testutil.ToFloat64(unavailable)
 	start := time.Now()
 	status, _, _ := do(t, signedRequest(t, g2.url, testSecret, event("video.asset.ready", "ext-2", ""), time.Now()))
 	took := time.Since(start)
@@ -181,6 +185,9 @@ func TestFaultQueueUnreachable(t *testing.T) {
 	}
 	if took > 5*time.Second {
 		t.Errorf("503 after %s; enqueue_timeout is 1s", took)
+	}
+	if d := testutil.ToFloat64(unavailable) - before; d != 1 {
+		t.Errorf(`enqueue_failures_total{destination="app",reason="unavailable"} grew by %v, want 1`, d)
 	}
 	found := false
 	for _, l := range g2.logLines() {

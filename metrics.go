@@ -25,6 +25,8 @@ var muxMetrics = struct {
 	queueOldest  *prometheus.GaugeVec
 	deliveries   *prometheus.CounterVec
 	deliveryTime *prometheus.HistogramVec
+	enqueueFails *prometheus.CounterVec
+	queueUp      prometheus.Gauge
 }{}
 
 // registerMetrics creates the collectors once per process and registers
@@ -70,12 +72,20 @@ func registerMetrics(registry *prometheus.Registry) error {
 			Help:    "Time of one delivery attempt, by destination.",
 			Buckets: prometheus.DefBuckets,
 		}, []string{"destination"})
+		muxMetrics.enqueueFails = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "enqueue_failures_total",
+			Help: "Events mux_deliver could not queue (answered 503), by destination and reason: full (max_bytes) or unavailable (the queue did not answer within enqueue_timeout, or refused).",
+		}, []string{"destination", "reason"})
+		muxMetrics.queueUp = prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "queue_up",
+			Help: "1 if this instance's last reading of the delivery queue (every 5s) succeeded, 0 if the queue did not answer.",
+		})
 	})
 	if registry == nil {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
-		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.deliveries, muxMetrics.deliveryTime} {
+		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.deliveries, muxMetrics.deliveryTime, muxMetrics.enqueueFails, muxMetrics.queueUp} {
 		if err := registry.Register(c); err != nil {
 			if _, dup := errors.AsType[prometheus.AlreadyRegisteredError](err); !dup {
 				return err

@@ -452,6 +452,18 @@ BLOCK
 			{typ: "video.asset.ready", id: "once", status: 200},
 		}}},
 	},
+	"README.md: Local development with Mux's CLI #1": {
+		replace: []string{
+			"http://localhost:8080", "hooks.example.com",
+			"{env.MUX_CLI_WEBHOOK_SECRET}", "the-mux-cli-secret",
+		},
+		upstreams: []string{"localhost:3000"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", status: 200, to: "localhost:3000"},
+			{typ: "video.asset.created", secret: "the-mux-cli-secret", status: 200, to: "localhost:3000"},
+			{typ: "video.asset.created", secret: "neither-secret", status: 401},
+		}}},
+	},
 	"README.md: Floods and slow clients #1": {
 		wrap:      wrapGlobal,
 		upstreams: []string{"app:8080"},
