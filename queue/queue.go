@@ -8,9 +8,6 @@
 // It knows nothing of Caddy: the Caddy glue stays in the plugin package.
 //
 // deliver.go holds the delivery workers and dead letters.
-//
-// Status: issue #11 in progress. The admin API, the CLI, metrics and the
-// mux_deliver handler (the Caddy glue) are not built yet.
 package queue
 
 import (
