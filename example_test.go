@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -38,8 +39,9 @@ func caddyBinary(t *testing.T) string {
 }
 
 // startDemo runs the binary on examples/Caddyfile with its ports moved to
-// free ones, and returns the gateway's base URL.
-func startDemo(t *testing.T) string {
+// free ones, and returns the gateway's base URL and the admin API's
+// address.
+func startDemo(t *testing.T) (base, admin string) {
 	t.Helper()
 	bin := caddyBinary(t)
 	src, err := os.ReadFile("examples/Caddyfile")
@@ -48,15 +50,15 @@ func startDemo(t *testing.T) string {
 	}
 	cfg := string(src)
 	ports := map[string]int{}
-	for _, p := range []string{"2019", "8080", "9001", "9002"} {
+	for _, p := range []string{"2019", "8080", "9001", "9002", "9003"} {
 		n := freePort(t)
 		ports[p] = n
 		cfg = strings.ReplaceAll(cfg, ":"+p, fmt.Sprintf(":%d", n))
 	}
 	out := runCaddyBinary(t, bin, cfg)
-	base := fmt.Sprintf("http://localhost:%d", ports["8080"])
+	base = fmt.Sprintf("http://localhost:%d", ports["8080"])
 	waitForHTTP(t, base, out)
-	return base
+	return base, fmt.Sprintf("localhost:%d", ports["2019"])
 }
 
 // waitForHTTP waits up to 10 s until base answers.
@@ -72,19 +74,23 @@ func waitForHTTP(t *testing.T, base string, out *syncBuffer) {
 }
 
 func TestDemoBinaryRoutesEvents(t *testing.T) {
-	base := startDemo(t)
-	cases := []struct{ typ, want string }{
-		{"video.asset.ready", "assets service received video.asset.ready (d1)"},
-		{"video.upload.asset_created", "assets service received video.upload.asset_created (d2)"},
-		{"video.live_stream.active", "live service received video.live_stream.active (d3)"},
-		{"video.asset.track.ready", "assets service received video.asset.track.ready (d4)"},
-		{"robots.job.summarize.completed", "ignored robots.job.summarize.completed"},
+	base, _ := startDemo(t)
+	cases := []struct {
+		typ    string
+		status int
+		want   string
+	}{
+		{"video.asset.ready", 200, "assets service received video.asset.ready (d1)"},
+		{"video.upload.asset_created", 200, "assets service received video.upload.asset_created (d2)"},
+		{"video.live_stream.active", 200, "live service received video.live_stream.active (d3)"},
+		{"video.asset.track.ready", 200, "assets service received video.asset.track.ready (d4)"},
+		{"robots.job.summarize.completed", 202, ""}, // queued for analytics
 	}
 	for i, c := range cases {
 		body := event(c.typ, fmt.Sprintf("d%d", i+1), "")
 		status, _, got := do(t, signedRequest(t, base+"/mux", demoSecret, body, time.Now()))
-		if status != 200 || got != c.want {
-			t.Errorf("%s: got %d %q, want 200 %q", c.typ, status, got, c.want)
+		if status != c.status || got != c.want {
+			t.Errorf("%s: got %d %q, want %d %q", c.typ, status, got, c.status, c.want)
 		}
 	}
 	status, _, _ := do(t, signedRequest(t, base+"/mux", "not-the-demo-secret", event("video.asset.ready", "x", ""), time.Now()))
@@ -103,7 +109,7 @@ func TestDemoBinaryRoutesEvents(t *testing.T) {
 }
 
 func TestDemoSendEventScript(t *testing.T) {
-	base := startDemo(t)
+	base, _ := startDemo(t)
 	for _, tool := range []string{"sh", "curl", "openssl"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("%s is needed for examples/send-event.sh: %v", tool, err)
@@ -172,16 +178,17 @@ func runCaddyIn(t *testing.T, bin, cfg, dir, home string, cred *syscall.Credenti
 }
 
 // TestDemoSendCommand is the README's demo: the built binary's
-// `caddy mux-webhook send` delivers events of three families, and each
-// lands at its upstream.
+// `caddy mux-webhook send` delivers events of four families, and each
+// lands at its upstream, the last one through the queue, which
+// `caddy mux-webhook queue` then shows delivered.
 func TestDemoSendCommand(t *testing.T) {
-	base := startDemo(t)
+	base, admin := startDemo(t)
 	bin := caddyBinary(t)
 	cases := []struct{ typ, want string }{
 		{"video.asset.ready", "200 OK assets service received video.asset.ready"},
 		{"video.live_stream.active", "200 OK live service received video.live_stream.active"},
 		{"video.upload.asset_created", "200 OK assets service received video.upload.asset_created"},
-		{"robots.job.summarize.completed", "200 OK ignored robots.job.summarize.completed"},
+		{"robots.job.summarize.completed", "202 Accepted"},
 	}
 	for _, c := range cases {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -199,6 +206,14 @@ func TestDemoSendCommand(t *testing.T) {
 	if err == nil || !strings.Contains(string(out), "401") {
 		t.Errorf("send with a wrong secret: err %v, printed:\n%s", err, out)
 	}
+	// The README's last command: the queued event shows as delivered.
+	delivered := regexp.MustCompile(`(?m)^analytics\s+0\s+0\s+1\s+0\s+-`)
+	waitFor(t, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		out, err = exec.CommandContext(ctx, bin, "mux-webhook", "queue", "--address", admin).CombinedOutput()
+		return err == nil && delivered.Match(out)
+	}, func() string { return fmt.Sprintf("caddy mux-webhook queue: %v\n%s", err, out) })
 }
 
 // TestNodeBackendExample runs examples/backend.js behind a real gateway.

@@ -36,6 +36,9 @@ const (
 	// basic_auth of the documented Live Logs site.
 	readmeBcrypt   = "$2a$04$q.PiehR/N45VzQKszHv4featKfJulTXAceihThDbSREJky7f2fAVS"
 	readmePassword = "readme-password"
+	// readmeAppSecret replaces {env.APP_WEBHOOK_SECRET}: the secret a
+	// queue destination signs its deliveries with.
+	readmeAppSecret = "whsec-readme-app-destination"
 )
 
 // docBlock is one Caddyfile of the documentation.
@@ -115,9 +118,10 @@ func docCaddyfiles(t *testing.T) []docBlock {
 // 127.0.0.1, each address of upstreams a recording server on 127.0.0.1
 // (or, in a run that lists it as down, a port where nothing listens), each
 // path of dirs a fresh temporary directory, {env.MUX_WEBHOOK_SECRET} the
-// test's secret. The tokens <free-port>, <secret-file> (a file holding the
-// secret and a newline) and <bcrypt> (readmeBcrypt) may be used in replace
-// and wrap.
+// test's secret, {env.APP_WEBHOOK_SECRET} readmeAppSecret, and Caddy's
+// data directory (the delivery queue's default store) a temporary one. The
+// tokens <free-port>, <secret-file> (a file holding the secret and a
+// newline) and <bcrypt> (readmeBcrypt) may be used in replace and wrap.
 type blockTest struct {
 	replace   []string // pairs: old, new
 	wrap      string   // a Caddyfile with BLOCK where the block goes; "" = the block is whole
@@ -128,9 +132,9 @@ type blockTest struct {
 	hook      string   // the webhook path; default /mux
 	everyPath bool     // mux_webhook has no matcher: a forgery to any path gets 401
 	noRun     string   // why the block cannot run; it is then only adapted
-	// queueDirs of dirs hold the delivery queue's own store: its files
-	// are no events, and deliveries reach upstreams later (the run's
-	// check waits for them).
+	// queueDirs of dirs hold the delivery queue's own store, whose files
+	// are no events. A Caddyfile with mux_deliver delivers through the
+	// queue: the run waits for every delivery to reach its upstreams.
 	queueDirs []string
 	runs      []blockRun
 }
@@ -154,8 +158,14 @@ type docDelivery struct {
 	status    int               // the answer
 	body      string            // the answer's body, when set
 	to        string            // the upstream that must receive it, byte for byte; "" = none
+	also      []string          // more upstreams that must receive it (fan-out through the queue)
 	header    map[string]string // headers that upstream must see ({id} = the event id)
 	stored    string            // documented path of the file that must hold it ({id} = the event id)
+
+	// signedWith is the secret the Mux-Signature that the upstreams see
+	// must verify with, now: the block's secret when the queue passes on
+	// Mux's header, a destination's sign secret when it re-signs.
+	signedWith string
 }
 
 // Wrappers for fragments. None lets a request to a path other than /mux
@@ -188,6 +198,19 @@ BLOCK
 BLOCK
 	handle /mux {
 		reverse_proxy app:8080
+	}
+	handle {
+		respond 404
+	}
+}
+`
+	// wrapGlobalDeliver puts global options before a site queueing the
+	// events of /mux for the destination app.
+	wrapGlobalDeliver = `BLOCK
+hooks.example.com {
+	mux_webhook /mux {env.MUX_WEBHOOK_SECRET}
+	handle /mux {
+		mux_deliver app
 	}
 	handle {
 		respond 404
@@ -403,29 +426,103 @@ BLOCK
 			},
 		},
 	},
-	"README.md: `mux_deliver`: accept in milliseconds, deliver for days (in progress) #1": {
-		upstreams: []string{"assets:8080", "analytics:8080"},
+	"README.md: Queue: `mux_deliver` #1": {
+		upstreams: []string{"app:8080"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", id: "q1", status: 202, body: "", to: "app:8080", signedWith: readmeAppSecret,
+				header: map[string]string{
+					"Content-Type": "application/json", "Idempotency-Key": "{id}",
+					"Mux-Webhook-Attempt": "1", "Mux-Webhook-Destination": "app",
+				}},
+			// Mux's retry of a queued event is absorbed by the dedupe window.
+			{typ: "video.asset.ready", id: "q1", status: 202, body: ""},
+			{typ: "video.live_stream.active", id: "q2", status: 202, to: "app:8080", signedWith: readmeAppSecret},
+		}}},
+	},
+	"README.md: Every setting #1": {
+		replace: []string{
+			// The embedded server here; TestReadmeQueueNATSSettings adapts
+			// the nats block.
+			"\t\t\tnats <url>... {\n\t\t\t\tcreds    <file>\n\t\t\t\tuser     <user>\n\t\t\t\tpassword <password>\n\t\t\t\ttoken    <token>\n\t\t\t\treplicas <n>\n\t\t\t}\n", "",
+			"{\n\tmux_webhook {", "{\n\tadmin localhost:<free-port>\n\tmux_webhook {",
+			"<path>", "/var/lib/caddy/mux-queue",
+			"header       <field> <value>", "header       X-Readme readme-value",
+			"destination <name> <url>", "destination app http://app:8080/mux",
+			"<name>", "MUX_README",
+			"<size>", "64MiB",
+			"<duration>...", "50ms 100ms",
+			"<duration>", "10s",
+			"<n>", "3",
+			"<secret>", "{env.APP_WEBHOOK_SECRET}",
+		},
+		wrap:      wrapGlobalDeliver,
+		upstreams: []string{"app:8080"},
 		dirs:      []string{"/var/lib/caddy/mux-queue"},
 		queueDirs: []string{"/var/lib/caddy/mux-queue"},
+		runs: []blockRun{
+			{name: "destination up", deliveries: []docDelivery{
+				{typ: "video.asset.ready", status: 202, to: "app:8080", signedWith: readmeAppSecret,
+					header: map[string]string{"X-Readme": "readme-value", "Idempotency-Key": "{id}", "Mux-Webhook-Attempt": "1"}},
+			}},
+			{
+				name: "destination down", down: []string{"app:8080"},
+				deliveries: []docDelivery{{typ: "video.asset.ready", id: "dead", status: 202}},
+				check: func(t *testing.T, s *blockSite) {
+					// retry 50ms 100ms, max_attempts 3: a dead letter
+					// after the third attempt.
+					s.waitDeadLetters("app", 3, "dead")
+				},
+			},
+		},
+	},
+	"README.md: A backend slower than Mux's 5 seconds #1": {
+		upstreams: []string{"transcoder:8080"},
+		runs: []blockRun{{deliveries: []docDelivery{
+			{typ: "video.asset.ready", status: 202, to: "transcoder:8080", signedWith: readmeSecret,
+				header: map[string]string{"Idempotency-Key": "{id}", "Mux-Webhook-Destination": "transcoder"}},
+			{typ: "video.asset.created", status: 204},
+			{typ: "video.live_stream.active", status: 204},
+		}}},
+	},
+	"README.md: Fan-out: one event, two services #1": {
+		upstreams: []string{"assets:8080", "analytics:8080"},
 		runs: []blockRun{{
 			deliveries: []docDelivery{
-				{typ: "video.asset.ready", id: "q1", status: 202},
-				{typ: "video.live_stream.active", id: "q2", status: 202},
+				{typ: "video.asset.ready", id: "f1", status: 202, to: "assets:8080", also: []string{"analytics:8080"}, signedWith: readmeSecret},
+				{typ: "video.asset.ready", id: "f1", status: 202}, // Mux's retry: absorbed
+				{typ: "video.live_stream.active", id: "f2", status: 202, to: "analytics:8080", signedWith: readmeSecret},
 			},
 			check: func(t *testing.T, s *blockSite) {
-				assets, analytics := s.ups["assets:8080"], s.ups["analytics:8080"]
-				waitFor(t, func() bool { return len(assets.requests()) == 1 && len(analytics.requests()) == 2 }, func() string {
-					return fmt.Sprintf("assets got %d, analytics %d; want 1 and 2", len(assets.requests()), len(analytics.requests()))
-				})
-				if got := assets.requests()[0]; !bytes.Equal(got.Body, s.bodies[s.id("q1")]) || got.URI != "/mux" {
-					t.Errorf("assets got %s %q", got.URI, got.Body)
-				}
-				time.Sleep(300 * time.Millisecond) // nothing else arrives: no forgery was queued
-				if len(assets.requests()) != 1 || len(analytics.requests()) != 2 {
-					t.Errorf("assets got %d, analytics %d; want 1 and 2", len(assets.requests()), len(analytics.requests()))
+				for _, name := range []string{"assets", "analytics"} {
+					for _, r := range s.ups[name+":8080"].requests() {
+						if got := r.Header.Get("Mux-Webhook-Destination"); got != name {
+							t.Errorf("%s received Mux-Webhook-Destination: %q", name, got)
+						}
+					}
 				}
 			},
 		}},
+	},
+	"README.md: A weekend outage: dead letters, redelivered on Monday #1": {
+		replace: []string{
+			"{\n\tmux_webhook {", "{\n\tadmin localhost:<free-port>\n\tmux_webhook {",
+			"retry   1m 5m 30m 1h", "retry   50ms",
+			"max_age 7d", "max_age 1s",
+		},
+		upstreams: []string{"app:8080"},
+		dirs:      []string{"/var/lib/caddy/mux-queue"},
+		queueDirs: []string{"/var/lib/caddy/mux-queue"},
+		runs: []blockRun{
+			{name: "backend up", deliveries: []docDelivery{{typ: "video.asset.ready", status: 202, to: "app:8080"}}},
+			{
+				name: "backend down past max_age", down: []string{"app:8080"},
+				deliveries: []docDelivery{
+					{typ: "video.asset.ready", id: "fri", status: 202},
+					{typ: "video.asset.deleted", id: "sat", status: 202},
+				},
+				check: checkMondayRedeliver,
+			},
+		},
 	},
 	"README.md: Route on event content #1": {
 		wrap:      wrapInSite,
@@ -475,8 +572,9 @@ BLOCK
 			"http://localhost:8080", "hooks.example.com",
 			"http://localhost:9001", "http://localhost:<free-port>",
 			"http://localhost:9002", "http://localhost:<free-port>",
+			"http://localhost:9003 {", "http://localhost:<free-port> {",
 		},
-		upstreams: []string{"127.0.0.1:9001", "127.0.0.1:9002"},
+		upstreams: []string{"127.0.0.1:9001", "127.0.0.1:9002", "localhost:9003"},
 		secret:    demoSecret,
 		runs: []blockRun{{deliveries: []docDelivery{
 			{typ: "video.asset.ready", status: 200, to: "127.0.0.1:9001",
@@ -484,9 +582,81 @@ BLOCK
 			{typ: "video.upload.asset_created", status: 200, to: "127.0.0.1:9001"},
 			{typ: "video.live_stream.active", status: 200, to: "127.0.0.1:9002",
 				header: map[string]string{"X-Mux-Event-Type": "video.live_stream.active", "X-Mux-Event-Id": "{id}"}},
-			{typ: "robots.job.summarize.completed", status: 200, body: "ignored robots.job.summarize.completed"},
+			// Every other event: queued for analytics, delivered by Caddy.
+			{typ: "robots.job.summarize.completed", status: 202, body: "", to: "localhost:9003", signedWith: demoSecret,
+				header: map[string]string{"Idempotency-Key": "{id}", "Mux-Webhook-Destination": "analytics", "Mux-Webhook-Attempt": "1"}},
+			{typ: "video.delivery.high_traffic", status: 202, to: "localhost:9003"},
 		}}},
 	},
+}
+
+// waitDeadLetters waits until the dead letters of destination, read from
+// the admin endpoint of the block, are the events of labels; each after
+// attempts attempts, unless attempts is 0.
+func (s *blockSite) waitDeadLetters(destination string, attempts int, labels ...string) {
+	t := s.t
+	t.Helper()
+	var dead []struct {
+		ID        string `json:"id"`
+		Attempts  int    `json:"attempts"`
+		LastError string `json:"last_error"`
+	}
+	url := "http://" + s.adminAddress() + "/mux-webhook/queue/dead?destination=" + destination
+	waitFor(t, func() bool {
+		dead = nil
+		getJSON(t, url, &dead)
+		return len(dead) >= len(labels)
+	}, func() string { return fmt.Sprintf("dead letters of %s: %+v", destination, dead) })
+	var got, want []string
+	for _, d := range dead {
+		got = append(got, d.ID)
+		if (attempts > 0 && d.Attempts != attempts) || d.LastError == "" {
+			t.Errorf("dead letter %s: %d attempts, last error %q; want %d attempts and the error", d.ID, d.Attempts, d.LastError, attempts)
+		}
+	}
+	for _, l := range labels {
+		want = append(want, s.id(l))
+	}
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Errorf("dead letters of %s: %v, want %v", destination, got, want)
+	}
+}
+
+// checkMondayRedeliver: the weekend's events became dead letters; the
+// backend comes back, and the recipe's commands redeliver them.
+func checkMondayRedeliver(t *testing.T, s *blockSite) {
+	s.waitDeadLetters("app", 0, "fri", "sat")
+	app := newUpstreamAt(t, "app:8080", s.down["app:8080"])
+	admin := s.adminAddress()
+	if out, err := runCommand(t, "", "queue", "dead", "app", "--address", admin); err != nil || !strings.Contains(out, s.id("fri")) {
+		t.Errorf("queue dead app: %v\n%s", err, out)
+	}
+	out, err := runCommand(t, "", "queue", "redeliver", "app", "--all", "--address", admin)
+	if err != nil || !strings.Contains(out, "redelivered 2 dead letters of app") {
+		t.Fatalf("queue redeliver app --all: %v\n%s", err, out)
+	}
+	waitFor(t, func() bool { return len(app.requests()) == 2 }, func() string {
+		return fmt.Sprintf("the backend got %d requests after the redelivery, want 2", len(app.requests()))
+	})
+	for _, r := range app.requests() {
+		if !bytes.Equal(r.Body, s.bodies[s.id("fri")]) && !bytes.Equal(r.Body, s.bodies[s.id("sat")]) {
+			t.Errorf("the backend got %.100q, not a weekend event", r.Body)
+		}
+		if got := r.Header.Get("Mux-Webhook-Attempt"); got != "1" {
+			t.Errorf("a redelivered event came as attempt %q, want 1", got)
+		}
+	}
+	// The backend answered; the queue counts each delivery once its
+	// acknowledgement is stored.
+	done := regexp.MustCompile(`(?m)^app\s+0\s+0\s+2\s+0\s`)
+	waitFor(t, func() bool {
+		out, err = runCommand(t, "", "queue", "--address", admin)
+		return err == nil && done.MatchString(out)
+	}, func() string {
+		return fmt.Sprintf("queue: %v, want app with 0 pending, 0 in flight, 2 delivered, 0 dead:\n%s", err, out)
+	})
 }
 
 // checkReplay brings the parked event's backend up and replays the spool
@@ -509,6 +679,7 @@ func checkReplay(t *testing.T, s *blockSite) {
 
 func TestReadmeCaddyfiles(t *testing.T) {
 	t.Setenv(SecretEnv, readmeSecret)
+	t.Setenv("APP_WEBHOOK_SECRET", readmeAppSecret)
 	blocks := docCaddyfiles(t)
 	seen := map[string]bool{}
 	for _, b := range blocks {
@@ -596,6 +767,22 @@ type blockSite struct {
 	preset  map[string]bool   // files written before the load
 	queue   map[string]bool   // documented dirs of the queue's store
 	async   bool              // deliveries reach upstreams later, through the queue
+	queued  []queuedDelivery  // with async: the deliveries sent, checked once all are
+}
+
+// queuedDelivery is a delivery sent through the queue, and its event.
+type queuedDelivery struct {
+	docDelivery
+	id   string
+	body []byte
+}
+
+// targets are the upstreams that must receive d.
+func (d docDelivery) targets() []string {
+	if d.to == "" {
+		return d.also
+	}
+	return append([]string{d.to}, d.also...)
 }
 
 var readmeRuns atomic.Int64
@@ -644,8 +831,9 @@ func (bt blockTest) prepare(t *testing.T, cfg string, r blockRun) *blockSite {
 	}
 	s.queue = map[string]bool{}
 	for _, d := range bt.queueDirs {
-		s.queue[d], s.async = true, true
+		s.queue[d] = true
 	}
+	s.async = strings.Contains(cfg, "mux_deliver")
 	for _, d := range bt.dirs {
 		if !strings.Contains(cfg, d) {
 			t.Fatalf("the Caddyfile names no %s", d)
@@ -764,6 +952,8 @@ func checkLocalOnly(t *testing.T, cfg string) {
 }
 
 func (bt blockTest) run(t *testing.T, cfg string, r blockRun) {
+	// The queue's store goes under Caddy's data directory by default.
+	t.Setenv("XDG_DATA_HOME", t.TempDir())
 	s := bt.prepare(t, cfg, r)
 	if _, err := adaptCaddyfile(s.cfg); err != nil {
 		t.Fatalf("adapting: %v\n%s", err, s.cfg)
@@ -783,6 +973,9 @@ func (bt blockTest) run(t *testing.T, cfg string, r blockRun) {
 	s.forgeries(bt.everyPath)
 	for _, d := range r.deliveries {
 		s.deliver(d)
+	}
+	if s.async {
+		s.checkQueued()
 	}
 	if r.check != nil {
 		r.check(t, s)
@@ -893,11 +1086,17 @@ func (s *blockSite) deliver(d docDelivery) {
 	if d.body != "" && got != d.body {
 		t.Errorf("%s: answered %q, want %q", what, got, d.body)
 	}
-	if d.to != "" && s.ups[d.to] == nil {
-		t.Fatalf("%s: no upstream %s in this run", what, d.to)
+	for _, to := range d.targets() {
+		if s.ups[to] == nil {
+			t.Fatalf("%s: no upstream %s in this run", what, to)
+		}
 	}
 	if s.async {
+		s.queued = append(s.queued, queuedDelivery{d, id, body})
 		return
+	}
+	if len(d.also) > 0 {
+		t.Fatalf("%s: also needs a Caddyfile with mux_deliver", what)
 	}
 	for name, u := range s.ups {
 		reqs := u.requests()
@@ -916,11 +1115,7 @@ func (s *blockSite) deliver(d docDelivery) {
 		if last.Method != http.MethodPost || last.URI != path || !bytes.Equal(last.Body, body) {
 			t.Errorf("%s: %s received %s %s %.100q, want the event as sent", what, name, last.Method, last.URI, last.Body)
 		}
-		for k, v := range d.header {
-			if want := strings.ReplaceAll(v, "{id}", id); last.Header.Get(k) != want {
-				t.Errorf("%s: %s received %s: %q, want %q", what, name, k, last.Header.Get(k), want)
-			}
-		}
+		s.checkReceived(what, name, last, d, id)
 	}
 	if d.stored != "" {
 		file := s.file(strings.ReplaceAll(d.stored, "{id}", id))
@@ -928,6 +1123,86 @@ func (s *blockSite) deliver(d docDelivery) {
 			t.Errorf("%s: stored file %s: %v, content %.100q", what, file, err, b)
 		}
 	}
+}
+
+// checkReceived checks the headers an upstream received with delivery d.
+func (s *blockSite) checkReceived(what, name string, got received, d docDelivery, id string) {
+	t := s.t
+	t.Helper()
+	for k, v := range d.header {
+		if want := strings.ReplaceAll(v, "{id}", id); got.Header.Get(k) != want {
+			t.Errorf("%s: %s received %s: %q, want %q", what, name, k, got.Header.Get(k), want)
+		}
+	}
+	if d.signedWith != "" {
+		sig := got.Header.Get("Mux-Signature")
+		if _, err := Verify(sig, got.Body, [][]byte{[]byte(d.signedWith)}, time.Now(), DefaultTolerance); err != nil {
+			t.Errorf("%s: %s received a Mux-Signature that does not verify with the expected secret: %v", what, name, err)
+		}
+	}
+}
+
+// checkQueued waits until every delivery sent through the queue reached
+// each of its upstreams, byte for byte, and checks that nothing else
+// reached any upstream: no forgery, and no event twice.
+func (s *blockSite) checkQueued() {
+	t := s.t
+	t.Helper()
+	want := map[string]int{}
+	for _, d := range s.queued {
+		for _, to := range d.targets() {
+			want[to]++
+		}
+	}
+	find := func(name string, body []byte) (received, bool) {
+		for _, r := range s.ups[name].requests() {
+			if r.Method == http.MethodPost && bytes.Equal(r.Body, body) {
+				return r, true
+			}
+		}
+		return received{}, false
+	}
+	counts := func() string {
+		var out []string
+		for name, u := range s.ups {
+			out = append(out, fmt.Sprintf("%s got %d, want %d", name, len(u.requests()), want[name]))
+		}
+		sort.Strings(out)
+		return strings.Join(out, "; ")
+	}
+	waitFor(t, func() bool {
+		for _, d := range s.queued {
+			for _, to := range d.targets() {
+				if _, ok := find(to, d.body); !ok {
+					return false
+				}
+			}
+		}
+		return true
+	}, counts)
+	for _, d := range s.queued {
+		for _, to := range d.targets() {
+			if got, ok := find(to, d.body); ok {
+				s.checkReceived(fmt.Sprintf("%s %s", d.typ, d.id), to, got, d.docDelivery, d.id)
+			}
+		}
+	}
+	time.Sleep(300 * time.Millisecond) // nothing else arrives late
+	for name, u := range s.ups {
+		if got := len(u.requests()); got != want[name] {
+			t.Errorf("%s received %d requests, want %d (%s)", name, got, want[name], counts())
+		}
+	}
+}
+
+// adminAddress is the address of the admin endpoint that a block's entry
+// adds with admin localhost:<free-port>.
+func (s *blockSite) adminAddress() string {
+	m := regexp.MustCompile(`(?m)^\s*admin (localhost:\d+)\s*$`).FindStringSubmatch(s.cfg)
+	if m == nil {
+		s.t.Fatalf("the Caddyfile has no admin localhost:<port> line\n%s", s.cfg)
+	}
+	return m[1]
 }
 
 // newUpstreamAt is newUpstream listening on addr (a port that was down).
@@ -950,8 +1225,9 @@ func newUpstreamAt(t *testing.T, name, addr string) *upstream {
 // TestDemoBinaryForgeriesNeverReachUpstreams runs the xcaddy-built binary
 // on examples/Caddyfile, with an access log added to each demo upstream
 // (served by the same Caddy), and sends forgeries to /mux and to the
-// demo's other paths: none may be answered by, or logged at, an upstream.
-// Genuine events then are, once each.
+// demo's other paths: none may be answered by, or logged at, an upstream,
+// nor queued for one. Genuine events then are, once each: two proxied, one
+// delivered through the queue.
 func TestDemoBinaryForgeriesNeverReachUpstreams(t *testing.T) {
 	bin := caddyBinary(t)
 	src, err := os.ReadFile("examples/Caddyfile")
@@ -960,7 +1236,7 @@ func TestDemoBinaryForgeriesNeverReachUpstreams(t *testing.T) {
 	}
 	cfg, dir := string(src), t.TempDir()
 	logs := map[string]string{}
-	for _, p := range []string{"9001", "9002"} {
+	for _, p := range []string{"9001", "9002", "9003"} {
 		site := "http://localhost:" + p + " {"
 		if !strings.Contains(cfg, site) {
 			t.Fatalf("examples/Caddyfile has no site %q any more: update this test", site)
@@ -969,7 +1245,7 @@ func TestDemoBinaryForgeriesNeverReachUpstreams(t *testing.T) {
 		cfg = strings.Replace(cfg, site, site+"\n\tlog {\n\t\toutput file "+logs[p]+"\n\t\tformat json\n\t}", 1)
 	}
 	ports := map[string]int{}
-	for _, p := range []string{"2019", "8080", "9001", "9002"} {
+	for _, p := range []string{"2019", "8080", "9001", "9002", "9003"} {
 		ports[p] = freePort(t)
 		cfg = strings.ReplaceAll(cfg, ":"+p, fmt.Sprintf(":%d", ports[p]))
 	}
@@ -986,13 +1262,20 @@ func TestDemoBinaryForgeriesNeverReachUpstreams(t *testing.T) {
 			t.Errorf("%s to %s: %d, want 401", f.what, f.path, status)
 		}
 	}
-	genuine := map[string]string{"9001": "video.asset.ready", "9002": "video.live_stream.active"}
-	want := map[string]string{"9001": "assets service received", "9002": "live service received"}
-	for p, typ := range genuine {
+	genuine := map[string]struct {
+		typ    string
+		status int
+		want   string // the answer; %s is the event id
+	}{
+		"9001": {"video.asset.ready", 200, "assets service received video.asset.ready (%s)"},
+		"9002": {"video.live_stream.active", 200, "live service received video.live_stream.active (%s)"},
+		"9003": {"robots.job.summarize.completed", 202, ""}, // queued, delivered by Caddy
+	}
+	for p, g := range genuine {
 		id := "genuine-" + p
-		status, _, body := do(t, signedRequest(t, base+"/mux", demoSecret, event(typ, id, ""), time.Now()))
-		if w := fmt.Sprintf("%s %s (%s)", want[p], typ, id); status != 200 || body != w {
-			t.Errorf("%s: %d %q, want 200 %q", typ, status, body, w)
+		status, _, body := do(t, signedRequest(t, base+"/mux", demoSecret, event(g.typ, id, ""), time.Now()))
+		if w := strings.ReplaceAll(g.want, "%s", id); status != g.status || body != w {
+			t.Errorf("%s: %d %q, want %d %q", g.typ, status, body, g.status, w)
 		}
 	}
 	// Each upstream logged the genuine event, and nothing else.
@@ -1002,6 +1285,7 @@ func TestDemoBinaryForgeriesNeverReachUpstreams(t *testing.T) {
 			return strings.Split(strings.TrimSpace(string(b)), "\n")
 		}
 		waitFor(t, func() bool { return strings.Contains(strings.Join(lines(), ""), "genuine-"+p) }, out.String)
+		time.Sleep(300 * time.Millisecond) // nothing else arrives late from the queue
 		for _, l := range lines() {
 			if !strings.Contains(l, `"genuine-`+p+`"`) {
 				t.Errorf("upstream :%s served a request that was not the genuine event: %.400s", p, l)
@@ -1009,6 +1293,57 @@ func TestDemoBinaryForgeriesNeverReachUpstreams(t *testing.T) {
 		}
 		if n := len(lines()); n != 1 {
 			t.Errorf("upstream :%s logged %d requests, want 1", p, n)
+		}
+	}
+}
+
+// TestReadmeQueueNATSSettings: the nats block of the README's list of
+// queue settings (which TestReadmeCaddyfiles runs on the embedded server)
+// is valid syntax, and each of its options lands in the config.
+func TestReadmeQueueNATSSettings(t *testing.T) {
+	var block string
+	for _, b := range markdownCaddyfiles(t, "README.md") {
+		if b.key == "README.md: Every setting #1" {
+			block = b.text
+		}
+	}
+	if block == "" {
+		t.Fatal("README.md has no block \"Every setting #1\" any more: update this test")
+	}
+	cfg := block
+	for _, p := range [][2]string{
+		{"\t\t\tdir <path>\n", ""},
+		{"<url>...", "nats://127.0.0.1:4222 nats://127.0.0.1:4223"},
+		{"<file>", "/etc/caddy/nats.creds"},
+		{"<user>", "caddy"},
+		{"<password>", "{env.NATS_PASSWORD}"},
+		{"<token>", "{file./run/secrets/nats-token}"},
+		{"replicas <n>", "replicas 3"},
+		{"destination <name> <url>", "destination app http://127.0.0.1:8080/mux"},
+		{"<name>", "MUX_README"},
+		{"<size>", "64MiB"},
+		{"<duration>...", "1s 2s"},
+		{"<duration>", "10s"},
+		{"<n>", "2"},
+		{"<secret>", "{env.APP_WEBHOOK_SECRET}"},
+		{"<field> <value>", "X-Readme readme-value"},
+	} {
+		if !strings.Contains(cfg, p[0]) {
+			t.Fatalf("the block no longer contains %q: update this test", p[0])
+		}
+		cfg = strings.ReplaceAll(cfg, p[0], p[1])
+	}
+	out, err := adaptCaddyfile(cfg + "\nhttp://127.0.0.1:8080 {\n\trespond 204\n}\n")
+	if err != nil {
+		t.Fatalf("adapting: %v\n%s", err, cfg)
+	}
+	for _, want := range []string{
+		`"urls": [`, `"nats://127.0.0.1:4223"`, `"creds": "/etc/caddy/nats.creds"`, `"user": "caddy"`,
+		`"password": "{env.NATS_PASSWORD}"`, `"token": "{file./run/secrets/nats-token}"`, `"replicas": 3`,
+		`"stream": "MUX_README"`, `"max_attempts": 2`, `"X-Readme": "readme-value"`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the adapted config has no %s:\n%s", want, out)
 		}
 	}
 }

@@ -8,10 +8,6 @@
 // It knows nothing of Caddy: the Caddy glue stays in the plugin package.
 //
 // deliver.go holds the delivery workers and dead letters.
-//
-// The Caddy glue (the mux_deliver handler, the admin API, the CLI and
-// metrics) is in the plugin package: deliver.go, deliver_admin.go and
-// queue_command.go.
 package queue
 
 import (
