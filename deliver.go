@@ -283,7 +283,23 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, error)
 	}
 	d := queue.Destination{
 		Name: name, URL: dc.URL, Timeout: time.Duration(dc.Timeout), MaxAttempts: dc.MaxAttempts,
-		MaxAge: time.Duration(dc.MaxAge), Concurrency: dc.Concurrency, Header: dc.Header,
+		MaxAge: time.Duration(dc.MaxAge), Concurrency: dc.Concurrency,
+	}
+	if len(dc.Header) > 0 {
+		// Values may hold a token: {env.*} and {file.*} are resolved
+		// here, as for sign, and never written back to the config.
+		repl := caddy.NewReplacer()
+		d.Header = make(map[string]string, len(dc.Header))
+		for k, v := range dc.Header {
+			value, err := repl.ReplaceOrErr(v, true, true)
+			if err != nil {
+				return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: header %s: a placeholder in it is unset or empty", name, k)
+			}
+			if strings.ContainsAny(value, "\r\n\x00") {
+				return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: header %s: the value holds a line break or NUL", name, k)
+			}
+			d.Header[k] = value
+		}
 	}
 	for _, r := range dc.Retry {
 		if r <= 0 {

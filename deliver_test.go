@@ -95,6 +95,7 @@ func TestMuxDeliverConfigErrors(t *testing.T) {
 		{"", "mux_webhook s\n\tmux_deliver app", `unknown destination "app"`},
 		{deliverGlobal(dir, "\t\tdestination app ftp://x"), "mux_webhook s\n\tmux_deliver app", "must start with http://"},
 		{deliverGlobal(dir, "\t\tdestination a.b http://127.0.0.1:1"), "mux_webhook s\n\tmux_deliver a.b", "destination name"},
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\theader Authorization \"Bearer {env.MUX_TEST_UNSET_TOKEN}\"\n\t\t}"), "mux_webhook s\n\tmux_deliver app", "header Authorization: a placeholder in it is unset or empty"},
 	}
 	for _, c := range cases {
 		cfg, _ := gatewayConfigWith(t, "off", c.global, c.site)
@@ -286,8 +287,12 @@ func TestMuxDeliverBackendDownThenUp(t *testing.T) {
 	tries := map[string]int{}     // attempts seen per event id
 	delivered := map[string]int{} // 2xx answered per event id
 	var lastAttempt sync.Map      // id → Mux-Webhook-Attempt of the delivery
+	t.Setenv("MUX_TEST_APP_TOKEN", "token-from-env")
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id := r.Header.Get("Idempotency-Key")
+		if r.Header.Get("Authorization") != "Bearer token-from-env" {
+			t.Errorf("Authorization: %q; want the header line with {env.MUX_TEST_APP_TOKEN} resolved", r.Header.Get("Authorization"))
+		}
 		mu.Lock()
 		defer mu.Unlock()
 		tries[id]++
@@ -301,7 +306,7 @@ func TestMuxDeliverBackendDownThenUp(t *testing.T) {
 	t.Cleanup(app.Close)
 	dir := filepath.Join(t.TempDir(), "js")
 	g := startGatewayWithAdmin(t, deliverGlobal(dir,
-		fmt.Sprintf("\t\tdestination app %s {\n\t\t\tretry 20ms 50ms\n\t\t}", app.URL),
+		fmt.Sprintf("\t\tdestination app %s {\n\t\t\tretry 20ms 50ms\n\t\t\theader Authorization \"Bearer {env.MUX_TEST_APP_TOKEN}\"\n\t\t}", app.URL),
 	), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
 	before := scrape(t, g.admin)
 	ids := []string{"down-1", "down-2", "down-3"}
