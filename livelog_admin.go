@@ -1,6 +1,6 @@
 // Live Logs on Caddy's admin API (module admin.api.mux_webhook):
 //
-//	GET /mux-webhook/                the page (embedded, self-contained)
+//	GET /mux-webhook/                the console's page (embedded, self-contained)
 //	GET /mux-webhook/events          the latest requests, newest first, as JSON
 //	                                 (?type=<glob>&outcome=<outcome>&id=<event id>&object=<object id>&limit=<n>)
 //	GET /mux-webhook/events/stream   Server-Sent Events, one per request, with its sequence
@@ -31,7 +31,7 @@ func init() {
 	caddy.RegisterModule(adminAPI{})
 }
 
-//go:embed web/livelog.html
+//go:embed web/console.html
 var liveLogPage []byte
 
 // sseKeepAlive is how often an idle event stream gets a comment line, so
@@ -102,7 +102,10 @@ func serveLiveLog(w http.ResponseWriter, r *http.Request, path string, done <-ch
 	switch path {
 	case "/", "/index.html":
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
-		w.Header().Set("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'")
+		// Self-contained: nothing but itself and its endpoints. Never in a
+		// frame: its buttons redeliver and purge (clickjacking).
+		w.Header().Set("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+		w.Header().Set("X-Frame-Options", "DENY")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
 		w.Header().Set("Cache-Control", "no-store")
 		_, err := w.Write(liveLogPage)

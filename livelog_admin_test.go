@@ -10,10 +10,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -130,6 +133,11 @@ func TestLiveLogEndpoints(t *testing.T) {
 	if resp.StatusCode != 200 || !strings.Contains(resp.Header.Get("Content-Type"), "text/html") ||
 		!strings.Contains(string(page), "EventSource") || strings.Contains(string(page), "http://") || strings.Contains(string(page), "https://") {
 		t.Errorf("page: %d %s, %d bytes; it must be self-contained", resp.StatusCode, resp.Header.Get("Content-Type"), len(page))
+	}
+	// Nothing but itself, never in a frame (its buttons change the queue).
+	if csp := resp.Header.Get("Content-Security-Policy"); !strings.HasPrefix(csp, "default-src 'none';") ||
+		!strings.Contains(csp, "connect-src 'self'") || !strings.Contains(csp, "frame-ancestors 'none'") {
+		t.Errorf("page's Content-Security-Policy: %q", csp)
 	}
 }
 
@@ -460,12 +468,14 @@ func TestRequestLogLine(t *testing.T) {
 	}
 }
 
-// TestLiveLogPageInBrowser runs web/browser-test.js: headless Chromium,
-// driven by playwright-core, opens the page where a browser can (a site
+// TestConsoleInBrowser runs web/browser-test.js: headless Chromium,
+// driven by playwright-core, opens the console where a browser can (a site
 // route with mux_webhook_ui; Caddy's admin API refuses browser
-// navigations) and watches three events arrive.
-// Set MUX_SCREENSHOT=path.png to save a screenshot (docs/livelog.png).
-func TestLiveLogPageInBrowser(t *testing.T) {
+// navigations), watches events and their delivery attempts arrive, finds
+// the dead letter of a failing destination, sees cross-site requests
+// refused, and redelivers it with a click once the backend is fixed.
+// Set MUX_SCREENSHOTS=docs to save a screenshot of each view there.
+func TestConsoleInBrowser(t *testing.T) {
 	chromium := os.Getenv("CHROMIUM")
 	if chromium == "" {
 		chromium = "/usr/bin/chromium"
@@ -483,21 +493,47 @@ func TestLiveLogPageInBrowser(t *testing.T) {
 		}
 		t.Skipf("node, playwright-core or chromium missing (apt-get install chromium; npm ci): %v", err)
 	}
-	up := newUpstream(t, "app")
-	g := startGateway(t, fmt.Sprintf(`
+	// The backend of "app": 500 until the browser test fixes it.
+	var mu sync.Mutex
+	failing, received := true, []string{}
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case r.URL.Path == "/fix" && r.Method == http.MethodPost:
+			failing = false
+		case r.URL.Path == "/received":
+			_ = json.NewEncoder(w).Encode(received)
+		case r.URL.Path == "/hook" && failing:
+			w.WriteHeader(http.StatusInternalServerError)
+		case r.URL.Path == "/hook":
+			received = append(received, r.Header.Get("Idempotency-Key"))
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(app.Close)
+	analytics := newUpstream(t, "analytics")
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(filepath.Join(t.TempDir(), "js"),
+		fmt.Sprintf("\t\tdestination app %s/hook {\n\t\t\tretry 100ms\n\t\t\tmax_attempts 2\n\t\t}", app.URL),
+		fmt.Sprintf("\t\tdestination analytics %s {\n\t\t\tretry 100ms\n\t\t}", analytics.URL),
+	), fmt.Sprintf(`
 	mux_webhook /mux %s
+	@assets mux_event video.asset.*
 	handle /mux {
-		reverse_proxy %s
+		mux_deliver @assets app analytics
+		mux_deliver analytics
 	}
 	handle_path /mux-webhook/* {
 		mux_webhook_ui
-	}`, testSecret, up.hostPort()))
+	}`, testSecret))
+	g.load(cfg)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	args := []string{"web/browser-test.js", g.url + "/mux-webhook/", g.url + "/mux", testSecret}
-	if shot := os.Getenv("MUX_SCREENSHOT"); shot != "" {
-		args = append(args, shot)
+	args := []string{"web/browser-test.js", g.url + "/mux-webhook/", g.url + "/mux", testSecret, app.URL}
+	if dir := os.Getenv("MUX_SCREENSHOTS"); dir != "" {
+		args = append(args, dir)
 	}
 	cmd := exec.CommandContext(ctx, node, args...)
 	cmd.Env = append(os.Environ(), "CHROMIUM="+chromium)
@@ -507,6 +543,12 @@ func TestLiveLogPageInBrowser(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "browser test passed") {
 		t.Fatalf("browser test did not finish:\n%s", out)
+	}
+	t.Logf("%s", out)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(received) != 1 || !strings.HasPrefix(received[0], "br-a-") {
+		t.Errorf("the app backend received %q, want the one redelivered event", received)
 	}
 }
 
