@@ -8,7 +8,9 @@
 //	DELETE /mux-webhook/queue/dead?destination=<name>  drop the dead letters
 //
 // Changes need Content-Type: application/json, which an HTML form cannot
-// send; Caddy's admin API refuses cross-origin requests itself.
+// send; Caddy's admin API refuses cross-origin requests itself. The
+// console's site route (mux_webhook_ui, livelog_ui.go) serves the same
+// endpoints and refuses cross-site changes on its own.
 
 package muxwebhook
 

@@ -97,10 +97,10 @@ func TestDemoBinaryRoutesEvents(t *testing.T) {
 	if status != 401 {
 		t.Errorf("forged event: got %d, want 401", status)
 	}
-	// The live log page and its entries.
+	// The console's page and the live log's entries.
 	req, _ := http.NewRequest(http.MethodGet, base+"/mux-webhook/", nil)
-	if status, hdr, page := do(t, req); status != 200 || !strings.Contains(hdr.Get("Content-Type"), "text/html") || !strings.Contains(page, "live log") {
-		t.Errorf("live log page: %d %s", status, hdr.Get("Content-Type"))
+	if status, hdr, page := do(t, req); status != 200 || !strings.Contains(hdr.Get("Content-Type"), "text/html") || !strings.Contains(page, "Mux webhooks · console") {
+		t.Errorf("console page: %d %s", status, hdr.Get("Content-Type"))
 	}
 	req, _ = http.NewRequest(http.MethodGet, base+"/mux-webhook/events?outcome=verified", nil)
 	if status, _, list := do(t, req); status != 200 || !strings.Contains(list, `"id":"d1"`) {

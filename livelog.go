@@ -221,39 +221,74 @@ func (l *liveLogState) snapshotLocked() []LogEntry {
 	return out
 }
 
-// query returns up to limit entries, newest first, that match the type
-// pattern (a mux_event glob; "" for all) and the outcome ("" for all).
-func (l *liveLogState) query(typePattern, outcome string, limit int) []LogEntry {
+// logFilter selects entries: by type pattern (a mux_event glob), outcome,
+// event id and object id, each "" for all.
+type logFilter struct {
+	Type, Outcome, ID, ObjectID string
+}
+
+func (f logFilter) matches(e LogEntry) bool {
+	return (f.Outcome == "" || e.Outcome == f.Outcome) &&
+		(f.ID == "" || e.ID == f.ID) &&
+		(f.ObjectID == "" || e.ObjectID == f.ObjectID) &&
+		(f.Type == "" || globMatch(f.Type, e.Type))
+}
+
+// query returns up to limit entries, newest first, that match f.
+func (l *liveLogState) query(f logFilter, limit int) []LogEntry {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	out := []LogEntry{}
 	for i := l.count - 1; i >= 0 && len(out) < limit; i-- {
 		e := l.ring[(l.start+i)%len(l.ring)]
-		if entryMatches(e, typePattern, outcome) {
+		if f.matches(e) {
 			out = append(out, e)
 		}
 	}
 	return out
 }
 
-func entryMatches(e LogEntry, typePattern, outcome string) bool {
-	if outcome != "" && e.Outcome != outcome {
-		return false
-	}
-	return typePattern == "" || globMatch(typePattern, e.Type)
-}
-
 // subscribe returns a channel of new entries, or false when there are
 // too many subscribers.
 func (l *liveLogState) subscribe() (chan LogEntry, bool) {
+	ch, _, _, ok := l.subscribeAfter(nil)
+	return ch, ok
+}
+
+// subscribeAfter is subscribe for a client that resumes: with after set
+// (its Last-Event-ID), it also returns the entries after that sequence
+// number that the ring still holds, oldest first, and how many it has
+// missed because the ring no longer holds them. Taken under one lock, the
+// two never overlap and leave no gap: every later entry goes to the
+// channel. A sequence number the log has not reached yet comes from
+// before a restart (the numbers start again at 1 with the process): such
+// a client gets everything the ring holds.
+func (l *liveLogState) subscribeAfter(after *uint64) (ch chan LogEntry, backlog []LogEntry, missed uint64, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if len(l.subs) >= maxSubscribers {
-		return nil, false
+		return nil, nil, 0, false
 	}
-	ch := make(chan LogEntry, subscriberBuffer)
+	ch = make(chan LogEntry, subscriberBuffer)
 	l.subs[ch] = struct{}{}
-	return ch, true
+	if after == nil {
+		return ch, nil, 0, true
+	}
+	from := *after
+	if from > l.seq {
+		from = 0
+	}
+	// The ring holds the sequence numbers oldest..l.seq.
+	oldest := l.seq + 1 - uint64(l.count)
+	if from+1 < oldest {
+		missed = oldest - from - 1
+	}
+	for i := range l.count {
+		if e := l.ring[(l.start+i)%len(l.ring)]; e.Seq > from {
+			backlog = append(backlog, e)
+		}
+	}
+	return ch, backlog, missed, true
 }
 
 func (l *liveLogState) unsubscribe(ch chan LogEntry) {

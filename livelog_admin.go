@@ -1,9 +1,10 @@
 // Live Logs on Caddy's admin API (module admin.api.mux_webhook):
 //
-//	GET /mux-webhook/                the page (embedded, self-contained)
+//	GET /mux-webhook/                the console's page (embedded, self-contained)
 //	GET /mux-webhook/events          the latest requests, newest first, as JSON
-//	                                 (?type=<glob>&outcome=<outcome>&limit=<n>)
-//	GET /mux-webhook/events/stream   Server-Sent Events, one per request
+//	                                 (?type=<glob>&outcome=<outcome>&id=<event id>&object=<object id>&limit=<n>)
+//	GET /mux-webhook/events/stream   Server-Sent Events, one per request, with its sequence
+//	                                 number as id; resumes after Last-Event-ID
 //
 // The admin API listens on localhost:2019 by default; like the rest of it,
 // these endpoints are as private as its listener. Caddy's admin API refuses
@@ -30,7 +31,7 @@ func init() {
 	caddy.RegisterModule(adminAPI{})
 }
 
-//go:embed web/livelog.html
+//go:embed web/console.html
 var liveLogPage []byte
 
 // sseKeepAlive is how often an idle event stream gets a comment line, so
@@ -101,7 +102,10 @@ func serveLiveLog(w http.ResponseWriter, r *http.Request, path string, done <-ch
 	switch path {
 	case "/", "/index.html":
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
-		w.Header().Set("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'")
+		// Self-contained: nothing but itself and its endpoints. Never in a
+		// frame: its buttons redeliver and purge (clickjacking).
+		w.Header().Set("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+		w.Header().Set("X-Frame-Options", "DENY")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
 		w.Header().Set("Cache-Control", "no-store")
 		_, err := w.Write(liveLogPage)
@@ -114,45 +118,81 @@ func serveLiveLog(w http.ResponseWriter, r *http.Request, path string, done <-ch
 	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no such live log endpoint: %s", path)}
 }
 
-// filters reads ?type, ?outcome and ?limit.
-func filters(r *http.Request) (typePattern, outcome string, limit int, err error) {
+// filters reads ?type, ?outcome, ?id, ?object and ?limit.
+func filters(r *http.Request) (f logFilter, limit int, err error) {
 	q := r.URL.Query()
-	typePattern, outcome = q.Get("type"), q.Get("outcome")
-	if typePattern != "" {
-		if err := checkPattern(typePattern); err != nil {
-			return "", "", 0, err
+	f = logFilter{Type: q.Get("type"), Outcome: q.Get("outcome"), ID: q.Get("id"), ObjectID: q.Get("object")}
+	if f.Type != "" {
+		if err := checkPattern(f.Type); err != nil {
+			return logFilter{}, 0, err
 		}
 	}
-	if outcome != "" && !outcomes[outcome] && !deliveryOutcomes[outcome] {
-		return "", "", 0, fmt.Errorf("unknown outcome %q", outcome)
+	if f.Outcome != "" && !outcomes[f.Outcome] && !deliveryOutcomes[f.Outcome] {
+		return logFilter{}, 0, fmt.Errorf("unknown outcome %q", f.Outcome)
 	}
 	limit = 100
 	if s := q.Get("limit"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 {
-			return "", "", 0, fmt.Errorf("limit %q: want a whole number >= 1", s)
+			return logFilter{}, 0, fmt.Errorf("limit %q: want a whole number >= 1", s)
 		}
 		limit = min(n, 100000)
 	}
-	return typePattern, outcome, limit, nil
+	return f, limit, nil
 }
 
 func serveEvents(w http.ResponseWriter, r *http.Request) error {
-	typePattern, outcome, limit, err := filters(r)
+	f, limit, err := filters(r)
 	if err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
-	return json.NewEncoder(w).Encode(liveLog.query(typePattern, outcome, limit))
+	return json.NewEncoder(w).Encode(liveLog.query(f, limit))
+}
+
+// lastEventID reads where a resuming client stopped: the Last-Event-ID
+// header that EventSource sends when it reconnects, else ?lastEventId=
+// (for the page's first connection, and for curl). nil when neither is
+// set; an error when one is not a sequence number.
+func lastEventID(r *http.Request) (*uint64, error) {
+	s := r.Header.Get("Last-Event-ID")
+	if s == "" {
+		s = r.URL.Query().Get("lastEventId")
+	}
+	if s == "" {
+		return nil, nil
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(s), 10, 64)
+	if err != nil {
+		return nil, fmt.Errorf("Last-Event-ID %q: want the id of an event of this stream (a whole number)", s)
+	}
+	return &n, nil
+}
+
+// requestEvent is an entry as an SSE event; its id is the entry's
+// sequence number, which a reconnecting EventSource sends back as
+// Last-Event-ID.
+func requestEvent(e LogEntry) (string, error) {
+	data, err := json.Marshal(e)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("id: %d\nevent: request\ndata: %s\n\n", e.Seq, data), nil
 }
 
 // stream sends each new request as an SSE event ("request", JSON data),
 // until the client goes, or the config that serves it is replaced or
 // stopped (then a final "reload" event says so), or a write does not
-// complete within sseWriteTimeout.
+// complete within sseWriteTimeout. A client that resumes (Last-Event-ID)
+// first gets the entries after that id that the ring still holds, and a
+// "missed" event when it no longer holds some of them.
 func serveStream(w http.ResponseWriter, r *http.Request, done <-chan struct{}) error {
-	typePattern, outcome, _, err := filters(r)
+	f, _, err := filters(r)
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+	}
+	after, err := lastEventID(r)
 	if err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
 	}
@@ -163,7 +203,7 @@ func serveStream(w http.ResponseWriter, r *http.Request, done <-chan struct{}) e
 	if err := rc.SetWriteDeadline(time.Time{}); err != nil {
 		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: fmt.Errorf("live log stream: this connection cannot bound its writes: %v", err)}
 	}
-	ch, ok := liveLog.subscribe()
+	ch, backlog, missed, ok := liveLog.subscribeAfter(after)
 	if !ok {
 		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("too many live log streams (at most %d)", maxSubscribers)}
 	}
@@ -175,6 +215,22 @@ func serveStream(w http.ResponseWriter, r *http.Request, done <-chan struct{}) e
 	w.WriteHeader(http.StatusOK)
 	if sendSSE(w, rc, "retry: 2000\n: mux_webhook live log\n\n") != nil {
 		return nil
+	}
+	if missed > 0 {
+		// No id: the client's Last-Event-ID stays that of the last entry.
+		msg := fmt.Sprintf(": %d entries after %d are no longer in the live log\nevent: missed\ndata: {\"missed\":%d}\n\n", missed, *after, missed)
+		if sendSSE(w, rc, msg) != nil {
+			return nil
+		}
+	}
+	for _, e := range backlog {
+		if !f.matches(e) {
+			continue
+		}
+		msg, err := requestEvent(e)
+		if err != nil || sendSSE(w, rc, msg) != nil {
+			return nil
+		}
 	}
 	keepAlive := time.NewTicker(sseKeepAlive)
 	defer keepAlive.Stop()
@@ -193,14 +249,12 @@ func serveStream(w http.ResponseWriter, r *http.Request, done <-chan struct{}) e
 		case <-keepAlive.C:
 			msg = ": keep-alive\n\n"
 		case e := <-ch:
-			if !entryMatches(e, typePattern, outcome) {
+			if !f.matches(e) {
 				continue
 			}
-			data, err := json.Marshal(e)
-			if err != nil {
+			if msg, err = requestEvent(e); err != nil {
 				return nil
 			}
-			msg = fmt.Sprintf("id: %d\nevent: request\ndata: %s\n\n", e.Seq, data)
 		}
 		if sendSSE(w, rc, msg) != nil {
 			return nil // the handler's return ends the response

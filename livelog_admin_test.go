@@ -10,10 +10,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -131,10 +134,15 @@ func TestLiveLogEndpoints(t *testing.T) {
 		!strings.Contains(string(page), "EventSource") || strings.Contains(string(page), "http://") || strings.Contains(string(page), "https://") {
 		t.Errorf("page: %d %s, %d bytes; it must be self-contained", resp.StatusCode, resp.Header.Get("Content-Type"), len(page))
 	}
+	// Nothing but itself, never in a frame (its buttons change the queue).
+	if csp := resp.Header.Get("Content-Security-Policy"); !strings.HasPrefix(csp, "default-src 'none';") ||
+		!strings.Contains(csp, "connect-src 'self'") || !strings.Contains(csp, "frame-ancestors 'none'") {
+		t.Errorf("page's Content-Security-Policy: %q", csp)
+	}
 }
 
 // sseEvent is one Server-Sent Event.
-type sseEvent struct{ name, data string }
+type sseEvent struct{ id, name, data string }
 
 // readSSE sends the stream's events to the returned channel until it ends.
 func readSSE(t *testing.T, url string) (<-chan sseEvent, func()) {
@@ -161,6 +169,8 @@ func sseEvents(body io.Reader) <-chan sseEvent {
 		for sc.Scan() {
 			line := sc.Text()
 			switch {
+			case strings.HasPrefix(line, "id: "):
+				ev.id = strings.TrimPrefix(line, "id: ")
 			case strings.HasPrefix(line, "event: "):
 				ev.name = strings.TrimPrefix(line, "event: ")
 			case strings.HasPrefix(line, "data: "):
@@ -244,6 +254,117 @@ func TestLiveLogStreamAndReload(t *testing.T) {
 	}
 	if !found {
 		t.Error("entries from before the reload are gone")
+	}
+}
+
+// TestLiveLogStreamResumes: every streamed entry carries its sequence
+// number as the SSE id; a client that reconnects with Last-Event-ID (or
+// ?lastEventId=) first gets the entries after it that the ring still
+// holds, then live ones, on the admin API and on mux_webhook_ui alike;
+// an id older than the ring gets what is there and a "missed" event.
+func TestLiveLogStreamResumes(t *testing.T) {
+	g := startGatewayWithAdmin(t, "\tmux_webhook {\n\t\tlog_size 4\n\t}", fmt.Sprintf(`
+	mux_webhook /mux %s
+	handle /mux {
+		respond 204
+	}
+	handle_path /mux-webhook/* {
+		mux_webhook_ui
+	}`, testSecret))
+	send := func(id string) {
+		t.Helper()
+		if status, _, _ := do(t, signedRequest(t, g.url+"/mux", testSecret, event("video.asset.ready", id, ""), time.Now())); status != http.StatusNoContent {
+			t.Fatalf("%s: %d", id, status)
+		}
+	}
+	// next reads the stream's next request event: its id must be its seq.
+	next := func(ch <-chan sseEvent) LogEntry {
+		t.Helper()
+		for {
+			ev, ok := nextSSE(t, ch)
+			if !ok {
+				t.Fatal("the stream ended")
+			}
+			if ev.name != "request" {
+				continue
+			}
+			var e LogEntry
+			if err := json.Unmarshal([]byte(ev.data), &e); err != nil {
+				t.Fatal(err)
+			}
+			if ev.id != strconv.FormatUint(e.Seq, 10) {
+				t.Fatalf("event id %q for the entry with seq %d", ev.id, e.Seq)
+			}
+			return e
+		}
+	}
+	// A first client sees r-1 and remembers its id, as EventSource does.
+	ch, closeStream := readSSE(t, g.admin+"/mux-webhook/events/stream")
+	time.Sleep(100 * time.Millisecond) // let the stream subscribe
+	send("r-1")
+	last := next(ch).Seq
+	closeStream()
+	send("r-2") // while it is away
+	send("r-3")
+
+	// Each client resumes after r-1: it gets all that came since.
+	since := []string{"r-2", "r-3"}
+	for _, c := range []struct{ name, url, header string }{
+		{"admin API, Last-Event-ID", g.admin + "/mux-webhook/events/stream", strconv.FormatUint(last, 10)},
+		{"mux_webhook_ui, ?lastEventId", g.url + "/mux-webhook/events/stream?lastEventId=" + strconv.FormatUint(last, 10), ""},
+		{"the header wins over the query", g.url + "/mux-webhook/events/stream?lastEventId=1", strconv.FormatUint(last, 10)},
+	} {
+		req, _ := http.NewRequest(http.MethodGet, c.url, nil)
+		if c.header != "" {
+			req.Header.Set("Last-Event-ID", c.header)
+		}
+		resp, err := streamClient.Do(req)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("%s: %v %v", c.name, err, resp)
+		}
+		ch := sseEvents(resp.Body)
+		var got []string
+		for range since {
+			got = append(got, next(ch).ID)
+		}
+		since = append(since, "live-"+c.name)
+		send("live-" + c.name)
+		got = append(got, next(ch).ID)
+		resp.Body.Close()
+		if fmt.Sprint(got) != fmt.Sprint(since) {
+			t.Errorf("%s: resumed with %q, want %q", c.name, got, since)
+		}
+	}
+
+	// Older than the ring (log_size 4, 7 more entries since r-1): a
+	// "missed" event for the 3 it dropped, then the 4 entries it holds.
+	req, _ := http.NewRequest(http.MethodGet, g.admin+"/mux-webhook/events/stream", nil)
+	req.Header.Set("Last-Event-ID", strconv.FormatUint(last, 10))
+	send("r-4")
+	send("r-5")
+	resp, err := streamClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("resuming from an old id: %v %v", err, resp)
+	}
+	defer resp.Body.Close()
+	ch = sseEvents(resp.Body)
+	if ev, _ := nextSSE(t, ch); ev.name != "missed" || ev.data != `{"missed":3}` || ev.id != "" {
+		t.Errorf("resuming from an old id: first event %+v, want missed 3 with no id", ev)
+	}
+	var got []string
+	for range 4 {
+		got = append(got, next(ch).ID)
+	}
+	if want := append(since[len(since)-2:], "r-4", "r-5"); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("resuming from an old id: %q, want %q", got, want)
+	}
+
+	for _, bad := range []string{"abc", "-1"} {
+		req, _ := http.NewRequest(http.MethodGet, g.admin+"/mux-webhook/events/stream", nil)
+		req.Header.Set("Last-Event-ID", bad)
+		if status, _, _ := do(t, req); status != http.StatusBadRequest {
+			t.Errorf("Last-Event-ID %q: %d, want 400", bad, status)
+		}
 	}
 }
 
@@ -347,12 +468,14 @@ func TestRequestLogLine(t *testing.T) {
 	}
 }
 
-// TestLiveLogPageInBrowser runs web/browser-test.js: headless Chromium,
-// driven by playwright-core, opens the page where a browser can (a site
+// TestConsoleInBrowser runs web/browser-test.js: headless Chromium,
+// driven by playwright-core, opens the console where a browser can (a site
 // route with mux_webhook_ui; Caddy's admin API refuses browser
-// navigations) and watches three events arrive.
-// Set MUX_SCREENSHOT=path.png to save a screenshot (docs/livelog.png).
-func TestLiveLogPageInBrowser(t *testing.T) {
+// navigations), watches events and their delivery attempts arrive, finds
+// the dead letter of a failing destination, sees cross-site requests
+// refused, and redelivers it with a click once the backend is fixed.
+// Set MUX_SCREENSHOTS=docs to save a screenshot of each view there.
+func TestConsoleInBrowser(t *testing.T) {
 	chromium := os.Getenv("CHROMIUM")
 	if chromium == "" {
 		chromium = "/usr/bin/chromium"
@@ -370,21 +493,47 @@ func TestLiveLogPageInBrowser(t *testing.T) {
 		}
 		t.Skipf("node, playwright-core or chromium missing (apt-get install chromium; npm ci): %v", err)
 	}
-	up := newUpstream(t, "app")
-	g := startGateway(t, fmt.Sprintf(`
+	// The backend of "app": 500 until the browser test fixes it.
+	var mu sync.Mutex
+	failing, received := true, []string{}
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case r.URL.Path == "/fix" && r.Method == http.MethodPost:
+			failing = false
+		case r.URL.Path == "/received":
+			_ = json.NewEncoder(w).Encode(received)
+		case r.URL.Path == "/hook" && failing:
+			w.WriteHeader(http.StatusInternalServerError)
+		case r.URL.Path == "/hook":
+			received = append(received, r.Header.Get("Idempotency-Key"))
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(app.Close)
+	analytics := newUpstream(t, "analytics")
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(filepath.Join(t.TempDir(), "js"),
+		fmt.Sprintf("\t\tdestination app %s/hook {\n\t\t\tretry 100ms\n\t\t\tmax_attempts 2\n\t\t}", app.URL),
+		fmt.Sprintf("\t\tdestination analytics %s {\n\t\t\tretry 100ms\n\t\t}", analytics.URL),
+	), fmt.Sprintf(`
 	mux_webhook /mux %s
+	@assets mux_event video.asset.*
 	handle /mux {
-		reverse_proxy %s
+		mux_deliver @assets app analytics
+		mux_deliver analytics
 	}
 	handle_path /mux-webhook/* {
 		mux_webhook_ui
-	}`, testSecret, up.hostPort()))
+	}`, testSecret))
+	g.load(cfg)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	args := []string{"web/browser-test.js", g.url + "/mux-webhook/", g.url + "/mux", testSecret}
-	if shot := os.Getenv("MUX_SCREENSHOT"); shot != "" {
-		args = append(args, shot)
+	args := []string{"web/browser-test.js", g.url + "/mux-webhook/", g.url + "/mux", testSecret, app.URL}
+	if dir := os.Getenv("MUX_SCREENSHOTS"); dir != "" {
+		args = append(args, dir)
 	}
 	cmd := exec.CommandContext(ctx, node, args...)
 	cmd.Env = append(os.Environ(), "CHROMIUM="+chromium)
@@ -394,6 +543,12 @@ func TestLiveLogPageInBrowser(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "browser test passed") {
 		t.Fatalf("browser test did not finish:\n%s", out)
+	}
+	t.Logf("%s", out)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(received) != 1 || !strings.HasPrefix(received[0], "br-a-") {
+		t.Errorf("the app backend received %q, want the one redelivered event", received)
 	}
 }
 

@@ -24,24 +24,24 @@ func TestLiveLogRingBounds(t *testing.T) {
 	for i := range 5 {
 		l.add(LogEntry{ID: fmt.Sprint(i), Outcome: "verified", Type: "video.asset.ready"})
 	}
-	got := l.query("", "", 100)
+	got := l.query(logFilter{}, 100)
 	if len(got) != 3 || got[0].ID != "4" || got[2].ID != "2" || got[0].Seq != 5 {
 		t.Fatalf("ring holds %+v, want the newest 3, newest first", got)
 	}
 	// Shrinking keeps the newest; growing keeps them all.
 	l.configure(2, 10)
-	if got := l.query("", "", 100); len(got) != 2 || got[0].ID != "4" || got[1].ID != "3" {
+	if got := l.query(logFilter{}, 100); len(got) != 2 || got[0].ID != "4" || got[1].ID != "3" {
 		t.Fatalf("after shrinking: %+v", got)
 	}
 	l.configure(10, 10)
 	l.add(LogEntry{ID: "5"})
-	if got := l.query("", "", 100); len(got) != 3 || got[0].ID != "5" {
+	if got := l.query(logFilter{}, 100); len(got) != 3 || got[0].ID != "5" {
 		t.Fatalf("after growing: %+v", got)
 	}
 	// Size 0 turns it off.
 	l.configure(0, 10)
 	l.add(LogEntry{ID: "6"})
-	if got := l.query("", "", 100); len(got) != 0 {
+	if got := l.query(logFilter{}, 100); len(got) != 0 {
 		t.Fatalf("log_size 0 still logs: %+v", got)
 	}
 }
@@ -49,28 +49,80 @@ func TestLiveLogRingBounds(t *testing.T) {
 func TestLiveLogQueryFilters(t *testing.T) {
 	l := newTestLog(100, 10)
 	for _, e := range []LogEntry{
-		{Type: "video.asset.ready", Outcome: "verified"},
-		{Type: "video.live_stream.active", Outcome: "verified"},
-		{Type: "video.asset.created", Outcome: "duplicate"},
+		{Type: "video.asset.ready", Outcome: "verified", ID: "ev-1", ObjectID: "as-1"},
+		{Type: "video.live_stream.active", Outcome: "verified", ID: "ev-2", ObjectID: "ls-1"},
+		{Type: "video.asset.created", Outcome: "duplicate", ID: "ev-3", ObjectID: "as-1"},
 		{Outcome: "mismatch"},
+		{Type: "video.asset.ready", Outcome: "retry", ID: "ev-1", Destination: "app", Attempt: 1},
+		{Type: "video.asset.ready", Outcome: "delivered", ID: "ev-1", Destination: "app", Attempt: 2},
 	} {
 		l.add(e)
 	}
 	tests := []struct {
-		typ, outcome string
-		limit, want  int
+		f           logFilter
+		limit, want int
 	}{
-		{"", "", 100, 4},
-		{"video.asset.*", "", 100, 2},
-		{"", "verified", 100, 2},
-		{"video.asset.*", "verified", 100, 1},
-		{"", "mismatch", 100, 1},
-		{"", "", 2, 2},
+		{logFilter{}, 100, 6},
+		{logFilter{Type: "video.asset.*"}, 100, 4},
+		{logFilter{Outcome: "verified"}, 100, 2},
+		{logFilter{Type: "video.asset.*", Outcome: "verified"}, 100, 1},
+		{logFilter{Outcome: "mismatch"}, 100, 1},
+		{logFilter{}, 2, 2},
+		{logFilter{ID: "ev-1"}, 100, 3}, // the request and its two delivery attempts
+		{logFilter{ID: "ev"}, 100, 0},   // ids match exactly
+		{logFilter{ID: "ev-1", Outcome: "retry"}, 100, 1},
+		{logFilter{ObjectID: "as-1"}, 100, 2},
+		{logFilter{ObjectID: "as-1", Type: "video.asset.created"}, 100, 1},
 	}
 	for _, tt := range tests {
-		if got := l.query(tt.typ, tt.outcome, tt.limit); len(got) != tt.want {
-			t.Errorf("query(%q, %q, %d) = %d entries, want %d", tt.typ, tt.outcome, tt.limit, len(got), tt.want)
+		if got := l.query(tt.f, tt.limit); len(got) != tt.want {
+			t.Errorf("query(%+v, %d) = %d entries, want %d", tt.f, tt.limit, len(got), tt.want)
 		}
+	}
+}
+
+// TestLiveLogSubscribeAfter: a client resuming after a sequence number
+// gets what the ring still holds after it, then new entries on its
+// channel, with no gap and no repeat; what the ring dropped is counted.
+func TestLiveLogSubscribeAfter(t *testing.T) {
+	seqs := func(es []LogEntry) []uint64 {
+		out := []uint64{}
+		for _, e := range es {
+			out = append(out, e.Seq)
+		}
+		return out
+	}
+	u := func(n uint64) *uint64 { return &n }
+	for _, c := range []struct {
+		name   string
+		after  *uint64
+		want   []uint64
+		missed uint64
+	}{
+		{"no Last-Event-ID: live entries only", nil, []uint64{}, 0},
+		{"up to date", u(8), []uint64{}, 0},
+		{"two behind", u(6), []uint64{7, 8}, 0},
+		{"exactly at the ring's start", u(3), []uint64{4, 5, 6, 7, 8}, 0},
+		{"older than the ring", u(1), []uint64{4, 5, 6, 7, 8}, 2},
+		{"from the start", u(0), []uint64{4, 5, 6, 7, 8}, 3},
+		{"from before a restart", u(1000), []uint64{4, 5, 6, 7, 8}, 3},
+	} {
+		l := newTestLog(5, 10)
+		for i := range 8 { // seqs 1..8; the ring holds 4..8
+			l.add(LogEntry{ID: fmt.Sprint(i + 1)})
+		}
+		ch, backlog, missed, ok := l.subscribeAfter(c.after)
+		if !ok {
+			t.Fatalf("%s: refused", c.name)
+		}
+		if got := seqs(backlog); fmt.Sprint(got) != fmt.Sprint(c.want) || missed != c.missed {
+			t.Errorf("%s: backlog %v, missed %d; want %v, missed %d", c.name, got, missed, c.want, c.missed)
+		}
+		l.add(LogEntry{ID: "next"})
+		if e := <-ch; e.ID != "next" || len(ch) != 0 {
+			t.Errorf("%s: after the backlog the channel has %+v and %d more", c.name, e, len(ch))
+		}
+		l.unsubscribe(ch)
 	}
 }
 
@@ -158,7 +210,7 @@ func TestLiveLogEntriesDoNotPinBodies(t *testing.T) {
 		t.Errorf("%d entries retain %d MiB of heap; their bodies total %d MiB, the entries need about %d MiB",
 			entries, retained>>20, total>>20, entries*logBody>>20)
 	}
-	got := l.query("", "", 1)
+	got := l.query(logFilter{}, 1)
 	if len(got) != 1 || got[0].ID != fmt.Sprintf("pin-%d", entries-1) || got[0].ObjectID != "obj-"+got[0].ID ||
 		got[0].Type != "video.asset.ready" || got[0].EnvironmentID != "env-1" || len(got[0].Body) != logBody || !got[0].BodyTruncated {
 		t.Errorf("newest entry: %+v", got[0])
@@ -177,7 +229,7 @@ func TestLiveLogCutsLongFields(t *testing.T) {
 		URI:      "/mux?" + strings.Repeat("q", 100<<10),
 		Body:     strings.Repeat("b", 1000), // larger than log_body: cut too
 	})
-	e := l.query("", "", 1)[0]
+	e := l.query(logFilter{}, 1)[0]
 	if e.Type != "video.asset.ready" {
 		t.Errorf("short field changed: %q", e.Type)
 	}

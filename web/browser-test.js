@@ -1,18 +1,28 @@
-// Browser test of the Live Logs page, run by TestLiveLogPageInBrowser:
-// headless Chromium (Debian's package) driven by playwright-core opens
-// the page, three signed events are sent while it is open, and they must
-// appear live with their types and outcomes; a click opens a row's detail.
+// Browser test of the console, run by TestConsoleInBrowser: headless
+// Chromium (Debian's package) driven by playwright-core, against a Caddy
+// with the console on a site route (mux_webhook_ui) and a delivery queue
+// with two destinations: "app", whose backend answers 500 until it is
+// fixed (max_attempts 2), and "analytics", which takes everything.
 //
-//   node web/browser-test.js PAGE_URL WEBHOOK_URL SECRET [SCREENSHOT.png]
+//   node web/browser-test.js PAGE_URL WEBHOOK_URL SECRET APP_BACKEND_URL [SCREENSHOT_DIR]
 //
-// PAGE_URL is where the page is served (e.g. http://127.0.0.1:8080/mux-webhook/,
-// a route with the mux_webhook_ui handler), WEBHOOK_URL the mux_webhook route.
+// APP_BACKEND_URL is the test's backend of "app": POST /fix makes it answer
+// 200, GET /received lists the event ids it accepted. With SCREENSHOT_DIR,
+// each view is saved there as console-*.png (the README's pictures).
+//
+// What must work: events arrive live on the Events view and the search
+// narrows them; an event's detail shows its headers (signature redacted),
+// body and every delivery attempt; the failing destination's event shows
+// up as a dead letter (Queue and Dead letters views); requests from
+// another site cannot redeliver it; the console's Redeliver button does,
+// and the fixed backend receives it.
 const crypto = require("node:crypto");
+const path = require("node:path");
 const { chromium } = require("playwright-core");
 
-const [pageURL, gateway, secret, screenshot] = process.argv.slice(2);
-if (!pageURL || !gateway || !secret) {
-  console.error("usage: node web/browser-test.js PAGE_URL WEBHOOK_URL SECRET [SCREENSHOT.png]");
+const [pageURL, gateway, secret, backend, shots] = process.argv.slice(2);
+if (!pageURL || !gateway || !secret || !backend) {
+  console.error("usage: node web/browser-test.js PAGE_URL WEBHOOK_URL SECRET APP_BACKEND_URL [SCREENSHOT_DIR]");
   process.exit(2);
 }
 
@@ -35,6 +45,33 @@ async function send(type, id, key) {
   return res.status;
 }
 
+async function received() {
+  const res = await fetch(backend + "/received");
+  return res.json();
+}
+
+function check(ok, message) {
+  if (!ok) throw new Error(message);
+}
+
+// until polls fn (at most 15 s) until it returns something truthy.
+async function until(what, fn) {
+  const deadline = Date.now() + 15000;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error("timed out waiting for " + what);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+async function shot(page, name) {
+  if (!shots) return;
+  await page.evaluate(() => document.activeElement && document.activeElement.blur());
+  await page.screenshot({ path: path.join(shots, name), fullPage: false });
+  console.log("screenshot " + name);
+}
+
 async function main() {
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -43,55 +80,153 @@ async function main() {
       "--disable-background-networking", "--disable-component-update", "--disable-sync"],
   });
   try {
-    const page = await browser.newPage({ viewport: { width: 1400, height: 800 } });
+    const context = await browser.newContext({ viewport: { width: 1400, height: 800 }, locale: "en-GB", timezoneId: "UTC" });
+    const page = await context.newPage();
     const errors = [];
     page.on("pageerror", (e) => errors.push(String(e)));
+    page.on("dialog", (d) => d.accept());
     await page.goto(pageURL);
     await page.getByTestId("state").filter({ hasText: /^live$/ }).waitFor({ timeout: 15000 });
 
+    // 1. Events arrive live.
     const stamp = Date.now().toString(36);
+    const asset = "br-a-" + stamp, live = "br-l-" + stamp;
     const sent = [
-      { type: "video.asset.ready", id: "br-a-" + stamp, key: secret, outcome: "verified" },
-      { type: "video.live_stream.active", id: "br-l-" + stamp, key: secret, outcome: "verified" },
+      { type: "video.asset.ready", id: asset, key: secret, outcome: "verified" },
+      { type: "video.live_stream.active", id: live, key: secret, outcome: "verified" },
       { type: "video.upload.created", id: "br-f-" + stamp, key: "not-the-secret", outcome: "mismatch" },
     ];
     for (const s of sent) {
       const status = await send(s.type, s.id, s.key);
       console.log(`sent ${s.type} ${s.id}: ${status}`);
+      check(status === (s.outcome === "verified" ? 202 : 401), `${s.id}: status ${status}`);
     }
-
-    // Each appears live (no reload), with its outcome; verified ones with their type and id.
     for (const s of sent) {
       const sel = s.outcome === "verified"
-        ? `tr[data-testid="row"][data-outcome="verified"][data-type="${s.type}"]`
+        ? `tr[data-testid="row"][data-outcome="verified"][data-id="${s.id}"]`
         : `tr[data-testid="row"][data-outcome="${s.outcome}"]`;
-      const row = page.locator(sel).filter({ hasText: s.outcome === "verified" ? s.id : "" }).first();
+      const row = page.locator(sel).first();
       await row.waitFor({ timeout: 10000 });
       const text = await row.innerText();
-      if (!text.includes(s.outcome)) throw new Error(`row for ${s.id} does not show ${s.outcome}: ${text}`);
-      if (s.outcome === "verified" && !text.includes(s.type)) throw new Error(`row for ${s.id} does not show ${s.type}: ${text}`);
+      check(text.includes(s.outcome), `row for ${s.id} does not show ${s.outcome}: ${text}`);
+      if (s.outcome === "verified") check(text.includes(s.type), `row for ${s.id} does not show ${s.type}: ${text}`);
     }
+    // The failing destination's attempts arrive live too: a retry, then dead.
+    await page.locator(`tr[data-testid="row"][data-outcome="dead"][data-id="${asset}"]`).waitFor({ timeout: 15000 });
+    await page.locator(`tr[data-testid="row"][data-outcome="delivered"][data-id="${live}"]`).waitFor({ timeout: 15000 });
 
-    // Filters narrow the table.
+    // 2. The search: outcome, type glob, event id, object id.
+    const shown = (attr) => page.locator('tr[data-testid="row"]').evaluateAll((rows, a) => rows.map((r) => r.dataset[a]), attr);
     await page.getByTestId("filter-outcome").selectOption("verified");
-    const shown = await page.locator('tr[data-testid="row"]').evaluateAll((rows) => rows.map((r) => r.dataset.outcome));
-    if (shown.length === 0 || shown.some((o) => o !== "verified")) throw new Error("outcome filter shows " + shown);
-    await page.getByTestId("filter-outcome").selectOption("");
+    let got = await shown("outcome");
+    check(got.length > 0 && got.every((o) => o === "verified"), "outcome search shows " + got);
+    await page.getByTestId("filter-clear").click();
     await page.getByTestId("filter-type").fill("video.live_stream.*");
-    const types = await page.locator('tr[data-testid="row"]').evaluateAll((rows) => rows.map((r) => r.dataset.type));
-    if (types.length === 0 || types.some((t) => !t.startsWith("video.live_stream."))) throw new Error("type filter shows " + types);
-    await page.getByTestId("filter-type").fill("");
+    got = await shown("type");
+    check(got.length > 0 && got.every((t) => t.startsWith("video.live_stream.")), "type search shows " + got);
+    await page.getByTestId("filter-clear").click();
+    await page.getByTestId("filter-id").fill(asset);
+    await until("the event id search", async () => {
+      got = await shown("id");
+      // The request and its three delivery attempts (analytics delivered; app retry, dead).
+      return got.length === 4 && got.every((id) => id === asset);
+    }).catch(() => { throw new Error("event id search shows " + got); });
+    await page.getByTestId("filter-clear").click();
+    await page.getByTestId("filter-object").fill("obj-" + live);
+    got = await shown("id");
+    check(got.length === 1 && got[0] === live, "object id search shows " + got);
+    await page.getByTestId("filter-clear").click();
+    await until("the cleared search", async () => (await shown("id")).length >= 7);
 
-    // A click opens the detail: headers with the signature redacted, the body pretty-printed.
-    await page.locator('tr[data-testid="row"]').filter({ hasText: sent[0].id }).first().click();
+    // 3. The events view and an event's detail: headers with the
+    // signature redacted, the body pretty-printed, every delivery attempt.
+    await page.locator(`tr[data-testid="row"][data-outcome="verified"][data-id="${live}"]`).click();
+    await shot(page, "console-events.png");
+    await page.locator(`tr[data-testid="row"][data-outcome="verified"][data-id="${asset}"]`).click();
     const headers = await page.getByTestId("headers").innerText();
-    if (!/Mux-Signature: \[redacted\]/i.test(headers)) throw new Error("signature not redacted in the detail: " + headers);
-    if (/v1=/.test(headers)) throw new Error("a v1 value is visible in the detail");
+    check(/Mux-Signature: \[redacted\]/i.test(headers), "signature not redacted in the detail: " + headers);
+    check(!/v1=/.test(headers), "a v1 value is visible in the detail");
     const body = await page.getByTestId("body").innerText();
-    if (!body.includes(`"id": "${sent[0].id}"`)) throw new Error("detail body is not the pretty-printed event: " + body.slice(0, 200));
+    check(body.includes(`"id": "${asset}"`), "detail body is not the pretty-printed event: " + body.slice(0, 200));
+    const attempts = page.locator('[data-testid="attempt"]');
+    await until("three delivery attempts in the detail", async () => (await attempts.count()) === 3);
+    const lines = await attempts.allInnerTexts();
+    check(lines.some((l) => /analytics\s+1\s+delivered\s+200\s+[\d.]+ ms/.test(l)), "no delivered attempt to analytics: " + lines.join(" | "));
+    check(lines.some((l) => /app\s+1\s+retry\s+500\s+[\d.]+ ms\s+app answered 500/.test(l)), "no failed first attempt to app: " + lines.join(" | "));
+    check(lines.some((l) => /app\s+2\s+dead\s+500\s+[\d.]+ ms\s+app answered 500/.test(l)), "no dead second attempt to app: " + lines.join(" | "));
+    await shot(page, "console-event-detail.png");
 
-    if (screenshot) await page.screenshot({ path: screenshot, fullPage: false });
-    if (errors.length) throw new Error("page errors: " + errors.join("; "));
+    // 4. The queue: the dead letter counted, its error, what was delivered.
+    await page.getByTestId("tab-queue").click();
+    const appRow = page.locator('tr[data-testid="queue-row"][data-destination="app"]');
+    await until("app's dead letter in the queue view", async () => {
+      const t = await appRow.innerText().catch(() => "");
+      return /\t1\t\S+\tapp answered 500/.test(t) ? t : false; // dead 1, oldest, last error
+    });
+    const analyticsRow = await page.locator('tr[data-testid="queue-row"][data-destination="analytics"]').innerText();
+    check(/^analytics\t\S+\t0\t0\t[2-9]\d*\t0\t/.test(analyticsRow), "analytics in the queue view: " + JSON.stringify(analyticsRow));
+    await shot(page, "console-queue.png");
+
+    // 5. The dead letters of app.
+    await appRow.getByTestId("queue-show-dead").click();
+    const deadRow = page.locator(`tr[data-testid="dead-row"][data-id="${asset}"]`);
+    await deadRow.waitFor({ timeout: 10000 });
+    const deadText = await deadRow.innerText();
+    check(deadText.includes("video.asset.ready") && /\t2\t/.test(deadText) && deadText.includes("app answered 500"),
+      "dead letter row: " + JSON.stringify(deadText));
+    check(page.url().endsWith("#dead/app"), "dead letters view URL: " + page.url());
+    await shot(page, "console-dead-letters.png");
+
+    // 6. Cross-site requests cannot change anything. A page on another
+    // site posts a form to the console (the browser adds Origin and
+    // Sec-Fetch-Site; a form cannot add the console's header)...
+    const redeliver = new URL("queue/redeliver", pageURL).href;
+    const evil = await context.newPage();
+    await evil.route("http://evil.test/**", (route) => route.fulfill({
+      contentType: "text/html",
+      body: `<!doctype html><form method="post" action="${redeliver}" enctype="text/plain">` +
+        `<input name='{"destination":"app","all":true,"x":"' value='"}'></form>` +
+        `<script>document.forms[0].submit()</script>`,
+    }));
+    const [formResponse] = await Promise.all([
+      evil.waitForResponse((r) => r.url() === redeliver, { timeout: 10000 }),
+      evil.goto("http://evil.test/"),
+    ]);
+    check(formResponse.status() === 403, `a cross-site form post got ${formResponse.status()}`);
+    const formBody = await formResponse.text();
+    check(/refused/.test(formBody), "the refusal does not say why: " + formBody);
+    console.log(`cross-site form post: ${formResponse.status()} ${formBody.trim()}`);
+    await evil.close();
+    // ... and a script elsewhere, or a forged request, fares no better.
+    for (const [what, headers] of [
+      ["a foreign Origin with the console's header", { Origin: "http://evil.test", "X-Mux-Webhook-Console": "1" }],
+      ["Sec-Fetch-Site: cross-site with the header", { "Sec-Fetch-Site": "cross-site", "X-Mux-Webhook-Console": "1" }],
+      ["no console header", {}],
+    ]) {
+      const res = await fetch(redeliver, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", ...headers },
+        body: JSON.stringify({ destination: "app", all: true }),
+      });
+      const text = await res.text();
+      check(res.status === 403 && /refused/.test(text), `${what}: ${res.status} ${text}`);
+      console.log(`${what}: 403 ${text.trim()}`);
+    }
+    await page.getByTestId("dead-refresh").click();
+    await deadRow.waitFor({ timeout: 5000 });
+    check((await received()).length === 0, "the app backend received something before the console redelivered");
+
+    // 7. Fix the backend, click Redeliver: the backend receives the event.
+    await fetch(backend + "/fix", { method: "POST" });
+    await deadRow.getByTestId("dead-redeliver").click();
+    await page.getByTestId("dead-notice").filter({ hasText: "Redelivered 1 to app." }).waitFor({ timeout: 10000 });
+    await until("the backend to receive the redelivered event", async () => (await received()).includes(asset));
+    await deadRow.waitFor({ state: "detached", timeout: 10000 });
+    // The Events view shows the new attempt, live.
+    await page.getByTestId("tab-events").click();
+    await page.locator(`tr[data-testid="row"][data-outcome="delivered"][data-destination="app"][data-id="${asset}"]`).waitFor({ timeout: 10000 });
+
+    check(errors.length === 0, "page errors: " + errors.join("; "));
     console.log("browser test passed");
   } finally {
     await browser.close();
