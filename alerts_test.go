@@ -22,16 +22,10 @@ func TestPrometheusAlerts(t *testing.T) {
 	if err := registerMetrics(nil); err != nil {
 		t.Fatal(err)
 	}
-	registry := prometheus.NewRegistry()
-	if err := registerMetrics(registry); err != nil {
-		t.Fatal(err)
-	}
 	exported := map[string]bool{}
 	descs := make(chan *prometheus.Desc, 64)
 	go func() {
-		for _, c := range []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
-			muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.deliveries, muxMetrics.deliveryTime,
-			muxMetrics.enqueueFails, muxMetrics.queueUp} {
+		for _, c := range muxCollectors() {
 			c.Describe(descs)
 		}
 		close(descs)

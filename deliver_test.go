@@ -111,16 +111,12 @@ func TestMuxDeliverConfigErrors(t *testing.T) {
 	}
 }
 
-// TestQueueDeadLettersAndCLI: a destination that always fails makes the
-// event a dead letter after max_attempts; the admin API and `caddy
-// mux-webhook queue` show it; once the backend is fixed, the CLI
-// redelivers it and it arrives; purge empties the dead letters; a change
-// without a JSON content type is refused.
-func TestQueueDeadLettersAndCLI(t *testing.T) {
-	var failing atomic.Bool
+// failingBackend answers 500 until failing is set to false, then 200,
+// counting in got the deliveries it accepted.
+func failingBackend(t *testing.T) (app *httptest.Server, failing *atomic.Bool, got *atomic.Int32) {
+	failing, got = new(atomic.Bool), new(atomic.Int32)
 	failing.Store(true)
-	var got atomic.Int32
-	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	app = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if failing.Load() {
 			w.WriteHeader(http.StatusInternalServerError)
 			return
@@ -128,6 +124,16 @@ func TestQueueDeadLettersAndCLI(t *testing.T) {
 		got.Add(1)
 	}))
 	t.Cleanup(app.Close)
+	return app, failing, got
+}
+
+// TestQueueDeadLettersAndCLI: a destination that always fails makes the
+// event a dead letter after max_attempts; the admin API and `caddy
+// mux-webhook queue` show it; once the backend is fixed, the CLI
+// redelivers it and it arrives; purge empties the dead letters; a change
+// without a JSON content type is refused.
+func TestQueueDeadLettersAndCLI(t *testing.T) {
+	app, failing, got := failingBackend(t)
 	dir := filepath.Join(t.TempDir(), "js")
 	g := startGatewayWithAdmin(t, deliverGlobal(dir,
 		fmt.Sprintf("\t\tdestination app %s {\n\t\t\tretry 20ms\n\t\t\tmax_attempts 2\n\t\t}", app.URL),

@@ -7,7 +7,6 @@ import (
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -94,17 +93,7 @@ func TestConsoleRefusesCrossSiteChanges(t *testing.T) {
 // from the console's own page. A form post from another site leaves the
 // dead letter where it is; the console's request redelivers it.
 func TestConsoleQueueOnSiteRoute(t *testing.T) {
-	var failing atomic.Bool
-	failing.Store(true)
-	var got atomic.Int32
-	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if failing.Load() {
-			w.WriteHeader(http.StatusInternalServerError)
-			return
-		}
-		got.Add(1)
-	}))
-	t.Cleanup(app.Close)
+	app, failing, got := failingBackend(t)
 	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(filepath.Join(t.TempDir(), "js"),
 		fmt.Sprintf("\t\tdestination app %s {\n\t\t\tretry 20ms\n\t\t\tmax_attempts 1\n\t\t}", app.URL),
 	), fmt.Sprintf(`

@@ -84,8 +84,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 	if registry == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
-		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.deliveries, muxMetrics.deliveryTime, muxMetrics.enqueueFails, muxMetrics.queueUp} {
+	for _, c := range muxCollectors() {
 		if err := registry.Register(c); err != nil {
 			if _, dup := errors.AsType[prometheus.AlreadyRegisteredError](err); !dup {
 				return err
@@ -93,6 +92,13 @@ func registerMetrics(registry *prometheus.Registry) error {
 		}
 	}
 	return nil
+}
+
+// muxCollectors are the plugin's metrics, once registerMetrics made them.
+func muxCollectors() []prometheus.Collector {
+	return []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
+		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.deliveries, muxMetrics.deliveryTime,
+		muxMetrics.enqueueFails, muxMetrics.queueUp}
 }
 
 // families are the event families the responses metric names.
