@@ -25,6 +25,10 @@ var muxMetrics = struct {
 	queueOldest  *prometheus.GaugeVec
 	deliveries   *prometheus.CounterVec
 	deliveryTime *prometheus.HistogramVec
+	// instance says which configured instance this process is: Prometheus
+	// labels each scrape with its target (instance="host:port"); joined
+	// on that, deliveries_total reads by instance name.
+	instance *prometheus.GaugeVec
 }{}
 
 // registerMetrics creates the collectors once per process and registers
@@ -70,12 +74,16 @@ func registerMetrics(registry *prometheus.Registry) error {
 			Help:    "Time of one delivery attempt, by destination.",
 			Buckets: prometheus.DefBuckets,
 		}, []string{"destination"})
+		muxMetrics.instance = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "instance",
+			Help: "1, labelled with this instance's name (the queue's nats instance, else the host name): what deliveries_total counts is this instance's.",
+		}, []string{"name"})
 	})
 	if registry == nil {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
-		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.deliveries, muxMetrics.deliveryTime} {
+		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.deliveries, muxMetrics.deliveryTime, muxMetrics.instance} {
 		if err := registry.Register(c); err != nil {
 			if _, dup := errors.AsType[prometheus.AlreadyRegisteredError](err); !dup {
 				return err
