@@ -15,6 +15,7 @@ package muxwebhook
 
 import (
 	"fmt"
+	"sync/atomic"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -86,17 +87,28 @@ func (a *App) Validate() error {
 	return nil
 }
 
+// running is the started app, for the admin API's queue endpoints. They
+// must not ask the config's context for the app: the admin API serves
+// while a config loads, and would provision a second app alongside the
+// loader's (a data race, and a half-provisioned app for the handlers).
+var running atomic.Pointer[App]
+
 // Start starts the delivery workers, if destinations are configured.
 func (a *App) Start() error {
 	if a.delivery != nil {
-		return a.delivery.start()
+		if err := a.delivery.start(); err != nil {
+			return err
+		}
 	}
+	running.Store(a)
 	return nil
 }
 
 // Stop stops the delivery workers; what they had not delivered stays
 // queued. The live log's entries stay for the next config.
 func (a *App) Stop() error {
+	// A reload starts the new config's app before it stops this one.
+	running.CompareAndSwap(a, nil)
 	if a.delivery != nil {
 		a.delivery.stop()
 	}

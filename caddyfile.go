@@ -242,6 +242,9 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //		nats <url>... {
 //			creds <file> | user <u> / password <p> | token <t>
 //			replicas <n>
+//			tls_ca <file>
+//			tls_client_auth <cert_file> <key_file>
+//			instance <name>
 //		}
 //		stream <name>
 //		max_bytes <size>
@@ -292,8 +295,14 @@ func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 				return nil, d.Errf("mux_webhook: queue nats needs the server URLs, e.g. nats nats://10.0.0.1:4222")
 			}
 			for nn := d.Nesting(); d.NextBlock(nn); {
-				var v string
 				sub := d.Val()
+				if sub == "tls_client_auth" {
+					if !d.AllArgs(&n.TLSClientCert, &n.TLSClientKey) {
+						return nil, d.Errf("mux_webhook: queue nats tls_client_auth takes a certificate file and a key file")
+					}
+					continue
+				}
+				var v string
 				if !d.AllArgs(&v) {
 					return nil, d.ArgErr()
 				}
@@ -312,8 +321,15 @@ func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 						return nil, d.Errf("mux_webhook: queue nats replicas %q: want 1 to 5", v)
 					}
 					n.Replicas = r
+				case "tls_ca":
+					n.TLSCA = v
+				case "instance":
+					if !instanceName.MatchString(v) {
+						return nil, d.Errf("mux_webhook: queue nats instance %q: use letters, digits, '.', '_' and '-' only (at most 64)", v)
+					}
+					n.Instance = v
 				default:
-					return nil, d.Errf("mux_webhook: unknown queue nats option %q; expected creds, user, password, token or replicas", sub)
+					return nil, d.Errf("mux_webhook: unknown queue nats option %q; expected creds, user, password, token, replicas, tls_ca, tls_client_auth or instance", sub)
 				}
 			}
 			q.NATS = n

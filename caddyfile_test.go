@@ -91,6 +91,10 @@ func TestGlobalOptionErrors(t *testing.T) {
 		{"mux_webhook {\n log_body 2MiB\n}", "log_body"},
 		{"mux_webhook {\n colour blue\n}", "unknown global option"},
 		{"mux_webhook 5", "takes a block"},
+		{"mux_webhook {\n queue {\n nats nats://127.0.0.1:4222 {\n tls_client_auth client.pem\n }\n }\n}", "tls_client_auth takes a certificate file and a key file"},
+		{"mux_webhook {\n queue {\n nats nats://127.0.0.1:4222 {\n instance two words\n }\n }\n}", "wrong argument count"},
+		{"mux_webhook {\n queue {\n nats nats://127.0.0.1:4222 {\n instance g/1\n }\n }\n}", "queue nats instance"},
+		{"mux_webhook {\n queue {\n nats nats://127.0.0.1:4222 {\n name g1\n }\n }\n}", "tls_ca, tls_client_auth or instance"},
 	}
 	for _, tt := range tests {
 		_, err := adaptCaddyfile("{\n" + tt.input + "\n}\n:8080 {\n respond 204\n}\n")

@@ -16,7 +16,9 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -67,6 +69,18 @@ type NATSConfig struct {
 	Token    string `json:"token,omitempty"`
 	// Replicas of the stream. Default: 1; use 3 on a 3-node cluster.
 	Replicas int `json:"replicas,omitempty"`
+	// TLSCA is a PEM file of the CA that signed the servers' certificates;
+	// without it, tls:// URLs are checked against the system's roots.
+	TLSCA string `json:"tls_ca,omitempty"`
+	// TLSClientCert and TLSClientKey are PEM files of a client
+	// certificate, for servers that verify clients.
+	TLSClientCert string `json:"tls_client_cert,omitempty"`
+	TLSClientKey  string `json:"tls_client_key,omitempty"`
+	// Instance names this Caddy among those sharing the cluster: in its
+	// delivery log lines and live log entries, the queue status, the
+	// caddy_mux_webhook_instance metric and its NATS connection's name.
+	// Default: the host name.
+	Instance string `json:"instance,omitempty"`
 }
 
 // DestinationConfig is where mux_deliver delivers, by name.
@@ -151,10 +165,15 @@ type delivery struct {
 	poolKey      string
 	qc           queue.Config
 	handle       atomic.Pointer[storeHandle] // set once the app started
+	opened       chan struct{}               // closed once handle is set
+	openedOnce   sync.Once
 	destinations map[string]queue.Destination
 	workerKeys   map[string]string // by destination: its workers' key in the pool
 	stops        []func()
 	logger       *zap.Logger
+	// instance names this Caddy in log lines, the live log, the queue
+	// status and metrics: the nats block's instance, else the host name.
+	instance string
 }
 
 // store is the open store, or nil before the app started.
@@ -184,7 +203,10 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 	if cfg.MaxBytes < 0 || cfg.DedupeWindow < 0 || cfg.EnqueueTimeout < 0 {
 		return nil, errors.New("mux_webhook: queue max_bytes, dedupe_window and enqueue_timeout must not be negative")
 	}
-	d := &delivery{cfg: cfg, destinations: map[string]queue.Destination{}, workerKeys: map[string]string{}, logger: ctx.Logger()}
+	d := &delivery{
+		cfg: cfg, destinations: map[string]queue.Destination{}, workerKeys: map[string]string{}, logger: ctx.Logger(),
+		instance: hostname(), opened: make(chan struct{}),
+	}
 	for name, dc := range a.Destinations {
 		dest, err := dc.destination(name)
 		if err != nil {
@@ -214,14 +236,41 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 		if err != nil && n.Token != "" {
 			return nil, errors.New("mux_webhook: queue nats token: a placeholder in it is unset or empty")
 		}
+		if n.Instance != "" {
+			if !instanceName.MatchString(n.Instance) {
+				return nil, fmt.Errorf("mux_webhook: queue nats instance %q: use letters, digits, '.', '_' and '-' only (at most 64)", n.Instance)
+			}
+			d.instance = n.Instance
+		}
+		if (n.TLSClientCert == "") != (n.TLSClientKey == "") {
+			return nil, errors.New("mux_webhook: queue nats: a TLS client certificate needs both its cert and its key file")
+		}
 		qc.URLs, qc.Creds, qc.User, qc.Password, qc.Token, qc.Replicas = n.URLs, n.Creds, n.User, password, token, n.Replicas
-		d.poolKey = "mux_webhook.queue.nats." + strings.Join(n.URLs, ",") + "." + cfg.Stream
+		qc.TLSCA, qc.TLSCert, qc.TLSKey = n.TLSCA, n.TLSClientCert, n.TLSClientKey
+		qc.Name = "mux_webhook " + d.instance
+		// The instance is in the key: a reload that renames it opens a
+		// connection with the new name.
+		d.poolKey = "mux_webhook.queue.nats." + strings.Join(n.URLs, ",") + "." + cfg.Stream + "." + d.instance +
+			"." + n.TLSCA + "." + n.TLSClientCert + "." + n.TLSClientKey
 	}
 	d.qc = qc
 	for name, cfgJSON := range d.workerKeys {
 		d.workerKeys[name] = d.poolKey + ".destination." + name + "." + cfgJSON
 	}
 	return d, nil
+}
+
+// instanceName is what an instance may be called: it appears in log
+// lines, a metric label and the NATS connection's name.
+var instanceName = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
+
+// hostname is the default instance name: the host's name if it is a valid
+// instance name, else "mux_webhook".
+func hostname() string {
+	if h, err := os.Hostname(); err == nil && instanceName.MatchString(h) {
+		return h
+	}
+	return "mux_webhook"
 }
 
 // open opens (or shares) the store. It runs when the app starts, not
@@ -251,6 +300,7 @@ func (d *delivery) open() error {
 	}
 	d.handle.Store(h)
 	d.warnOrphans(ctx)
+	d.openedOnce.Do(func() { close(d.opened) })
 	return nil
 }
 
@@ -329,6 +379,11 @@ func (d *delivery) start() error {
 		val, _, err := workerPool.LoadOrNew(key, func() (caddy.Destructor, error) {
 			w := &workers{}
 			w.observe.Store(d)
+			dest.OnError = func(err error) {
+				d := w.observe.Load()
+				d.logger.Warn("mux webhook delivery: the queue's subscription failed; pulling again",
+					zap.String("destination", dest.Name), zap.String("instance", d.instance), zap.Error(err))
+			}
 			stop, err := d.store().Deliver(context.Background(), dest, w.observeAttempt)
 			if err != nil {
 				return nil, err
@@ -343,6 +398,8 @@ func (d *delivery) start() error {
 		val.(*workers).observe.Store(d)
 		d.stops = append(d.stops, func() { _, _ = workerPool.Delete(key) })
 	}
+	muxMetrics.instance.Reset()
+	muxMetrics.instance.WithLabelValues(d.instance).Set(1)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -449,6 +506,7 @@ func (d *delivery) logAttempt(a queue.Attempt) {
 	fields := []zap.Field{
 		zap.String("destination", a.Destination), zap.String("id", a.EventID), zap.String("type", a.EventType),
 		zap.Int("attempt", a.Number), zap.Int("status", a.Status), zap.Duration("duration", a.Duration),
+		zap.String("instance", d.instance),
 	}
 	if liveLog.bodyCap() >= 0 {
 		e := LogEntry{
@@ -456,7 +514,7 @@ func (d *delivery) logAttempt(a queue.Attempt) {
 			DurationMS: float64(a.Duration.Microseconds()) / 1000,
 			Type:       a.EventType, ID: a.EventID, Method: http.MethodPost, URI: "→ " + a.Destination,
 			Headers: map[string][]string{}, BodyUnavailable: "a delivery attempt: the body is the event's",
-			Destination: a.Destination, Attempt: a.Number,
+			Destination: a.Destination, Attempt: a.Number, Instance: d.instance,
 		}
 		if a.Err != nil {
 			e.Error = a.Err.Error()
@@ -537,14 +595,19 @@ func (h *Deliver) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		h.logger.Error("mux_deliver: no verified event in this request; put mux_webhook before it in the route", zap.String("uri", r.RequestURI))
 		return caddyhttp.Error(http.StatusInternalServerError, errors.New("mux_deliver: no verified event"))
 	}
+	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.delivery.cfg.EnqueueTimeout))
+	defer cancel()
 	store := h.delivery.store()
 	if store == nil {
 		// Caddy starts its apps in no fixed order: a request may come in
-		// before the queue is open.
-		return caddyhttp.Error(http.StatusServiceUnavailable, errors.New("mux_deliver: the queue is not open yet"))
+		// before the queue is open. It waits, within enqueue_timeout.
+		select {
+		case <-h.delivery.opened:
+			store = h.delivery.store()
+		case <-ctx.Done():
+			return caddyhttp.Error(http.StatusServiceUnavailable, errors.New("mux_deliver: the queue is not open yet"))
+		}
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.delivery.cfg.EnqueueTimeout))
-	defer cancel()
 	key := ev.IDRaw
 	if len(key) == 0 {
 		key = ev.Body // no id: only the same bytes are the same event

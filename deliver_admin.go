@@ -2,7 +2,8 @@
 // next to the live log):
 //
 //	GET    /mux-webhook/queue                          per destination: name, url, pending, in_flight,
-//	                                                   delivered, dead, oldest_pending_seconds, last_error
+//	                                                   delivered, dead, oldest_pending_seconds, last_error,
+//	                                                   instance
 //	GET    /mux-webhook/queue/dead?destination=<name>  dead letters: id, type, attempts, last_error, dead_at
 //	POST   /mux-webhook/queue/redeliver                {"destination":…,"ids":[…]} or {"destination":…,"all":true}
 //	DELETE /mux-webhook/queue/dead?destination=<name>  drop the dead letters
@@ -28,7 +29,10 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-// QueueStatus is one destination in GET /mux-webhook/queue.
+// QueueStatus is one destination in GET /mux-webhook/queue. Pending,
+// InFlight, Dead and OldestPendingSeconds are read from the stream, the
+// same on every instance sharing it; Delivered and LastError are this
+// instance's (named by Instance) since it started.
 type QueueStatus struct {
 	Name                 string  `json:"name"`
 	URL                  string  `json:"url"`
@@ -38,6 +42,7 @@ type QueueStatus struct {
 	Dead                 uint64  `json:"dead"`
 	OldestPendingSeconds float64 `json:"oldest_pending_seconds"`
 	LastError            string  `json:"last_error"`
+	Instance             string  `json:"instance"`
 }
 
 // serveQueue serves the queue's admin endpoints; sub is the path after
@@ -67,7 +72,7 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 			if err != nil {
 				return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("queue status of %s: %v", name, err)}
 			}
-			qs := QueueStatus{Name: name, URL: redactURL(d.destinations[name].URL), Pending: st.Pending, InFlight: st.InFlight, Dead: st.Dead}
+			qs := QueueStatus{Name: name, URL: redactURL(d.destinations[name].URL), Pending: st.Pending, InFlight: st.InFlight, Dead: st.Dead, Instance: d.instance}
 			if !st.Oldest.IsZero() {
 				qs.OldestPendingSeconds = time.Since(st.Oldest).Seconds()
 			}

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"os/exec"
 	"strconv"
 	"sync"
@@ -124,13 +123,7 @@ http://127.0.0.1:%d {
 // process.
 func natsServer(t *testing.T) (string, *exec.Cmd) {
 	t.Helper()
-	bin, err := exec.LookPath("nats-server")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("nats-server is needed on CI (.ci/run installs it)")
-		}
-		t.Skip("nats-server not installed: go install github.com/nats-io/nats-server/v2@v2.15.2")
-	}
+	bin := natsBinary(t)
 	port := freePort(t)
 	cmd := exec.Command(bin, "-a", "127.0.0.1", "-p", strconv.Itoa(port), "-js", "-sd", t.TempDir())
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

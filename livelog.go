@@ -64,10 +64,12 @@ type LogEntry struct {
 	BodyTruncated   bool                `json:"body_truncated,omitempty"`
 	BodyUnavailable string              `json:"body_unavailable,omitempty"`
 	// For a delivery attempt of mux_deliver (outcome delivered, retry or
-	// dead): the destination, the attempt's number and its error.
+	// dead): the destination, the attempt's number, its error and the
+	// instance that made it.
 	Destination string `json:"destination,omitempty"`
 	Attempt     int    `json:"attempt,omitempty"`
 	Error       string `json:"error,omitempty"`
+	Instance    string `json:"instance,omitempty"`
 }
 
 // liveLogState is the ring and its subscribers.
@@ -157,7 +159,7 @@ func (l *liveLogState) add(e LogEntry) {
 // left as it is: either the whole verified body, at most log_body bytes
 // and never modified, or already a copy of its first log_body bytes.
 func (e *LogEntry) detach() {
-	fields := [...]*string{&e.Type, &e.ID, &e.ObjectType, &e.ObjectID, &e.EnvironmentID, &e.Method, &e.URI, &e.RemoteIP, &e.Destination, &e.Error}
+	fields := [...]*string{&e.Type, &e.ID, &e.ObjectType, &e.ObjectID, &e.EnvironmentID, &e.Method, &e.URI, &e.RemoteIP, &e.Destination, &e.Error, &e.Instance}
 	total := 0
 	for _, f := range fields {
 		if len(*f) > maxLoggedFieldBytes || !utf8.ValidString(*f) {

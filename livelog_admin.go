@@ -81,11 +81,7 @@ func (a *adminAPI) Routes() []caddy.AdminRoute {
 func (a *adminAPI) route(w http.ResponseWriter, r *http.Request) error {
 	path := strings.TrimPrefix(r.URL.Path, "/mux-webhook")
 	if sub, ok := strings.CutPrefix(path, "/queue"); ok && (sub == "" || strings.HasPrefix(sub, "/")) {
-		var app *App
-		if v, err := a.ctx.AppIfConfigured("mux_webhook"); err == nil {
-			app, _ = v.(*App)
-		}
-		return serveQueue(w, r, sub, app)
+		return serveQueue(w, r, sub, running.Load())
 	}
 	return serveLiveLog(w, r, path, a.ctx.Done())
 }

@@ -27,6 +27,10 @@ var muxMetrics = struct {
 	deliveryTime *prometheus.HistogramVec
 	enqueueFails *prometheus.CounterVec
 	queueUp      prometheus.Gauge
+	// instance says which configured instance this process is: Prometheus
+	// labels each scrape with its target (instance="host:port"); joined
+	// on that, deliveries_total reads by instance name.
+	instance *prometheus.GaugeVec
 }{}
 
 // registerMetrics creates the collectors once per process and registers
@@ -80,6 +84,10 @@ func registerMetrics(registry *prometheus.Registry) error {
 			Namespace: ns, Subsystem: sub, Name: "queue_up",
 			Help: "1 if this instance's last reading of the delivery queue (every 5s) succeeded, 0 if the queue did not answer.",
 		})
+		muxMetrics.instance = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "instance",
+			Help: "1, labelled with this instance's name (the queue's nats instance, else the host name): what deliveries_total counts is this instance's.",
+		}, []string{"name"})
 	})
 	if registry == nil {
 		return nil
@@ -98,7 +106,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 func muxCollectors() []prometheus.Collector {
 	return []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
 		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.deliveries, muxMetrics.deliveryTime,
-		muxMetrics.enqueueFails, muxMetrics.queueUp}
+		muxMetrics.enqueueFails, muxMetrics.queueUp, muxMetrics.instance}
 }
 
 // families are the event families the responses metric names.

@@ -32,7 +32,9 @@ func queueCommand() *cobra.Command {
 the admin address of --config, else localhost:2019).
 
   queue                                   per destination: pending, in flight, delivered, dead,
-                                          age of the oldest pending event, last error
+                                          age of the oldest pending event, last error (with
+                                          several instances on one NATS cluster: delivered and
+                                          last error are this instance's, the rest is shared)
   queue dead <destination>                the destination's dead letters
   queue redeliver <destination> <id>...   dead letters back to the queue, attempts from 1
   queue redeliver <destination> --all
@@ -57,6 +59,11 @@ the admin address of --config, else localhost:2019).
 				var list []QueueStatus
 				if err := adminJSON(admin, http.MethodGet, "/mux-webhook/queue", nil, &list); err != nil {
 					return err
+				}
+				if len(list) > 0 {
+					// Several instances may share the queue: say which
+					// columns are whose.
+					fmt.Fprintf(out, "instance %s: pending, in flight, dead and oldest are the shared queue's; delivered and last error are this instance's\n", printable(list[0].Instance))
 				}
 				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(tw, "DESTINATION\tPENDING\tIN FLIGHT\tDELIVERED\tDEAD\tOLDEST PENDING\tLAST ERROR")

@@ -561,6 +561,10 @@ BLOCK
 			{typ: "video.asset.created", secret: "neither-secret", status: 401},
 		}}},
 	},
+	"README.md: Several gateways on one NATS cluster (`mux_deliver`) #1": {
+		upstreams: []string{"app:8080"},
+		noRun:     "it needs a NATS cluster at 10.0.0.1-3: TestClusterSharedWork and TestClusterExample run gateways on one",
+	},
 	"README.md: Floods and slow clients #1": {
 		wrap:      wrapGlobal,
 		upstreams: []string{"app:8080"},

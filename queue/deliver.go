@@ -58,6 +58,10 @@ type Destination struct {
 	// original header is sent.
 	Sign   func(body []byte, at time.Time) string
 	Header map[string]string // extra request headers
+	// OnError, if set, hears of the workers' subscription errors (missed
+	// heartbeats of a consumer's leader that died, a lost connection):
+	// the workers carry on and pull again.
+	OnError func(error)
 }
 
 // Attempt is what one delivery attempt did.
@@ -108,18 +112,32 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 		return nil, fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", d.Name)
 	}
 	d.defaults()
-	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, jetstream.ConsumerConfig{
-		Durable:       "deliver_" + d.Name,
-		FilterSubject: s.Subject(d.Name),
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		// An attempt's outcome is known within its timeout; a process that
-		// dies mid-attempt has the copy redelivered after that.
-		AckWait:    d.Timeout + 5*time.Second,
-		MaxDeliver: -1, // attempts are counted here, against max_attempts and max_age
-		// Copies waiting for a retry's delay count as pending acks: no
-		// bound, or failing events would hold up the destination's new
-		// ones (PullMaxMessages bounds what is fetched at once).
-		MaxAckPending: -1,
+	var cons jetstream.Consumer
+	err = retrySetup(ctx, func(ctx context.Context) (err error) {
+		cons, err = s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, jetstream.ConsumerConfig{
+			Durable:       "deliver_" + d.Name,
+			FilterSubject: s.Subject(d.Name),
+			AckPolicy:     jetstream.AckExplicitPolicy,
+			// An attempt's outcome is known within its timeout; a process that
+			// dies mid-attempt has the copy redelivered after that.
+			AckWait:    d.Timeout + 5*time.Second,
+			MaxDeliver: -1, // attempts are counted here, against max_attempts and max_age
+			// Copies waiting for a retry's delay count as pending acks: no
+			// bound, or failing events would hold up the destination's new
+			// ones (PullMaxMessages bounds what is fetched at once).
+			MaxAckPending: -1,
+		})
+		if err != nil {
+			return err
+		}
+		// On a cluster, the consumer may have no leader yet (just created,
+		// or its node died): a pull sent now would find no one and be
+		// tried again only once the heartbeats are missed.
+		info, err := cons.Info(ctx)
+		if err == nil && info.Cluster != nil && info.Cluster.Leader == "" {
+			err = errNoLeader
+		}
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("queue: consumer for %s: %v", d.Name, err)
@@ -172,7 +190,18 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 				observe(a)
 			}
 		}()
-	}, jetstream.PullMaxMessages(d.Concurrency))
+	}, jetstream.PullMaxMessages(d.Concurrency),
+		// A pull waits at the consumer's leader. If that node dies, or
+		// the pull found no leader, the missing heartbeats are what tells:
+		// one a second, a new pull after two are missed (the default, half
+		// the 30s expiry, would leave the destination idle for 30s after
+		// a failover).
+		jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(time.Second),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			if d.OnError != nil {
+				d.OnError(err)
+			}
+		}))
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("queue: consuming %s: %v", d.Name, err)
@@ -344,6 +373,9 @@ type DeadLetter struct {
 	DeadAt    time.Time `json:"dead_at"`
 }
 
+// errNoLeader is a clustered consumer without a leader, for now.
+var errNoLeader = errors.New("the consumer has no leader yet")
+
 // maxListed bounds what one Dead call returns.
 const maxListed = 10000
 
@@ -360,8 +392,24 @@ func (s *Store) Dead(ctx context.Context, destination string) ([]DeadLetter, err
 
 // eachDead calls fn with destination's dead letters, oldest first, one at
 // a time (never all bodies at once), up to the last one stored when it
-// started, until fn returns false or an error.
+// started, until fn returns false or an error. On a cluster, the reading's
+// own consumer may not answer its first pull yet (no responders): then it
+// is made again, a few times.
 func (s *Store) eachDead(ctx context.Context, destination string, headersOnly bool, fn func(DeadLetter, jetstream.Msg) (bool, error)) error {
+	for try := 1; ; try++ {
+		called := false
+		err := s.eachDeadOnce(ctx, destination, headersOnly, func(dl DeadLetter, m jetstream.Msg) (bool, error) {
+			called = true
+			return fn(dl, m)
+		})
+		if err == nil || called || !errors.Is(err, nats.ErrNoResponders) || try == 5 || ctx.Err() != nil {
+			return err
+		}
+		time.Sleep(time.Duration(try) * 100 * time.Millisecond)
+	}
+}
+
+func (s *Store) eachDeadOnce(ctx context.Context, destination string, headersOnly bool, fn func(DeadLetter, jetstream.Msg) (bool, error)) error {
 	stream, err := s.js.Stream(ctx, s.cfg.Stream)
 	if err != nil {
 		return err

@@ -47,6 +47,15 @@ type Config struct {
 	// Credentials for the external server: a creds file, or user and
 	// password, or a token.
 	Creds, User, Password, Token string
+	// TLSCA is a PEM file of the CA that signed the servers' certificates
+	// (else the system's roots, for tls:// URLs); TLSCert and TLSKey are a
+	// client certificate, for servers that verify clients. Either turns
+	// TLS on.
+	TLSCA, TLSCert, TLSKey string
+	// Name names this process's connection to the external server (shown
+	// by the server's monitoring, e.g. `nats server report connections`).
+	// Default: mux_webhook.
+	Name string
 	// Replicas of the stream on an external cluster. Default: 1.
 	Replicas int
 	// Stream is the JetStream stream's name. Default: MUX_WEBHOOK.
@@ -141,7 +150,17 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		}
 		s.conn, err = nats.Connect("", nats.InProcessServer(s.server), nats.Name("mux_webhook"))
 	} else {
-		opts := []nats.Option{nats.Name("mux_webhook"), nats.MaxReconnects(-1)}
+		name := "mux_webhook"
+		if cfg.Name != "" {
+			name = cfg.Name
+		}
+		opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1)}
+		if cfg.TLSCA != "" {
+			opts = append(opts, nats.RootCAs(cfg.TLSCA))
+		}
+		if cfg.TLSCert != "" || cfg.TLSKey != "" {
+			opts = append(opts, nats.ClientCert(cfg.TLSCert, cfg.TLSKey))
+		}
 		switch {
 		case cfg.Creds != "":
 			opts = append(opts, nats.UserCredentials(cfg.Creds))
@@ -160,7 +179,11 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("queue: JetStream: %v", err)
 	}
-	if _, err = s.js.CreateOrUpdateStream(ctx, streamConfig(cfg)); err != nil {
+	err = retrySetup(ctx, func(ctx context.Context) error {
+		_, err := s.js.CreateOrUpdateStream(ctx, streamConfig(cfg))
+		return err
+	})
+	if err != nil {
 		s.Close()
 		return nil, fmt.Errorf("queue: creating stream %s: %v", cfg.Stream, err)
 	}
@@ -218,6 +241,47 @@ func (s *Store) Queued(ctx context.Context) (map[string]uint64, error) {
 		out[strings.TrimPrefix(subject, prefix)] = n
 	}
 	return out, nil
+}
+
+// setupTimeout bounds how long Open and Deliver try to create the stream
+// and the consumers: on a cluster, a node may have just died and its
+// leaderships be up for election (NATS takes seconds), which must not
+// stop a Caddy instance that starts meanwhile.
+const setupTimeout = 30 * time.Second
+
+// retrySetup calls f, each time with up to 5s, until it succeeds, fails
+// for good, ctx ends or setupTimeout has passed.
+func retrySetup(ctx context.Context, f func(context.Context) error) error {
+	deadline := time.Now().Add(setupTimeout)
+	for {
+		tctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := f(tctx)
+		cancel()
+		if err == nil || !transient(err) || ctx.Err() != nil || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// transient reports whether a JetStream API call failed in a way that
+// passes by itself: no answer in time (an election), the cluster
+// answering that it is temporarily unavailable, or a consumer without a
+// leader yet. A server without JetStream is not.
+func transient(err error) bool {
+	if errors.Is(err, errNoLeader) {
+		return true
+	}
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		return apiErr.Code == 503 && apiErr.ErrorCode != jetstream.JSErrCodeJetStreamNotEnabled &&
+			apiErr.ErrorCode != jetstream.JSErrCodeJetStreamNotEnabledForAccount
+	}
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)
 }
 
 // Subject is where a destination's copies are stored.

@@ -7,6 +7,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 func openTest(t *testing.T, cfg Config) *Store {
@@ -113,5 +116,27 @@ func TestOpenErrors(t *testing.T) {
 	}
 	if _, err := Open(context.Background(), Config{Dir: t.TempDir(), Stream: "a.b"}); err == nil {
 		t.Error("stream name with a dot")
+	}
+}
+
+// TestTransient: what Open and Deliver try again while a cluster elects a
+// leader, and what fails at once.
+func TestTransient(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want bool
+	}{
+		{context.DeadlineExceeded, true},
+		{errNoLeader, true},
+		{fmt.Errorf("wrapped: %w", nats.ErrTimeout), true},
+		{&jetstream.APIError{Code: 503, ErrorCode: 10008, Description: "JetStream system temporarily unavailable"}, true},
+		{jetstream.ErrJetStreamNotEnabled, false},
+		{&jetstream.APIError{Code: 503, ErrorCode: jetstream.JSErrCodeJetStreamNotEnabledForAccount}, false},
+		{&jetstream.APIError{Code: 400, ErrorCode: 10058, Description: "stream name already in use"}, false},
+		{errors.New("nats: authorization violation"), false},
+	} {
+		if got := transient(c.err); got != c.want {
+			t.Errorf("transient(%v) = %v, want %v", c.err, got, c.want)
+		}
 	}
 }
