@@ -4,9 +4,12 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -92,5 +95,51 @@ func TestOwnLineWithoutAccessLog(t *testing.T) {
 	}, func() string { return fmt.Sprintf("levels by outcome: %v", levels) })
 	if levels["verified"] != "debug" || levels["rejected"] != "warn" {
 		t.Errorf("levels by outcome: %v; want verified at debug, rejected at warn", levels)
+	}
+}
+
+// TestAccessLogKeepsErrorLevel: an aborted request whose route had
+// answered a 5xx is an ERROR line in Caddy's access log, as any 5xx is;
+// the handler raises a line's level, never lowers it.
+func TestAccessLogKeepsErrorLevel(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		conn, buf, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		buf.WriteString("HTTP/1.1 502 Bad Gateway\r\nContent-Length: 1000\r\n\r\npartial")
+		buf.Flush()
+		conn.Close()
+	}))
+	t.Cleanup(up.Close)
+	accessLog := filepath.Join(t.TempDir(), "access.log")
+	cfg, g := gatewayConfigWith(t, "off", "", fmt.Sprintf(`log {
+		output file %s
+		format json
+	}
+	mux_webhook %s
+	reverse_proxy %s`, accessLog, testSecret, strings.TrimPrefix(up.URL, "http://")))
+	g.load(cfg)
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := client.Do(signedRequest(t, g.url, testSecret, event("video.asset.ready", "abort-502", ""), time.Now()))
+	if err == nil {
+		_, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+	}
+	if err == nil {
+		t.Fatal("the response arrived whole; the test did not make reverse_proxy abort")
+	}
+	var lines []map[string]any
+	waitFor(t, func() bool {
+		lines = jsonLinesOf(t, accessLog)
+		return len(lines) >= 1
+	}, func() string { return fmt.Sprintf("access log: %v", lines) })
+	mux, _ := lines[0]["mux"].(map[string]any)
+	if lines[0]["status"] != float64(502) || mux["aborted"] != true {
+		t.Fatalf("not the aborted 502: %v", lines[0])
+	}
+	if lines[0]["level"] != "error" {
+		t.Errorf("the aborted 502's access log line is at %v, want error (as Caddy logs any 5xx)", lines[0]["level"])
 	}
 }
