@@ -143,3 +143,62 @@ func TestAccessLogKeepsErrorLevel(t *testing.T) {
 		t.Errorf("the aborted 502's access log line is at %v, want error (as Caddy logs any 5xx)", lines[0]["level"])
 	}
 }
+
+// TestAccessLogSeveralSites: with sites with and without `log` on one
+// server, and log_skip, every request is logged exactly once, either in
+// an access log line or in the handler's own line, and a rejection is a
+// WARN wherever it is.
+func TestAccessLogSeveralSites(t *testing.T) {
+	accessLog := filepath.Join(t.TempDir(), "access.log")
+	cfg, g := gatewayConfigWith(t, "off", "", fmt.Sprintf("mux_webhook %s\n\trespond 204", testSecret))
+	port := strings.TrimPrefix(g.url, "http://127.0.0.1:")
+	cfg += fmt.Sprintf(`
+http://localhost:%s {
+	log {
+		output file %s
+		format json
+	}
+	log_skip /skipped*
+	mux_webhook %s
+	respond 204
+}
+`, port, accessLog, testSecret)
+	g.load(cfg)
+	logged := "http://localhost:" + port
+	want := map[string]string{ // uri: level
+		"/logged-ok": "info", "/logged-forged": "warn",
+		"/unlogged-forged": "warn", "/skipped-forged": "warn",
+	}
+	for uri := range want {
+		base, secret := logged, testSecret
+		if strings.HasPrefix(uri, "/unlogged") {
+			base = g.url
+		}
+		if strings.HasSuffix(uri, "forged") {
+			secret = "forged"
+		}
+		do(t, signedRequest(t, base+uri, secret, event("video.asset.ready", "sites"+strings.ReplaceAll(uri, "/", "-"), ""), time.Now()))
+	}
+	seen := map[string][]string{} // uri: levels of the lines about it
+	collect := func() bool {
+		seen = map[string][]string{}
+		for _, l := range append(g.logLines(), jsonLinesOf(t, accessLog)...) {
+			switch {
+			case l["msg"] == "mux webhook":
+				seen[fmt.Sprint(l["uri"])] = append(seen[fmt.Sprint(l["uri"])], fmt.Sprint(l["level"]))
+			case l["msg"] == "handled request" && l["mux"] != nil:
+				uri := fmt.Sprint(l["request"].(map[string]any)["uri"])
+				seen[uri] = append(seen[uri], fmt.Sprint(l["level"]))
+			}
+		}
+		return len(seen) >= len(want)
+	}
+	waitFor(t, collect, func() string { return fmt.Sprintf("lines by uri: %v", seen) })
+	time.Sleep(100 * time.Millisecond)
+	collect()
+	for uri, level := range want {
+		if got := seen[uri]; len(got) != 1 || got[0] != level {
+			t.Errorf("%s: logged at %v; want once, at %s", uri, got, level)
+		}
+	}
+}
