@@ -85,11 +85,16 @@ func (f muxLogFields) MarshalLogObject(enc zapcore.ObjectEncoder) error {
 }
 
 // addToAccessLog puts the request's outcome into the access log line,
-// raising the line's level to the outcome's when it is above INFO (a
-// rejection is a WARN, as the handler's own line would be).
-func addToAccessLog(r *http.Request, extra *caddyhttp.ExtraLogFields, f muxLogFields, level zapcore.Level) {
+// raising the line's level to the outcome's when it is above the one
+// Caddy gives the status (a rejection is a WARN, as the handler's own
+// line would be); never lowering it (a 5xx stays an ERROR).
+func addToAccessLog(r *http.Request, extra *caddyhttp.ExtraLogFields, f muxLogFields, level zapcore.Level, status int) {
 	extra.Set(zap.Object("mux", f))
-	if level > zapcore.InfoLevel {
+	caddyLevel := zapcore.InfoLevel
+	if status >= 500 {
+		caddyLevel = zapcore.ErrorLevel
+	}
+	if level > caddyLevel {
 		caddyhttp.SetVar(r.Context(), caddyhttp.LogLevelVar, level.String())
 	}
 }

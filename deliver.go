@@ -10,15 +10,20 @@ package muxwebhook
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -118,6 +123,34 @@ type storeHandle struct {
 
 	mu    sync.Mutex
 	stats map[string]*destinationStats // by destination name
+	// users are the started configs sharing the store, oldest first: the
+	// newest one's max_bytes, dedupe_window and replicas are the stream's.
+	users []*delivery
+}
+
+// use records that d started with the store.
+func (s *storeHandle) use(d *delivery) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.users = append(s.users, d)
+}
+
+// release forgets d. If d was the newest config (a reload that Caddy
+// rolled back after this app started), it returns the newest config
+// still running, whose stream settings must be put back; else nil.
+func (s *storeHandle) release(d *delivery) *delivery {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	i := slices.Index(s.users, d)
+	if i < 0 {
+		return nil
+	}
+	newest := i == len(s.users)-1
+	s.users = slices.Delete(s.users, i, i+1)
+	if newest && len(s.users) > 0 {
+		return s.users[len(s.users)-1]
+	}
+	return nil
 }
 
 // Destruct closes the store when no config uses it any more.
@@ -208,17 +241,16 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 		instance: hostname(), opened: make(chan struct{}),
 	}
 	for name, dc := range a.Destinations {
-		dest, err := dc.destination(name)
+		dest, signSecret, err := dc.destination(name)
 		if err != nil {
 			return nil, err
 		}
 		d.destinations[name] = dest
-		dcJSON, err := json.Marshal(dc)
+		key, err := workerKey(dc, dest, signSecret)
 		if err != nil {
 			return nil, err
 		}
-		sum := sha256.Sum256(dcJSON) // the key holds no secret
-		d.workerKeys[name] = hex.EncodeToString(sum[:])
+		d.workerKeys[name] = key
 	}
 	qc := queue.Config{
 		Dir: cfg.Dir, Stream: cfg.Stream, MaxBytes: cfg.MaxBytes, DedupeWindow: time.Duration(cfg.DedupeWindow),
@@ -298,6 +330,7 @@ func (d *delivery) open() error {
 			return fmt.Errorf("mux_webhook: %v", err)
 		}
 	}
+	h.use(d)
 	d.handle.Store(h)
 	d.warnOrphans(ctx)
 	d.openedOnce.Do(func() { close(d.opened) })
@@ -320,16 +353,49 @@ func (d *delivery) warnOrphans(ctx context.Context) {
 	}
 }
 
-// destination turns a configured destination into the queue's.
-func (dc *DestinationConfig) destination(name string) (queue.Destination, error) {
+// workerKeySalt makes worker keys hashes no one can test a guessed
+// secret against.
+var workerKeySalt = func() []byte {
+	b := make([]byte, 32)
+	_, _ = rand.Read(b)
+	return b
+}()
+
+// workerKey tells a destination's workers apart across reloads: the same
+// configuration with the same resolved values ({env.*}, {file.*}: a
+// secret rotated in its file and reloaded) keeps its workers; anything
+// else gets new ones. It holds no secret, only a salted hash.
+func workerKey(dc *DestinationConfig, dest queue.Destination, signSecret []byte) (string, error) {
+	dcJSON, err := json.Marshal(dc)
+	if err != nil {
+		return "", err
+	}
+	m := hmac.New(sha256.New, workerKeySalt)
+	m.Write(dcJSON)
+	resolved := [][]byte{signSecret}
+	for _, k := range slices.Sorted(maps.Keys(dest.Header)) {
+		resolved = append(resolved, []byte(k), []byte(dest.Header[k]))
+	}
+	for _, b := range resolved {
+		var n [8]byte
+		binary.BigEndian.PutUint64(n[:], uint64(len(b)))
+		m.Write(n[:])
+		m.Write(b)
+	}
+	return hex.EncodeToString(m.Sum(nil)), nil
+}
+
+// destination turns a configured destination into the queue's; it also
+// returns the resolved signing secret, if any.
+func (dc *DestinationConfig) destination(name string) (queue.Destination, []byte, error) {
 	if !queue.ValidDestination(name) {
-		return queue.Destination{}, fmt.Errorf("mux_webhook: destination name %q: use letters, digits, _ and - only", name)
+		return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination name %q: use letters, digits, _ and - only", name)
 	}
 	if !strings.HasPrefix(dc.URL, "http://") && !strings.HasPrefix(dc.URL, "https://") {
-		return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: url %q must start with http:// or https://", name, redactURL(dc.URL))
+		return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: url %q must start with http:// or https://", name, redactURL(dc.URL))
 	}
 	if dc.Timeout < 0 || dc.MaxAge < 0 || dc.MaxAttempts < 0 || dc.Concurrency < 0 {
-		return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: timeout, max_age, max_attempts and concurrency must not be negative", name)
+		return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: timeout, max_age, max_attempts and concurrency must not be negative", name)
 	}
 	d := queue.Destination{
 		Name: name, URL: dc.URL, Timeout: time.Duration(dc.Timeout), MaxAttempts: dc.MaxAttempts,
@@ -343,29 +409,30 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, error)
 		for k, v := range dc.Header {
 			value, err := repl.ReplaceOrErr(v, true, true)
 			if err != nil {
-				return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: header %s: a placeholder in it is unset or empty", name, k)
+				return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: header %s: a placeholder in it is unset or empty", name, k)
 			}
 			if strings.ContainsAny(value, "\r\n\x00") {
-				return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: header %s: the value holds a line break or NUL", name, k)
+				return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: header %s: the value holds a line break or NUL", name, k)
 			}
 			d.Header[k] = value
 		}
 	}
 	for _, r := range dc.Retry {
 		if r <= 0 {
-			return queue.Destination{}, fmt.Errorf("mux_webhook: destination %s: retry delays must be greater than 0", name)
+			return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: retry delays must be greater than 0", name)
 		}
 		d.Retry = append(d.Retry, time.Duration(r))
 	}
 	if dc.Sign != "" {
 		secrets, err := resolveSecrets([]string{dc.Sign})
 		if err != nil {
-			return queue.Destination{}, fmt.Errorf("destination %s: sign: %v", name, err)
+			return queue.Destination{}, nil, fmt.Errorf("destination %s: sign: %v", name, err)
 		}
 		secret := secrets[0]
 		d.Sign = func(body []byte, at time.Time) string { return Sign(secret, body, at) }
+		return d, secret, nil
 	}
-	return d, nil
+	return d, nil, nil
 }
 
 // start runs the delivery workers, logging each failed attempt at WARN
@@ -395,8 +462,12 @@ func (d *delivery) start() error {
 			d.stop()
 			return fmt.Errorf("mux_webhook: %v", err)
 		}
-		val.(*workers).observe.Store(d)
-		d.stops = append(d.stops, func() { _, _ = workerPool.Delete(key) })
+		w := val.(*workers)
+		w.use(d)
+		d.stops = append(d.stops, func() {
+			w.release(d)
+			_, _ = workerPool.Delete(key)
+		})
 	}
 	muxMetrics.instance.Reset()
 	muxMetrics.instance.WithLabelValues(d.instance).Set(1)
@@ -420,6 +491,30 @@ var workerPool = caddy.NewUsagePool()
 type workers struct {
 	stop    func()
 	observe atomic.Pointer[delivery] // the newest config using them logs their attempts
+
+	mu    sync.Mutex
+	users []*delivery // the started configs using them, oldest first
+}
+
+// use makes d, a config that just started, log the workers' attempts.
+func (w *workers) use(d *delivery) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.users = append(w.users, d)
+	w.observe.Store(d)
+}
+
+// release forgets d: the newest config still using the workers logs
+// their attempts (after a reload that Caddy rolled back, the running one).
+func (w *workers) release(d *delivery) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if i := slices.Index(w.users, d); i >= 0 {
+		w.users = slices.Delete(w.users, i, i+1)
+	}
+	if len(w.users) > 0 {
+		w.observe.Store(w.users[len(w.users)-1])
+	}
 }
 
 func (w *workers) observeAttempt(a queue.Attempt) { w.observe.Load().logAttempt(a) }
@@ -531,18 +626,35 @@ func (d *delivery) logAttempt(a queue.Attempt) {
 	}
 }
 
+// stop stops the config's workers and gauges. Destinations stop at once,
+// not in turn: each may wait for its attempts in progress (a grace of up
+// to queue.StopGrace), and a shutdown must not wait that once per
+// destination.
 func (d *delivery) stop() {
+	var wg sync.WaitGroup
 	for _, stop := range d.stops {
-		stop()
+		wg.Go(stop)
 	}
+	wg.Wait()
 	d.stops = nil
 }
 
 func (d *delivery) cleanup() {
 	d.stop()
-	if d.handle.Load() != nil {
-		_, _ = stores.Delete(d.poolKey)
+	h := d.handle.Load()
+	if h == nil {
+		return
 	}
+	if running := h.release(d); running != nil {
+		// This config applied its stream settings, then Caddy rolled the
+		// reload back: the running config's settings apply again.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if err := h.Reconfigure(ctx, running.qc); err != nil {
+			d.logger.Error("mux_webhook: a reload was rolled back, but the stream keeps its max_bytes, dedupe_window and replicas", zap.Error(err))
+		}
+		cancel()
+	}
+	_, _ = stores.Delete(d.poolKey)
 }
 
 // Deliver is the mux_deliver handler: a terminal handler that stores one

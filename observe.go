@@ -97,7 +97,7 @@ func (h *Handler) observe(r *http.Request, res *result) {
 	}
 	if extra := accessLogFields(r); extra != nil {
 		// The site logs its requests: the event goes into that line.
-		addToAccessLog(r, extra, muxLogFields{outcome: logOutcome, reason: reason, event: res.event, aborted: res.aborted, err: res.err}, level)
+		addToAccessLog(r, extra, muxLogFields{outcome: logOutcome, reason: reason, event: res.event, aborted: res.aborted, err: res.err}, level, res.status)
 	} else if c := h.logger.Check(ownLineLevel(res, level), "mux webhook"); c != nil {
 		fields := make([]zap.Field, 0, 16)
 		fields = append(fields,

@@ -1,0 +1,208 @@
+package muxwebhook
+
+// Reloads that mux_deliver's pooled workers and store must get right: a
+// secret rotated in a file, a reload that fails after the app started,
+// a stop with several slow destinations.
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
+)
+
+// TestMuxDeliverReloadRotatesSignSecret: `sign {file.*}` is read when the
+// config loads; a forced reload after the file changed (how a rotated
+// secret is applied) signs the next deliveries with the new secret, even
+// though the destination's configuration text did not change.
+func TestMuxDeliverReloadRotatesSignSecret(t *testing.T) {
+	app := newUpstream(t, "app")
+	secretFile := filepath.Join(t.TempDir(), "sign-secret")
+	if err := os.WriteFile(secretFile, []byte("first-secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "js")
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir,
+		fmt.Sprintf("\t\tdestination app %s {\n\t\t\tsign {file.%s}\n\t\t}", app.URL, secretFile),
+	), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	g.load(cfg)
+
+	send := func(id string, want int) {
+		t.Helper()
+		status, _, _ := doAfterReload(t, func() *http.Request {
+			return signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now())
+		})
+		if status != http.StatusAccepted {
+			t.Fatalf("%s: %d, want 202", id, status)
+		}
+		waitFor(t, func() bool { return len(app.requests()) == want },
+			func() string { return fmt.Sprintf("%d deliveries, want %d", len(app.requests()), want) })
+	}
+	verifies := func(r received, secret string) bool {
+		_, err := Verify(r.Header.Get(SignatureHeader), r.Body, [][]byte{[]byte(secret)}, time.Now(), time.Minute)
+		return err == nil
+	}
+
+	send("rotate-1", 1)
+	if r := app.requests()[0]; !verifies(r, "first-secret") {
+		t.Fatalf("the first delivery does not verify with the first secret: %q", r.Header.Get(SignatureHeader))
+	}
+	if err := os.WriteFile(secretFile, []byte("second-secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := loadCaddyfile(cfg); err != nil { // forced: the config text is the same
+		t.Fatal(err)
+	}
+	send("rotate-2", 2)
+	if r := app.requests()[1]; !verifies(r, "second-secret") {
+		t.Errorf("after the secret file changed and Caddy reloaded, the delivery is still signed with the old secret (verifies with first: %v)",
+			verifies(r, "first-secret"))
+	}
+}
+
+// TestMuxDeliverFailedReloadKeepsTheStream: a reload whose mux_webhook
+// app started (and applied its max_bytes to the running stream) but whose
+// http app then failed to start is rolled back by Caddy: the running
+// config carries on, and so must its stream's limits.
+func TestMuxDeliverFailedReloadKeepsTheStream(t *testing.T) {
+	app := newUpstream(t, "app")
+	busy, err := net.Listen("tcp", "127.0.0.1:0") // makes the reload's http app fail to start
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	dir := filepath.Join(t.TempDir(), "js")
+	queueOpts := func(maxBytes string) string {
+		return fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes %s\n\t\t}\n\t\tdestination app %s\n\t}", dir, maxBytes, app.URL)
+	}
+	site := fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret)
+	cfg, g := gatewayConfigWith(t, "off", queueOpts("64MiB"), site)
+	g.load(cfg)
+	failing := strings.Replace(cfg, queueOpts("64MiB"), queueOpts("16KiB"), 1) +
+		fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
+	// Caddy starts a config's apps in map order: within a few tries, the
+	// mux_webhook app starts before the http app fails.
+	for i := range 16 {
+		if err := loadCaddyfile(failing); err == nil {
+			t.Fatalf("reload %d on a busy port succeeded", i+1)
+		}
+	}
+	pad := fmt.Sprintf(`{"pad":%q}`, strings.Repeat("p", 32<<10)) // more than 16 KiB
+	status, _, _ := doAfterReload(t, func() *http.Request {
+		return signedRequest(t, g.url, testSecret, event("video.asset.ready", "after-failed-reload", pad), time.Now())
+	})
+	if status != http.StatusAccepted {
+		t.Errorf("after failed reloads, the running config (max_bytes 64MiB) answers %d to a 32 KiB event, want 202: the failed config's max_bytes stayed on the stream", status)
+	}
+}
+
+// TestMuxDeliverStopWaitsOneGrace: stopping several destinations whose
+// backends hang waits one grace period for all of them, not one per
+// destination in turn (a shutdown with 20 slow destinations must not take
+// 20 × 5 s, past systemd's stop timeout).
+func TestMuxDeliverStopWaitsOneGrace(t *testing.T) {
+	const grace = 2 * time.Second
+	old := queue.StopGrace
+	queue.StopGrace = grace
+	t.Cleanup(func() { queue.StopGrace = old })
+
+	release := make(chan struct{})
+	var mu sync.Mutex
+	started := map[string]bool{}
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		started[r.Header.Get(queue.HeaderDestination)] = true
+		mu.Unlock()
+		select { // hangs until the attempt is cancelled or the test ends
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	t.Cleanup(backend.Close)
+	t.Cleanup(func() { close(release) })
+	names := []string{"d1", "d2", "d3", "d4"}
+	var dests []string
+	for _, n := range names {
+		dests = append(dests, fmt.Sprintf("\t\tdestination %s %s {\n\t\t\ttimeout 1m\n\t\t}", n, backend.URL))
+	}
+	dir := filepath.Join(t.TempDir(), "js")
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir, dests...),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver %s", testSecret, strings.Join(names, " ")))
+	g.load(cfg)
+	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "hang-1", ""), time.Now())); status != http.StatusAccepted {
+		t.Fatalf("%d, want 202", status)
+	}
+	waitFor(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(started) == len(names)
+	}, func() string { return fmt.Sprintf("attempts started: %v", started) })
+	begin := time.Now()
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(begin)
+	t.Logf("stopping %d hanging destinations took %v (grace %v)", len(names), took.Round(time.Millisecond), grace)
+	if took >= 2*grace {
+		t.Errorf("stopping %d destinations with hanging attempts took %v: the grace (%v) was waited once per destination", len(names), took, grace)
+	}
+}
+
+// TestMuxDeliverFailedReloadKeepsTheLogger: after a reload that started
+// the mux_webhook app but failed in another app, the running config's
+// workers log their attempts where the running config says, not through
+// the failed config's logger (here: a log file of its own, closed when
+// Caddy dropped that config).
+func TestMuxDeliverFailedReloadKeepsTheLogger(t *testing.T) {
+	app := newUpstream(t, "app")
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	dir := filepath.Join(t.TempDir(), "js")
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir, "\t\tdestination app "+app.URL),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	g.load(cfg)
+	otherLog := filepath.Join(t.TempDir(), "failed-config.log")
+	failing := strings.Replace(cfg, g.logFile, otherLog, 1) +
+		fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
+	for i := range 16 {
+		if err := loadCaddyfile(failing); err == nil {
+			t.Fatalf("reload %d on a busy port succeeded", i+1)
+		}
+	}
+	status, _, _ := doAfterReload(t, func() *http.Request {
+		return signedRequest(t, g.url, testSecret, event("video.asset.ready", "logged-1", ""), time.Now())
+	})
+	if status != http.StatusAccepted {
+		t.Fatalf("%d, want 202", status)
+	}
+	waitFor(t, func() bool { return len(app.requests()) == 1 }, func() string { return "no delivery" })
+	found := func() bool {
+		for _, l := range g.logLines() {
+			if l["msg"] == "mux webhook delivered" && l["id"] == "logged-1" {
+				return true
+			}
+		}
+		return false
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for !found() && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !found() {
+		raw, _ := os.ReadFile(otherLog)
+		t.Errorf("the delivery is not in the running config's log; the failed config's log has:\n%s", raw)
+	}
+}
