@@ -149,6 +149,15 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 		},
 	}
 	ctx, cancel := context.WithCancel(ctx)
+	// The sweeper outlives the attempts, for a last sweep of what they
+	// settled.
+	sw := &sweeper{s: s, cons: cons, subject: s.Subject(d.Name), settled: map[uint64]time.Time{}}
+	swCtx, swCancel := context.WithCancel(context.WithoutCancel(ctx))
+	swept := make(chan struct{})
+	go func() {
+		defer close(swept)
+		sw.run(swCtx)
+	}()
 	slots := make(chan struct{}, d.Concurrency)
 	var mu sync.Mutex // guards stopped and wg.Add against stop
 	stopped := false
@@ -185,7 +194,7 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 		go func() {
 			defer wg.Done()
 			defer func() { <-slots }()
-			a := s.attempt(ctx, client, &d, msg)
+			a := s.attempt(ctx, client, &d, msg, sw)
 			if observe != nil {
 				observe(a)
 			}
@@ -204,6 +213,8 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 		}))
 	if err != nil {
 		cancel()
+		swCancel()
+		<-swept
 		return nil, fmt.Errorf("queue: consuming %s: %v", d.Name, err)
 	}
 	var once sync.Once
@@ -229,6 +240,8 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 			grace.Stop()
 			cancel()
 			<-idle
+			swCancel() // and a last sweep of what the attempts settled
+			<-swept
 		})
 	}
 	go func() {
@@ -239,7 +252,7 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 }
 
 // attempt makes one delivery attempt of msg and settles it.
-func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg) Attempt {
+func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, sw *sweeper) Attempt {
 	a := Attempt{Destination: d.Name, EventID: msg.Headers().Get(HeaderEventID), EventType: msg.Headers().Get(HeaderEventType)}
 	meta, err := msg.Metadata()
 	if err != nil {
@@ -265,7 +278,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		// the copy leaves the stream, which must not fill up with what
 		// was delivered.
 		if msg.DoubleAck(context.WithoutCancel(ctx)) == nil {
-			s.forget(ctx, meta.Sequence.Stream)
+			sw.settle(meta.Sequence.Stream)
 		}
 		return a
 	}
@@ -280,7 +293,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		}
 		a.Result = "dead"
 		if msg.Term() == nil {
-			s.forget(ctx, meta.Sequence.Stream)
+			sw.settle(meta.Sequence.Stream)
 		}
 		return a
 	}
@@ -289,11 +302,94 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 	return a
 }
 
-// forget deletes a settled copy from the stream.
-func (s *Store) forget(ctx context.Context, seq uint64) {
-	st, err := s.js.Stream(context.WithoutCancel(ctx), s.cfg.Stream)
-	if err == nil {
-		_ = st.DeleteMsg(context.WithoutCancel(ctx), seq)
+// Settled copies (delivered, or kept as dead letters) leave the stream,
+// which must not fill up with them; in bulk, not one by one: each removal
+// is a write and an fsync of the store, which new events wait behind (one
+// by one, they halved what the queue sustains). Every sweepInterval, one
+// purge removes the destination's copies below the consumer's ack floor
+// (all settled, by whichever instance); a copy settled above it (an
+// earlier one waits for a retry) is deleted on its own once it has waited
+// sweepGrace for the floor.
+const (
+	sweepInterval = 250 * time.Millisecond
+	// sweepTimeout bounds a sweep's requests, the last one's included.
+	sweepTimeout = 5 * time.Second
+)
+
+var sweepGrace = 5 * time.Second // a variable for tests
+
+// sweeper removes a destination's settled copies from the stream.
+type sweeper struct {
+	s       *Store
+	cons    jetstream.Consumer
+	subject string
+	purged  uint64 // the ack floor of the last purge: copies up to it are gone
+
+	mu      sync.Mutex
+	settled map[uint64]time.Time // stream sequence: when it was settled
+}
+
+// settle records that the copy at stream sequence seq was settled.
+func (w *sweeper) settle(seq uint64) {
+	w.mu.Lock()
+	w.settled[seq] = time.Now()
+	w.mu.Unlock()
+}
+
+// run sweeps until ctx ends, then once more, for the last settled copies.
+// The first sweep also removes what an earlier process settled but did not
+// sweep before it stopped.
+func (w *sweeper) run(ctx context.Context) {
+	t := time.NewTicker(sweepInterval)
+	defer t.Stop()
+	for first := true; ; first = false {
+		select {
+		case <-ctx.Done():
+			last, cancel := context.WithTimeout(context.WithoutCancel(ctx), sweepTimeout)
+			w.sweep(last, true, true)
+			cancel()
+			return
+		case <-t.C:
+			sctx, cancel := context.WithTimeout(ctx, sweepTimeout)
+			w.sweep(sctx, first, false)
+			cancel()
+		}
+	}
+}
+
+// sweep purges the settled copies below the ack floor and deletes those
+// above it that waited sweepGrace (all of them when last is set).
+func (w *sweeper) sweep(ctx context.Context, always, last bool) {
+	w.mu.Lock()
+	n := len(w.settled)
+	w.mu.Unlock()
+	if n == 0 && !always {
+		return
+	}
+	info, err := w.cons.Info(ctx)
+	if err != nil {
+		return
+	}
+	if floor := info.AckFloor.Stream; floor > w.purged {
+		if w.s.stream.Purge(ctx, jetstream.WithPurgeSubject(w.subject), jetstream.WithPurgeSequence(floor+1)) == nil {
+			w.purged = floor
+		}
+	}
+	now := time.Now()
+	var late []uint64
+	w.mu.Lock()
+	for seq, at := range w.settled {
+		if seq <= w.purged {
+			delete(w.settled, seq)
+		} else if last || now.Sub(at) >= sweepGrace {
+			late = append(late, seq)
+			delete(w.settled, seq)
+		}
+	}
+	w.mu.Unlock()
+	for _, seq := range late {
+		// Not found: another instance's purge was first.
+		_ = w.s.stream.DeleteMsg(ctx, seq)
 	}
 }
 

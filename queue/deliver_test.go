@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -219,4 +220,57 @@ func TestFanOut(t *testing.T) {
 		rb, _ := b.requests()
 		return len(ra) == 1 && len(rb) == 2
 	})
+}
+
+// TestSettledCopiesLeaveTheStream: delivered copies are removed from the
+// stream, which must not fill up with them: in bulk below the consumer's
+// ack floor, one by one above it (an earlier copy waits for a retry), and
+// by the last sweep when the workers stop.
+func TestSettledCopiesLeaveTheStream(t *testing.T) {
+	defer func(g time.Duration) { sweepGrace = g }(sweepGrace)
+	run := func(t *testing.T, stuck bool, grace time.Duration, stopEarly bool) {
+		sweepGrace = grace
+		s := openTest(t, Config{Dir: t.TempDir()})
+		defer s.Close()
+		b := newBackend(t, func(int) int { return http.StatusOK })
+		if stuck {
+			b.setFail(func(n int) int {
+				if n == 1 {
+					return http.StatusServiceUnavailable // the first copy: retried in an hour
+				}
+				return http.StatusOK
+			})
+		}
+		var delivered atomic.Int32
+		stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Concurrency: 1, Retry: []time.Duration{time.Hour}},
+			func(a Attempt) {
+				if a.Result == "delivered" {
+					delivered.Add(1)
+				}
+			})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer stop()
+		for i := range 20 {
+			put(t, s, "app", fmt.Sprint("settled-", i), []byte(fmt.Sprintf(`{"type":"video.asset.ready","id":"settled-%d"}`, i)))
+		}
+		want := int32(20)
+		if stuck {
+			want = 19
+		}
+		waitUntil(t, "the deliveries", func() bool { return delivered.Load() == want })
+		left := uint64(20) - uint64(want) // the stuck copy stays
+		if stopEarly {
+			stop()
+			if n := pending(t, s, "app"); n != left {
+				t.Fatalf("after stop: %d copies in the stream, want %d", n, left)
+			}
+			return
+		}
+		waitUntil(t, "the settled copies to leave the stream", func() bool { return pending(t, s, "app") == left })
+	}
+	t.Run("below the ack floor", func(t *testing.T) { run(t, false, time.Hour, false) })
+	t.Run("above the ack floor", func(t *testing.T) { run(t, true, 100*time.Millisecond, false) })
+	t.Run("last sweep at stop", func(t *testing.T) { run(t, true, time.Hour, true) })
 }

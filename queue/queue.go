@@ -90,6 +90,7 @@ type Store struct {
 	server *server.Server // nil with an external NATS
 	conn   *nats.Conn
 	js     jetstream.JetStream
+	stream jetstream.Stream // the stream's handle: its methods name it, no lookup each time
 }
 
 var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
@@ -121,6 +122,12 @@ func withDefaults(cfg Config) Config {
 // Open starts (or connects to) the server and makes sure the stream
 // exists with the configured limits.
 func Open(ctx context.Context, cfg Config) (*Store, error) {
+	return open(ctx, cfg, true)
+}
+
+// open is Open; benchmarks turn syncAlways off to tell JetStream's own
+// cost from the fsync's.
+func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	cfg = withDefaults(cfg)
 	if !streamName.MatchString(cfg.Stream) {
 		return nil, fmt.Errorf("queue: stream name %q: use letters, digits, _ and - only", cfg.Stream)
@@ -135,8 +142,8 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 			ServerName: "mux_webhook",
 			JetStream:  true,
 			StoreDir:   cfg.Dir,
-			DontListen: true, // in-process connections only: no port
-			SyncAlways: true, // fsync before every acknowledgement
+			DontListen: true,       // in-process connections only: no port
+			SyncAlways: syncAlways, // fsync before every acknowledgement
 			NoSigs:     true,
 			NoLog:      true,
 		})
@@ -179,8 +186,8 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("queue: JetStream: %v", err)
 	}
-	err = retrySetup(ctx, func(ctx context.Context) error {
-		_, err := s.js.CreateOrUpdateStream(ctx, streamConfig(cfg))
+	err = retrySetup(ctx, func(ctx context.Context) (err error) {
+		s.stream, err = s.js.CreateOrUpdateStream(ctx, streamConfig(cfg))
 		return err
 	})
 	if err != nil {
