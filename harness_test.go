@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -225,7 +226,9 @@ func doAfterReload(t *testing.T, newReq func() *http.Request) (int, http.Header,
 	for i := 0; ; i++ {
 		resp, err := client.Do(newReq())
 		if err != nil {
-			if i < 2 && errors.Is(err, io.EOF) {
+			// The outgoing server closed the connection unread: EOF,
+			// or a reset when the request was already on the wire.
+			if i < 2 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
 				time.Sleep(50 * time.Millisecond)
 				continue
 			}
