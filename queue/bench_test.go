@@ -2,10 +2,12 @@ package queue
 
 // Where mux_deliver's time goes: storing one 2 KiB event, next to its
 // floor, a bare write and fsync of the same bytes on the same disk, with 1
-// to 64 publishers at once (what concurrent requests do); and the two
-// levers JetStream offers, more streams and atomic batches. Run:
+// to 64 publishers at once (what concurrent requests do); the two levers
+// JetStream offers, more streams and atomic batches; and the memory the
+// dedupe window keeps per event id. Run:
 //
 //	go test ./queue -run '^$' -bench 'DeliverEnqueue|EnqueueLevers' -benchmem
+//	go test ./queue -run '^$' -bench DedupeWindowMemory -benchtime 200000x
 //
 // BENCHMARKS.md has the figures; CI only smoke-runs these (-benchtime=1x).
 
@@ -17,6 +19,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -236,4 +239,37 @@ func publishAtomic(ctx context.Context, s *Store, first, n int) error {
 		}
 	}
 	return nil
+}
+
+// BenchmarkDedupeWindowMemory reports the live heap each enqueued event
+// leaves behind (heap-B/id): JetStream keeps every message id of the
+// dedupe window in memory, so with the default 24h window each id stays,
+// while with a 1s window they expire. The difference is the window's cost
+// per id. (No fsync: the same memory, sooner.)
+func BenchmarkDedupeWindowMemory(b *testing.B) {
+	for _, w := range []time.Duration{time.Second, DefaultDedupeWindow} {
+		b.Run("window-"+w.String(), func(b *testing.B) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			s, err := open(ctx, Config{Dir: b.TempDir(), DedupeWindow: w}, false)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			before := liveHeap()
+			publishers(b, 16, func(i int) error { return benchEnqueue(s, i) })
+			if w < time.Minute {
+				time.Sleep(w + time.Second) // the window's ids expire
+			}
+			b.ReportMetric(float64(int64(liveHeap())-int64(before))/float64(b.N), "heap-B/id")
+		})
+	}
+}
+
+func liveHeap() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
 }
