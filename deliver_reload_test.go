@@ -206,3 +206,61 @@ func TestMuxDeliverFailedReloadKeepsTheLogger(t *testing.T) {
 		t.Errorf("the delivery is not in the running config's log; the failed config's log has:\n%s", raw)
 	}
 }
+
+// TestMuxDeliverFailedReloadKeepsTheAckDeadline: a reload that changed a
+// destination's timeout (its copies' ack deadline) and that Caddy rolled
+// back must not leave the running config's slow attempts with the
+// failed config's shorter deadline: they would be handed out again while
+// still in progress, and the backend would get the event twice.
+func TestMuxDeliverFailedReloadKeepsTheAckDeadline(t *testing.T) {
+	const slow = 8 * time.Second // the backend's answer time: above 1s+5s, below 30s
+	var mu sync.Mutex
+	got := map[string]int{}
+	done := make(chan struct{})
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got[r.Header.Get("Idempotency-Key")]++
+		mu.Unlock()
+		select {
+		case <-time.After(slow):
+		case <-r.Context().Done():
+		case <-done:
+		}
+	}))
+	t.Cleanup(backend.Close)
+	t.Cleanup(func() { close(done) })
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	dir := filepath.Join(t.TempDir(), "js")
+	dest := func(timeout string) string {
+		return fmt.Sprintf("\t\tdestination app %s {\n\t\t\ttimeout %s\n\t\t}", backend.URL, timeout)
+	}
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir, dest("30s")), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	g.load(cfg)
+	failing := strings.Replace(cfg, dest("30s"), dest("1s"), 1) + fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
+	for i := range 16 {
+		if err := loadCaddyfile(failing); err == nil {
+			t.Fatalf("reload %d on a busy port succeeded", i+1)
+		}
+	}
+	status, _, _ := doAfterReload(t, func() *http.Request {
+		return signedRequest(t, g.url, testSecret, event("video.asset.ready", "slow-1", ""), time.Now())
+	})
+	if status != http.StatusAccepted {
+		t.Fatalf("%d, want 202", status)
+	}
+	waitFor(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return got["slow-1"] > 0
+	}, func() string { return "no attempt" })
+	time.Sleep(slow + time.Second) // the attempt ends; a second one would have started by then
+	mu.Lock()
+	defer mu.Unlock()
+	if n := got["slow-1"]; n != 1 {
+		t.Errorf("the backend got the event %d times while the first attempt (timeout 30s) was in progress, want 1", n)
+	}
+}
