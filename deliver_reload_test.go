@@ -264,3 +264,73 @@ func TestMuxDeliverFailedReloadKeepsTheAckDeadline(t *testing.T) {
 		t.Errorf("the backend got the event %d times while the first attempt (timeout 30s) was in progress, want 1", n)
 	}
 }
+
+// TestMuxDeliverPoolsCountRight: reloads that fail after the mux_webhook
+// app started (another app failed), that fail in it (a renamed stream),
+// and that succeed leave the running config as the store's and workers'
+// only user; once Caddy stops, neither pool holds anything.
+func TestMuxDeliverPoolsCountRight(t *testing.T) {
+	steady, changing := newUpstream(t, "steady"), newUpstream(t, "changing")
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	dir := filepath.Join(t.TempDir(), "js")
+	global := func(stream string, concurrency int) string {
+		return fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n%s\t\t}\n\t\tdestination steady %s\n\t\tdestination changing %s {\n\t\t\tconcurrency %d\n\t\t}\n\t}",
+			dir, stream, steady.URL, changing.URL, concurrency)
+	}
+	site := fmt.Sprintf("mux_webhook %s\n\tmux_deliver steady changing", testSecret)
+	cfg, g := gatewayConfigWith(t, "off", global("", 4), site)
+	g.load(cfg)
+	changed := strings.Replace(cfg, global("", 4), global("", 2), 1)
+	failsLater := changed + fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
+	failsInApp := strings.Replace(cfg, global("", 4), global("\t\t\tstream OTHER\n", 2), 1)
+	for i := range 8 {
+		if err := loadCaddyfile(failsLater); err == nil {
+			t.Fatalf("reload %d on a busy port succeeded", i+1)
+		}
+		if err := loadCaddyfile(failsInApp); err == nil {
+			t.Fatalf("reload %d renaming the stream succeeded", i+1)
+		}
+	}
+	for _, c := range []string{changed, cfg, cfg} {
+		if err := loadCaddyfile(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	appVal, err := caddy.ActiveContext().App("mux_webhook")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := appVal.(*App).delivery
+	keys := []string{d.workerKeys["steady"], d.workerKeys["changing"]}
+	if n, _ := stores.References(d.poolKey); n != 1 {
+		t.Errorf("the store has %d users, want 1 (the running config)", n)
+	}
+	for _, k := range keys {
+		if n, _ := workerPool.References(k); n != 1 {
+			t.Errorf("workers %s… have %d users, want 1", k[len(k)-8:], n)
+		}
+	}
+	status, _, _ := doAfterReload(t, func() *http.Request {
+		return signedRequest(t, g.url, testSecret, event("video.asset.ready", "pools-1", ""), time.Now())
+	})
+	if status != http.StatusAccepted {
+		t.Fatalf("%d, want 202", status)
+	}
+	waitFor(t, func() bool { return len(steady.requests()) == 1 && len(changing.requests()) == 1 },
+		func() string { return fmt.Sprintf("steady %d, changing %d", len(steady.requests()), len(changing.requests())) })
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if n, ok := stores.References(d.poolKey); ok {
+		t.Errorf("after Caddy stopped, the store still has %d users", n)
+	}
+	for _, k := range keys {
+		if n, ok := workerPool.References(k); ok {
+			t.Errorf("after Caddy stopped, workers still have %d users", n)
+		}
+	}
+}
