@@ -283,14 +283,17 @@ func (d *delivery) open() error {
 	}
 	h.use(d)
 	d.handle.Store(h)
-	d.warnOrphans(ctx)
 	return nil
 }
 
 // warnOrphans logs the copies queued for destinations the config no
 // longer has: they are kept (a destination configured again under its
-// name delivers them) and count against max_bytes.
+// name delivers them) and count against max_bytes. It runs with the
+// gauges, not in start: a reload must not wait for a queue that does
+// not answer just to say this.
 func (d *delivery) warnOrphans(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
+	defer cancel()
 	queued, err := d.store().Queued(ctx)
 	if err != nil {
 		return
@@ -418,6 +421,7 @@ func (d *delivery) start() error {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		d.warnOrphans(ctx)
 		d.gauges(ctx)
 	}()
 	d.stops = append(d.stops, func() { cancel(); <-done })

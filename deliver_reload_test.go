@@ -321,7 +321,9 @@ func TestMuxDeliverPoolsCountRight(t *testing.T) {
 		t.Fatalf("%d, want 202", status)
 	}
 	waitFor(t, func() bool { return len(steady.requests()) == 1 && len(changing.requests()) == 1 },
-		func() string { return fmt.Sprintf("steady %d, changing %d", len(steady.requests()), len(changing.requests())) })
+		func() string {
+			return fmt.Sprintf("steady %d, changing %d", len(steady.requests()), len(changing.requests()))
+		})
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -332,5 +334,41 @@ func TestMuxDeliverPoolsCountRight(t *testing.T) {
 		if n, ok := workerPool.References(k); ok {
 			t.Errorf("after Caddy stopped, workers still have %d users", n)
 		}
+	}
+}
+
+// TestMuxDeliverWarnsOfOrphans: a reload that removes a destination with
+// copies still queued says so at WARN, with the destination and how many.
+func TestMuxDeliverWarnsOfOrphans(t *testing.T) {
+	app := newUpstream(t, "app")
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(down.Close)
+	dir := filepath.Join(t.TempDir(), "js")
+	appLine := "\t\tdestination app " + app.URL
+	goneLine := fmt.Sprintf("\t\tdestination gone %s {\n\t\t\tretry 1h\n\t\t}", down.URL)
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir, appLine, goneLine), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app gone", testSecret))
+	g.load(cfg)
+	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "orphan-1", ""), time.Now())); status != http.StatusAccepted {
+		t.Fatalf("%d, want 202", status)
+	}
+	waitFor(t, func() bool { return len(app.requests()) == 1 }, func() string { return "no delivery to app" })
+	without := strings.Replace(strings.Replace(cfg, "\n"+goneLine, "", 1), "mux_deliver app gone", "mux_deliver app", 1)
+	if err := loadCaddyfile(without); err != nil {
+		t.Fatal(err)
+	}
+	var warned map[string]any
+	waitFor(t, func() bool {
+		for _, l := range g.logLines() {
+			if strings.HasPrefix(fmt.Sprint(l["msg"]), "mux_webhook: events are queued for a destination that is no longer configured") {
+				warned = l
+				return true
+			}
+		}
+		return false
+	}, func() string { return "no warning about gone's queued copy" })
+	if warned["level"] != "warn" || warned["destination"] != "gone" || warned["queued"] != float64(1) {
+		t.Errorf("the warning: %v", warned)
 	}
 }
