@@ -332,15 +332,18 @@ func (d *delivery) open() error {
 	}
 	h.use(d)
 	d.handle.Store(h)
-	d.warnOrphans(ctx)
 	d.openedOnce.Do(func() { close(d.opened) })
 	return nil
 }
 
 // warnOrphans logs the copies queued for destinations the config no
 // longer has: they are kept (a destination configured again under its
-// name delivers them) and count against max_bytes.
+// name delivers them) and count against max_bytes. It runs with the
+// gauges, not in start: a reload must not wait for a queue that does
+// not answer just to say this.
 func (d *delivery) warnOrphans(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
+	defer cancel()
 	queued, err := d.store().Queued(ctx)
 	if err != nil {
 		return
@@ -475,6 +478,7 @@ func (d *delivery) start() error {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
+		d.warnOrphans(ctx)
 		d.gauges(ctx)
 	}()
 	d.stops = append(d.stops, func() { cancel(); <-done })
@@ -646,15 +650,26 @@ func (d *delivery) cleanup() {
 		return
 	}
 	if running := h.release(d); running != nil {
-		// This config applied its stream settings, then Caddy rolled the
-		// reload back: the running config's settings apply again.
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		if err := h.Reconfigure(ctx, running.qc); err != nil {
-			d.logger.Error("mux_webhook: a reload was rolled back, but the stream keeps its max_bytes, dedupe_window and replicas", zap.Error(err))
-		}
-		cancel()
+		running.restore(h)
 	}
 	_, _ = stores.Delete(d.poolKey)
+}
+
+// restore puts back d's stream settings and its destinations' ack
+// deadlines, which a newer config applied when it started, before Caddy
+// rolled that reload back (another app failed to start): d, the config
+// still running, carries on as it was.
+func (d *delivery) restore(h *storeHandle) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := h.Reconfigure(ctx, d.qc); err != nil {
+		d.logger.Error("mux_webhook: a reload was rolled back, but the stream keeps its max_bytes, dedupe_window and replicas", zap.Error(err))
+	}
+	for _, dest := range d.destinations {
+		if err := h.RestoreConsumer(ctx, dest); err != nil {
+			d.logger.Error("mux_webhook: a reload was rolled back, but the destination keeps its ack deadline", zap.String("destination", dest.Name), zap.Error(err))
+		}
+	}
 }
 
 // Deliver is the mux_deliver handler: a terminal handler that stores one

@@ -206,3 +206,169 @@ func TestMuxDeliverFailedReloadKeepsTheLogger(t *testing.T) {
 		t.Errorf("the delivery is not in the running config's log; the failed config's log has:\n%s", raw)
 	}
 }
+
+// TestMuxDeliverFailedReloadKeepsTheAckDeadline: a reload that changed a
+// destination's timeout (its copies' ack deadline) and that Caddy rolled
+// back must not leave the running config's slow attempts with the
+// failed config's shorter deadline: they would be handed out again while
+// still in progress, and the backend would get the event twice.
+func TestMuxDeliverFailedReloadKeepsTheAckDeadline(t *testing.T) {
+	const slow = 8 * time.Second // the backend's answer time: above 1s+5s, below 30s
+	var mu sync.Mutex
+	got := map[string]int{}
+	done := make(chan struct{})
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got[r.Header.Get("Idempotency-Key")]++
+		mu.Unlock()
+		select {
+		case <-time.After(slow):
+		case <-r.Context().Done():
+		case <-done:
+		}
+	}))
+	t.Cleanup(backend.Close)
+	t.Cleanup(func() { close(done) })
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	dir := filepath.Join(t.TempDir(), "js")
+	dest := func(timeout string) string {
+		return fmt.Sprintf("\t\tdestination app %s {\n\t\t\ttimeout %s\n\t\t}", backend.URL, timeout)
+	}
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir, dest("30s")), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	g.load(cfg)
+	failing := strings.Replace(cfg, dest("30s"), dest("1s"), 1) + fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
+	for i := range 16 {
+		if err := loadCaddyfile(failing); err == nil {
+			t.Fatalf("reload %d on a busy port succeeded", i+1)
+		}
+	}
+	status, _, _ := doAfterReload(t, func() *http.Request {
+		return signedRequest(t, g.url, testSecret, event("video.asset.ready", "slow-1", ""), time.Now())
+	})
+	if status != http.StatusAccepted {
+		t.Fatalf("%d, want 202", status)
+	}
+	waitFor(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return got["slow-1"] > 0
+	}, func() string { return "no attempt" })
+	time.Sleep(slow + time.Second) // the attempt ends; a second one would have started by then
+	mu.Lock()
+	defer mu.Unlock()
+	if n := got["slow-1"]; n != 1 {
+		t.Errorf("the backend got the event %d times while the first attempt (timeout 30s) was in progress, want 1", n)
+	}
+}
+
+// TestMuxDeliverPoolsCountRight: reloads that fail after the mux_webhook
+// app started (another app failed), that fail in it (a renamed stream),
+// and that succeed leave the running config as the store's and workers'
+// only user; once Caddy stops, neither pool holds anything.
+func TestMuxDeliverPoolsCountRight(t *testing.T) {
+	steady, changing := newUpstream(t, "steady"), newUpstream(t, "changing")
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	dir := filepath.Join(t.TempDir(), "js")
+	global := func(stream string, concurrency int) string {
+		return fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n%s\t\t}\n\t\tdestination steady %s\n\t\tdestination changing %s {\n\t\t\tconcurrency %d\n\t\t}\n\t}",
+			dir, stream, steady.URL, changing.URL, concurrency)
+	}
+	site := fmt.Sprintf("mux_webhook %s\n\tmux_deliver steady changing", testSecret)
+	cfg, g := gatewayConfigWith(t, "off", global("", 4), site)
+	g.load(cfg)
+	changed := strings.Replace(cfg, global("", 4), global("", 2), 1)
+	failsLater := changed + fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
+	failsInApp := strings.Replace(cfg, global("", 4), global("\t\t\tstream OTHER\n", 2), 1)
+	for i := range 8 {
+		if err := loadCaddyfile(failsLater); err == nil {
+			t.Fatalf("reload %d on a busy port succeeded", i+1)
+		}
+		if err := loadCaddyfile(failsInApp); err == nil {
+			t.Fatalf("reload %d renaming the stream succeeded", i+1)
+		}
+	}
+	for _, c := range []string{changed, cfg, cfg} {
+		if err := loadCaddyfile(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	appVal, err := caddy.ActiveContext().App("mux_webhook")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := appVal.(*App).delivery
+	keys := []string{d.workerKeys["steady"], d.workerKeys["changing"]}
+	if n, _ := stores.References(d.poolKey); n != 1 {
+		t.Errorf("the store has %d users, want 1 (the running config)", n)
+	}
+	for _, k := range keys {
+		if n, _ := workerPool.References(k); n != 1 {
+			t.Errorf("workers %s… have %d users, want 1", k[len(k)-8:], n)
+		}
+	}
+	status, _, _ := doAfterReload(t, func() *http.Request {
+		return signedRequest(t, g.url, testSecret, event("video.asset.ready", "pools-1", ""), time.Now())
+	})
+	if status != http.StatusAccepted {
+		t.Fatalf("%d, want 202", status)
+	}
+	waitFor(t, func() bool { return len(steady.requests()) == 1 && len(changing.requests()) == 1 },
+		func() string {
+			return fmt.Sprintf("steady %d, changing %d", len(steady.requests()), len(changing.requests()))
+		})
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if n, ok := stores.References(d.poolKey); ok {
+		t.Errorf("after Caddy stopped, the store still has %d users", n)
+	}
+	for _, k := range keys {
+		if n, ok := workerPool.References(k); ok {
+			t.Errorf("after Caddy stopped, workers still have %d users", n)
+		}
+	}
+}
+
+// TestMuxDeliverWarnsOfOrphans: a reload that removes a destination with
+// copies still queued says so at WARN, with the destination and how many.
+func TestMuxDeliverWarnsOfOrphans(t *testing.T) {
+	app := newUpstream(t, "app")
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(down.Close)
+	dir := filepath.Join(t.TempDir(), "js")
+	appLine := "\t\tdestination app " + app.URL
+	goneLine := fmt.Sprintf("\t\tdestination gone %s {\n\t\t\tretry 1h\n\t\t}", down.URL)
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir, appLine, goneLine), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app gone", testSecret))
+	g.load(cfg)
+	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "orphan-1", ""), time.Now())); status != http.StatusAccepted {
+		t.Fatalf("%d, want 202", status)
+	}
+	waitFor(t, func() bool { return len(app.requests()) == 1 }, func() string { return "no delivery to app" })
+	without := strings.Replace(strings.Replace(cfg, "\n"+goneLine, "", 1), "mux_deliver app gone", "mux_deliver app", 1)
+	if err := loadCaddyfile(without); err != nil {
+		t.Fatal(err)
+	}
+	var warned map[string]any
+	waitFor(t, func() bool {
+		for _, l := range g.logLines() {
+			if strings.HasPrefix(fmt.Sprint(l["msg"]), "mux_webhook: events are queued for a destination that is no longer configured") {
+				warned = l
+				return true
+			}
+		}
+		return false
+	}, func() string { return "no warning about gone's queued copy" })
+	if warned["level"] != "warn" || warned["destination"] != "gone" || warned["queued"] != float64(1) {
+		t.Errorf("the warning: %v", warned)
+	}
+}

@@ -190,3 +190,31 @@ func TestFaultQueueUnreachable(t *testing.T) {
 		t.Error("no ERROR line for the event that could not be queued")
 	}
 }
+
+// TestFaultReloadWhileQueueUnreachable: with the external NATS server
+// down, a reload that leaves the queue and its destinations as they were
+// needs nothing from NATS: it must not wait for it (the admin API's
+// /load would hang, and Caddy with it).
+func TestFaultReloadWhileQueueUnreachable(t *testing.T) {
+	natsURL, nats := natsServer(t)
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	t.Cleanup(app.Close)
+	cfg, g := gatewayConfigWith(t, "off",
+		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s\n\t}", natsURL, app.URL),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	g.load(cfg)
+	if err := nats.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = nats.Wait()
+	start := time.Now()
+	err := loadCaddyfile(cfg)
+	took := time.Since(start)
+	t.Logf("reload with NATS down: %v in %v", err, took.Round(time.Millisecond))
+	if err != nil {
+		t.Fatalf("reload with NATS down, nothing changed: %v", err)
+	}
+	if took > 10*time.Second {
+		t.Errorf("a reload that changed nothing of the queue took %v with NATS down", took.Round(time.Millisecond))
+	}
+}

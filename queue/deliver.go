@@ -114,19 +114,7 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 	d.defaults()
 	var cons jetstream.Consumer
 	err = retrySetup(ctx, func(ctx context.Context) (err error) {
-		cons, err = s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, jetstream.ConsumerConfig{
-			Durable:       "deliver_" + d.Name,
-			FilterSubject: s.Subject(d.Name),
-			AckPolicy:     jetstream.AckExplicitPolicy,
-			// An attempt's outcome is known within its timeout; a process that
-			// dies mid-attempt has the copy redelivered after that.
-			AckWait:    d.Timeout + 5*time.Second,
-			MaxDeliver: -1, // attempts are counted here, against max_attempts and max_age
-			// Copies waiting for a retry's delay count as pending acks: no
-			// bound, or failing events would hold up the destination's new
-			// ones (PullMaxMessages bounds what is fetched at once).
-			MaxAckPending: -1,
-		})
+		cons, err = s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
 		if err != nil {
 			return err
 		}
@@ -249,6 +237,37 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 		stop()
 	}()
 	return stop, nil
+}
+
+// consumerConfig is the durable consumer that d's workers share.
+func (s *Store) consumerConfig(d Destination) jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:       "deliver_" + d.Name,
+		FilterSubject: s.Subject(d.Name),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		// An attempt's outcome is known within its timeout; a process that
+		// dies mid-attempt has the copy redelivered after that.
+		AckWait:    d.Timeout + 5*time.Second,
+		MaxDeliver: -1, // attempts are counted here, against max_attempts and max_age
+		// Copies waiting for a retry's delay count as pending acks: no
+		// bound, or failing events would hold up the destination's new
+		// ones (PullMaxMessages bounds what is fetched at once).
+		MaxAckPending: -1,
+	}
+}
+
+// RestoreConsumer applies d's consumer settings (the ack deadline its
+// timeout gives) again, as Deliver did: after workers for another
+// version of d, since stopped, changed them.
+func (s *Store) RestoreConsumer(ctx context.Context, d Destination) error {
+	if !ValidDestination(d.Name) {
+		return fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", d.Name)
+	}
+	d.defaults()
+	if _, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d)); err != nil {
+		return fmt.Errorf("queue: consumer for %s: %v", d.Name, err)
+	}
+	return nil
 }
 
 // attempt makes one delivery attempt of msg and settles it.
