@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -517,11 +518,18 @@ func (s *Store) eachDead(ctx context.Context, destination string, headersOnly bo
 			called = true
 			return fn(dl, m)
 		})
-		if err == nil || called || !errors.Is(err, nats.ErrNoResponders) || try == 5 || ctx.Err() != nil {
+		if err == nil || called || !noResponders(err) || try == 5 || ctx.Err() != nil {
 			return err
 		}
 		time.Sleep(time.Duration(try) * 100 * time.Millisecond)
 	}
+}
+
+// noResponders is a request no server answered yet (a cluster's stream or
+// consumer just after an election), however the client wrapped it.
+func noResponders(err error) bool {
+	return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
+		strings.Contains(err.Error(), "no responders")
 }
 
 func (s *Store) eachDeadOnce(ctx context.Context, destination string, headersOnly bool, fn func(DeadLetter, jetstream.Msg) (bool, error)) error {
