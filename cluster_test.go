@@ -667,17 +667,7 @@ tls {
 `, port, t.TempDir(), filepath.Join(pki, "server.pem"), filepath.Join(pki, "server.key"), filepath.Join(pki, "ca.pem"))), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "-c", conf)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	out := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
+	_, out := startProcess(t, bin, "-c", conf)
 	waitFor(t, func() bool { return dials(fmt.Sprintf("127.0.0.1:%d", port)) }, out.String)
 
 	backend := newRecordingBackend(t, 0, nil)

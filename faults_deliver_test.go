@@ -118,14 +118,11 @@ http://127.0.0.1:%d {
 	t.Logf("%d events: all delivered after SIGKILL and restart, %d delivered more than once, %d attempts in all", n, repeats, attempts.Load())
 }
 
-// natsServer runs the nats-server binary (.ci/run installs it) with
-// JetStream on 127.0.0.1 until the test ends, and returns its URL and
-// process.
-func natsServer(t *testing.T) (string, *exec.Cmd) {
+// startProcess starts bin with args, its output in out, killed when the
+// test ends (or the test process dies).
+func startProcess(t *testing.T, bin string, args ...string) (*exec.Cmd, *syncBuffer) {
 	t.Helper()
-	bin := natsBinary(t)
-	port := freePort(t)
-	cmd := exec.Command(bin, "-a", "127.0.0.1", "-p", strconv.Itoa(port), "-js", "-sd", t.TempDir())
+	cmd := exec.Command(bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
@@ -136,6 +133,17 @@ func natsServer(t *testing.T) (string, *exec.Cmd) {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 	})
+	return cmd, out
+}
+
+// natsServer runs the nats-server binary (.ci/run installs it) with
+// JetStream on 127.0.0.1 until the test ends, and returns its URL and
+// process.
+func natsServer(t *testing.T) (string, *exec.Cmd) {
+	t.Helper()
+	bin := natsBinary(t)
+	port := freePort(t)
+	cmd, out := startProcess(t, bin, "-a", "127.0.0.1", "-p", strconv.Itoa(port), "-js", "-sd", t.TempDir())
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	waitFor(t, func() bool {
 		c, err := net.Dial("tcp", addr)
