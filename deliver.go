@@ -650,22 +650,26 @@ func (d *delivery) cleanup() {
 		return
 	}
 	if running := h.release(d); running != nil {
-		running.restore(h)
+		running.restore(h, d)
 	}
 	_, _ = stores.Delete(d.poolKey)
 }
 
-// restore puts back d's stream settings and its destinations' ack
-// deadlines, which a newer config applied when it started, before Caddy
-// rolled that reload back (another app failed to start): d, the config
-// still running, carries on as it was.
-func (d *delivery) restore(h *storeHandle) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+// restore puts back d's stream settings and the ack deadlines of its
+// destinations that newer, a config that started after d, changed (it
+// ran workers of its own for them), before Caddy rolled that reload back
+// (another app failed to start): d, the config still running, carries on
+// as it was. What newer left as it was costs no request to the queue.
+func (d *delivery) restore(h *storeHandle, newer *delivery) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := h.Reconfigure(ctx, d.qc); err != nil {
 		d.logger.Error("mux_webhook: a reload was rolled back, but the stream keeps its max_bytes, dedupe_window and replicas", zap.Error(err))
 	}
-	for _, dest := range d.destinations {
+	for name, dest := range d.destinations {
+		if key, ok := newer.workerKeys[name]; !ok || key == d.workerKeys[name] {
+			continue
+		}
 		if err := h.RestoreConsumer(ctx, dest); err != nil {
 			d.logger.Error("mux_webhook: a reload was rolled back, but the destination keeps its ack deadline", zap.String("destination", dest.Name), zap.Error(err))
 		}

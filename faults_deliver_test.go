@@ -226,3 +226,38 @@ func TestFaultReloadWhileQueueUnreachable(t *testing.T) {
 		t.Errorf("a reload that changed nothing of the queue took %v with NATS down", took.Round(time.Millisecond))
 	}
 }
+
+// TestFaultRolledBackReloadWhileQueueUnreachable: with the external NATS
+// server down, a reload that Caddy rolls back (another app fails to
+// start) and that changed nothing of the queue puts nothing back, so it
+// does not wait for NATS either.
+func TestFaultRolledBackReloadWhileQueueUnreachable(t *testing.T) {
+	natsURL, nats := natsServer(t)
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	t.Cleanup(app.Close)
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	cfg, g := gatewayConfigWith(t, "off",
+		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s\n\t}", natsURL, app.URL),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	g.load(cfg)
+	if err := nats.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = nats.Wait()
+	failing := cfg + fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
+	for i := range 4 { // Caddy starts apps in map order: the mux_webhook app first in some
+		start := time.Now()
+		err := loadCaddyfile(failing)
+		took := time.Since(start)
+		if err == nil {
+			t.Fatalf("reload %d on a busy port succeeded", i+1)
+		}
+		if took > 10*time.Second {
+			t.Fatalf("reload %d, rolled back with NATS down, took %v", i+1, took.Round(time.Millisecond))
+		}
+	}
+}
