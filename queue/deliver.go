@@ -158,20 +158,20 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 	}
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
 		if isStopped() {
-			_ = msg.Nak() // stopping: back to the queue at once, for another worker
+			s.handBack(msg) // stopping: back to the queue at once, for another worker
 			return
 		}
 		select {
 		case slots <- struct{}{}:
 		case <-ctx.Done():
-			_ = msg.Nak()
+			s.handBack(msg)
 			return
 		}
 		mu.Lock()
 		if stopped {
 			mu.Unlock()
 			<-slots
-			_ = msg.Nak()
+			s.handBack(msg)
 			return
 		}
 		wg.Add(1)
@@ -216,7 +216,8 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 			// (not after AckWait); attempts in progress get a grace
 			// period to finish, so that a stop does not make a backend
 			// see an event twice. Then they are cancelled and retried.
-			// (The callback stores nothing once stopped: it only Naks.)
+			// (The callback stores nothing once stopped: it only hands
+			// copies back, noting that those deliveries were no attempts.)
 			cc.Drain()
 			idle := make(chan struct{})
 			go func() { wg.Wait(); close(idle) }()
@@ -280,7 +281,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		_ = msg.NakWithDelay(d.delay(1))
 		return a
 	}
-	a.Number = int(meta.NumDelivered)
+	a.Number = s.handBacks.attemptNumber(meta.Sequence.Stream, meta.NumDelivered)
 	start := time.Now()
 	a.Status, a.Err = s.post(ctx, client, d, msg, a.Number)
 	a.Duration = time.Since(start)
@@ -300,6 +301,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		if msg.DoubleAck(context.WithoutCancel(ctx)) == nil {
 			sw.settle(meta.Sequence.Stream)
 		}
+		s.handBacks.settled(meta.Sequence.Stream)
 		return a
 	}
 	next := d.delay(a.Number)
@@ -315,6 +317,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		if msg.Term() == nil {
 			sw.settle(meta.Sequence.Stream)
 		}
+		s.handBacks.settled(meta.Sequence.Stream)
 		return a
 	}
 	a.Result = "retry"

@@ -91,6 +91,8 @@ type Store struct {
 	conn   *nats.Conn
 	js     jetstream.JetStream
 	stream jetstream.Stream // the stream's handle: its methods name it, no lookup each time
+
+	handBacks handBacks // deliveries handed back without an attempt, per copy
 }
 
 var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)

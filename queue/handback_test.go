@@ -1,0 +1,146 @@
+package queue
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestStopsDoNotUseUpAttempts: workers stopped again and again (reloads)
+// while a copy waits, fetched, behind a hung attempt hand that copy back,
+// and that is no attempt: every request the backend gets carries as
+// Mux-Webhook-Attempt one more than the requests it got before for the
+// same event (the hung attempts, cancelled by the stops, reached it and
+// count).
+func TestStopsDoNotUseUpAttempts(t *testing.T) {
+	old := StopGrace
+	StopGrace = 100 * time.Millisecond
+	t.Cleanup(func() { StopGrace = old })
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+
+	var mu sync.Mutex
+	seen := map[string]int{}      // requests so far, per event id
+	delivered := map[string]int{} // 2xx answers, per event id
+	var wrong []string
+	total, hang := 0, true
+	done := make(chan struct{})
+	b := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.ReadAll(r.Body)
+		id := r.Header.Get("Idempotency-Key")
+		n, _ := strconv.Atoi(r.Header.Get(HeaderAttempt))
+		mu.Lock()
+		seen[id]++
+		total++
+		if n != seen[id] {
+			wrong = append(wrong, fmt.Sprintf("%s: attempt %d, request %d", id, n, seen[id]))
+		}
+		h := hang
+		if !h {
+			delivered[id]++
+		}
+		mu.Unlock()
+		if h {
+			select { // until the stopping worker cancels it
+			case <-r.Context().Done():
+			case <-done:
+			}
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	defer b.Close()
+	defer close(done)
+
+	const events = 4
+	for i := range events {
+		put(t, s, "app", fmt.Sprint("hb-", i), []byte(`{}`))
+	}
+	requests := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return total
+	}
+	d := Destination{Name: "app", URL: b.URL, Concurrency: 1, Timeout: time.Minute, MaxAttempts: 100,
+		Retry: []time.Duration{10 * time.Millisecond}}
+	handedBack := 0
+	for range 5 {
+		before := requests()
+		stop, err := s.Deliver(context.Background(), d, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// One attempt hangs; with concurrency 1 the next copy is fetched
+		// and waits for the slot.
+		waitUntil(t, "an attempt in progress", func() bool { return requests() > before })
+		time.Sleep(100 * time.Millisecond)
+		stop()
+		s.handBacks.mu.Lock()
+		handedBack = max(handedBack, len(s.handBacks.m))
+		s.handBacks.mu.Unlock()
+	}
+	if handedBack == 0 {
+		t.Fatal("no stop handed back a fetched copy: nothing was tested")
+	}
+
+	mu.Lock()
+	hang = false
+	mu.Unlock()
+	stop, err := s.Deliver(context.Background(), d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	waitUntil(t, "every event delivered", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(delivered) == events
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	for _, w := range wrong {
+		t.Error(w)
+	}
+	for id, n := range delivered {
+		if n != 1 {
+			t.Errorf("%s delivered %d times", id, n)
+		}
+	}
+	waitUntil(t, "the ledger emptied as the copies settled", func() bool {
+		s.handBacks.mu.Lock()
+		defer s.handBacks.mu.Unlock()
+		return len(s.handBacks.m) == 0
+	})
+}
+
+// TestHandBackLedgerBounded: entries older than handBackTTL go (their
+// copies were settled elsewhere), and an attempt number is never below 1.
+func TestHandBackLedgerBounded(t *testing.T) {
+	var h handBacks
+	t0 := time.Now()
+	h.add(1, t0)
+	h.add(1, t0)
+	if got := h.attemptNumber(1, 3); got != 1 {
+		t.Errorf("3rd delivery after 2 hand-backs: attempt %d, want 1", got)
+	}
+	if got := h.attemptNumber(1, 2); got != 1 {
+		t.Errorf("a count below the hand-backs: attempt %d, want 1", got)
+	}
+	if got := h.attemptNumber(2, 4); got != 4 {
+		t.Errorf("no hand-back: attempt %d, want 4", got)
+	}
+	h.add(2, t0.Add(handBackTTL+time.Second))
+	if _, ok := h.m[1]; ok || len(h.m) != 1 {
+		t.Errorf("the old entry stayed: %v", h.m)
+	}
+	h.settled(2)
+	if len(h.m) != 0 {
+		t.Errorf("a settled copy stayed: %v", h.m)
+	}
+}
