@@ -281,9 +281,12 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 		qc.TLSCA, qc.TLSCert, qc.TLSKey = n.TLSCA, n.TLSClientCert, n.TLSClientKey
 		qc.Name = "mux_webhook " + d.instance
 		// The instance is in the key: a reload that renames it opens a
-		// connection with the new name.
+		// connection with the new name. So are the credentials, as a
+		// salted hash of their resolved values: a password rotated in its
+		// {file.*} and reloaded connects anew with it.
 		d.poolKey = "mux_webhook.queue.nats." + strings.Join(n.URLs, ",") + "." + cfg.Stream + "." + d.instance +
-			"." + n.TLSCA + "." + n.TLSClientCert + "." + n.TLSClientKey
+			"." + n.TLSCA + "." + n.TLSClientCert + "." + n.TLSClientKey +
+			"." + saltedHash([]byte(n.Creds), []byte(n.User), []byte(password), []byte(token))
 	}
 	d.qc = qc
 	for name, cfgJSON := range d.workerKeys {
@@ -373,19 +376,25 @@ func workerKey(dc *DestinationConfig, dest queue.Destination, signSecret []byte)
 	if err != nil {
 		return "", err
 	}
-	m := hmac.New(sha256.New, workerKeySalt)
-	m.Write(dcJSON)
-	resolved := [][]byte{signSecret}
+	fields := [][]byte{dcJSON, signSecret}
 	for _, k := range slices.Sorted(maps.Keys(dest.Header)) {
-		resolved = append(resolved, []byte(k), []byte(dest.Header[k]))
+		fields = append(fields, []byte(k), []byte(dest.Header[k]))
 	}
-	for _, b := range resolved {
+	return saltedHash(fields...), nil
+}
+
+// saltedHash is an HMAC of the fields, each prefixed by its length, under
+// this process's random salt: it tells values apart in a pool key without
+// holding them.
+func saltedHash(fields ...[]byte) string {
+	m := hmac.New(sha256.New, workerKeySalt)
+	for _, b := range fields {
 		var n [8]byte
 		binary.BigEndian.PutUint64(n[:], uint64(len(b)))
 		m.Write(n[:])
 		m.Write(b)
 	}
-	return hex.EncodeToString(m.Sum(nil)), nil
+	return hex.EncodeToString(m.Sum(nil))
 }
 
 // destination turns a configured destination into the queue's; it also

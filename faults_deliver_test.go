@@ -8,8 +8,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -258,6 +261,79 @@ func TestFaultRolledBackReloadWhileQueueUnreachable(t *testing.T) {
 		}
 		if took > 10*time.Second {
 			t.Fatalf("reload %d, rolled back with NATS down, took %v", i+1, took.Round(time.Millisecond))
+		}
+	}
+}
+
+// TestMuxDeliverReloadRotatesNATSPassword: the NATS server's password is
+// changed (its process restarted with the new one) and so is the file the
+// gateway reads it from ({file.*}); a Caddy reload of the same config
+// text connects with the new password, and events are queued and
+// delivered again.
+func TestMuxDeliverReloadRotatesNATSPassword(t *testing.T) {
+	bin := natsBinary(t)
+	dir := t.TempDir()
+	port := freePort(t)
+	conf := filepath.Join(dir, "nats.conf")
+	startNATS := func(password string) *exec.Cmd {
+		t.Helper()
+		text := fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q }\nauthorization { user: mux, password: %q }\n",
+			port, filepath.Join(dir, "store"), password)
+		if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cmd, out := startProcess(t, bin, "-c", conf)
+		waitFor(t, func() bool {
+			c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		}, out.String)
+		return cmd
+	}
+	nats := startNATS("first-password")
+	passwordFile := filepath.Join(dir, "nats-password")
+	if err := os.WriteFile(passwordFile, []byte("first-password"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	app := newUpstream(t, "app")
+	cfg, g := gatewayConfigWith(t, "off",
+		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats nats://127.0.0.1:%d {\n\t\t\t\tuser mux\n\t\t\t\tpassword {file.%s}\n\t\t\t}\n"+
+			"\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s\n\t}", port, passwordFile, app.URL),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	g.load(cfg)
+	send := func(id string, want int) {
+		t.Helper()
+		status, _, _ := doAfterReload(t, func() *http.Request {
+			return signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now())
+		})
+		if status != http.StatusAccepted {
+			t.Fatalf("%s: %d, want 202", id, status)
+		}
+		waitFor(t, func() bool { return len(app.requests()) == want },
+			func() string { return fmt.Sprintf("%d deliveries, want %d", len(app.requests()), want) })
+	}
+	send("nats-password-1", 1)
+
+	if err := nats.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = nats.Wait()
+	startNATS("second-password")
+	if err := os.WriteFile(passwordFile, []byte("second-password"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := loadCaddyfile(cfg); err != nil { // forced: the config text is the same
+		t.Fatal(err)
+	}
+	t.Logf("reload: %v", time.Since(start).Round(time.Millisecond))
+	send("nats-password-2", 2)
+	t.Logf("reload and delivery: %v", time.Since(start).Round(time.Millisecond))
+	for _, l := range g.logLines() {
+		if strings.Contains(fmt.Sprint(l), "second-password") || strings.Contains(fmt.Sprint(l), "first-password") {
+			t.Errorf("a password in a log line: %v", l)
 		}
 	}
 }

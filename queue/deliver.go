@@ -389,6 +389,13 @@ func (w *sweeper) sweep(ctx context.Context, always, last bool) {
 	if n == 0 && !always {
 		return
 	}
+	if !w.s.conn.IsConnected() {
+		// NATS is away (an external server down, a password changed):
+		// a request would wait out ctx for nothing, and the last sweep
+		// hold up a reload. The next workers' first sweep purges what
+		// is settled below the ack floor by then.
+		return
+	}
 	info, err := w.cons.Info(ctx)
 	if err != nil {
 		return
