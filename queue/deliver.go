@@ -281,7 +281,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		_ = msg.NakWithDelay(d.delay(1))
 		return a
 	}
-	a.Number = s.handBacks.attemptNumber(meta.Sequence.Stream, meta.NumDelivered)
+	a.Number = s.handBacks.attemptNumber(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
 	start := time.Now()
 	a.Status, a.Err = s.post(ctx, client, d, msg, a.Number)
 	a.Duration = time.Since(start)

@@ -19,13 +19,20 @@ import (
 // exits, still counts one attempt more (at most `concurrency` copies per
 // destination and stop).
 type handBacks struct {
-	mu sync.Mutex
-	m  map[uint64]handBack
+	mu     sync.Mutex
+	m      map[uint64]handBack
+	pruned time.Time // when entries older than handBackTTL were last dropped
 }
 
 type handBack struct {
 	n    uint64    // deliveries handed back without an attempt
-	last time.Time // when the latest was
+	last time.Time // when the latest was, or the latest attempt
+	// stored and delivered tell whether a later delivery's count still
+	// includes those hand-backs: the copy's time in the stream (a stream
+	// deleted and made again reuses sequences) and the highest count
+	// handed back (a consumer deleted and made again counts from 1).
+	stored    time.Time
+	delivered uint64
 }
 
 // handBackTTL: an entry older than this is dropped (its copy was settled
@@ -37,40 +44,63 @@ const handBackTTL = 48 * time.Hour
 // that this delivery was not an attempt.
 func (s *Store) handBack(msg jetstream.Msg) {
 	if meta, err := msg.Metadata(); err == nil {
-		s.handBacks.add(meta.Sequence.Stream, time.Now())
+		s.handBacks.add(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
 	}
 	_ = msg.Nak()
 }
 
-func (h *handBacks) add(seq uint64, now time.Time) {
+func (h *handBacks) add(seq uint64, stored time.Time, delivered uint64, now time.Time) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.m == nil {
 		h.m = map[uint64]handBack{}
 	}
-	for k, v := range h.m {
-		if now.Sub(v.last) > handBackTTL {
-			delete(h.m, k)
+	if now.Sub(h.pruned) > time.Minute {
+		h.pruned = now
+		for k, v := range h.m {
+			if now.Sub(v.last) > handBackTTL {
+				delete(h.m, k)
+			}
 		}
 	}
-	e := h.m[seq]
-	h.m[seq] = handBack{n: e.n + 1, last: now}
+	e, ok := h.m[seq]
+	if !ok || !e.current(stored, delivered) {
+		e = handBack{}
+	}
+	h.m[seq] = handBack{n: e.n + 1, last: now, stored: stored, delivered: delivered}
+}
+
+// current reports whether delivery `delivered` of the copy stored at
+// `stored` comes after e's hand-backs, on the same count: else the stream
+// or the consumer was made again since (or a stale delivery, fetched
+// before the latest hand-back, is attempted late), and e no longer
+// applies.
+func (e handBack) current(stored time.Time, delivered uint64) bool {
+	return e.stored.Equal(stored) && delivered > e.delivered
 }
 
 // attemptNumber is the attempt that delivery `delivered` (JetStream's
-// count, from 1) of the copy at seq is: the deliveries handed back without
-// an attempt do not count.
-func (h *handBacks) attemptNumber(seq, delivered uint64) int {
-	if delivered <= 1 {
-		return int(delivered) // a first delivery: nothing was handed back
-	}
+// count, from 1) of the copy at seq, stored at `stored`, is: the
+// deliveries handed back without an attempt do not count. An entry that
+// no longer applies is dropped: the number is then JetStream's count,
+// never lower than it should be.
+func (h *handBacks) attemptNumber(seq uint64, stored time.Time, delivered uint64, now time.Time) int {
 	h.mu.Lock()
-	n := h.m[seq].n
-	h.mu.Unlock()
-	if n >= delivered {
+	defer h.mu.Unlock()
+	e, ok := h.m[seq]
+	if !ok {
+		return int(delivered)
+	}
+	if !e.current(stored, delivered) {
+		delete(h.m, seq)
+		return int(delivered)
+	}
+	e.last = now // still being delivered: kept past handBackTTL
+	h.m[seq] = e
+	if e.n >= delivered { // cannot be: each hand-back had a count of its own, below this one
 		return 1
 	}
-	return int(delivered - n)
+	return int(delivered - e.n)
 }
 
 // settled forgets the copy at seq: delivered or kept as a dead letter.

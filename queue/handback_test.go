@@ -124,23 +124,39 @@ func TestStopsDoNotUseUpAttempts(t *testing.T) {
 func TestHandBackLedgerBounded(t *testing.T) {
 	var h handBacks
 	t0 := time.Now()
-	h.add(1, t0)
-	h.add(1, t0)
-	if got := h.attemptNumber(1, 3); got != 1 {
+	stored := t0.Add(-time.Minute)
+	h.add(1, stored, 1, t0)
+	h.add(1, stored, 2, t0)
+	if got := h.attemptNumber(1, stored, 3, t0); got != 1 {
 		t.Errorf("3rd delivery after 2 hand-backs: attempt %d, want 1", got)
 	}
-	if got := h.attemptNumber(1, 2); got != 1 {
-		t.Errorf("a count below the hand-backs: attempt %d, want 1", got)
-	}
-	if got := h.attemptNumber(2, 4); got != 4 {
+	if got := h.attemptNumber(2, stored, 4, t0); got != 4 {
 		t.Errorf("no hand-back: attempt %d, want 4", got)
 	}
-	h.add(2, t0.Add(handBackTTL+time.Second))
+	h.add(2, stored, 1, t0.Add(handBackTTL+time.Second))
 	if _, ok := h.m[1]; ok || len(h.m) != 1 {
 		t.Errorf("the old entry stayed: %v", h.m)
 	}
 	h.settled(2)
 	if len(h.m) != 0 {
 		t.Errorf("a settled copy stayed: %v", h.m)
+	}
+}
+
+// TestHandBackLedgerStale: an entry whose copy's count started again (a
+// consumer made again) or whose sequence is another copy's (a stream made
+// again) is dropped, not subtracted.
+func TestHandBackLedgerStale(t *testing.T) {
+	var h handBacks
+	t0 := time.Now()
+	stored := t0.Add(-time.Minute)
+	h.add(1, stored, 1, t0)
+	h.add(1, stored, 2, t0)
+	if got := h.attemptNumber(1, stored, 1, t0); got != 1 || len(h.m) != 0 {
+		t.Errorf("a count from 1 again: attempt %d, ledger %v", got, h.m)
+	}
+	h.add(1, stored, 1, t0)
+	if got := h.attemptNumber(1, stored.Add(time.Second), 2, t0); got != 2 || len(h.m) != 0 {
+		t.Errorf("another copy at the same sequence: attempt %d, ledger %v", got, h.m)
 	}
 }
