@@ -140,7 +140,7 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 	ctx, cancel := context.WithCancel(ctx)
 	// The sweeper outlives the attempts, for a last sweep of what they
 	// settled.
-	sw := &sweeper{s: s, cons: cons, subject: s.Subject(d.Name), settled: map[uint64]time.Time{}}
+	sw := &sweeper{s: s, cons: cons, subject: s.Subject(d.Name), settled: s.takeUnswept(s.Subject(d.Name))}
 	swCtx, swCancel := context.WithCancel(context.WithoutCancel(ctx))
 	swept := make(chan struct{})
 	go func() {
@@ -352,6 +352,39 @@ type sweeper struct {
 	settled map[uint64]time.Time // stream sequence: when it was settled
 }
 
+// keepUnswept leaves settled copies that stopped workers could not delete
+// for the subject's next workers.
+func (s *Store) keepUnswept(subject string, settled map[uint64]time.Time) {
+	if len(settled) == 0 {
+		return
+	}
+	s.unsweptMu.Lock()
+	defer s.unsweptMu.Unlock()
+	if s.unswept == nil {
+		s.unswept = map[string]map[uint64]time.Time{}
+	}
+	m := s.unswept[subject]
+	if m == nil {
+		m = map[uint64]time.Time{}
+		s.unswept[subject] = m
+	}
+	for seq, at := range settled {
+		m[seq] = at
+	}
+}
+
+// takeUnswept returns what earlier workers of the subject left to sweep.
+func (s *Store) takeUnswept(subject string) map[uint64]time.Time {
+	s.unsweptMu.Lock()
+	defer s.unsweptMu.Unlock()
+	m := s.unswept[subject]
+	delete(s.unswept, subject)
+	if m == nil {
+		m = map[uint64]time.Time{}
+	}
+	return m
+}
+
 // settle records that the copy at stream sequence seq was settled.
 func (w *sweeper) settle(seq uint64) {
 	w.mu.Lock()
@@ -359,46 +392,55 @@ func (w *sweeper) settle(seq uint64) {
 	w.mu.Unlock()
 }
 
-// run sweeps until ctx ends, then once more, for the last settled copies.
-// The first sweep also removes what an earlier process settled but did not
-// sweep before it stopped.
+// run sweeps until ctx ends, then once more, for the last settled copies;
+// what that one could not delete (NATS away) is left with the Store for
+// the destination's next workers. The first sweep that reaches NATS also
+// removes what an earlier process settled but did not sweep before it
+// stopped.
 func (w *sweeper) run(ctx context.Context) {
 	t := time.NewTicker(sweepInterval)
 	defer t.Stop()
-	for first := true; ; first = false {
+	first := true
+	for {
 		select {
 		case <-ctx.Done():
 			last, cancel := context.WithTimeout(context.WithoutCancel(ctx), sweepTimeout)
 			w.sweep(last, true, true)
 			cancel()
+			w.mu.Lock()
+			w.s.keepUnswept(w.subject, w.settled)
+			w.mu.Unlock()
 			return
 		case <-t.C:
 			sctx, cancel := context.WithTimeout(ctx, sweepTimeout)
-			w.sweep(sctx, first, false)
+			if w.sweep(sctx, first, false) {
+				first = false
+			}
 			cancel()
 		}
 	}
 }
 
 // sweep purges the settled copies below the ack floor and deletes those
-// above it that waited sweepGrace (all of them when last is set).
-func (w *sweeper) sweep(ctx context.Context, always, last bool) {
+// above it that waited sweepGrace (all of them when last is set). It
+// reports whether it reached NATS.
+func (w *sweeper) sweep(ctx context.Context, always, last bool) bool {
 	w.mu.Lock()
 	n := len(w.settled)
 	w.mu.Unlock()
 	if n == 0 && !always {
-		return
+		return false
 	}
 	if !w.s.conn.IsConnected() {
 		// NATS is away (an external server down, a password changed):
 		// a request would wait out ctx for nothing, and the last sweep
-		// hold up a reload. The next workers' first sweep purges what
-		// is settled below the ack floor by then.
-		return
+		// hold up a reload. What is settled stays noted for a later
+		// sweep (or the next workers', see run).
+		return false
 	}
 	info, err := w.cons.Info(ctx)
 	if err != nil {
-		return
+		return false
 	}
 	if floor := info.AckFloor.Stream; floor > w.purged {
 		if w.s.stream.Purge(ctx, jetstream.WithPurgeSubject(w.subject), jetstream.WithPurgeSequence(floor+1)) == nil {
@@ -418,9 +460,13 @@ func (w *sweeper) sweep(ctx context.Context, always, last bool) {
 	}
 	w.mu.Unlock()
 	for _, seq := range late {
-		// Not found: another instance's purge was first.
-		_ = w.s.stream.DeleteMsg(ctx, seq)
+		// Not found: another instance's purge was first. Another error
+		// (NATS went away): noted again, for a later sweep.
+		if err := w.s.stream.DeleteMsg(ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+			w.settle(seq)
+		}
 	}
+	return true
 }
 
 // post sends one attempt; any non-2xx is an error.

@@ -13,11 +13,12 @@ import (
 // counts every delivery, and its count is the attempt number a backend
 // sees and what max_attempts and the retry schedule go by; without this
 // ledger each reload would use up an attempt of every copy it caught
-// fetched. It lives with the Store, so it outlasts the workers of one
-// config: the next workers of this process subtract it. A copy that
-// another process takes next, or one handed back by a process that then
-// exits, still counts one attempt more (at most `concurrency` copies per
-// destination and stop).
+// fetched. There is one per stream name in the process, so it outlasts
+// the workers of one config, and the Store of one connection (a reload
+// that changes the credentials opens another): the next workers of this
+// process subtract it. A copy that another process takes next, or one
+// handed back by a process that then exits, still counts one attempt more
+// (at most `concurrency` copies per destination and stop).
 type handBacks struct {
 	mu     sync.Mutex
 	m      map[uint64]handBack
@@ -33,6 +34,17 @@ type handBack struct {
 	// handed back (a consumer deleted and made again counts from 1).
 	stored    time.Time
 	delivered uint64
+}
+
+// ledgers holds the handBacks of each stream name. Two streams of one
+// name on different servers in one process (a reload that moved the
+// queue) cannot mix up their entries: an entry applies only to a copy
+// with its sequence and its stored time.
+var ledgers sync.Map
+
+func ledgerFor(stream string) *handBacks {
+	h, _ := ledgers.LoadOrStore(stream, &handBacks{})
+	return h.(*handBacks)
 }
 
 // handBackTTL: an entry older than this is dropped (its copy was settled

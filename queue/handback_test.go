@@ -22,7 +22,7 @@ func TestStopsDoNotUseUpAttempts(t *testing.T) {
 	old := StopGrace
 	StopGrace = 100 * time.Millisecond
 	t.Cleanup(func() { StopGrace = old })
-	s := openTest(t, Config{Dir: t.TempDir()})
+	s := openTest(t, Config{Dir: t.TempDir(), Stream: "HANDBACK_TEST"}) // a ledger of its own (one per stream name)
 	defer s.Close()
 
 	var mu sync.Mutex
@@ -158,5 +158,25 @@ func TestHandBackLedgerStale(t *testing.T) {
 	h.add(1, stored, 1, t0)
 	if got := h.attemptNumber(1, stored.Add(time.Second), 2, t0); got != 2 || len(h.m) != 0 {
 		t.Errorf("another copy at the same sequence: attempt %d, ledger %v", got, h.m)
+	}
+}
+
+// TestHandBackLedgerOutlivesTheStore: a reload that changes the connection
+// (new credentials) opens another Store on the same stream; what the old
+// one's workers handed back still counts with the new one's.
+func TestHandBackLedgerOutlivesTheStore(t *testing.T) {
+	dir := t.TempDir()
+	a := openTest(t, Config{Dir: dir, Stream: "LEDGER_TEST"})
+	ledger := a.handBacks
+	a.Close()
+	b := openTest(t, Config{Dir: dir, Stream: "LEDGER_TEST"})
+	defer b.Close()
+	if b.handBacks != ledger {
+		t.Error("a new Store on the same stream has a ledger of its own: the old one's hand-backs would count as attempts")
+	}
+	c := openTest(t, Config{Dir: t.TempDir(), Stream: "OTHER_LEDGER_TEST"})
+	defer c.Close()
+	if c.handBacks == ledger {
+		t.Error("another stream shares the ledger")
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -92,7 +93,10 @@ type Store struct {
 	js     jetstream.JetStream
 	stream jetstream.Stream // the stream's handle: its methods name it, no lookup each time
 
-	handBacks handBacks // deliveries handed back without an attempt, per copy
+	handBacks *handBacks // deliveries handed back without an attempt, per copy of the stream
+
+	unsweptMu sync.Mutex
+	unswept   map[string]map[uint64]time.Time // per subject: settled copies stopped workers could not delete
 }
 
 var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
@@ -134,7 +138,7 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	if !streamName.MatchString(cfg.Stream) {
 		return nil, fmt.Errorf("queue: stream name %q: use letters, digits, _ and - only", cfg.Stream)
 	}
-	s := &Store{cfg: cfg}
+	s := &Store{cfg: cfg, handBacks: ledgerFor(cfg.Stream)}
 	var err error
 	if len(cfg.URLs) == 0 {
 		if cfg.Dir == "" {
