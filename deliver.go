@@ -123,32 +123,38 @@ type storeHandle struct {
 
 	mu    sync.Mutex
 	stats map[string]*destinationStats // by destination name
-	// users are the started configs sharing the store, oldest first: the
-	// newest one's max_bytes, dedupe_window and replicas are the stream's.
-	users []*delivery
 }
 
-// use records that d started with the store.
-func (s *storeHandle) use(d *delivery) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.users = append(s.users, d)
+// started are the configs whose queue started, oldest first, whatever
+// their store: the newest one's stream settings and ack deadlines are the
+// queue's. (A reload that changes the NATS credentials opens a store of
+// its own, on the same stream.)
+var started struct {
+	sync.Mutex
+	configs []*delivery
 }
 
-// release forgets d. If d was the newest config (a reload that Caddy
-// rolled back after this app started), it returns the newest config
-// still running, whose stream settings must be put back; else nil.
-func (s *storeHandle) release(d *delivery) *delivery {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	i := slices.Index(s.users, d)
+// useStarted records that d's queue started.
+func useStarted(d *delivery) {
+	started.Lock()
+	defer started.Unlock()
+	started.configs = append(started.configs, d)
+}
+
+// releaseStarted forgets d. If d was the newest config (a reload that
+// Caddy rolled back after this app started), it returns the newest config
+// still running, whose settings must be put back; else nil.
+func releaseStarted(d *delivery) *delivery {
+	started.Lock()
+	defer started.Unlock()
+	i := slices.Index(started.configs, d)
 	if i < 0 {
 		return nil
 	}
-	newest := i == len(s.users)-1
-	s.users = slices.Delete(s.users, i, i+1)
-	if newest && len(s.users) > 0 {
-		return s.users[len(s.users)-1]
+	newest := i == len(started.configs)-1
+	started.configs = slices.Delete(started.configs, i, i+1)
+	if newest && len(started.configs) > 0 {
+		return started.configs[len(started.configs)-1]
 	}
 	return nil
 }
@@ -333,7 +339,7 @@ func (d *delivery) open() error {
 			return fmt.Errorf("mux_webhook: %v", err)
 		}
 	}
-	h.use(d)
+	useStarted(d)
 	d.handle.Store(h)
 	d.openedOnce.Do(func() { close(d.opened) })
 	return nil
@@ -658,25 +664,52 @@ func (d *delivery) cleanup() {
 	if h == nil {
 		return
 	}
-	if running := h.release(d); running != nil {
-		running.restore(h, d)
+	if running := releaseStarted(d); running != nil {
+		if rh := running.handle.Load(); rh != nil && (rh == h || sameStream(running.qc, d.qc)) {
+			running.restore(rh, d)
+		}
 	}
 	_, _ = stores.Delete(d.poolKey)
+}
+
+// sameStream reports whether two configs' queues are one stream on the
+// same NATS servers (their stores differ by credentials, instance or TLS
+// files).
+func sameStream(a, b queue.Config) bool {
+	stream := func(c queue.Config) string {
+		if c.Stream == "" {
+			return queue.DefaultStream
+		}
+		return c.Stream
+	}
+	return len(a.URLs) > 0 && stream(a) == stream(b) &&
+		slices.Equal(slices.Sorted(slices.Values(a.URLs)), slices.Sorted(slices.Values(b.URLs)))
 }
 
 // restore puts back d's stream settings and the ack deadlines of its
 // destinations that newer, a config that started after d, changed (it
 // ran workers of its own for them), before Caddy rolled that reload back
 // (another app failed to start): d, the config still running, carries on
-// as it was. What newer left as it was costs no request to the queue.
+// as it was. h is d's store. What newer left as it was costs no request
+// to the queue.
 func (d *delivery) restore(h *storeHandle, newer *delivery) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := h.Reconfigure(ctx, d.qc); err != nil {
+	var err error
+	if newer.handle.Load() == h {
+		err = h.Reconfigure(ctx, d.qc)
+	} else if d.qc.MaxBytes != newer.qc.MaxBytes || d.qc.DedupeWindow != newer.qc.DedupeWindow || d.qc.Replicas != newer.qc.Replicas {
+		// newer changed the stream through a store of its own: h's
+		// knows nothing of it.
+		err = h.ApplyStream(ctx, d.qc)
+	}
+	if err != nil {
 		d.logger.Error("mux_webhook: a reload was rolled back, but the stream keeps its max_bytes, dedupe_window and replicas", zap.Error(err))
 	}
 	for name, dest := range d.destinations {
-		if key, ok := newer.workerKeys[name]; !ok || key == d.workerKeys[name] {
+		// The ack deadline is the one consumer setting a config chooses
+		// (from its timeout).
+		if nd, ok := newer.destinations[name]; !ok || nd.Timeout == dest.Timeout {
 			continue
 		}
 		if err := h.RestoreConsumer(ctx, dest); err != nil {

@@ -4,6 +4,7 @@ package muxwebhook
 // real Caddy process.
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/http"
@@ -19,6 +20,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
@@ -335,5 +339,86 @@ func TestMuxDeliverReloadRotatesNATSPassword(t *testing.T) {
 		if strings.Contains(fmt.Sprint(l), "second-password") || strings.Contains(fmt.Sprint(l), "first-password") {
 			t.Errorf("a password in a log line: %v", l)
 		}
+	}
+}
+
+// TestRolledBackCredentialReloadRestoresTheQueue: a reload that changes
+// the NATS user (so it opens a store of its own on the same stream), the
+// stream's max_bytes and a destination's timeout, and that Caddy rolls
+// back (its http app fails), leaves the stream's limit and the consumer's
+// ack deadline as the running config has them.
+func TestRolledBackCredentialReloadRestoresTheQueue(t *testing.T) {
+	bin := natsBinary(t)
+	dir := t.TempDir()
+	port := freePort(t)
+	conf := filepath.Join(dir, "nats.conf")
+	text := fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q }\n"+
+		"authorization { users = [ { user: first, password: first-pw }, { user: second, password: second-pw } ] }\n",
+		port, filepath.Join(dir, "store"))
+	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, out := startProcess(t, bin, "-c", conf)
+	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
+	waitFor(t, func() bool {
+		c, err := net.Dial("tcp", strings.TrimPrefix(url, "nats://"))
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}, out.String)
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	app := newUpstream(t, "app")
+	global := func(user, maxBytes, timeout string) string {
+		return fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s {\n\t\t\t\tuser %s\n\t\t\t\tpassword %s-pw\n\t\t\t}\n"+
+			"\t\t\tmax_bytes %s\n\t\t}\n\t\tdestination app %s {\n\t\t\ttimeout %s\n\t\t}\n\t}", url, user, user, maxBytes, app.URL, timeout)
+	}
+	site := fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret)
+	cfg, g := gatewayConfigWith(t, "off", global("first", "64MiB", "30s"), site)
+	g.load(cfg)
+	failing := strings.Replace(cfg, global("first", "64MiB", "30s"), global("second", "16KiB", "1s"), 1) +
+		fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
+	// Caddy starts a config's apps in map order: within a few tries, the
+	// mux_webhook app starts before the http app fails.
+	for i := range 16 {
+		if err := loadCaddyfile(failing); err == nil {
+			t.Fatalf("reload %d on a busy port succeeded", i+1)
+		}
+	}
+
+	nc, err := nats.Connect(url, nats.UserInfo("first", "first-pw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := js.Stream(ctx, queue.DefaultStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := stream.CachedInfo().Config.MaxBytes; got != 64<<20 {
+		t.Errorf("after rolled-back reloads the stream's max_bytes is %d, want the running config's %d", got, 64<<20)
+	}
+	cons, err := js.Consumer(ctx, queue.DefaultStream, "deliver_app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := cons.CachedInfo().Config.AckWait; got != 35*time.Second {
+		t.Errorf("after rolled-back reloads the consumer's ack wait is %v, want the running config's 35s (timeout 30s + 5s)", got)
+	}
+	status, _, _ := doAfterReload(t, func() *http.Request {
+		return signedRequest(t, g.url, testSecret, event("video.asset.ready", "after-rollback", ""), time.Now())
+	})
+	if status != http.StatusAccepted {
+		t.Errorf("after rolled-back reloads: %d, want 202", status)
 	}
 }
