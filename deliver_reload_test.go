@@ -37,23 +37,12 @@ func TestMuxDeliverReloadRotatesSignSecret(t *testing.T) {
 	), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
 	g.load(cfg)
 
-	send := func(id string, want int) {
-		t.Helper()
-		status, _, _ := doAfterReload(t, func() *http.Request {
-			return signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now())
-		})
-		if status != http.StatusAccepted {
-			t.Fatalf("%s: %d, want 202", id, status)
-		}
-		waitFor(t, func() bool { return len(app.requests()) == want },
-			func() string { return fmt.Sprintf("%d deliveries, want %d", len(app.requests()), want) })
-	}
 	verifies := func(r received, secret string) bool {
 		_, err := Verify(r.Header.Get(SignatureHeader), r.Body, [][]byte{[]byte(secret)}, time.Now(), time.Minute)
 		return err == nil
 	}
 
-	send("rotate-1", 1)
+	sendQueued(t, g, app, "rotate-1", 1)
 	if r := app.requests()[0]; !verifies(r, "first-secret") {
 		t.Fatalf("the first delivery does not verify with the first secret: %q", r.Header.Get(SignatureHeader))
 	}
@@ -63,7 +52,7 @@ func TestMuxDeliverReloadRotatesSignSecret(t *testing.T) {
 	if err := loadCaddyfile(cfg); err != nil { // forced: the config text is the same
 		t.Fatal(err)
 	}
-	send("rotate-2", 2)
+	sendQueued(t, g, app, "rotate-2", 2)
 	if r := app.requests()[1]; !verifies(r, "second-secret") {
 		t.Errorf("after the secret file changed and Caddy reloaded, the delivery is still signed with the old secret (verifies with first: %v)",
 			verifies(r, "first-secret"))

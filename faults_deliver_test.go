@@ -152,6 +152,26 @@ func natsServer(t *testing.T) (string, *exec.Cmd) {
 	port := freePort(t)
 	cmd, out := startProcess(t, bin, "-a", "127.0.0.1", "-p", strconv.Itoa(port), "-js", "-sd", t.TempDir())
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	waitListening(t, addr, out)
+	return "nats://" + addr, cmd
+}
+
+// natsServerWithConfig runs nats-server with the config text (written to
+// a file in dir) until the test ends; addr is where the config listens.
+func natsServerWithConfig(t *testing.T, dir, addr, text string) *exec.Cmd {
+	t.Helper()
+	conf := filepath.Join(dir, "nats.conf")
+	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd, out := startProcess(t, natsBinary(t), "-c", conf)
+	waitListening(t, addr, out)
+	return cmd
+}
+
+// waitListening waits until something accepts connections on addr.
+func waitListening(t *testing.T, addr string, out *syncBuffer) {
+	t.Helper()
 	waitFor(t, func() bool {
 		c, err := net.Dial("tcp", addr)
 		if err == nil {
@@ -159,7 +179,29 @@ func natsServer(t *testing.T) (string, *exec.Cmd) {
 		}
 		return err == nil
 	}, out.String)
-	return "nats://" + addr, cmd
+}
+
+// gatewayOnExternalNATS is a gateway whose queue is on the NATS server at
+// natsURL (enqueue_timeout 1s), delivering to appURL.
+func gatewayOnExternalNATS(t *testing.T, natsURL, appURL string) (string, *gateway) {
+	t.Helper()
+	return gatewayConfigWith(t, "off",
+		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s\n\t}", natsURL, appURL),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+}
+
+// sendQueued sends one event to g and waits until app has had `deliveries`
+// deliveries in all.
+func sendQueued(t *testing.T, g *gateway, app *upstream, id string, deliveries int) {
+	t.Helper()
+	status, _, _ := doAfterReload(t, func() *http.Request {
+		return signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now())
+	})
+	if status != http.StatusAccepted {
+		t.Fatalf("%s: %d, want 202", id, status)
+	}
+	waitFor(t, func() bool { return len(app.requests()) == deliveries },
+		func() string { return fmt.Sprintf("%d deliveries, want %d", len(app.requests()), deliveries) })
 }
 
 // TestFaultQueueUnreachable: with an external NATS server, events are
@@ -170,9 +212,7 @@ func TestFaultQueueUnreachable(t *testing.T) {
 	var got atomic.Int32
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { got.Add(1) }))
 	t.Cleanup(app.Close)
-	cfg, g2 := gatewayConfigWith(t, "off",
-		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s\n\t}", natsURL, app.URL),
-		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	cfg, g2 := gatewayOnExternalNATS(t, natsURL, app.URL)
 	g2.load(cfg)
 	if status, _, _ := do(t, signedRequest(t, g2.url, testSecret, event("video.asset.ready", "ext-1", ""), time.Now())); status != http.StatusAccepted {
 		t.Fatalf("with NATS up: %d, want 202", status)
@@ -214,9 +254,7 @@ func TestFaultReloadWhileQueueUnreachable(t *testing.T) {
 	natsURL, nats := natsServer(t)
 	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	t.Cleanup(app.Close)
-	cfg, g := gatewayConfigWith(t, "off",
-		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s\n\t}", natsURL, app.URL),
-		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	cfg, g := gatewayOnExternalNATS(t, natsURL, app.URL)
 	g.load(cfg)
 	if err := nats.Process.Kill(); err != nil {
 		t.Fatal(err)
@@ -247,9 +285,7 @@ func TestFaultRolledBackReloadWhileQueueUnreachable(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer busy.Close()
-	cfg, g := gatewayConfigWith(t, "off",
-		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s\n\t}", natsURL, app.URL),
-		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	cfg, g := gatewayOnExternalNATS(t, natsURL, app.URL)
 	g.load(cfg)
 	if err := nats.Process.Kill(); err != nil {
 		t.Fatal(err)
@@ -275,26 +311,13 @@ func TestFaultRolledBackReloadWhileQueueUnreachable(t *testing.T) {
 // text connects with the new password, and events are queued and
 // delivered again.
 func TestMuxDeliverReloadRotatesNATSPassword(t *testing.T) {
-	bin := natsBinary(t)
 	dir := t.TempDir()
 	port := freePort(t)
-	conf := filepath.Join(dir, "nats.conf")
 	startNATS := func(password string) *exec.Cmd {
 		t.Helper()
-		text := fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q }\nauthorization { user: mux, password: %q }\n",
-			port, filepath.Join(dir, "store"), password)
-		if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		cmd, out := startProcess(t, bin, "-c", conf)
-		waitFor(t, func() bool {
-			c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-			if err == nil {
-				c.Close()
-			}
-			return err == nil
-		}, out.String)
-		return cmd
+		return natsServerWithConfig(t, dir, fmt.Sprintf("127.0.0.1:%d", port),
+			fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q }\nauthorization { user: mux, password: %q }\n",
+				port, filepath.Join(dir, "store"), password))
 	}
 	nats := startNATS("first-password")
 	passwordFile := filepath.Join(dir, "nats-password")
@@ -307,18 +330,7 @@ func TestMuxDeliverReloadRotatesNATSPassword(t *testing.T) {
 			"\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s\n\t}", port, passwordFile, app.URL),
 		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
 	g.load(cfg)
-	send := func(id string, want int) {
-		t.Helper()
-		status, _, _ := doAfterReload(t, func() *http.Request {
-			return signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now())
-		})
-		if status != http.StatusAccepted {
-			t.Fatalf("%s: %d, want 202", id, status)
-		}
-		waitFor(t, func() bool { return len(app.requests()) == want },
-			func() string { return fmt.Sprintf("%d deliveries, want %d", len(app.requests()), want) })
-	}
-	send("nats-password-1", 1)
+	sendQueued(t, g, app, "nats-password-1", 1)
 
 	if err := nats.Process.Kill(); err != nil {
 		t.Fatal(err)
@@ -333,7 +345,7 @@ func TestMuxDeliverReloadRotatesNATSPassword(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("reload: %v", time.Since(start).Round(time.Millisecond))
-	send("nats-password-2", 2)
+	sendQueued(t, g, app, "nats-password-2", 2)
 	t.Logf("reload and delivery: %v", time.Since(start).Round(time.Millisecond))
 	for _, l := range g.logLines() {
 		if strings.Contains(fmt.Sprint(l), "second-password") || strings.Contains(fmt.Sprint(l), "first-password") {
@@ -348,25 +360,13 @@ func TestMuxDeliverReloadRotatesNATSPassword(t *testing.T) {
 // back (its http app fails), leaves the stream's limit and the consumer's
 // ack deadline as the running config has them.
 func TestRolledBackCredentialReloadRestoresTheQueue(t *testing.T) {
-	bin := natsBinary(t)
 	dir := t.TempDir()
 	port := freePort(t)
-	conf := filepath.Join(dir, "nats.conf")
-	text := fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q }\n"+
-		"authorization { users = [ { user: first, password: first-pw }, { user: second, password: second-pw } ] }\n",
-		port, filepath.Join(dir, "store"))
-	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	_, out := startProcess(t, bin, "-c", conf)
+	natsServerWithConfig(t, dir, fmt.Sprintf("127.0.0.1:%d", port),
+		fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q }\n"+
+			"authorization { users = [ { user: first, password: first-pw }, { user: second, password: second-pw } ] }\n",
+			port, filepath.Join(dir, "store")))
 	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
-	waitFor(t, func() bool {
-		c, err := net.Dial("tcp", strings.TrimPrefix(url, "nats://"))
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	}, out.String)
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
