@@ -140,7 +140,7 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 	ctx, cancel := context.WithCancel(ctx)
 	// The sweeper outlives the attempts, for a last sweep of what they
 	// settled.
-	sw := &sweeper{s: s, cons: cons, subject: s.Subject(d.Name), settled: s.takeUnswept(s.Subject(d.Name))}
+	sw := newSweeper(s, cons, s.Subject(d.Name))
 	swCtx, swCancel := context.WithCancel(context.WithoutCancel(ctx))
 	swept := make(chan struct{})
 	go func() {
@@ -347,42 +347,84 @@ type sweeper struct {
 	cons    jetstream.Consumer
 	subject string
 	purged  uint64 // the ack floor of the last purge: copies up to it are gone
+	// created is when the consumer was made, as the latest sweep found
+	// it: another time means the consumer, or its stream, was deleted and
+	// made again, and a stream made again reuses sequences: the copies
+	// noted are no longer the ones settled.
+	created time.Time
 
 	mu      sync.Mutex
 	settled map[uint64]time.Time // stream sequence: when it was settled
 }
 
+// newSweeper is the sweeper of the subject's workers on cons, with what
+// earlier workers left to sweep.
+func newSweeper(s *Store, cons jetstream.Consumer, subject string) *sweeper {
+	w := &sweeper{s: s, cons: cons, subject: subject, settled: map[uint64]time.Time{}}
+	if info := cons.CachedInfo(); info != nil {
+		w.created = info.Created
+	}
+	w.adopt()
+	return w
+}
+
+// unswept are settled copies that stopped workers could not delete, on
+// the consumer made at created.
+type unswept struct {
+	created time.Time
+	settled map[uint64]time.Time
+}
+
 // keepUnswept leaves settled copies that stopped workers could not delete
-// for the subject's next workers.
-func (s *Store) keepUnswept(subject string, settled map[uint64]time.Time) {
+// (on the consumer made at created) for the subject's other workers.
+func (s *Store) keepUnswept(subject string, created time.Time, settled map[uint64]time.Time) {
 	if len(settled) == 0 {
 		return
 	}
 	s.unsweptMu.Lock()
 	defer s.unsweptMu.Unlock()
 	if s.unswept == nil {
-		s.unswept = map[string]map[uint64]time.Time{}
+		s.unswept = map[string]unswept{}
 	}
-	m := s.unswept[subject]
-	if m == nil {
-		m = map[uint64]time.Time{}
-		s.unswept[subject] = m
+	u, ok := s.unswept[subject]
+	if !ok || !u.created.Equal(created) {
+		u = unswept{created: created, settled: map[uint64]time.Time{}}
+		s.unswept[subject] = u
 	}
 	for seq, at := range settled {
-		m[seq] = at
+		u.settled[seq] = at
 	}
 }
 
-// takeUnswept returns what earlier workers of the subject left to sweep.
-func (s *Store) takeUnswept(subject string) map[uint64]time.Time {
+// takeUnswept returns what earlier workers of the subject left to sweep,
+// if it was on the consumer made at created.
+func (s *Store) takeUnswept(subject string, created time.Time) map[uint64]time.Time {
 	s.unsweptMu.Lock()
 	defer s.unsweptMu.Unlock()
-	m := s.unswept[subject]
-	delete(s.unswept, subject)
-	if m == nil {
-		m = map[uint64]time.Time{}
+	u, ok := s.unswept[subject]
+	if !ok {
+		return nil
 	}
-	return m
+	delete(s.unswept, subject)
+	if !u.created.Equal(created) {
+		return nil
+	}
+	return u.settled
+}
+
+// adopt takes over what stopped workers left to sweep: also those that
+// stopped after this sweeper started (a reload starts the new workers
+// before it stops the old ones).
+func (w *sweeper) adopt() {
+	m := w.s.takeUnswept(w.subject, w.created)
+	if len(m) == 0 {
+		return
+	}
+	w.mu.Lock()
+	for seq, at := range m {
+		w.settled[seq] = at
+	}
+	w.mu.Unlock()
 }
 
 // settle records that the copy at stream sequence seq was settled.
@@ -408,10 +450,11 @@ func (w *sweeper) run(ctx context.Context) {
 			w.sweep(last, true, true)
 			cancel()
 			w.mu.Lock()
-			w.s.keepUnswept(w.subject, w.settled)
+			w.s.keepUnswept(w.subject, w.created, w.settled)
 			w.mu.Unlock()
 			return
 		case <-t.C:
+			w.adopt()
 			sctx, cancel := context.WithTimeout(ctx, sweepTimeout)
 			if w.sweep(sctx, first, false) {
 				first = false
@@ -441,6 +484,14 @@ func (w *sweeper) sweep(ctx context.Context, always, last bool) bool {
 	info, err := w.cons.Info(ctx)
 	if err != nil {
 		return false
+	}
+	if !info.Created.Equal(w.created) {
+		// The consumer (or its stream) was made again: what was noted
+		// and purged is of the one before.
+		w.mu.Lock()
+		clear(w.settled)
+		w.mu.Unlock()
+		w.purged, w.created = 0, info.Created
 	}
 	if floor := info.AckFloor.Stream; floor > w.purged {
 		if w.s.stream.Purge(ctx, jetstream.WithPurgeSubject(w.subject), jetstream.WithPurgeSequence(floor+1)) == nil {

@@ -96,7 +96,7 @@ type Store struct {
 	handBacks *handBacks // deliveries handed back without an attempt, per copy of the stream
 
 	unsweptMu sync.Mutex
-	unswept   map[string]map[uint64]time.Time // per subject: settled copies stopped workers could not delete
+	unswept   map[string]unswept // per subject: settled copies stopped workers could not delete
 }
 
 var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)

@@ -3,6 +3,7 @@ package queue
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -35,7 +36,8 @@ func TestSweepLeftForTheNextWorkers(t *testing.T) {
 	}
 	nc.Close()
 	away := &Store{cfg: s.cfg, conn: nc, js: s.js, stream: s.stream, handBacks: s.handBacks}
-	old := &sweeper{s: away, cons: cons, subject: subject, settled: map[uint64]time.Time{2: time.Now()}}
+	old := newSweeper(away, cons, subject)
+	old.settled[2] = time.Now()
 	stopped, cancel := context.WithCancel(ctx)
 	cancel()
 	start := time.Now()
@@ -48,7 +50,7 @@ func TestSweepLeftForTheNextWorkers(t *testing.T) {
 	}
 
 	// The next workers, NATS back.
-	next := &sweeper{s: s, cons: cons, subject: subject, settled: away.takeUnswept(subject)}
+	next := &sweeper{s: s, cons: cons, subject: subject, created: old.created, settled: away.takeUnswept(subject, old.created)}
 	if len(next.settled) != 1 {
 		t.Fatalf("the next workers got %d copies to sweep, want 1", len(next.settled))
 	}
@@ -58,5 +60,89 @@ func TestSweepLeftForTheNextWorkers(t *testing.T) {
 	}
 	if _, err := s.stream.GetMsg(ctx, 1); err != nil {
 		t.Errorf("the copy waiting for its retry was removed: %v", err)
+	}
+}
+
+// TestSweepLeftWhileTheNextWorkersRun: a reload starts the destination's
+// new workers before it stops the old ones, so what the old ones leave
+// unswept comes after the new sweeper started: it must still be swept.
+func TestSweepLeftWhileTheNextWorkersRun(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	put(t, s, "app", "waits-for-a-retry", []byte(`{}`)) // sequence 1: the ack floor stays below it
+	put(t, s, "app", "settled", []byte(`{}`))           // sequence 2: settled by the old workers, above the floor
+	ctx := context.Background()
+	d := Destination{Name: "app"}
+	d.defaults()
+	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	subject := s.Subject("app")
+
+	// The new workers' sweeper runs first...
+	next := newSweeper(s, cons, subject)
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); next.run(runCtx) }()
+	defer func() { stop(); <-done }()
+	// ...then the old workers stop, their last sweep without NATS.
+	s.keepUnswept(subject, cons.CachedInfo().Created, map[uint64]time.Time{2: time.Now().Add(-sweepGrace)})
+
+	waitUntil(t, "the copy the old workers left to be swept", func() bool {
+		_, err := s.stream.GetMsg(ctx, 2)
+		return errors.Is(err, jetstream.ErrMsgNotFound)
+	})
+	if _, err := s.stream.GetMsg(ctx, 1); err != nil {
+		t.Errorf("the copy waiting for its retry was removed: %v", err)
+	}
+}
+
+// TestSweepForgetsAStreamMadeAgain: copies noted as settled on a stream
+// (or consumer) since deleted and made again are not deleted by their
+// sequence: the new stream reuses sequences, for copies not settled.
+func TestSweepForgetsAStreamMadeAgain(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	ctx := context.Background()
+	d := Destination{Name: "app"}
+	d.defaults()
+	for i := range 3 {
+		put(t, s, "app", fmt.Sprint("old-", i), []byte(`{}`))
+	}
+	old, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	subject := s.Subject("app")
+	// Settled on the old stream, left unswept (NATS away); and a running
+	// sweeper that noted one too.
+	running := newSweeper(s, old, subject)
+	running.settled[2] = time.Now().Add(-sweepGrace)
+	s.keepUnswept(subject, old.CachedInfo().Created, map[uint64]time.Time{3: time.Now().Add(-sweepGrace)})
+
+	// The stream is deleted and made again; its new copies take the same
+	// sequences, none settled.
+	if err := s.js.DeleteStream(ctx, s.cfg.Stream); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(10 * time.Millisecond) // another creation time
+	if _, err := s.js.CreateOrUpdateStream(ctx, streamConfig(s.cfg)); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		put(t, s, "app", fmt.Sprint("new-", i), []byte(`{}`))
+	}
+	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	running.sweep(ctx, true, true)
+	next := newSweeper(s, cons, subject)
+	next.sweep(ctx, true, true)
+	for seq := uint64(2); seq <= 3; seq++ {
+		if _, err := s.stream.GetMsg(ctx, seq); err != nil {
+			t.Errorf("the new stream's copy at sequence %d was deleted: %v", seq, err)
+		}
 	}
 }
