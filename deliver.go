@@ -665,16 +665,22 @@ func (d *delivery) cleanup() {
 		return
 	}
 	if running := releaseStarted(d); running != nil {
-		if rh := running.handle.Load(); rh != nil && (rh == h || sameStream(running.qc, d.qc)) {
-			running.restore(rh, d)
+		// d's store has just reached NATS (the running config's may
+		// be reconnecting, e.g. with credentials being revoked): the
+		// running config's settings go back through it, also when it is
+		// a store of its own (other credentials) on the same stream.
+		if rh := running.handle.Load(); rh == h || rh != nil && sameStream(running.qc, d.qc) {
+			running.restore(h, d)
 		}
 	}
 	_, _ = stores.Delete(d.poolKey)
 }
 
-// sameStream reports whether two configs' queues are one stream on the
-// same NATS servers (their stores differ by credentials, instance or TLS
-// files).
+// sameStream reports whether two configs' queues are one stream on
+// external NATS servers, reached with other credentials, instance names,
+// TLS files or URLs (the same cluster may be named by other URLs). If
+// they are not, applying a config's own settings to its stream again is
+// a request for nothing.
 func sameStream(a, b queue.Config) bool {
 	stream := func(c queue.Config) string {
 		if c.Stream == "" {
@@ -682,28 +688,20 @@ func sameStream(a, b queue.Config) bool {
 		}
 		return c.Stream
 	}
-	return len(a.URLs) > 0 && stream(a) == stream(b) &&
-		slices.Equal(slices.Sorted(slices.Values(a.URLs)), slices.Sorted(slices.Values(b.URLs)))
+	return len(a.URLs) > 0 && len(b.URLs) > 0 && stream(a) == stream(b)
 }
 
 // restore puts back d's stream settings and the ack deadlines of its
 // destinations that newer, a config that started after d, changed (it
 // ran workers of its own for them), before Caddy rolled that reload back
 // (another app failed to start): d, the config still running, carries on
-// as it was. h is d's store. What newer left as it was costs no request
-// to the queue.
+// as it was. The requests go through h, newer's store, which knows the
+// settings newer applied. What newer left as it was costs no request to
+// the queue.
 func (d *delivery) restore(h *storeHandle, newer *delivery) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	var err error
-	if newer.handle.Load() == h {
-		err = h.Reconfigure(ctx, d.qc)
-	} else if d.qc.MaxBytes != newer.qc.MaxBytes || d.qc.DedupeWindow != newer.qc.DedupeWindow || d.qc.Replicas != newer.qc.Replicas {
-		// newer changed the stream through a store of its own: h's
-		// knows nothing of it.
-		err = h.ApplyStream(ctx, d.qc)
-	}
-	if err != nil {
+	if err := h.Reconfigure(ctx, d.qc); err != nil {
 		d.logger.Error("mux_webhook: a reload was rolled back, but the stream keeps its max_bytes, dedupe_window and replicas", zap.Error(err))
 	}
 	for name, dest := range d.destinations {

@@ -5,6 +5,7 @@ package muxwebhook
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -361,11 +363,11 @@ func TestMuxDeliverReloadRotatesNATSPassword(t *testing.T) {
 // ack deadline as the running config has them.
 func TestRolledBackCredentialReloadRestoresTheQueue(t *testing.T) {
 	dir := t.TempDir()
-	port := freePort(t)
+	port, monitor := freePort(t), freePort(t)
 	natsServerWithConfig(t, dir, fmt.Sprintf("127.0.0.1:%d", port),
-		fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q }\n"+
+		fmt.Sprintf("listen: 127.0.0.1:%d\nhttp: 127.0.0.1:%d\njetstream { store_dir: %q }\n"+
 			"authorization { users = [ { user: first, password: first-pw }, { user: second, password: second-pw } ] }\n",
-			port, filepath.Join(dir, "store")))
+			port, monitor, filepath.Join(dir, "store")))
 	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -388,6 +390,26 @@ func TestRolledBackCredentialReloadRestoresTheQueue(t *testing.T) {
 		if err := loadCaddyfile(failing); err == nil {
 			t.Fatalf("reload %d on a busy port succeeded", i+1)
 		}
+	}
+	// The premise: some failed config's queue started (connected as
+	// second) and changed the stream before Caddy rolled it back.
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/connz?state=closed&auth=true", monitor))
+	if err != nil {
+		t.Fatal(err)
+	}
+	type conn struct {
+		User string `json:"authorized_user"`
+	}
+	var connz struct {
+		Conns []conn `json:"connections"`
+	}
+	err = json.NewDecoder(resp.Body).Decode(&connz)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(connz.Conns, func(c conn) bool { return c.User == "second" }) {
+		t.Fatalf("in 16 rolled-back reloads the mux_webhook app never started (no connection as second): nothing was tested; closed connections: %+v", connz.Conns)
 	}
 
 	nc, err := nats.Connect(url, nats.UserInfo("first", "first-pw"))

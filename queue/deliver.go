@@ -483,7 +483,10 @@ func (w *sweeper) sweep(ctx context.Context, always, last bool) bool {
 	}
 	info, err := w.cons.Info(ctx)
 	if err != nil {
-		return false
+		// JetStream answered (no such consumer, no leader yet): NATS was
+		// reached, and the first sweep's work waits for the next one
+		// with copies settled.
+		return answered(err)
 	}
 	if !info.Created.Equal(w.created) {
 		// The consumer (or its stream) was made again: what was noted
@@ -511,13 +514,21 @@ func (w *sweeper) sweep(ctx context.Context, always, last bool) bool {
 	}
 	w.mu.Unlock()
 	for _, seq := range late {
-		// Not found: another instance's purge was first. Another error
-		// (NATS went away): noted again, for a later sweep.
-		if err := w.s.stream.DeleteMsg(ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+		// An answer (not found: another instance's purge was first; not
+		// allowed) settles it; no answer (NATS went away): noted again,
+		// for a later sweep.
+		if err := w.s.stream.DeleteMsg(ctx, seq); err != nil && !answered(err) {
 			w.settle(seq)
 		}
 	}
 	return true
+}
+
+// answered reports whether err is JetStream's answer to a request, rather
+// than no answer (a timeout, a lost connection).
+func answered(err error) bool {
+	var api jetstream.JetStreamError
+	return errors.As(err, &api)
 }
 
 // post sends one attempt; any non-2xx is an error.

@@ -1,6 +1,8 @@
 package queue
 
 import (
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -13,7 +15,7 @@ import (
 // counts every delivery, and its count is the attempt number a backend
 // sees and what max_attempts and the retry schedule go by; without this
 // ledger each reload would use up an attempt of every copy it caught
-// fetched. There is one per stream name in the process, so it outlasts
+// fetched. There is one per stream in the process, so it outlasts
 // the workers of one config, and the Store of one connection (a reload
 // that changes the credentials opens another): the next workers of this
 // process subtract it. A copy that another process takes next, or one
@@ -36,14 +38,17 @@ type handBack struct {
 	delivered uint64
 }
 
-// ledgers holds the handBacks of each stream name. Two streams of one
-// name on different servers in one process (a reload that moved the
-// queue) cannot mix up their entries: an entry applies only to a copy
-// with its sequence and its stored time.
+// ledgers holds the handBacks of each stream: its name, and its
+// directory or NATS URLs (not the credentials, which a reload may
+// change).
 var ledgers sync.Map
 
-func ledgerFor(stream string) *handBacks {
-	h, _ := ledgers.LoadOrStore(stream, &handBacks{})
+func ledgerFor(cfg Config) *handBacks {
+	where := cfg.Dir
+	if len(cfg.URLs) > 0 {
+		where = strings.Join(slices.Sorted(slices.Values(cfg.URLs)), ",")
+	}
+	h, _ := ledgers.LoadOrStore(cfg.Stream+"\x00"+where, &handBacks{})
 	return h.(*handBacks)
 }
 

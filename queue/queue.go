@@ -138,7 +138,7 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	if !streamName.MatchString(cfg.Stream) {
 		return nil, fmt.Errorf("queue: stream name %q: use letters, digits, _ and - only", cfg.Stream)
 	}
-	s := &Store{cfg: cfg, handBacks: ledgerFor(cfg.Stream)}
+	s := &Store{cfg: cfg, handBacks: ledgerFor(cfg)}
 	var err error
 	if len(cfg.URLs) == 0 {
 		if cfg.Dir == "" {
@@ -228,17 +228,6 @@ func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
 	}
 	if cfg.MaxBytes == s.cfg.MaxBytes && cfg.DedupeWindow == s.cfg.DedupeWindow && cfg.Replicas == s.cfg.Replicas {
 		return nil
-	}
-	return s.ApplyStream(ctx, cfg)
-}
-
-// ApplyStream applies cfg's max_bytes, dedupe_window and replicas to the
-// stream even where they are what this Store last applied: another Store
-// on the same stream (other credentials) changed them since.
-func (s *Store) ApplyStream(ctx context.Context, cfg Config) error {
-	cfg = withDefaults(cfg)
-	if cfg.Stream != s.cfg.Stream {
-		return fmt.Errorf("queue: the stream is %s, not %s", s.cfg.Stream, cfg.Stream)
 	}
 	if _, err := s.js.UpdateStream(ctx, streamConfig(cfg)); err != nil {
 		return fmt.Errorf("queue: updating stream %s (max_bytes, dedupe_window, replicas): %v", s.cfg.Stream, err)
