@@ -16,18 +16,8 @@ import (
 // copy waits for its retry); their last sweep does not wait for NATS, and
 // leaves those copies with the Store, whose next workers delete them.
 func TestSweepLeftForTheNextWorkers(t *testing.T) {
-	s := openTest(t, Config{Dir: t.TempDir()})
-	defer s.Close()
-	put(t, s, "app", "waits-for-a-retry", []byte(`{}`)) // sequence 1: the ack floor stays below it
-	put(t, s, "app", "settled", []byte(`{}`))           // sequence 2: settled, above the floor
+	s, cons, subject := sweepSetup(t)
 	ctx := context.Background()
-	d := Destination{Name: "app"}
-	d.defaults()
-	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
-	if err != nil {
-		t.Fatal(err)
-	}
-	subject := s.Subject("app")
 
 	// The stopped workers' Store, its connection lost.
 	nc, err := nats.Connect("", nats.InProcessServer(s.server))
@@ -67,18 +57,8 @@ func TestSweepLeftForTheNextWorkers(t *testing.T) {
 // new workers before it stops the old ones, so what the old ones leave
 // unswept comes after the new sweeper started: it must still be swept.
 func TestSweepLeftWhileTheNextWorkersRun(t *testing.T) {
-	s := openTest(t, Config{Dir: t.TempDir()})
-	defer s.Close()
-	put(t, s, "app", "waits-for-a-retry", []byte(`{}`)) // sequence 1: the ack floor stays below it
-	put(t, s, "app", "settled", []byte(`{}`))           // sequence 2: settled by the old workers, above the floor
+	s, cons, subject := sweepSetup(t)
 	ctx := context.Background()
-	d := Destination{Name: "app"}
-	d.defaults()
-	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
-	if err != nil {
-		t.Fatal(err)
-	}
-	subject := s.Subject("app")
 
 	// The new workers' sweeper runs first...
 	next := newSweeper(s, cons, subject)
@@ -145,4 +125,22 @@ func TestSweepForgetsAStreamMadeAgain(t *testing.T) {
 			t.Errorf("the new stream's copy at sequence %d was deleted: %v", seq, err)
 		}
 	}
+}
+
+// sweepSetup is a store with two copies for destination app: sequence 1
+// waits for its retry (the ack floor stays below it), sequence 2 is the
+// one settled; and app's consumer.
+func sweepSetup(t *testing.T) (*Store, jetstream.Consumer, string) {
+	t.Helper()
+	s := openTest(t, Config{Dir: t.TempDir()})
+	t.Cleanup(s.Close)
+	put(t, s, "app", "waits-for-a-retry", []byte(`{}`))
+	put(t, s, "app", "settled", []byte(`{}`))
+	d := Destination{Name: "app"}
+	d.defaults()
+	cons, err := s.js.CreateOrUpdateConsumer(context.Background(), s.cfg.Stream, s.consumerConfig(d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, cons, s.Subject("app")
 }
