@@ -6,6 +6,7 @@ package muxwebhook
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -13,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -96,9 +98,11 @@ func TestMuxDeliverFailedReloadKeepsTheStream(t *testing.T) {
 }
 
 // TestMuxDeliverStopWaitsOneGrace: stopping several destinations whose
-// backends hang waits one grace period for all of them, not one per
-// destination in turn (a shutdown with 20 slow destinations must not take
-// 20 × 5 s, past systemd's stop timeout).
+// backends hang gives each its grace at the same time, not one after the
+// other (a shutdown with 20 slow destinations must not take 20 × 5 s,
+// past systemd's stop timeout): Caddy's stop returns with every hung
+// attempt cancelled, and the destinations' stops ran together (the
+// count of stops waiting at once, TestDeliveryStopsDestinationsAtOnce).
 func TestMuxDeliverStopWaitsOneGrace(t *testing.T) {
 	const grace = 2 * time.Second
 	old := queue.StopGrace
@@ -107,13 +111,18 @@ func TestMuxDeliverStopWaitsOneGrace(t *testing.T) {
 
 	release := make(chan struct{})
 	var mu sync.Mutex
-	started := map[string]bool{}
+	started, cancelled := map[string]bool{}, map[string]bool{}
 	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		dest := r.Header.Get(queue.HeaderDestination)
+		_, _ = io.ReadAll(r.Body) // then the server notices the client going away
 		mu.Lock()
-		started[r.Header.Get(queue.HeaderDestination)] = true
+		started[dest] = true
 		mu.Unlock()
 		select { // hangs until the attempt is cancelled or the test ends
 		case <-r.Context().Done():
+			mu.Lock()
+			cancelled[dest] = true
+			mu.Unlock()
 		case <-release:
 		}
 	}))
@@ -140,10 +149,41 @@ func TestMuxDeliverStopWaitsOneGrace(t *testing.T) {
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	took := time.Since(begin)
-	t.Logf("stopping %d hanging destinations took %v (grace %v)", len(names), took.Round(time.Millisecond), grace)
-	if took >= 2*grace {
-		t.Errorf("stopping %d destinations with hanging attempts took %v: the grace (%v) was waited once per destination", len(names), took, grace)
+	t.Logf("stopping %d hanging destinations took %v (grace %v)", len(names), time.Since(begin).Round(time.Millisecond), grace)
+	waitFor(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(cancelled) == len(names)
+	}, func() string { return fmt.Sprintf("attempts cancelled by the stop: %v of %v", cancelled, names) })
+}
+
+// TestDeliveryStopsDestinationsAtOnce: a config's stop runs every
+// destination's stop at once: each waits here until all have begun, which
+// stops run one after the other never do (each then gives up, bounded).
+func TestDeliveryStopsDestinationsAtOnce(t *testing.T) {
+	const n = 4
+	var arrived sync.WaitGroup
+	arrived.Add(n)
+	all := make(chan struct{})
+	go func() { arrived.Wait(); close(all) }()
+	var together atomic.Int32
+	d := &delivery{}
+	for range n {
+		d.stops = append(d.stops, func() {
+			arrived.Done()
+			select {
+			case <-all:
+				together.Add(1)
+			case <-time.After(3 * time.Second):
+			}
+		})
+	}
+	d.stop()
+	if got := together.Load(); got != n {
+		t.Errorf("%d of %d destinations' stops ran at the same time", got, n)
+	}
+	if d.stops != nil {
+		t.Error("the stops were kept: a second stop would run them again")
 	}
 }
 
