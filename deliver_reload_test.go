@@ -67,11 +67,6 @@ func TestMuxDeliverReloadRotatesSignSecret(t *testing.T) {
 // config carries on, and so must its stream's limits.
 func TestMuxDeliverFailedReloadKeepsTheStream(t *testing.T) {
 	app := newUpstream(t, "app")
-	busy, err := net.Listen("tcp", "127.0.0.1:0") // makes the reload's http app fail to start
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer busy.Close()
 	dir := filepath.Join(t.TempDir(), "js")
 	queueOpts := func(maxBytes string) string {
 		return fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes %s\n\t\t}\n\t\tdestination app %s\n\t}", dir, maxBytes, app.URL)
@@ -79,15 +74,7 @@ func TestMuxDeliverFailedReloadKeepsTheStream(t *testing.T) {
 	site := fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret)
 	cfg, g := gatewayConfigWith(t, "off", queueOpts("64MiB"), site)
 	g.load(cfg)
-	failing := strings.Replace(cfg, queueOpts("64MiB"), queueOpts("16KiB"), 1) +
-		fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
-	// Caddy starts a config's apps in map order: within a few tries, the
-	// mux_webhook app starts before the http app fails.
-	for i := range 16 {
-		if err := loadCaddyfile(failing); err == nil {
-			t.Fatalf("reload %d on a busy port succeeded", i+1)
-		}
-	}
+	rolledBackReloads(t, strings.Replace(cfg, queueOpts("64MiB"), queueOpts("16KiB"), 1), 16)
 	pad := fmt.Sprintf(`{"pad":%q}`, strings.Repeat("p", 32<<10)) // more than 16 KiB
 	status, _, _ := doAfterReload(t, func() *http.Request {
 		return signedRequest(t, g.url, testSecret, event("video.asset.ready", "after-failed-reload", pad), time.Now())
@@ -194,23 +181,12 @@ func TestDeliveryStopsDestinationsAtOnce(t *testing.T) {
 // Caddy dropped that config).
 func TestMuxDeliverFailedReloadKeepsTheLogger(t *testing.T) {
 	app := newUpstream(t, "app")
-	busy, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer busy.Close()
 	dir := filepath.Join(t.TempDir(), "js")
 	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir, "\t\tdestination app "+app.URL),
 		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
 	g.load(cfg)
 	otherLog := filepath.Join(t.TempDir(), "failed-config.log")
-	failing := strings.Replace(cfg, g.logFile, otherLog, 1) +
-		fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
-	for i := range 16 {
-		if err := loadCaddyfile(failing); err == nil {
-			t.Fatalf("reload %d on a busy port succeeded", i+1)
-		}
-	}
+	rolledBackReloads(t, strings.Replace(cfg, g.logFile, otherLog, 1), 16)
 	status, _, _ := doAfterReload(t, func() *http.Request {
 		return signedRequest(t, g.url, testSecret, event("video.asset.ready", "logged-1", ""), time.Now())
 	})
@@ -258,23 +234,13 @@ func TestMuxDeliverFailedReloadKeepsTheAckDeadline(t *testing.T) {
 	}))
 	t.Cleanup(backend.Close)
 	t.Cleanup(func() { close(done) })
-	busy, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer busy.Close()
 	dir := filepath.Join(t.TempDir(), "js")
 	dest := func(timeout string) string {
 		return fmt.Sprintf("\t\tdestination app %s {\n\t\t\ttimeout %s\n\t\t}", backend.URL, timeout)
 	}
 	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir, dest("30s")), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
 	g.load(cfg)
-	failing := strings.Replace(cfg, dest("30s"), dest("1s"), 1) + fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
-	for i := range 16 {
-		if err := loadCaddyfile(failing); err == nil {
-			t.Fatalf("reload %d on a busy port succeeded", i+1)
-		}
-	}
+	rolledBackReloads(t, strings.Replace(cfg, dest("30s"), dest("1s"), 1), 16)
 	status, _, _ := doAfterReload(t, func() *http.Request {
 		return signedRequest(t, g.url, testSecret, event("video.asset.ready", "slow-1", ""), time.Now())
 	})
@@ -399,5 +365,24 @@ func TestMuxDeliverWarnsOfOrphans(t *testing.T) {
 	}, func() string { return "no warning about gone's queued copy" })
 	if warned["level"] != "warn" || warned["destination"] != "gone" || warned["queued"] != float64(1) {
 		t.Errorf("the warning: %v", warned)
+	}
+}
+
+// rolledBackReloads loads cfg, plus a site on a port already in use, n
+// times: each reload fails in the http app, and Caddy rolls it back. Caddy
+// starts a config's apps in map order: within a few tries, the mux_webhook
+// app starts before the http app fails.
+func rolledBackReloads(t *testing.T, cfg string, n int) {
+	t.Helper()
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	failing := cfg + fmt.Sprintf("\nhttp://%s {\n\trespond 204\n}\n", busy.Addr())
+	for i := range n {
+		if err := loadCaddyfile(failing); err == nil {
+			t.Fatalf("reload %d on a busy port succeeded", i+1)
+		}
 	}
 }
