@@ -365,9 +365,9 @@ func (d *delivery) warnOrphans(ctx context.Context) {
 	}
 }
 
-// workerKeySalt makes worker keys hashes no one can test a guessed
+// poolKeySalt makes pool keys (workers, NATS stores) hashes no one can test a guessed
 // secret against.
-var workerKeySalt = func() []byte {
+var poolKeySalt = func() []byte {
 	b := make([]byte, 32)
 	_, _ = rand.Read(b)
 	return b
@@ -393,7 +393,7 @@ func workerKey(dc *DestinationConfig, dest queue.Destination, signSecret []byte)
 // this process's random salt: it tells values apart in a pool key without
 // holding them.
 func saltedHash(fields ...[]byte) string {
-	m := hmac.New(sha256.New, workerKeySalt)
+	m := hmac.New(sha256.New, poolKeySalt)
 	for _, b := range fields {
 		var n [8]byte
 		binary.BigEndian.PutUint64(n[:], uint64(len(b)))
