@@ -365,8 +365,8 @@ func (d *delivery) warnOrphans(ctx context.Context) {
 	}
 }
 
-// poolKeySalt makes pool keys (workers, NATS stores) hashes no one can test a guessed
-// secret against.
+// poolKeySalt makes the pool keys' hashes (workers, NATS stores) ones no
+// one can test a guessed secret against.
 var poolKeySalt = func() []byte {
 	b := make([]byte, 32)
 	_, _ = rand.Read(b)
