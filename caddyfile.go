@@ -348,6 +348,7 @@ func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 //		max_attempts <n>
 //		max_age <duration>
 //		concurrency <n>
+//		stall_after <duration>
 //		sign <secret>
 //		header <name> <value>
 //	}
@@ -360,15 +361,18 @@ func parseDestination(d *caddyfile.Dispenser) (string, *DestinationConfig, error
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		opt := d.Val()
 		switch opt {
-		case "timeout", "max_age":
+		case "timeout", "max_age", "stall_after":
 			dur, err := parsePositiveDuration(d, "destination "+name+" "+opt)
 			if err != nil {
 				return "", nil, err
 			}
-			if opt == "timeout" {
+			switch opt {
+			case "timeout":
 				dc.Timeout = dur
-			} else {
+			case "max_age":
 				dc.MaxAge = dur
+			default:
+				dc.StallAfter = dur
 			}
 		case "retry":
 			delays := d.RemainingArgs()
@@ -410,7 +414,7 @@ func parseDestination(d *caddyfile.Dispenser) (string, *DestinationConfig, error
 			}
 			dc.Header[k] = v
 		default:
-			return "", nil, d.Errf("mux_webhook: unknown destination option %q; expected timeout, retry, max_attempts, max_age, concurrency, sign or header", opt)
+			return "", nil, d.Errf("mux_webhook: unknown destination option %q; expected timeout, retry, max_attempts, max_age, concurrency, stall_after, sign or header", opt)
 		}
 	}
 	return name, dc, nil

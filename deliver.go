@@ -105,6 +105,11 @@ type DestinationConfig struct {
 	// Concurrency is how many attempts run at once per Caddy instance.
 	// Default: 4.
 	Concurrency int `json:"concurrency,omitempty"`
+	// StallAfter: when events wait this long past their due attempt with
+	// nothing attempted (by any instance), the destination is stalled:
+	// said by the status, an ERROR line and the
+	// caddy_mux_webhook_queue_stalled metric. Default: 1m.
+	StallAfter caddy.Duration `json:"stall_after,omitempty"`
 	// Sign re-signs every attempt with this secret ({env.*} or {file.*}
 	// as for mux_webhook); without it, Mux's original signature is sent.
 	Sign string `json:"sign,omitempty"`
@@ -123,6 +128,44 @@ type storeHandle struct {
 
 	mu    sync.Mutex
 	stats map[string]*destinationStats // by destination name
+	watch map[string]*stallWatch       // by destination name
+}
+
+// stallWatch is a destination's watchdog and what it last found.
+type stallWatch struct {
+	queue.Watchdog
+	stalled bool
+	since   time.Time // nothing progressed since then
+}
+
+// checkStall reads a destination's latest status into its watchdog and
+// reports whether it is stalled now, since when, and whether that
+// changed.
+func (s *storeHandle) checkStall(dest queue.Destination, st queue.Status, now time.Time) (stalled bool, since time.Time, changed bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.watch == nil {
+		s.watch = map[string]*stallWatch{}
+	}
+	w := s.watch[dest.Name]
+	if w == nil {
+		w = &stallWatch{}
+		s.watch[dest.Name] = w
+	}
+	stalled, since = w.Check(dest, st, now)
+	changed = stalled != w.stalled
+	w.stalled, w.since = stalled, since
+	return stalled, since, changed
+}
+
+// stall is what the watchdog last found of destination.
+func (s *storeHandle) stall(destination string) (stalled bool, since time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if w := s.watch[destination]; w != nil {
+		return w.stalled, w.since
+	}
+	return false, time.Time{}
 }
 
 // started are the configs whose queue started, oldest first, whatever
@@ -284,6 +327,11 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 			return nil, errors.New("mux_webhook: queue nats: a TLS client certificate needs both its cert and its key file")
 		}
 		qc.URLs, qc.Creds, qc.User, qc.Password, qc.Token, qc.Replicas = n.URLs, n.Creds, n.User, password, token, n.Replicas
+		// Read again at each connection: a password rotated on the server
+		// and then in its {file.*} is taken up at the next reconnection,
+		// without a reload.
+		qc.PasswordFunc = rereadSecret(n.Password, password)
+		qc.TokenFunc = rereadSecret(n.Token, token)
 		qc.TLSCA, qc.TLSCert, qc.TLSKey = n.TLSCA, n.TLSClientCert, n.TLSClientKey
 		qc.Name = "mux_webhook " + d.instance
 		// The instance is in the key: a reload that renames it opens a
@@ -292,13 +340,45 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 		// {file.*} and reloaded connects anew with it.
 		d.poolKey = "mux_webhook.queue.nats." + strings.Join(n.URLs, ",") + "." + cfg.Stream + "." + d.instance +
 			"." + n.TLSCA + "." + n.TLSClientCert + "." + n.TLSClientKey +
-			"." + saltedHash([]byte(n.Creds), []byte(n.User), []byte(password), []byte(token))
+			"." + saltedHash([]byte(n.Creds), credsContent(n.Creds), []byte(n.User), []byte(password), []byte(token))
 	}
+	qc.Logger = d.logger
 	d.qc = qc
 	for name, cfgJSON := range d.workerKeys {
 		d.workerKeys[name] = d.poolKey + ".destination." + name + "." + cfgJSON
 	}
 	return d, nil
+}
+
+// rereadSecret returns a function that resolves raw's {env.*} and
+// {file.*} placeholders again at each call, or nil when raw has none;
+// while they resolve to nothing, it keeps last, the value resolved at
+// load.
+func rereadSecret(raw, last string) func() string {
+	if !strings.Contains(raw, "{") {
+		return nil
+	}
+	return func() string {
+		v, err := caddy.NewReplacer().ReplaceOrErr(raw, true, true)
+		if err != nil || v == "" {
+			return last
+		}
+		return v
+	}
+}
+
+// credsContent is a creds file's content, for the pool key: a file fixed
+// in place (an expired JWT replaced) and reloaded connects anew with it.
+// Unreadable, it is nil: connecting will say why.
+func credsContent(path string) []byte {
+	if path == "" {
+		return nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	return b
 }
 
 // instanceName is what an instance may be called: it appears in log
@@ -412,12 +492,12 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, []byte
 	if !strings.HasPrefix(dc.URL, "http://") && !strings.HasPrefix(dc.URL, "https://") {
 		return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: url %q must start with http:// or https://", name, redactURL(dc.URL))
 	}
-	if dc.Timeout < 0 || dc.MaxAge < 0 || dc.MaxAttempts < 0 || dc.Concurrency < 0 {
-		return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: timeout, max_age, max_attempts and concurrency must not be negative", name)
+	if dc.Timeout < 0 || dc.MaxAge < 0 || dc.MaxAttempts < 0 || dc.Concurrency < 0 || dc.StallAfter < 0 {
+		return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: timeout, max_age, max_attempts, concurrency and stall_after must not be negative", name)
 	}
 	d := queue.Destination{
 		Name: name, URL: dc.URL, Timeout: time.Duration(dc.Timeout), MaxAttempts: dc.MaxAttempts,
-		MaxAge: time.Duration(dc.MaxAge), Concurrency: dc.Concurrency,
+		MaxAge: time.Duration(dc.MaxAge), Concurrency: dc.Concurrency, StallAfter: time.Duration(dc.StallAfter),
 	}
 	if len(dc.Header) > 0 {
 		// Values may hold a token: {env.*} and {file.*} are resolved
@@ -467,6 +547,22 @@ func (d *delivery) start() error {
 			dest.OnError = func(err error) {
 				d := w.observe.Load()
 				d.logger.Warn("mux webhook delivery: the queue's subscription failed; pulling again",
+					zap.String("destination", dest.Name), zap.String("instance", d.instance), zap.Error(err))
+			}
+			var lastFailure time.Time // OnRestart's calls come one at a time
+			dest.OnRestart = func(err error) {
+				d := w.observe.Load()
+				if err == nil {
+					lastFailure = time.Time{}
+					d.logger.Warn("mux webhook delivery: the destination's consumer was gone (deleted, or its stream made again); made it again and delivering",
+						zap.String("destination", dest.Name), zap.String("instance", d.instance))
+					return
+				}
+				if time.Since(lastFailure) < time.Minute {
+					return
+				}
+				lastFailure = time.Now()
+				d.logger.Error("mux webhook delivery: the destination's consumer is gone and cannot be made again; its events wait, trying again every few seconds",
 					zap.String("destination", dest.Name), zap.String("instance", d.instance), zap.Error(err))
 			}
 			stop, err := d.store().Deliver(context.Background(), dest, w.observeAttempt)
@@ -556,6 +652,17 @@ func (d *delivery) gauges(ctx context.Context) {
 	for {
 		d.dropRemovedGauges()
 		up := 1.0
+		if d.store().Down() != nil {
+			// Not connected, or the embedded store refuses writes: no
+			// reading needed to say so (it would wait out its timeout).
+			muxMetrics.queueUp.Set(0)
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				continue
+			}
+		}
 		for name := range d.destinations {
 			qctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
 			st, err := d.store().Status(qctx, name)
@@ -573,6 +680,7 @@ func (d *delivery) gauges(ctx context.Context) {
 				oldest = time.Since(st.Oldest).Seconds()
 			}
 			muxMetrics.queueOldest.WithLabelValues(name).Set(oldest)
+			d.watchStall(name, st)
 		}
 		if ctx.Err() == nil {
 			muxMetrics.queueUp.Set(up)
@@ -582,6 +690,33 @@ func (d *delivery) gauges(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+	}
+}
+
+// watchStall runs the destination's watchdog on its latest status: the
+// metric, and an ERROR line when it stalls (INFO when it no longer is).
+func (d *delivery) watchStall(name string, st queue.Status) {
+	h := d.handle.Load()
+	stalled, since, changed := h.checkStall(d.destinations[name], st, time.Now())
+	v := 0.0
+	if stalled {
+		v = 1
+	}
+	muxMetrics.queueStalled.WithLabelValues(name).Set(v)
+	if !changed {
+		return
+	}
+	fields := []zap.Field{zap.String("destination", name), zap.Uint64("pending", st.Pending), zap.Uint64("in_flight", st.InFlight),
+		zap.Time("since", since), zap.String("instance", d.instance)}
+	if stalled {
+		hint := "no worker took a copy that was due: check the ERROR lines before this one"
+		if st.NoConsumer {
+			hint = "the destination has no consumer in the stream, and no worker could make it again"
+		}
+		d.logger.Error("mux webhook delivery stalled: events wait and nothing was attempted for longer than their retry schedule allows",
+			append(fields, zap.String("why", hint))...)
+	} else {
+		d.logger.Info("mux webhook delivery is no longer stalled", fields...)
 	}
 }
 
@@ -602,6 +737,7 @@ func (d *delivery) dropRemovedGauges() {
 			muxMetrics.queuePending.DeleteLabelValues(name)
 			muxMetrics.queueDead.DeleteLabelValues(name)
 			muxMetrics.queueOldest.DeleteLabelValues(name)
+			muxMetrics.queueStalled.DeleteLabelValues(name)
 			delete(gauged.names, name)
 		}
 	}

@@ -43,6 +43,11 @@ type QueueStatus struct {
 	OldestPendingSeconds float64 `json:"oldest_pending_seconds"`
 	LastError            string  `json:"last_error"`
 	Instance             string  `json:"instance"`
+	// Stalled is set while events wait and nothing was attempted for
+	// longer than their retry schedule allows (stall_after past the next
+	// due attempt); StalledSince (RFC 3339) is when progress stopped.
+	Stalled      bool   `json:"stalled"`
+	StalledSince string `json:"stalled_since,omitempty"`
 }
 
 // serveQueue serves the queue's admin endpoints; sub is the path after
@@ -78,6 +83,9 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 			}
 			stat := h.stat(name)
 			qs.Delivered, qs.LastError = stat.delivered, stat.lastError
+			if stalled, since := h.stall(name); stalled {
+				qs.Stalled, qs.StalledSince = true, since.UTC().Format(time.RFC3339)
+			}
 			out = append(out, qs)
 		}
 		return writeJSON(w, out)

@@ -23,6 +23,7 @@ var muxMetrics = struct {
 	queuePending *prometheus.GaugeVec
 	queueDead    *prometheus.GaugeVec
 	queueOldest  *prometheus.GaugeVec
+	queueStalled *prometheus.GaugeVec
 	deliveries   *prometheus.CounterVec
 	deliveryTime *prometheus.HistogramVec
 	enqueueFails *prometheus.CounterVec
@@ -67,6 +68,10 @@ func registerMetrics(registry *prometheus.Registry) error {
 			Namespace: ns, Subsystem: sub, Name: "queue_oldest_pending_seconds",
 			Help: "Age of the oldest event queued for a destination and not yet delivered (0 when none).",
 		}, []string{"destination"})
+		muxMetrics.queueStalled = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "queue_stalled",
+			Help: "1 while a destination is stalled: events wait and nothing was attempted for longer than their retry schedule allows (the destination's stall_after, default 1m, past the next due attempt); else 0.",
+		}, []string{"destination"})
 		muxMetrics.deliveries = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "deliveries_total",
 			Help: "Delivery attempts by this instance, by destination and result: delivered, retry, dead.",
@@ -105,7 +110,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 // muxCollectors are the plugin's metrics, once registerMetrics made them.
 func muxCollectors() []prometheus.Collector {
 	return []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
-		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.deliveries, muxMetrics.deliveryTime,
+		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.queueStalled, muxMetrics.deliveries, muxMetrics.deliveryTime,
 		muxMetrics.enqueueFails, muxMetrics.queueUp, muxMetrics.instance}
 }
 

@@ -55,6 +55,10 @@ type Destination struct {
 	MaxAttempts int             // 0: until MaxAge
 	MaxAge      time.Duration   // then the copy becomes a dead letter
 	Concurrency int             // attempts in flight in this process
+	// StallAfter: copies waiting this long past their due time with
+	// nothing attempted make the destination stalled (Watchdog).
+	// Default: DefaultStallAfter.
+	StallAfter time.Duration
 	// Sign, if set, makes the Mux-Signature of each attempt; else Mux's
 	// original header is sent.
 	Sign   func(body []byte, at time.Time) string
@@ -63,6 +67,12 @@ type Destination struct {
 	// heartbeats of a consumer's leader that died, a lost connection):
 	// the workers carry on and pull again.
 	OnError func(error)
+	// OnRestart, if set, hears of the workers subscribing anew by
+	// themselves, after their consumer was deleted, their stream made
+	// again or their subscription ended for good: with nil once they
+	// pull again, else with why they cannot yet (they try again every
+	// few seconds).
+	OnRestart func(error)
 }
 
 // Attempt is what one delivery attempt did.
@@ -90,6 +100,9 @@ func (d *Destination) defaults() {
 	if d.Concurrency == 0 {
 		d.Concurrency = DefaultConcurrency
 	}
+	if d.StallAfter == 0 {
+		d.StallAfter = DefaultStallAfter
+	}
 }
 
 // delay is the wait after attempt n (from 1) failed.
@@ -105,9 +118,19 @@ func (s *Store) deadSubject(destination string) string {
 // the attempts in progress (at most the destination's timeout).
 var StopGrace = 5 * time.Second
 
+// superviseInterval is how often a destination's workers check that
+// their consumer still exists (and sooner, when their subscription
+// reports an error).
+const superviseInterval = 2 * time.Second
+
 // Deliver runs d's workers until ctx ends or stop is called; observe, if
 // set, hears of every attempt. Several processes running Deliver for the
 // same destination on one stream share the work (one durable consumer).
+//
+// The workers heal themselves: a consumer deleted by hand, a stream made
+// again (restored from a backup) or a subscription ended for good is
+// noticed within seconds, and the consumer (and the stream, if gone) made
+// again; d.OnRestart hears of it.
 func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt)) (stop func(), err error) {
 	if !ValidDestination(d.Name) {
 		return nil, fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", d.Name)
@@ -115,112 +138,66 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 	d.defaults()
 	var cons jetstream.Consumer
 	err = retrySetup(ctx, func(ctx context.Context) (err error) {
-		cons, err = s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
-		if err != nil {
-			return err
-		}
-		// On a cluster, the consumer may have no leader yet (just created,
-		// or its node died): a pull sent now would find no one and be
-		// tried again only once the heartbeats are missed.
-		info, err := cons.Info(ctx)
-		if err == nil && info.Cluster != nil && info.Cluster.Leader == "" {
-			err = errNoLeader
-		}
+		cons, err = s.makeConsumer(ctx, d)
 		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("queue: consumer for %s: %v", d.Name, err)
 	}
-	client := &http.Client{
-		Timeout: d.Timeout,
-		CheckRedirect: func(*http.Request, []*http.Request) error {
-			return http.ErrUseLastResponse // redirects are answers, not followed
-		},
-	}
 	ctx, cancel := context.WithCancel(ctx)
+	w := &workerRun{
+		s: s, d: &d, observe: observe, ctx: ctx,
+		client: &http.Client{
+			Timeout: d.Timeout,
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return http.ErrUseLastResponse // redirects are answers, not followed
+			},
+		},
+		slots: make(chan struct{}, d.Concurrency),
+		poke:  make(chan struct{}, 1),
+	}
 	// The sweeper outlives the attempts, for a last sweep of what they
 	// settled.
-	sw := newSweeper(s, cons, s.Subject(d.Name))
+	w.sw = newSweeper(s, cons, s.Subject(d.Name))
 	swCtx, swCancel := context.WithCancel(context.WithoutCancel(ctx))
 	swept := make(chan struct{})
 	go func() {
 		defer close(swept)
-		sw.run(swCtx)
+		w.sw.run(swCtx)
 	}()
-	slots := make(chan struct{}, d.Concurrency)
-	var mu sync.Mutex // guards stopped and wg.Add against stop
-	stopped := false
-	var wg sync.WaitGroup
-	isStopped := func() bool {
-		mu.Lock()
-		defer mu.Unlock()
-		return stopped
-	}
-	cc, err := cons.Consume(func(msg jetstream.Msg) {
-		if isStopped() {
-			s.handBack(msg) // stopping: back to the queue at once, for another worker
-			return
-		}
-		select {
-		case slots <- struct{}{}:
-		case <-ctx.Done():
-			s.handBack(msg)
-			return
-		}
-		mu.Lock()
-		if stopped {
-			mu.Unlock()
-			<-slots
-			s.handBack(msg)
-			return
-		}
-		wg.Add(1)
-		mu.Unlock()
-		// The ack deadline ran while the copy waited for a slot: start it
-		// again, so that the server does not hand it to another worker
-		// while this one attempts it.
-		_ = msg.InProgress()
-		go func() {
-			defer wg.Done()
-			defer func() { <-slots }()
-			a := s.attempt(ctx, client, &d, msg, sw)
-			if observe != nil {
-				observe(a)
-			}
-		}()
-	}, jetstream.PullMaxMessages(d.Concurrency),
-		// A pull waits at the consumer's leader. If that node dies, or
-		// the pull found no leader, the missing heartbeats are what tells:
-		// one a second, a new pull after two are missed (the default, half
-		// the 30s expiry, would leave the destination idle for 30s after
-		// a failover).
-		jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(time.Second),
-		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-			if d.OnError != nil {
-				d.OnError(err)
-			}
-		}))
+	cc, err := w.consume(cons)
 	if err != nil {
 		cancel()
 		swCancel()
 		<-swept
 		return nil, fmt.Errorf("queue: consuming %s: %v", d.Name, err)
 	}
+	supCtx, supCancel := context.WithCancel(ctx)
+	supervised := make(chan struct{})
+	go func() {
+		defer close(supervised)
+		w.supervise(supCtx, cons, cc)
+	}()
 	var once sync.Once
 	stop = func() {
 		once.Do(func() {
-			mu.Lock()
-			stopped = true
-			mu.Unlock()
+			w.mu.Lock()
+			w.stopped = true
+			w.mu.Unlock()
+			supCancel()
+			<-supervised // no new subscription from here on: w.cc is the last
 			// Copies fetched but not started go back to the queue at once
 			// (not after AckWait); attempts in progress get a grace
 			// period to finish, so that a stop does not make a backend
 			// see an event twice. Then they are cancelled and retried.
 			// (The callback stores nothing once stopped: it only hands
 			// copies back, noting that those deliveries were no attempts.)
-			cc.Drain()
+			w.mu.Lock()
+			last := w.cc
+			w.mu.Unlock()
+			last.Drain()
 			idle := make(chan struct{})
-			go func() { wg.Wait(); close(idle) }()
+			go func() { w.wg.Wait(); close(idle) }()
 			grace := time.NewTimer(min(d.Timeout, StopGrace))
 			select {
 			case <-idle:
@@ -239,6 +216,168 @@ func (s *Store) Deliver(ctx context.Context, d Destination, observe func(Attempt
 		stop()
 	}()
 	return stop, nil
+}
+
+// workerRun is one destination's running workers: their subscription
+// (made again when it is lost), the slots of their attempts in flight,
+// and their sweeper.
+type workerRun struct {
+	s       *Store
+	d       *Destination
+	client  *http.Client
+	observe func(Attempt)
+	ctx     context.Context // the attempts'; cancelled at the end of a stop
+	sw      *sweeper
+	slots   chan struct{}
+	poke    chan struct{} // the subscription reported an error: check now
+
+	mu      sync.Mutex // guards stopped, cc and wg.Add against stop
+	stopped bool
+	cc      jetstream.ConsumeContext // the current subscription
+	wg      sync.WaitGroup
+}
+
+// makeConsumer creates (or updates) d's durable consumer, and the stream
+// first if it is gone. On a cluster, it waits for the consumer's leader:
+// a pull sent with none would find no one and be tried again only once
+// the heartbeats are missed.
+func (s *Store) makeConsumer(ctx context.Context, d Destination) (jetstream.Consumer, error) {
+	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		if err = s.ensureStream(ctx); err == nil {
+			cons, err = s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	info, err := cons.Info(ctx)
+	if err == nil && info.Cluster != nil && info.Cluster.Leader == "" {
+		err = errNoLeader
+	}
+	return cons, err
+}
+
+// consume subscribes the workers to cons.
+func (w *workerRun) consume(cons jetstream.Consumer) (jetstream.ConsumeContext, error) {
+	cc, err := cons.Consume(w.handle, jetstream.PullMaxMessages(w.d.Concurrency),
+		// A pull waits at the consumer's leader. If that node dies, or
+		// the pull found no leader, the missing heartbeats are what tells:
+		// one a second, a new pull after two are missed (the default, half
+		// the 30s expiry, would leave the destination idle for 30s after
+		// a failover).
+		jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(time.Second),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			if w.d.OnError != nil {
+				w.d.OnError(err)
+			}
+			select { // the supervisor checks the consumer now
+			case w.poke <- struct{}{}:
+			default:
+			}
+		}))
+	if err != nil {
+		return nil, err
+	}
+	w.mu.Lock()
+	w.cc = cc
+	w.mu.Unlock()
+	return cc, nil
+}
+
+// handle is the subscription's callback: it starts an attempt of msg in a
+// free slot, or hands msg back when the workers stop.
+func (w *workerRun) handle(msg jetstream.Msg) {
+	w.mu.Lock()
+	stopped := w.stopped
+	w.mu.Unlock()
+	if stopped {
+		w.s.handBack(msg) // stopping: back to the queue at once, for another worker
+		return
+	}
+	select {
+	case w.slots <- struct{}{}:
+	case <-w.ctx.Done():
+		w.s.handBack(msg)
+		return
+	}
+	w.mu.Lock()
+	if w.stopped {
+		w.mu.Unlock()
+		<-w.slots
+		w.s.handBack(msg)
+		return
+	}
+	w.wg.Add(1)
+	w.mu.Unlock()
+	// The ack deadline ran while the copy waited for a slot: start it
+	// again, so that the server does not hand it to another worker while
+	// this one attempts it.
+	_ = msg.InProgress()
+	go func() {
+		defer w.wg.Done()
+		defer func() { <-w.slots }()
+		a := w.s.attempt(w.ctx, w.client, w.d, msg, w.sw)
+		if w.observe != nil {
+			w.observe(a)
+		}
+	}()
+}
+
+// supervise keeps the workers subscribed until ctx ends: when the
+// subscription ended by itself (a terminal pull error, a connection
+// closed), or the consumer is gone (deleted by hand, its stream deleted or
+// made again), it makes the consumer again and subscribes anew, trying
+// every superviseInterval until it can. A consumer that exists but does
+// not answer (NATS away, an election) is waited for: the subscription
+// pulls again by itself.
+func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc jetstream.ConsumeContext) {
+	t := time.NewTicker(superviseInterval)
+	defer t.Stop()
+	ended := cc.Closed() // nil once cc was stopped here: a closed channel would spin
+	broken := false      // cc was stopped, and no new subscription made yet
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ended:
+			ended = nil
+			broken = true
+		case <-w.poke:
+		case <-t.C:
+		}
+		if !broken {
+			ictx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			_, err := cons.Info(ictx)
+			cancel()
+			if !errors.Is(err, jetstream.ErrConsumerNotFound) && !errors.Is(err, jetstream.ErrStreamNotFound) {
+				continue
+			}
+			cc.Stop()
+			ended, broken = nil, true
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		mctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		nc, err := w.s.makeConsumer(mctx, *w.d)
+		cancel()
+		var ncc jetstream.ConsumeContext
+		if err == nil {
+			ncc, err = w.consume(nc)
+		}
+		if err != nil {
+			if ctx.Err() == nil && w.d.OnRestart != nil {
+				w.d.OnRestart(err)
+			}
+			continue
+		}
+		w.sw.setConsumer(nc)
+		cons, cc, ended, broken = nc, ncc, ncc.Closed(), false
+		if w.d.OnRestart != nil {
+			w.d.OnRestart(nil)
+		}
+	}
 }
 
 // consumerConfig is the durable consumer that d's workers share.
@@ -427,6 +566,21 @@ func (w *sweeper) adopt() {
 	w.mu.Unlock()
 }
 
+// setConsumer makes the sweeper read the ack floor of cons, the
+// workers' consumer made again.
+func (w *sweeper) setConsumer(cons jetstream.Consumer) {
+	w.mu.Lock()
+	w.cons = cons
+	w.mu.Unlock()
+}
+
+// consumer is the workers' current consumer.
+func (w *sweeper) consumer() jetstream.Consumer {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.cons
+}
+
 // settle records that the copy at stream sequence seq was settled.
 func (w *sweeper) settle(seq uint64) {
 	w.mu.Lock()
@@ -481,7 +635,7 @@ func (w *sweeper) sweep(ctx context.Context, always, last bool) bool {
 		// sweep (or the next workers', see run).
 		return false
 	}
-	info, err := w.cons.Info(ctx)
+	info, err := w.consumer().Info(ctx)
 	if err != nil {
 		// JetStream answered (no such consumer, no leader yet): NATS was
 		// reached, and the first sweep's work waits for the next one
@@ -761,6 +915,11 @@ type Status struct {
 	// Oldest is when the oldest copy not yet delivered was stored; zero
 	// when there is none.
 	Oldest time.Time
+	// LastDelivered is when the stream last handed a copy to a worker of
+	// any instance (an attempt began); zero if never, or if the
+	// destination has no consumer (NoConsumer).
+	LastDelivered time.Time
+	NoConsumer    bool
 }
 
 // Status reports destination's queue, from the stream: the same on every
@@ -777,8 +936,11 @@ func (s *Store) Status(ctx context.Context, destination string) (Status, error) 
 	}
 	st.Dead = info.State.Subjects[s.deadSubject(destination)]
 	cons, err := stream.Consumer(ctx, "deliver_"+destination)
-	if errors.Is(err, jetstream.ErrConsumerNotFound) {
-		// No worker ever ran: everything stored is pending.
+	if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrNotPullConsumer) {
+		// No worker ever ran, or the consumer was deleted, or one made by
+		// hand in its place is no use to the workers: everything stored
+		// is pending.
+		st.NoConsumer = true
 		st.Pending = info.State.Subjects[s.Subject(destination)]
 		if st.Pending > 0 {
 			st.Oldest = s.firstAfter(ctx, stream, destination, 0)
@@ -793,6 +955,9 @@ func (s *Store) Status(ctx context.Context, destination string) (Status, error) 
 		return st, err
 	}
 	st.Pending, st.InFlight = ci.NumPending, uint64(ci.NumAckPending)
+	if ci.Delivered.Last != nil {
+		st.LastDelivered = *ci.Delivered.Last
+	}
 	if st.Pending+st.InFlight > 0 {
 		st.Oldest = s.firstAfter(ctx, stream, destination, ci.AckFloor.Stream)
 	}

@@ -24,6 +24,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
 )
 
 // Defaults, as SPEC's "Delivery queue" section documents them.
@@ -66,6 +67,13 @@ type Config struct {
 	// DedupeWindow: an event id is stored once per destination within it.
 	// Default: 24h.
 	DedupeWindow time.Duration
+	// Logger receives the queue's own log lines and the embedded NATS
+	// server's warnings and errors. Nil: none.
+	Logger *zap.Logger
+	// PasswordFunc and TokenFunc, if set, are asked at each connection to
+	// the external server instead of Password and Token: a secret rotated
+	// in its file is used at the next reconnection, without a reload.
+	PasswordFunc, TokenFunc func() string
 }
 
 // Message is one queued copy of a verified event for one destination.
@@ -94,6 +102,10 @@ type Store struct {
 	stream jetstream.Stream // the stream's handle: its methods name it, no lookup each time
 
 	handBacks *handBacks // deliveries handed back without an attempt, per copy of the stream
+
+	log     *zap.Logger
+	natsLog *natsLog      // the embedded server's log, with its latest error
+	done    chan struct{} // closed by Close: ends heal
 
 	unsweptMu sync.Mutex
 	unswept   map[string]unswept // per subject: settled copies stopped workers could not delete
@@ -138,7 +150,10 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	if !streamName.MatchString(cfg.Stream) {
 		return nil, fmt.Errorf("queue: stream name %q: use letters, digits, _ and - only", cfg.Stream)
 	}
-	s := &Store{cfg: cfg, handBacks: ledgerFor(cfg)}
+	s := &Store{cfg: cfg, handBacks: ledgerFor(cfg), log: cfg.Logger, done: make(chan struct{})}
+	if s.log == nil {
+		s.log = zap.NewNop()
+	}
 	var err error
 	if len(cfg.URLs) == 0 {
 		if cfg.Dir == "" {
@@ -151,11 +166,12 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 			DontListen: true,       // in-process connections only: no port
 			SyncAlways: syncAlways, // fsync before every acknowledgement
 			NoSigs:     true,
-			NoLog:      true,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("queue: embedded NATS server: %v", err)
 		}
+		s.natsLog = &natsLog{log: s.log.Named("nats")}
+		s.server.SetLogger(s.natsLog, true, false)
 		s.server.Start()
 		if !s.server.ReadyForConnections(10 * time.Second) {
 			s.server.Shutdown()
@@ -167,7 +183,21 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 		if cfg.Name != "" {
 			name = cfg.Name
 		}
-		opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1)}
+		// Never given up: not after an auth error twice (an expired creds
+		// file or a password rotated on the server first, fixed later),
+		// not after any number of failed reconnections. While it is away,
+		// mux_deliver answers 503 and Down says why.
+		opts := []nats.Option{nats.Name(name), nats.MaxReconnects(-1), nats.IgnoreAuthErrorAbort(),
+			nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+				if err != nil {
+					s.log.Error("mux_webhook queue: disconnected from NATS; reconnecting", zap.Error(err))
+				}
+			}),
+			nats.ReconnectHandler(func(*nats.Conn) { s.log.Info("mux_webhook queue: reconnected to NATS") }),
+			nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+				s.log.Warn("mux_webhook queue: NATS", zap.Error(err))
+			}),
+		}
 		if cfg.TLSCA != "" {
 			opts = append(opts, nats.RootCAs(cfg.TLSCA))
 		}
@@ -177,8 +207,13 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 		switch {
 		case cfg.Creds != "":
 			opts = append(opts, nats.UserCredentials(cfg.Creds))
+		case cfg.User != "" && cfg.PasswordFunc != nil:
+			user, password := cfg.User, cfg.PasswordFunc
+			opts = append(opts, nats.UserInfoHandler(func() (string, string) { return user, password() }))
 		case cfg.User != "":
 			opts = append(opts, nats.UserInfo(cfg.User, cfg.Password))
+		case cfg.TokenFunc != nil:
+			opts = append(opts, nats.TokenHandler(cfg.TokenFunc))
 		case cfg.Token != "":
 			opts = append(opts, nats.Token(cfg.Token))
 		}
@@ -199,6 +234,9 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	if err != nil {
 		s.Close()
 		return nil, fmt.Errorf("queue: creating stream %s: %v", cfg.Stream, err)
+	}
+	if s.server != nil {
+		go s.heal(s.done)
 	}
 	return s, nil
 }
@@ -310,6 +348,13 @@ func (s *Store) Enqueue(ctx context.Context, m Message) (duplicate bool, err err
 	if !ValidDestination(m.Destination) {
 		return false, fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", m.Destination)
 	}
+	if s.server != nil {
+		// The embedded store refuses writes (a full disk): no answer would
+		// come before ctx ends; Mux is told at once.
+		if down := s.Down(); down != nil {
+			return false, fmt.Errorf("queue: not stored: %w", down)
+		}
+	}
 	msg := nats.NewMsg(s.Subject(m.Destination))
 	msg.Data = m.Body
 	for k, v := range m.Header {
@@ -319,13 +364,44 @@ func (s *Store) Enqueue(ctx context.Context, m Message) (duplicate bool, err err
 	msg.Header.Set(HeaderEventType, m.Type)
 	msg.Header.Set(jetstream.MsgIDHeader, dedupeID(m.Destination, m.EventID))
 	ack, err := s.js.PublishMsg(ctx, msg)
+	if err != nil && noStream(err) && s.Down() == nil {
+		// No stream takes the subject: it was deleted (by hand, or to
+		// restore a backup). It is made again, and the copy stored in it.
+		if s.ensureStream(ctx) == nil {
+			ack, err = s.js.PublishMsg(ctx, msg)
+		}
+	}
 	if err != nil {
 		if isFull(err) {
 			return false, ErrFull
 		}
+		if down := s.Down(); down != nil {
+			return false, fmt.Errorf("queue: not stored: %w", down)
+		}
 		return false, fmt.Errorf("queue: not stored: %w", err)
 	}
 	return ack.Duplicate, nil
+}
+
+// noStream reports whether a publish found no stream for its subject.
+func noStream(err error) bool {
+	return errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) ||
+		errors.Is(err, jetstream.ErrStreamNotFound)
+}
+
+// ensureStream makes the stream again if it is gone, with the store's
+// settings; one that exists is left as it is.
+func (s *Store) ensureStream(ctx context.Context) error {
+	_, err := s.js.Stream(ctx, s.cfg.Stream)
+	if !errors.Is(err, jetstream.ErrStreamNotFound) {
+		return err
+	}
+	if _, err = s.js.CreateStream(ctx, streamConfig(s.cfg)); err != nil && !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+		s.log.Error("mux_webhook queue: the stream is gone and could not be made again", zap.String("stream", s.cfg.Stream), zap.Error(err))
+		return err
+	}
+	s.log.Warn("mux_webhook queue: the stream was gone (deleted by hand?); made it again", zap.String("stream", s.cfg.Stream))
+	return nil
 }
 
 // storeFailed is JetStream's error code for a message it could not store
@@ -362,6 +438,13 @@ func (s *Store) Pending(ctx context.Context, destination string) (uint64, error)
 
 // Close drains the connection and shuts the embedded server down.
 func (s *Store) Close() {
+	if s.done != nil {
+		select {
+		case <-s.done:
+		default:
+			close(s.done)
+		}
+	}
 	if s.conn != nil {
 		s.conn.Close()
 	}

@@ -1,0 +1,404 @@
+package muxwebhook
+
+// The queue heals itself (SPEC, "When things fail"): a NATS connection
+// refused for good, a consumer or stream deleted by hand, a full disk
+// under the embedded store; and a stall is never silent. Each against real
+// processes: the built Caddy, real nats-server processes, a real full
+// filesystem.
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// healGateway is the built Caddy with an admin API, one site that queues
+// every verified event for destination app, and the given mux_webhook
+// global option.
+type healGateway struct {
+	base, admin string
+	out         *syncBuffer
+	cmd         *exec.Cmd
+}
+
+func startHealGateway(t *testing.T, global string) *healGateway {
+	t.Helper()
+	port, admin := freePort(t), freePort(t)
+	cfg := fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	auto_https off
+	persist_config off
+	default_bind 127.0.0.1
+	log {
+		format json
+	}
+%s
+}
+
+http://127.0.0.1:%d {
+	mux_webhook %s
+	mux_deliver app
+}
+`, admin, global, port, testSecret)
+	dir := t.TempDir()
+	g := &healGateway{base: fmt.Sprintf("http://127.0.0.1:%d", port), admin: fmt.Sprintf("http://127.0.0.1:%d", admin)}
+	g.out, g.cmd = runCaddyIn(t, caddyBinary(t), cfg, dir, dir, nil)
+	waitForLong(t, 30*time.Second, func() bool {
+		resp, err := http.Get(g.admin + "/mux-webhook/queue")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil && resp.StatusCode == http.StatusOK
+	}, func() string { return tail(g.out.String(), 4096) })
+	return g
+}
+
+// send posts one signed event and returns the status (0: no answer).
+func (g *healGateway) send(t *testing.T, id string) int {
+	t.Helper()
+	status, _ := postEvent(http.DefaultClient, g.base, event("video.asset.ready", id, ""))
+	return status
+}
+
+// logged reports whether the gateway's output has a line at level whose
+// message holds msg.
+func (g *healGateway) logged(level, msg string) bool {
+	for _, line := range strings.Split(g.out.String(), "\n") {
+		if strings.Contains(line, `"level":"`+level+`"`) && strings.Contains(line, msg) {
+			return true
+		}
+	}
+	return false
+}
+
+func (g *healGateway) status(t *testing.T) QueueStatus {
+	t.Helper()
+	var list []QueueStatus
+	if code := getJSON(t, g.admin+"/mux-webhook/queue", &list); code != 200 || len(list) != 1 {
+		t.Fatalf("queue status %d: %+v", code, list)
+	}
+	return list[0]
+}
+
+// sendAll sends each id until it is answered 202, as Mux does (bounded by
+// limit), and fails the test for one never accepted.
+func (g *healGateway) sendAll(t *testing.T, limit time.Duration, ids ...string) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for _, id := range ids {
+		for g.send(t, id) != http.StatusAccepted {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s never answered 202 within %s\n%s", id, limit, tail(g.out.String(), 4096))
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+}
+
+// waitDelivered waits until backend received every id (bounded by limit)
+// and returns how many deliveries were repeats.
+func waitDelivered(t *testing.T, b *recordingBackend, limit time.Duration, out *syncBuffer, ids ...string) int {
+	t.Helper()
+	waitForLong(t, limit, func() bool {
+		got := b.received()
+		for _, id := range ids {
+			if got[id] == 0 {
+				return false
+			}
+		}
+		return true
+	}, func() string {
+		got := b.received()
+		var missing []string
+		for _, id := range ids {
+			if got[id] == 0 {
+				missing = append(missing, id)
+			}
+		}
+		return fmt.Sprintf("never delivered: %v\n%s", missing, tail(out.String(), 4096))
+	})
+	repeats := 0
+	for _, n := range b.received() {
+		repeats += max(n-1, 0)
+	}
+	return repeats
+}
+
+func ids(prefix string, n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("%s-%d", prefix, i)
+	}
+	return out
+}
+
+// jetStreamOf connects to the NATS server at url for the test's own
+// hand-made faults.
+func jetStreamOf(t *testing.T, url string, opts ...nats.Option) jetstream.JetStream {
+	t.Helper()
+	nc, err := nats.Connect(url, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
+}
+
+// TestFaultConsumerAndStreamDeletedByHand: a destination's consumer
+// deleted (`nats consumer rm`), then the whole stream deleted (`nats
+// stream rm`, as before restoring a backup): every event answered 202
+// afterwards is delivered, with no reload or restart, and the WARN line
+// says what was made again.
+func TestFaultConsumerAndStreamDeletedByHand(t *testing.T) {
+	natsURL, _ := natsServer(t)
+	backend := newRecordingBackend(t, 0, nil)
+	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t}\n\t}", natsURL, backend.URL))
+	js := jetStreamOf(t, natsURL)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	g.sendAll(t, 10*time.Second, "first")
+	waitDelivered(t, backend, 15*time.Second, g.out, "first")
+	// Swept from the stream, so that the consumer made again does not
+	// deliver it again.
+	waitForLong(t, 10*time.Second, func() bool { return g.status(t).Pending+g.status(t).InFlight == 0 }, func() string { return "first never settled" })
+
+	if err := js.DeleteConsumer(ctx, "MUX_WEBHOOK", "deliver_app"); err != nil {
+		t.Fatal(err)
+	}
+	afterConsumer := ids("after-consumer", 5)
+	g.sendAll(t, 10*time.Second, afterConsumer...)
+	waitDelivered(t, backend, 20*time.Second, g.out, afterConsumer...)
+	if !g.logged("warn", "consumer was gone") {
+		t.Error("no WARN line said the consumer was made again")
+	}
+
+	if err := js.DeleteStream(ctx, "MUX_WEBHOOK"); err != nil {
+		t.Fatal(err)
+	}
+	afterStream := ids("after-stream", 5)
+	g.sendAll(t, 10*time.Second, afterStream...)
+	repeats := waitDelivered(t, backend, 20*time.Second, g.out, afterStream...)
+	if !g.logged("warn", "made it again") {
+		t.Error("no WARN line said the stream was made again")
+	}
+	t.Logf("11 events across a deleted consumer and a deleted stream: all delivered, %d repeats", repeats)
+}
+
+// TestFaultNATSAuthRotated: the external server's password is rotated on
+// the server first (it restarts with the new one): the gateway's
+// reconnections are refused again and again, which nats.go would end for
+// good. Meanwhile mux_deliver answers 503 (Mux retries) and an ERROR line
+// says why; once the new password is in the gateway's {file.*}, it
+// reconnects by itself, with no reload, and every event answered 202
+// before and after is delivered.
+func TestFaultNATSAuthRotated(t *testing.T) {
+	dir := t.TempDir()
+	port := freePort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	store := t.TempDir()
+	natsConf := func(password string) string {
+		return fmt.Sprintf("listen: %s\njetstream { store_dir: %q }\nauthorization { user: mux, password: %q }\n", addr, store, password)
+	}
+	server := natsServerWithConfig(t, dir, addr, natsConf("old-secret-1"))
+	pwFile := filepath.Join(dir, "nats-password")
+	if err := os.WriteFile(pwFile, []byte("old-secret-1"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	backend := newRecordingBackend(t, 0, nil)
+	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats nats://%s {\n\t\t\t\tuser mux\n\t\t\t\tpassword {file.%s}\n\t\t\t}\n\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t}\n\t}", addr, pwFile, backend.URL))
+	g.sendAll(t, 10*time.Second, "before")
+	waitDelivered(t, backend, 15*time.Second, g.out, "before")
+
+	// The server first: SIGKILL, and up again on the same store with the
+	// new password.
+	if err := server.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = server.Wait()
+	natsServerWithConfig(t, t.TempDir(), addr, natsConf("new-secret-2"))
+	// Long enough for nats.go to be refused twice (it reconnects every
+	// 2s), which ended the connection for good before.
+	deadline := time.Now().Add(8 * time.Second)
+	for time.Now().Before(deadline) {
+		if status := g.send(t, "while-refused"); status != http.StatusServiceUnavailable {
+			t.Fatalf("while NATS refuses the gateway: %d, want 503", status)
+		}
+		time.Sleep(time.Second)
+	}
+	if !g.logged("error", "could not queue the event") {
+		t.Error("no ERROR line for the events answered 503")
+	}
+	if up := scrape(t, g.admin)["caddy_mux_webhook_queue_up"]; up != 0 {
+		t.Errorf("caddy_mux_webhook_queue_up is %v while NATS refuses the gateway, want 0", up)
+	}
+
+	if err := os.WriteFile(pwFile, []byte("new-secret-2"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	after := append([]string{"while-refused"}, ids("after", 5)...)
+	g.sendAll(t, 30*time.Second, after...)
+	waitDelivered(t, backend, 20*time.Second, g.out, after...)
+	for _, secret := range []string{"old-secret-1", "new-secret-2"} {
+		if strings.Contains(g.out.String(), secret) {
+			t.Errorf("the gateway's output shows the password %q", secret)
+		}
+	}
+}
+
+// TestFaultStalledDestination: a destination whose copies nobody takes (a
+// consumer made by hand as a push consumer in its place: it exists, so
+// nothing makes it again, and the workers' pulls are refused) is not
+// silent: within stall_after past the due attempt, its status says
+// stalled, an ERROR line says so and caddy_mux_webhook_queue_stalled is
+// 1. Once the hand-made consumer is removed, the workers make theirs
+// again, everything is delivered, and the stall clears.
+func TestFaultStalledDestination(t *testing.T) {
+	natsURL, _ := natsServer(t)
+	backend := newRecordingBackend(t, 0, nil)
+	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t}\n\t\tdestination app %s {\n\t\t\ttimeout 1s\n\t\t\tretry 200ms\n\t\t\tstall_after 1s\n\t\t}\n\t}", natsURL, backend.URL))
+	js := jetStreamOf(t, natsURL)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// The push consumer in its place (made with the low-level API: the
+	// jetstream package makes pull consumers only). The workers make
+	// theirs again as soon as it is gone: delete and add until the push
+	// consumer is the one that stands.
+	nc, err := nats.Connect(natsURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	legacy, err := nc.JetStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for try := 0; ; try++ {
+		if try == 50 {
+			t.Fatal("could not put a push consumer in the workers' place")
+		}
+		_ = js.DeleteConsumer(ctx, "MUX_WEBHOOK", "deliver_app")
+		if _, err := legacy.AddConsumer("MUX_WEBHOOK", &nats.ConsumerConfig{
+			Durable: "deliver_app", FilterSubject: "MUX_WEBHOOK.deliver.app", AckPolicy: nats.AckExplicitPolicy,
+			DeliverSubject: "nobody.listens.here",
+		}); err == nil {
+			break
+		}
+	}
+	stuck := ids("stuck", 3)
+	g.sendAll(t, 10*time.Second, stuck...)
+	waitForLong(t, 30*time.Second, func() bool { return g.status(t).Stalled }, func() string {
+		return fmt.Sprintf("never stalled: %+v\n%s", g.status(t), tail(g.out.String(), 4096))
+	})
+	st := g.status(t)
+	if st.StalledSince == "" || st.Pending+st.InFlight != 3 {
+		t.Errorf("stalled status: %+v", st)
+	}
+	if !g.logged("error", "mux webhook delivery stalled") {
+		t.Error("no ERROR line said the destination is stalled")
+	}
+	if v := scrape(t, g.admin)[`caddy_mux_webhook_queue_stalled{destination="app"}`]; v != 1 {
+		t.Errorf(`caddy_mux_webhook_queue_stalled{destination="app"} = %v, want 1`, v)
+	}
+	if len(backend.received()) != 0 {
+		t.Fatalf("delivered while stalled: %v", backend.received())
+	}
+
+	if err := js.DeleteConsumer(ctx, "MUX_WEBHOOK", "deliver_app"); err != nil {
+		t.Fatal(err)
+	}
+	waitDelivered(t, backend, 20*time.Second, g.out, stuck...)
+	waitForLong(t, 20*time.Second, func() bool { return !g.status(t).Stalled }, func() string { return "still stalled after delivering" })
+	if !g.logged("info", "no longer stalled") {
+		t.Error("no INFO line said the stall cleared")
+	}
+	if v := scrape(t, g.admin)[`caddy_mux_webhook_queue_stalled{destination="app"}`]; v != 0 {
+		t.Errorf(`caddy_mux_webhook_queue_stalled{destination="app"} = %v after the stall, want 0`, v)
+	}
+}
+
+// TestFaultEmbeddedDiskFull: the embedded store's filesystem (a real,
+// small tmpfs) fills: mux_deliver answers 503 (never 202 for what is not
+// stored), an ERROR line gives nats-server's reason; once the filler is
+// deleted, the gateway accepts and delivers again by itself, and every
+// event answered 202 before, during and after is delivered.
+func TestFaultEmbeddedDiskFull(t *testing.T) {
+	caddyBinary(t)
+	mnt := t.TempDir()
+	if os.Geteuid() != 0 {
+		t.Skip("a full disk needs a small filesystem of its own: mounting a tmpfs needs root")
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", mnt).CombinedOutput(); err != nil {
+		t.Skipf("a full disk needs a small filesystem of its own: mount -t tmpfs failed: %v: %s", err, out)
+	}
+	// Unmounted after Caddy has stopped (cleanups run last-in first-out).
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", "-l", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount: %v: %s", err, out)
+		}
+	})
+	backend := newRecordingBackend(t, 0, nil)
+	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 4MiB\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t}\n\t}", filepath.Join(mnt, "js"), backend.URL))
+	g.sendAll(t, 10*time.Second, "before")
+	waitDelivered(t, backend, 15*time.Second, g.out, "before")
+
+	filler := filepath.Join(mnt, "filler")
+	f, err := os.Create(filler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 1<<20)
+	for range 64 {
+		if _, err := f.Write(chunk); err != nil {
+			break
+		}
+	}
+	f.Close()
+	accepted := []string{}
+	refused := ""
+	for i := 0; i < 200 && refused == ""; i++ {
+		id := "full-" + strconv.Itoa(i)
+		switch status := g.send(t, id); status {
+		case http.StatusAccepted:
+			accepted = append(accepted, id)
+		case http.StatusServiceUnavailable:
+			refused = id
+		default:
+			t.Fatalf("%s: %d", id, status)
+		}
+	}
+	if refused == "" {
+		t.Fatal("a full disk never made mux_deliver answer 503")
+	}
+	waitForLong(t, 10*time.Second, func() bool { return g.logged("error", "embedded store stopped") }, func() string {
+		return "no ERROR line said why the store stopped\n" + tail(g.out.String(), 4096)
+	})
+	if status := g.send(t, "while-full"); status != http.StatusServiceUnavailable {
+		t.Errorf("while the disk is full: %d, want 503", status)
+	}
+
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	after := append([]string{refused, "while-full"}, ids("after", 5)...)
+	g.sendAll(t, 30*time.Second, after...)
+	repeats := waitDelivered(t, backend, 30*time.Second, g.out, append(accepted, after...)...)
+	if !g.logged("info", "accepts events again") {
+		t.Error("no INFO line said the store accepts events again")
+	}
+	t.Logf("disk full after %d events accepted; all %d delivered after it was freed, %d repeats", len(accepted), len(accepted)+len(after), repeats)
+}

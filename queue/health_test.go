@@ -1,0 +1,229 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+// deliveredIDs are the Idempotency-Keys a backend answered 2xx to.
+func deliveredIDs(b *backend) map[string]int {
+	reqs, _ := b.requests()
+	out := map[string]int{}
+	for _, r := range reqs {
+		out[r.Header.Get("Idempotency-Key")]++
+	}
+	return out
+}
+
+// restarts records the OnRestart reports of a destination's workers.
+type restarts struct {
+	mu   sync.Mutex
+	ok   int
+	errs []error
+}
+
+func (r *restarts) on(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err == nil {
+		r.ok++
+	} else {
+		r.errs = append(r.errs, err)
+	}
+}
+
+func (r *restarts) recovered() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ok
+}
+
+// TestWorkersRecoverADeletedConsumer: a destination's consumer deleted by
+// hand (`nats consumer rm`) is noticed and made again by the workers
+// themselves: every event queued afterwards is delivered, with no reload.
+func TestWorkersRecoverADeletedConsumer(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	b := newBackend(t, func(int) int { return http.StatusNoContent })
+	var rs restarts
+	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, OnRestart: rs.on}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	put(t, s, "app", "before", []byte(`{"id":"before"}`))
+	waitUntil(t, "the first delivery", func() bool { return deliveredIDs(b)["before"] == 1 })
+	// Swept from the stream (within sweepInterval): a copy delivered but
+	// not yet swept when the consumer goes is delivered again by the one
+	// made anew, a repeat Idempotency-Key tells.
+	waitUntil(t, "the delivered copy swept", func() bool { return pending(t, s, "app") == 0 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.js.DeleteConsumer(ctx, s.cfg.Stream, "deliver_app"); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		put(t, s, "app", fmt.Sprintf("after-%d", i), []byte(fmt.Sprintf(`{"id":"after-%d"}`, i)))
+	}
+	waitUntil(t, "every event queued after the deletion delivered", func() bool {
+		got := deliveredIDs(b)
+		for i := range 5 {
+			if got[fmt.Sprintf("after-%d", i)] == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	if rs.recovered() == 0 {
+		t.Error("the workers did not report subscribing anew")
+	}
+	if n := deliveredIDs(b)["before"]; n != 1 {
+		t.Errorf("the event delivered before the deletion was delivered %d times", n)
+	}
+}
+
+// TestWorkersRecoverADeletedStream: the stream deleted (to restore a
+// backup, say) is made again by the next Enqueue or by the workers, and
+// delivery goes on.
+func TestWorkersRecoverADeletedStream(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	b := newBackend(t, func(int) int { return http.StatusNoContent })
+	var rs restarts
+	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, OnRestart: rs.on}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.js.DeleteStream(ctx, s.cfg.Stream); err != nil {
+		t.Fatal(err)
+	}
+	put(t, s, "app", "after-stream", []byte(`{"id":"after-stream"}`))
+	waitUntil(t, "delivery into the stream made again", func() bool { return deliveredIDs(b)["after-stream"] == 1 })
+	if rs.recovered() == 0 {
+		t.Error("the workers did not report subscribing anew")
+	}
+}
+
+// TestEmbeddedStoreRecoversFromAFullDisk: the embedded store's filesystem
+// fills (a real, small tmpfs): nats-server shuts its JetStream down;
+// Enqueue fails with ErrDown and the server's reason, logged at ERROR.
+// Once the filler is deleted, the store accepts and delivers again, with
+// no restart, and nothing stored before is lost.
+func TestEmbeddedStoreRecoversFromAFullDisk(t *testing.T) {
+	dir := smallFilesystem(t, "24m")
+	core, logs := observer.New(zap.DebugLevel)
+	s := openTest(t, Config{Dir: filepath.Join(dir, "js"), MaxBytes: 4 << 20, Logger: zap.New(core)})
+	defer s.Close()
+	b := newBackend(t, func(int) int { return http.StatusServiceUnavailable })
+	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{100 * time.Millisecond}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	put(t, s, "app", "kept", []byte(`{"id":"kept"}`))
+
+	filler := filepath.Join(dir, "filler")
+	fill(t, filler)
+	var failed error
+	body := []byte(`{"id":"x","pad":"` + strings.Repeat("p", 64<<10) + `"}`)
+	for i := 0; i < 200 && failed == nil; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, failed = s.Enqueue(ctx, Message{Destination: "app", EventID: []byte(fmt.Sprintf(`"fill-%d"`, i)), ID: "fill", Body: body})
+		cancel()
+	}
+	if failed == nil {
+		t.Fatal("a full disk never refused an event")
+	}
+	t.Logf("refused: %v", failed)
+	for _, e := range logs.FilterLevelExact(zap.ErrorLevel).All() {
+		t.Logf("log: %s", e.Message)
+	}
+	waitUntil(t, "the store saying it is down", func() bool { return errors.Is(s.Down(), ErrDown) })
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	_, err = s.Enqueue(ctx, Message{Destination: "app", EventID: []byte(`"while-full"`), ID: "while-full", Body: []byte(`{}`)})
+	cancel()
+	if !errors.Is(err, ErrDown) {
+		t.Errorf("Enqueue on a full disk: %v, want ErrDown", err)
+	}
+	waitUntil(t, "an ERROR line with the reason", func() bool {
+		return logs.FilterLevelExact(zap.ErrorLevel).FilterMessageSnippet("embedded store stopped").Len() > 0
+	})
+
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	b.setFail(func(int) int { return http.StatusNoContent })
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := s.Enqueue(ctx, Message{Destination: "app", EventID: []byte(`"after-full"`), ID: "after-full", Body: []byte(`{"id":"after-full"}`)})
+		cancel()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("still refused 30s after the disk had room: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	waitUntil(t, "the copies stored before and after delivered", func() bool {
+		got := deliveredIDs(b)
+		return got["kept"] > 0 && got["after-full"] > 0
+	})
+	if logs.FilterMessageSnippet("accepts events again").Len() == 0 {
+		t.Error("no log line said the store accepts events again")
+	}
+}
+
+// smallFilesystem mounts a tmpfs of size under a temporary directory,
+// unmounted when the test ends; it skips, saying why, where it cannot
+// (not root, no mount).
+func smallFilesystem(t *testing.T, size string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if os.Geteuid() != 0 {
+		t.Skip("a full disk needs a small filesystem of its own: mounting one needs root")
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("a full disk needs a small filesystem of its own: mount -t tmpfs failed: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", "-l", dir).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v: %s", dir, err, out)
+		}
+	})
+	return dir
+}
+
+// fill writes to path until its filesystem is full.
+func fill(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	chunk := make([]byte, 1<<20)
+	for range 4096 {
+		if _, err := f.Write(chunk); err != nil {
+			return
+		}
+	}
+	t.Fatal("the filesystem never filled")
+}
