@@ -317,6 +317,9 @@ func TestFaultStalledDestination(t *testing.T) {
 	if len(backend.received()) != 0 {
 		t.Fatalf("delivered while stalled: %v", backend.received())
 	}
+	if out, err := exec.Command(caddyBinary(t), "mux-webhook", "queue", "--address", strings.TrimPrefix(g.admin, "http://")).CombinedOutput(); err != nil || !strings.Contains(string(out), "STALLED: app:") {
+		t.Errorf("caddy mux-webhook queue while stalled: %v\n%s", err, out)
+	}
 
 	if err := js.DeleteConsumer(ctx, "MUX_WEBHOOK", "deliver_app"); err != nil {
 		t.Fatal(err)

@@ -66,19 +66,25 @@ the admin address of --config, else localhost:2019).
 					fmt.Fprintf(out, "instance %s: pending, in flight, dead and oldest are the shared queue's; delivered and last error are this instance's\n", printable(list[0].Instance))
 				}
 				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "DESTINATION\tSTATUS\tPENDING\tIN FLIGHT\tDELIVERED\tDEAD\tOLDEST PENDING\tLAST ERROR")
+				fmt.Fprintln(tw, "DESTINATION\tPENDING\tIN FLIGHT\tDELIVERED\tDEAD\tOLDEST PENDING\tLAST ERROR")
+				var stalled []QueueStatus
 				for _, q := range list {
 					oldest := "-"
 					if q.OldestPendingSeconds > 0 {
 						oldest = (time.Duration(q.OldestPendingSeconds) * time.Second).String()
 					}
-					status := "ok"
+					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\n", printable(q.Name), q.Pending, q.InFlight, q.Delivered, q.Dead, oldest, printable(q.LastError))
 					if q.Stalled {
-						status = "STALLED since " + printable(q.StalledSince)
+						stalled = append(stalled, q)
 					}
-					fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%s\t%s\n", printable(q.Name), status, q.Pending, q.InFlight, q.Delivered, q.Dead, oldest, printable(q.LastError))
 				}
-				return tw.Flush()
+				if err := tw.Flush(); err != nil {
+					return err
+				}
+				for _, q := range stalled {
+					fmt.Fprintf(out, "STALLED: %s: events wait and none was attempted since %s; see the ERROR lines 'mux webhook delivery stalled'\n", printable(q.Name), printable(q.StalledSince))
+				}
+				return nil
 			case verb == "dead" && len(args) == 1:
 				var dead []struct {
 					ID        string    `json:"id"`
