@@ -33,7 +33,7 @@ func (h lockHolder) String() string {
 
 // ErrDirInUse is wrapped by Open's error when another process (or another
 // open store of this one) holds the store directory.
-var ErrDirInUse = errors.New("the store directory is in use")
+var ErrDirInUse = errors.New("in use by another process")
 
 // dirLock is a held store directory; release lets it go.
 type dirLock struct {
@@ -64,8 +64,8 @@ func lockDir(dir string) (*dirLock, error) {
 			holder = h.String()
 		}
 		f.Close()
-		return nil, fmt.Errorf("queue: %w: %s is in use by another process (%s): give each Caddy its own queue dir, or share one NATS cluster (queue { nats … })",
-			ErrDirInUse, dir, holder)
+		return nil, fmt.Errorf("queue: the store directory %s is %w (%s): give each Caddy its own queue dir, or share one NATS cluster (queue { nats … })",
+			dir, ErrDirInUse, holder)
 	}
 	host, _ := os.Hostname()
 	b, _ := json.Marshal(lockHolder{PID: os.Getpid(), Host: strings.TrimSpace(host), Since: time.Now().UTC()})

@@ -46,7 +46,7 @@ const (
 // take on top: generous, an event's id and type are a few dozen bytes.
 const (
 	MaxEvent   = 16 << 20
-	HeaderRoom = 256 << 10
+	HeaderRoom = 64 << 10
 	// embeddedMaxPayload is the embedded server's max_payload: any event
 	// mux_webhook accepts, and its dead letter, fit. (NATS's default, 1
 	// MiB, refused events near max_body's default for ever.) Above 8 MiB
@@ -281,6 +281,9 @@ func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
 	cfg = withDefaults(cfg)
 	if cfg.Stream != s.cfg.Stream {
 		return fmt.Errorf("queue: the stream is %s in the running Caddy; a reload cannot rename it (its queued events would wait forever): keep stream %s, or give the new stream its own dir", s.cfg.Stream, s.cfg.Stream)
+	}
+	if err := s.checkMaxPayload(cfg); err != nil {
+		return err
 	}
 	if cfg.MaxBytes == s.cfg.MaxBytes && cfg.DedupeWindow == s.cfg.DedupeWindow && cfg.Replicas == s.cfg.Replicas {
 		return nil
