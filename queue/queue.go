@@ -85,15 +85,14 @@ type Config struct {
 	Stream string
 	// MaxBytes bounds the stream. Default: 1 GiB.
 	MaxBytes int64
-	// DedupeWindow: an event id is stored once per destination within it.
-	// Default: 24h.
-	DedupeWindow time.Duration
 	// MaxBody is the largest event body the queue must take (the largest
 	// max_body of the mux_webhook handlers feeding it). An external
 	// server whose max_payload cannot hold it and its headers
 	// (HeaderRoom) is an error. Default: 1 MiB.
 	MaxBody int64
-
+	// DedupeWindow: an event id is stored once per destination within it.
+	// Default: 24h.
+	DedupeWindow time.Duration
 	// Logger receives the queue's own log lines and the embedded NATS
 	// server's warnings and errors. Nil: none.
 	Logger *zap.Logger
