@@ -69,7 +69,8 @@ func waitQueueOpen(t *testing.T, admin string, out *syncBuffer) {
 // first's PID, and leaves the lock file naming the first; the first keeps
 // accepting and delivers each event once. Events it cannot deliver yet
 // stay queued when it is SIGKILLed; a new process on the dir then starts
-// (the lock died with its holder) and delivers each of them once.
+// (the lock died with its holder) and delivers each of them once (events
+// delivered just before the kill may come again: counted).
 func TestFaultStoreDirTwoProcesses(t *testing.T) {
 	var failing atomic.Bool
 	backend := newRecordingBackend(t, 0, func(string) bool { return failing.Load() })
@@ -112,6 +113,12 @@ func TestFaultStoreDirTwoProcesses(t *testing.T) {
 	waitFor(t, func() bool { return len(backend.received()) == n }, func() string {
 		return fmt.Sprintf("%d of %d delivered by the first process", len(backend.received()), n)
 	})
+	time.Sleep(300 * time.Millisecond) // nothing more arrives
+	for id, times := range backend.received() {
+		if times != 1 {
+			t.Errorf("%s delivered %d times by the first process, want once", id, times)
+		}
+	}
 
 	// Queued, not deliverable yet; then the first process is killed.
 	failing.Store(true)
@@ -132,11 +139,20 @@ func TestFaultStoreDirTwoProcesses(t *testing.T) {
 		return fmt.Sprintf("%d of %d delivered after the restart:\n%s", len(backend.received()), 2*n, tail(out3.String(), 4096))
 	})
 	time.Sleep(300 * time.Millisecond) // nothing more arrives
+	// Nothing lost; the held events, never delivered before, once each.
+	// A copy the first process had delivered just before its SIGKILL may
+	// come again (at least once: its settlement was not on disk yet):
+	// counted, not a failure of the lock.
+	repeated := 0
 	for id, times := range backend.received() {
-		if times != 1 {
+		switch {
+		case strings.HasPrefix(id, "held-") && times != 1:
 			t.Errorf("%s delivered %d times, want once", id, times)
+		case times > 1:
+			repeated++
 		}
 	}
+	t.Logf("after SIGKILL and a restart on the dir: %d held events delivered once each; %d of the %d events delivered before the kill came again", n, repeated, n)
 	if now, _ := os.ReadFile(lockFile); !strings.Contains(string(now), `"pid":`) || string(now) == string(holder) {
 		t.Errorf("the lock file after the restart: %q; want the new holder", now)
 	}
