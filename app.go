@@ -43,6 +43,17 @@ type App struct {
 	Destinations map[string]*DestinationConfig `json:"destinations,omitempty"`
 
 	delivery *delivery
+
+	// maxBody is the largest max_body of the config's mux_webhook
+	// handlers (they tell the app when they are provisioned, before it
+	// starts): the queue's messages must hold such an event.
+	maxBody int64
+}
+
+// takesBody records that a mux_webhook handler of this config accepts
+// bodies of up to n bytes.
+func (a *App) takesBody(n int64) {
+	a.maxBody = max(a.maxBody, n)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -96,6 +107,7 @@ var running atomic.Pointer[App]
 // Start starts the delivery workers, if destinations are configured.
 func (a *App) Start() error {
 	if a.delivery != nil {
+		a.delivery.qc.MaxBody = a.maxBody
 		if err := a.delivery.start(); err != nil {
 			return err
 		}

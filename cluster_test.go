@@ -655,6 +655,7 @@ func TestQueueNATSTLS(t *testing.T) {
 	conf := filepath.Join(pki, "nats.conf")
 	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`host: 127.0.0.1
 port: %d
+max_payload: 2MB
 jetstream {
   store_dir: %q
 }

@@ -285,6 +285,17 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 	if cfg.MaxBytes < 0 || cfg.DedupeWindow < 0 || cfg.EnqueueTimeout < 0 {
 		return nil, errors.New("mux_webhook: queue max_bytes, dedupe_window and enqueue_timeout must not be negative")
 	}
+	if cfg.NATS == nil {
+		// One spelling per directory: the store's pool key, its workers'
+		// keys and the hand-back ledger name it, so that a reload to
+		// `dir D/` or to a symlink to D shares the open store (a second
+		// store on it would be refused: the directory is locked).
+		dir, err := canonicalDir(cfg.Dir)
+		if err != nil {
+			return nil, err
+		}
+		cfg.Dir = dir
+	}
 	d := &delivery{
 		cfg: cfg, destinations: map[string]queue.Destination{}, workerKeys: map[string]string{}, logger: ctx.Logger(),
 		instance: hostname(), opened: make(chan struct{}),
@@ -303,6 +314,7 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 	}
 	qc := queue.Config{
 		Dir: cfg.Dir, Stream: cfg.Stream, MaxBytes: cfg.MaxBytes, DedupeWindow: time.Duration(cfg.DedupeWindow),
+		Logger: d.logger,
 	}
 	d.poolKey = "mux_webhook.queue.dir." + cfg.Dir
 	if n := cfg.NATS; n != nil {
@@ -342,7 +354,6 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 			"." + n.TLSCA + "." + n.TLSClientCert + "." + n.TLSClientKey +
 			"." + saltedHash([]byte(n.Creds), credsContent(n.Creds), []byte(n.User), []byte(password), []byte(token))
 	}
-	qc.Logger = d.logger
 	d.qc = qc
 	for name, cfgJSON := range d.workerKeys {
 		d.workerKeys[name] = d.poolKey + ".destination." + name + "." + cfgJSON
@@ -380,6 +391,27 @@ func credsContent(path string) []byte {
 	}
 	return b
 }
+
+// canonicalDir is the store directory as one path: absolute, symlinks
+// resolved. It creates the directory (0700) if it does not exist: a path
+// that does not exist yet has no resolved form.
+func canonicalDir(dir string) (string, error) {
+	abs, err := filepath.Abs(dir)
+	if err == nil {
+		err = os.MkdirAll(abs, 0o700)
+	}
+	if err == nil {
+		abs, err = filepath.EvalSymlinks(abs)
+	}
+	if err != nil {
+		return "", fmt.Errorf("mux_webhook: queue dir %s: %v: give the queue a directory Caddy can create and write", dir, err)
+	}
+	return abs, nil
+}
+
+// The embedded queue's message limit holds an event of the largest
+// max_body: this fails to build if it did not.
+const _ = uint64(queue.MaxEvent - MaxMaxBody)
 
 // instanceName is what an instance may be called: it appears in log
 // lines, a metric label and the NATS connection's name.

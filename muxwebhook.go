@@ -93,7 +93,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	// The mux_webhook app's live log settings apply to this config, or,
 	// without the global option, their defaults.
-	if _, err := ctx.AppIfConfigured("mux_webhook"); errors.Is(err, caddy.ErrNotConfigured) {
+	app, err := ctx.AppIfConfigured("mux_webhook")
+	if errors.Is(err, caddy.ErrNotConfigured) {
 		_ = (&App{}).Provision(ctx) // cannot fail: it only applies defaults
 	} else if err != nil {
 		return fmt.Errorf("mux_webhook: loading the mux_webhook app: %v", err)
@@ -114,6 +115,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// only after Provision.
 	if err := h.Validate(); err != nil {
 		return err
+	}
+	if app, ok := app.(*App); ok {
+		app.takesBody(h.MaxBody) // the queue must hold such an event
 	}
 	secrets, err := resolveSecrets(h.Secrets)
 	if err != nil {

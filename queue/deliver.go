@@ -702,8 +702,13 @@ func (s *Store) post(ctx context.Context, client *http.Client, d *Destination, m
 	req.Header.Set(HeaderSignature, sig)
 	req.Header.Set(HeaderAttempt, strconv.Itoa(n))
 	req.Header.Set(HeaderDestination, d.Name)
-	if id := msg.Headers().Get(HeaderEventID); id != "" {
-		req.Header.Set("Idempotency-Key", id)
+	// The key as Enqueue kept it when the id needed encoding; else the
+	// id, which is then its own key (a copy stored before keys were kept
+	// is encoded here).
+	if key := msg.Headers().Get(headerIdempotencyKey); key != "" {
+		req.Header.Set("Idempotency-Key", key)
+	} else if id := msg.Headers().Get(HeaderEventID); id != "" {
+		req.Header.Set("Idempotency-Key", IdempotencyKey(id))
 	}
 	resp, err := client.Do(req)
 	if err != nil {

@@ -41,9 +41,18 @@ type natsLog struct {
 func (l *natsLog) Noticef(format string, v ...any) { l.debugf(format, v...) }
 func (l *natsLog) Debugf(format string, v ...any)  { l.debugf(format, v...) }
 func (l *natsLog) Tracef(format string, v ...any)  {}
-func (l *natsLog) Warnf(format string, v ...any)   { l.log.Warn(fmt.Sprintf(format, v...)) }
-func (l *natsLog) Errorf(format string, v ...any)  { l.errorf(format, v...) }
-func (l *natsLog) Fatalf(format string, v ...any)  { l.errorf(format, v...) }
+func (l *natsLog) Warnf(format string, v ...any) {
+	msg := fmt.Sprintf(format, v...)
+	if strings.HasPrefix(msg, "Maximum payloads over") {
+		// Chosen on purpose (a message holds any max_body): not a warning
+		// for the operator at every start.
+		l.log.Debug(msg)
+		return
+	}
+	l.log.Warn(msg)
+}
+func (l *natsLog) Errorf(format string, v ...any) { l.errorf(format, v...) }
+func (l *natsLog) Fatalf(format string, v ...any) { l.errorf(format, v...) }
 
 func (l *natsLog) debugf(format string, v ...any) {
 	if ce := l.log.Check(zap.DebugLevel, ""); ce != nil {

@@ -17,6 +17,8 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -33,6 +35,25 @@ const (
 	DefaultMaxBytes       = 1 << 30 // 1 GiB
 	DefaultDedupeWindow   = 24 * time.Hour
 	DefaultEnqueueTimeout = 2 * time.Second
+	DefaultMaxBody        = 1 << 20 // mux_webhook's default max_body
+)
+
+// The queue's message limit. A copy is the event's body and headers (Mux's
+// signature, the id and type, the Idempotency-Key when the id needs
+// encoding); its dead letter adds the last error (at most 512 bytes), the
+// attempts and the time. MaxEvent is the largest body mux_webhook accepts
+// (its max_body may be up to 16 MiB); HeaderRoom is what the headers may
+// take on top: generous, an event's id and type are a few dozen bytes.
+const (
+	MaxEvent   = 16 << 20
+	HeaderRoom = 64 << 10
+	// embeddedMaxPayload is the embedded server's max_payload: any event
+	// mux_webhook accepts, and its dead letter, fit. (NATS's default, 1
+	// MiB, refused events near max_body's default for ever.) Above 8 MiB
+	// nats-server warns that large payloads are "generally discouraged":
+	// it holds each message in memory while it is sent; ours are stored
+	// once and delivered one by one per worker.
+	embeddedMaxPayload = MaxEvent + HeaderRoom
 )
 
 // ErrFull is returned by Enqueue when the stream holds max_bytes: stored
@@ -64,6 +85,11 @@ type Config struct {
 	Stream string
 	// MaxBytes bounds the stream. Default: 1 GiB.
 	MaxBytes int64
+	// MaxBody is the largest event body the queue must take (the largest
+	// max_body of the mux_webhook handlers feeding it). An external
+	// server whose max_payload cannot hold it and its headers
+	// (HeaderRoom) is an error. Default: 1 MiB.
+	MaxBody int64
 	// DedupeWindow: an event id is stored once per destination within it.
 	// Default: 24h.
 	DedupeWindow time.Duration
@@ -97,6 +123,7 @@ type Message struct {
 type Store struct {
 	cfg    Config
 	server *server.Server // nil with an external NATS
+	lock   *dirLock       // the embedded server's store directory, held
 	conn   *nats.Conn
 	js     jetstream.JetStream
 	stream jetstream.Stream // the stream's handle: its methods name it, no lookup each time
@@ -134,6 +161,9 @@ func withDefaults(cfg Config) Config {
 	if cfg.Replicas == 0 {
 		cfg.Replicas = 1
 	}
+	if cfg.MaxBody == 0 {
+		cfg.MaxBody = DefaultMaxBody
+	}
 	return cfg
 }
 
@@ -159,15 +189,22 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 		if cfg.Dir == "" {
 			return nil, errors.New("queue: the embedded server needs a store directory")
 		}
+		// The directory's lock first: a second server on it must not
+		// start, recover or write anything.
+		if s.lock, err = lockDir(cfg.Dir); err != nil {
+			return nil, err
+		}
 		s.server, err = server.NewServer(&server.Options{
 			ServerName: "mux_webhook",
 			JetStream:  true,
 			StoreDir:   cfg.Dir,
 			DontListen: true,       // in-process connections only: no port
 			SyncAlways: syncAlways, // fsync before every acknowledgement
+			MaxPayload: embeddedMaxPayload,
 			NoSigs:     true,
 		})
 		if err != nil {
+			s.lock.release()
 			return nil, fmt.Errorf("queue: embedded NATS server: %v", err)
 		}
 		s.natsLog = &natsLog{log: s.log.Named("nats")}
@@ -175,6 +212,7 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 		s.server.Start()
 		if !s.server.ReadyForConnections(10 * time.Second) {
 			s.server.Shutdown()
+			s.lock.release()
 			return nil, errors.New("queue: the embedded NATS server did not start within 10s")
 		}
 		s.conn, err = nats.Connect("", nats.InProcessServer(s.server), nats.Name("mux_webhook"))
@@ -223,12 +261,20 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("queue: connecting to NATS: %v", err)
 	}
+	if err := s.checkMaxPayload(cfg); err != nil {
+		s.Close()
+		return nil, err
+	}
 	if s.js, err = jetstream.New(s.conn); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("queue: JetStream: %v", err)
 	}
 	err = retrySetup(ctx, func(ctx context.Context) (err error) {
-		s.stream, err = s.js.CreateOrUpdateStream(ctx, streamConfig(cfg))
+		if !s.shared() {
+			s.stream, err = s.js.CreateOrUpdateStream(ctx, streamConfig(cfg))
+			return err
+		}
+		s.stream, err = s.applyShared(ctx, cfg)
 		return err
 	})
 	if err != nil {
@@ -256,7 +302,8 @@ func streamConfig(cfg Config) jetstream.StreamConfig {
 }
 
 // Reconfigure applies a reloaded config's max_bytes, dedupe_window and
-// replicas to the open store's stream. The stream itself (its name, the
+// replicas to the open store's stream (on external NATS, a shared stream:
+// none is lowered, see applyShared). The stream itself (its name, the
 // server or directory) cannot change while events are queued in it:
 // that is an error saying what to do.
 func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
@@ -264,13 +311,94 @@ func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
 	if cfg.Stream != s.cfg.Stream {
 		return fmt.Errorf("queue: the stream is %s in the running Caddy; a reload cannot rename it (its queued events would wait forever): keep stream %s, or give the new stream its own dir", s.cfg.Stream, s.cfg.Stream)
 	}
+	if err := s.checkMaxPayload(cfg); err != nil {
+		return err
+	}
 	if cfg.MaxBytes == s.cfg.MaxBytes && cfg.DedupeWindow == s.cfg.DedupeWindow && cfg.Replicas == s.cfg.Replicas {
 		return nil
 	}
-	if _, err := s.js.UpdateStream(ctx, streamConfig(cfg)); err != nil {
+	var err error
+	if s.shared() {
+		_, err = s.applyShared(ctx, cfg)
+	} else {
+		_, err = s.js.UpdateStream(ctx, streamConfig(cfg))
+	}
+	if err != nil {
 		return fmt.Errorf("queue: updating stream %s (max_bytes, dedupe_window, replicas): %v", s.cfg.Stream, err)
 	}
 	s.cfg.MaxBytes, s.cfg.DedupeWindow, s.cfg.Replicas = cfg.MaxBytes, cfg.DedupeWindow, cfg.Replicas
+	return nil
+}
+
+// shared reports whether the stream is on external NATS, where other
+// gateways, with configs of their own, may share it. The embedded store
+// has one owner (its directory is locked), whose config is the stream's.
+func (s *Store) shared() bool { return len(s.cfg.URLs) > 0 }
+
+// applyShared makes sure the shared stream exists and holds what cfg
+// needs, without taking from other gateways what theirs need: replicas,
+// max_bytes and dedupe_window are never lowered (the running stream's
+// larger value is kept) and raised if cfg asks for more. Each setting
+// that differs is logged at WARN, configured and running value: the
+// gateways' configs should agree. (Last writer wins would let one
+// gateway started without `replicas 3` scale the stream down to one
+// copy, or one smaller max_bytes make every gateway answer 503.)
+func (s *Store) applyShared(ctx context.Context, cfg Config) (jetstream.Stream, error) {
+	want := streamConfig(cfg)
+	st, err := s.js.Stream(ctx, cfg.Stream)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		st, err = s.js.CreateStream(ctx, want)
+		if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			return st, err
+		}
+		st, err = s.js.Stream(ctx, cfg.Stream) // another gateway made it meanwhile
+	}
+	if err != nil {
+		return nil, err
+	}
+	running := st.CachedInfo().Config
+	merged, changed := s.mergeShared(running, want)
+	if !changed {
+		return st, nil
+	}
+	return s.js.UpdateStream(ctx, merged)
+}
+
+// mergeShared is want with running's larger replicas, max_bytes and
+// dedupe_window kept, and whether it differs from running; it logs each
+// setting that differs.
+func (s *Store) mergeShared(running, want jetstream.StreamConfig) (jetstream.StreamConfig, bool) {
+	merged := want
+	changed := !slices.Equal(running.Subjects, want.Subjects) || running.Discard != want.Discard
+	setting := func(name string, configured, current int64, show func(int64) string, keep func(int64)) {
+		switch {
+		case configured < current:
+			keep(current)
+			s.log.Warn("queue: this config's "+name+" is lower than the shared stream's; the stream keeps its own (a gateway never lowers it): give every gateway the same setting",
+				zap.String("stream", want.Name), zap.String("setting", name), zap.String("configured", show(configured)), zap.String("running", show(current)))
+		case configured > current:
+			changed = true
+			s.log.Warn("queue: this config's "+name+" is higher than the shared stream's; raising the stream's: give every gateway the same setting",
+				zap.String("stream", want.Name), zap.String("setting", name), zap.String("configured", show(configured)), zap.String("running", show(current)))
+		}
+	}
+	num := func(n int64) string { return strconv.FormatInt(n, 10) }
+	setting("replicas", int64(want.Replicas), int64(running.Replicas), num, func(n int64) { merged.Replicas = int(n) })
+	setting("max_bytes", want.MaxBytes, running.MaxBytes, num, func(n int64) { merged.MaxBytes = n })
+	setting("dedupe_window", int64(want.Duplicates), int64(running.Duplicates),
+		func(n int64) string { return time.Duration(n).String() }, func(n int64) { merged.Duplicates = time.Duration(n) })
+	return merged, changed
+}
+
+// checkMaxPayload makes sure the server takes the largest event cfg may
+// queue, with its headers: else such an event would be answered 503 on
+// every retry, and a copy near the limit could never be a dead letter.
+func (s *Store) checkMaxPayload(cfg Config) error {
+	need := cfg.MaxBody + HeaderRoom
+	if mp := s.conn.MaxPayload(); mp > 0 && mp < need {
+		return fmt.Errorf("queue: the NATS server's max_payload is %d bytes; max_body %d needs at least %d (max_body plus %d for headers): raise max_payload in the NATS servers' config (max_payload: %d), or lower max_body",
+			mp, cfg.MaxBody, need, HeaderRoom, need)
+	}
 	return nil
 }
 
@@ -362,25 +490,59 @@ func (s *Store) Enqueue(ctx context.Context, m Message) (duplicate bool, err err
 	}
 	msg.Header.Set(HeaderEventID, m.ID)
 	msg.Header.Set(HeaderEventType, m.Type)
-	msg.Header.Set(jetstream.MsgIDHeader, dedupeID(m.Destination, m.EventID))
-	ack, err := s.js.PublishMsg(ctx, msg)
-	if err != nil && noStream(err) && s.Down() == nil {
-		// No stream takes the subject: it was deleted (by hand, or to
-		// restore a backup). It is made again, and the copy stored in it.
-		if s.ensureStream(ctx) == nil {
-			ack, err = s.js.PublishMsg(ctx, msg)
-		}
+	if key := IdempotencyKey(m.ID); key != m.ID {
+		// NATS headers turn line breaks into spaces and trim the ends:
+		// the key is kept as delivery sends it.
+		msg.Header.Set(headerIdempotencyKey, key)
 	}
-	if err != nil {
+	msg.Header.Set(jetstream.MsgIDHeader, dedupeID(m.Destination, m.EventID))
+	for {
+		ack, err := s.js.PublishMsg(ctx, msg)
+		if err != nil && noStream(err) && s.Down() == nil {
+			// No stream takes the subject: it was deleted (by hand, or to
+			// restore a backup). It is made again, and the copy stored in
+			// it.
+			if s.ensureStream(ctx) == nil {
+				ack, err = s.js.PublishMsg(ctx, msg)
+			}
+		}
+		if err == nil {
+			return ack.Duplicate, nil
+		}
 		if isFull(err) {
 			return false, ErrFull
 		}
-		if down := s.Down(); down != nil {
-			return false, fmt.Errorf("queue: not stored: %w", down)
+		if !inProcess(err) {
+			if down := s.Down(); down != nil {
+				return false, fmt.Errorf("queue: not stored: %w", down)
+			}
+			return false, fmt.Errorf("queue: not stored: %w", err)
 		}
-		return false, fmt.Errorf("queue: not stored: %w", err)
+		// The same copy, sent by another gateway at the same instant, is
+		// being stored (a cluster's proposal): publishing again gets the
+		// verdict, stored (a duplicate) or not (then this one is).
+		select {
+		case <-ctx.Done():
+			return false, fmt.Errorf("queue: not stored: %w", err)
+		case <-time.After(inProcessBackoff):
+		}
 	}
-	return ack.Duplicate, nil
+}
+
+// duplicateInProcess is JetStream's error code for a message whose id is
+// being stored by another publish at that moment
+// (JSStreamDuplicateMessageConflict, "duplicate message id is in
+// process"): on a cluster, until that proposal is applied.
+const duplicateInProcess = 10158
+
+// inProcessBackoff is how long Enqueue waits before it publishes again a
+// copy another publish is storing (a cluster's proposal takes a few ms).
+const inProcessBackoff = 25 * time.Millisecond
+
+// inProcess recognises the answer "duplicate message id is in process".
+func inProcess(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && apiErr.ErrorCode == duplicateInProcess
 }
 
 // noStream reports whether a publish found no stream for its subject.
@@ -452,4 +614,5 @@ func (s *Store) Close() {
 		s.server.Shutdown()
 		s.server.WaitForShutdown()
 	}
+	s.lock.release() // after the server: it wrote its last
 }
