@@ -32,15 +32,34 @@ type gateway struct {
 	logFile string
 }
 
-// freePort returns a port on 127.0.0.1 that was free a moment ago.
+// givenPorts are the ports freePort returned: the kernel may hand a port
+// just closed out again, and a test that asks for several before it
+// binds any (a cluster's nine) must get nine distinct ones.
+var givenPorts = struct {
+	sync.Mutex
+	m map[int]bool
+}{m: map[int]bool{}}
+
+// freePort returns a port on 127.0.0.1 that was free a moment ago, and
+// that it never returned before in this process.
 func freePort(t *testing.T) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	givenPorts.Lock()
+	defer givenPorts.Unlock()
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if !givenPorts.m[port] {
+			givenPorts.m[port] = true
+			return port
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatal("no port on 127.0.0.1 that was not handed out before")
+	return 0
 }
 
 // startGateway loads site (the body of one site block) into Caddy,
