@@ -19,6 +19,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
 )
 
 // Destination defaults, as SPEC documents them.
@@ -242,10 +243,11 @@ type workerRun struct {
 // a pull sent with none would find no one and be tried again only once
 // the heartbeats are missed.
 func (s *Store) makeConsumer(ctx context.Context, d Destination) (jetstream.Consumer, error) {
-	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
+	cfg := s.sharedAckWait(ctx, s.consumerConfig(d))
+	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, cfg)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		if err = s.ensureStream(ctx); err == nil {
-			cons, err = s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
+			cons, err = s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, cfg)
 		}
 	}
 	if err != nil {
@@ -256,6 +258,34 @@ func (s *Store) makeConsumer(ctx context.Context, d Destination) (jetstream.Cons
 		err = errNoLeader
 	}
 	return cons, err
+}
+
+// sharedAckWait keeps, on external NATS, the larger ack deadline of the
+// consumer that gateways share: one started with a shorter timeout would
+// otherwise cut the others' attempts short (the copy handed to another
+// worker while one still attempts it: a duplicate), and two timeouts
+// would flip it at every start. A WARN names the two. The embedded store
+// has one owner, whose timeout is the deadline.
+func (s *Store) sharedAckWait(ctx context.Context, cfg jetstream.ConsumerConfig) jetstream.ConsumerConfig {
+	if s.server != nil {
+		return cfg
+	}
+	cons, err := s.js.Consumer(ctx, s.cfg.Stream, cfg.Durable)
+	if err != nil {
+		return cfg // none yet (or not one of ours: making it says why)
+	}
+	running := cons.CachedInfo().Config.AckWait
+	if running == cfg.AckWait {
+		return cfg
+	}
+	fields := []zap.Field{zap.String("consumer", cfg.Durable), zap.Duration("configured", cfg.AckWait), zap.Duration("running", running)}
+	if running > cfg.AckWait {
+		s.log.Warn("queue: this config's ack deadline (the destination's timeout + 5s) is shorter than the shared consumer's; it keeps its own (a gateway never shortens it): give every gateway the same timeout", fields...)
+		cfg.AckWait = running
+	} else {
+		s.log.Warn("queue: this config's ack deadline (the destination's timeout + 5s) is longer than the shared consumer's; raising the consumer's: give every gateway the same timeout", fields...)
+	}
+	return cfg
 }
 
 // consume subscribes the workers to cons.
