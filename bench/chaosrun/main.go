@@ -188,7 +188,11 @@ func run(o options) int {
 	case interrupted:
 		fmt.Printf("INTERRUPTED (seed %d), lost so far: %d\n", o.seed, lost)
 	default:
-		fmt.Printf("FAIL: lost %d (must be 0)%s (seed %d)\n", lost, map[bool]string{true: ", and see above", false: ""}[failed], o.seed)
+		if lost > 0 {
+			fmt.Printf("FAIL: lost %d (must be 0) (seed %d)\n", lost, o.seed)
+		} else {
+			fmt.Printf("FAIL: nothing lost, but see above: not drained, NOT HEALED, a setup that failed, or mis-signed deliveries (seed %d)\n", o.seed)
+		}
 	}
 	lg.f.Close()
 	if pass && !o.keep {

@@ -170,7 +170,7 @@ func duplicateCause(prev, cur delivery, faults []*faultRec) string {
 	killWindowEnd := prev.At.Add(maxTimeout + time.Second)
 	switch {
 	case overlapsStart(faults, faultCaddyKill, prev.At.Add(-time.Second), killWindowEnd):
-		return "a Caddy was SIGKILLed while the attempt was in flight (its outcome was lost)"
+		return "a Caddy was SIGKILLed during the attempt or before its outcome was stored"
 	case !prev.Answered:
 		return "the attempt timed out after the backend had acted (slow backend)"
 	case overlaps(lo, hi, faultNATSKill, faultNATSStop):

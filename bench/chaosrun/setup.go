@@ -134,10 +134,11 @@ func (s *setup) start() error {
 		s.skipped[faultNATSStop] = s.skipped[faultNATSKill]
 	}
 	for i := 1; i <= n; i++ {
-		g := &gateway{name: fmt.Sprintf("g%d", i), port: freePort(), admin: freePort(), dataDir: filepath.Join(s.dir, fmt.Sprintf("caddy-g%d", i))}
+		name := fmt.Sprintf("g%d", i)
 		if s.kind == "embedded" {
-			g.name = "caddy"
+			name = "caddy"
 		}
+		g := &gateway{name: name, port: freePort(), admin: freePort(), dataDir: filepath.Join(s.dir, "caddy-"+name)}
 		if err := os.MkdirAll(g.dataDir, 0o700); err != nil {
 			return err
 		}
