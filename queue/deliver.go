@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -232,6 +233,12 @@ type workerRun struct {
 	slots   chan struct{}
 	poke    chan struct{} // the subscription reported an error: check now
 
+	// gen counts the consumers the workers had: one deleted (noticed, or
+	// replaced by one made at another time) makes the copies it
+	// delivered settle nothing (genMsg).
+	gen     atomic.Uint64
+	created time.Time // when the current consumer was made
+
 	mu      sync.Mutex // guards stopped, cc and wg.Add against stop
 	stopped bool
 	cc      jetstream.ConsumeContext // the current subscription
@@ -290,7 +297,15 @@ func (s *Store) sharedAckWait(ctx context.Context, cfg jetstream.ConsumerConfig)
 
 // consume subscribes the workers to cons.
 func (w *workerRun) consume(cons jetstream.Consumer) (jetstream.ConsumeContext, error) {
-	cc, err := cons.Consume(w.handle, jetstream.PullMaxMessages(w.d.Concurrency),
+	if info := cons.CachedInfo(); info != nil && !info.Created.Equal(w.created) {
+		if !w.created.IsZero() {
+			w.gen.Add(1) // another consumer than the one before
+		}
+		w.created = info.Created
+	}
+	gen := w.gen.Load()
+	handle := func(msg jetstream.Msg) { w.handle(&genMsg{Msg: msg, w: w, gen: gen}) }
+	cc, err := cons.Consume(handle, jetstream.PullMaxMessages(w.d.Concurrency),
 		// A pull waits at the consumer's leader. If that node dies, or
 		// the pull found no leader, the missing heartbeats are what tells:
 		// one a second, a new pull after two are missed (the default, half
@@ -383,6 +398,7 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 			if !errors.Is(err, jetstream.ErrConsumerNotFound) && !errors.Is(err, jetstream.ErrStreamNotFound) {
 				continue
 			}
+			w.gen.Add(1) // the copies it delivered settle nothing now
 			cc.Stop()
 			ended, broken = nil, true
 		}

@@ -18,6 +18,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// healPause runs just before heal starts JetStream again: tests widen
+// that moment with it.
+var healPause = func() {}
+
 // healInterval is how often the embedded server's JetStream is checked.
 const healInterval = time.Second
 
@@ -142,6 +146,7 @@ func (s *Store) heal(done <-chan struct{}) {
 			}
 		}
 		s.natsLog.broken.Store(false) // errors from here on are the new JetStream's
+		healPause()
 		if err := s.server.EnableJetStream(&server.JetStreamConfig{StoreDir: s.cfg.Dir}); err != nil {
 			s.log.Error("mux_webhook queue: starting the embedded store again failed; trying again", zap.String("dir", s.cfg.Dir), zap.Error(err))
 		}

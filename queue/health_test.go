@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -226,4 +227,23 @@ func fill(t *testing.T, path string) {
 		}
 	}
 	t.Fatal("the filesystem never filled")
+}
+
+// TestCloseWhileHealing: Close while heal starts the embedded JetStream
+// again (a reload or a stop just as the full disk was freed) returns only
+// once heal is done: nothing of the old server recovers or writes the
+// store after its directory's lock is released for the next owner.
+func TestCloseWhileHealing(t *testing.T) {
+	healing := make(chan struct{})
+	var once sync.Once
+	healPause = func() { once.Do(func() { close(healing) }); time.Sleep(500 * time.Millisecond) } // recovering a large store
+	defer func() { healPause = func() {} }()
+	s := openTest(t, Config{Dir: t.TempDir()})
+	s.natsLog.broken.Store(true) // as a failed write leaves it
+	<-healing
+	s.Close()
+	buf := make([]byte, 4<<20)
+	if stacks := string(buf[:runtime.Stack(buf, true)]); strings.Contains(stacks, "(*Store).heal") {
+		t.Errorf("heal still runs after Close returned:\n%s", stacks)
+	}
 }

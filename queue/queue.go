@@ -133,6 +133,7 @@ type Store struct {
 	log     *zap.Logger
 	natsLog *natsLog      // the embedded server's log, with its latest error
 	done    chan struct{} // closed by Close: ends heal
+	healed  chan struct{} // closed when heal returned (embedded only)
 
 	unsweptMu sync.Mutex
 	unswept   map[string]unswept // per subject: settled copies stopped workers could not delete
@@ -282,7 +283,11 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 		return nil, fmt.Errorf("queue: creating stream %s: %v", cfg.Stream, err)
 	}
 	if s.server != nil {
-		go s.heal(s.done)
+		s.healed = make(chan struct{})
+		go func() {
+			defer close(s.healed)
+			s.heal(s.done)
+		}()
 	}
 	return s, nil
 }
@@ -606,6 +611,12 @@ func (s *Store) Close() {
 		default:
 			close(s.done)
 		}
+	}
+	if s.healed != nil {
+		// heal, if it is starting JetStream again, must be done before the
+		// server shuts down and the directory's lock is released: else it
+		// could recover and write the store after the next owner took it.
+		<-s.healed
 	}
 	if s.conn != nil {
 		s.conn.Close()

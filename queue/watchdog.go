@@ -17,13 +17,19 @@ const DefaultStallAfter = time.Minute
 type Watchdog struct {
 	progress      time.Time // when the destination last made progress, or was idle
 	lastDelivered time.Time
+	// longestRetry is the longest retry delay of the configs read since
+	// the queue was last empty: a copy scheduled under an earlier config
+	// (a reload shortened retry) waits out the delay it was given.
+	longestRetry time.Duration
 }
 
 // Check reads st, the destination's latest Status, and reports whether d
 // is stalled: copies wait and the stream handed none to any worker (of
 // any instance sharing it) for longer than the schedule allows: for a
 // copy due now (pending), the attempt's timeout and stall_after; for
-// copies waiting for a retry, the longest retry delay on top. It also
+// copies waiting for a retry, the longest retry delay on top (of every
+// config read since the queue was last empty: a reload may have
+// shortened it under copies already scheduled). It also
 // returns since when nothing progressed.
 func (w *Watchdog) Check(d Destination, st Status, now time.Time) (stalled bool, since time.Time) {
 	d.defaults()
@@ -34,11 +40,13 @@ func (w *Watchdog) Check(d Destination, st Status, now time.Time) (stalled bool,
 		w.lastDelivered = st.LastDelivered
 	}
 	if st.Pending+st.InFlight == 0 {
+		w.longestRetry = 0
 		return false, time.Time{}
 	}
+	w.longestRetry = max(w.longestRetry, slicesMax(d.Retry))
 	allowed := d.Timeout + d.StallAfter
 	if st.Pending == 0 {
-		allowed += slicesMax(d.Retry)
+		allowed += w.longestRetry
 	}
 	return now.Sub(w.progress) > allowed, w.progress
 }

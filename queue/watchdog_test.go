@@ -39,3 +39,28 @@ func TestWatchdog(t *testing.T) {
 		}
 	}
 }
+
+// TestWatchdogAfterAReloadShortensRetry: copies scheduled for a retry in
+// an hour, then a reload to retry 10s: they wait out the hour they were
+// given, which is no stall.
+func TestWatchdogAfterAReloadShortensRetry(t *testing.T) {
+	long := Destination{Name: "app", Timeout: 10 * time.Second, Retry: []time.Duration{time.Hour}, StallAfter: time.Minute}
+	short := long
+	short.Retry = []time.Duration{10 * time.Second}
+	t0 := time.Unix(1_800_000_000, 0)
+	var w Watchdog
+	w.Check(long, Status{InFlight: 2, LastDelivered: t0}, t0)
+	if stalled, _ := w.Check(short, Status{InFlight: 2, LastDelivered: t0}, t0.Add(30*time.Minute)); stalled {
+		t.Error("stalled 30 minutes into the hour the copies were scheduled for, after a reload to retry 10s")
+	}
+	if stalled, _ := w.Check(short, Status{InFlight: 2, LastDelivered: t0}, t0.Add(62*time.Minute)); !stalled {
+		t.Error("not stalled past the hour plus timeout and stall_after")
+	}
+	w.Check(short, Status{}, t0.Add(63*time.Minute)) // emptied: the new schedule only
+	if stalled, _ := w.Check(short, Status{InFlight: 1, LastDelivered: t0}, t0.Add(63*time.Minute+5*time.Second)); stalled {
+		t.Error("stalled at once")
+	}
+	if stalled, _ := w.Check(short, Status{InFlight: 1, LastDelivered: t0}, t0.Add(65*time.Minute)); !stalled {
+		t.Error("an emptied queue kept the old config's hour")
+	}
+}
