@@ -158,6 +158,16 @@ func (s *storeHandle) checkStall(dest queue.Destination, st queue.Status, now ti
 	return stalled, since, changed
 }
 
+// holdStalls stops the watchdogs' clocks up to now: the queue is down,
+// and says so itself.
+func (s *storeHandle) holdStalls(now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, w := range s.watch {
+		w.Hold(now)
+	}
+}
+
 // stall is what the watchdog last found of destination.
 func (s *storeHandle) stall(destination string) (stalled bool, since time.Time) {
 	s.mu.Lock()
@@ -688,6 +698,7 @@ func (d *delivery) gauges(ctx context.Context) {
 			// Not connected, or the embedded store refuses writes: no
 			// reading needed to say so (it would wait out its timeout).
 			muxMetrics.queueUp.Set(0)
+			d.handle.Load().holdStalls(time.Now())
 			select {
 			case <-ctx.Done():
 				return

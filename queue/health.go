@@ -9,6 +9,7 @@ package queue
 import (
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -90,7 +91,7 @@ var ErrDown = errors.New("the delivery queue cannot store events")
 // embedded server's JetStream shut down (a full disk: the reason is the
 // server's own error line), or no connection to NATS.
 func (s *Store) Down() error {
-	if s.server != nil && (!s.server.JetStreamEnabled() || s.natsLog.broken.Load()) {
+	if s.server != nil && (!s.server.current().JetStreamEnabled() || s.natsLog.broken.Load()) {
 		reason := "JetStream stopped"
 		if s.natsLog != nil && s.natsLog.lastError() != "" {
 			reason = s.natsLog.lastError()
@@ -114,7 +115,9 @@ func (s *Store) heal(done <-chan struct{}) {
 	t := time.NewTicker(healInterval)
 	defer t.Stop()
 	down := false
-	var lastTry time.Time
+	const firstWait = 5 * time.Second
+	var lastTry time.Time // of the latest start, while down
+	wait := firstWait
 	for {
 		select {
 		case <-done:
@@ -122,9 +125,9 @@ func (s *Store) heal(done <-chan struct{}) {
 		case <-t.C:
 		}
 		broken := s.natsLog.broken.Load()
-		if s.server.JetStreamEnabled() && !broken {
+		if s.server.current().JetStreamEnabled() && !broken {
 			if down {
-				down = false
+				down, lastTry, wait = false, time.Time{}, firstWait
 				s.log.Info("mux_webhook queue: the embedded store accepts events again", zap.String("dir", s.cfg.Dir))
 			}
 			continue
@@ -134,23 +137,70 @@ func (s *Store) heal(done <-chan struct{}) {
 			s.log.Error("mux_webhook queue: the embedded store stopped; mux_deliver answers 503 until it has room again",
 				zap.String("dir", s.cfg.Dir), zap.String("reason", s.natsLog.lastError()))
 		}
-		if free, err := freeBytes(s.cfg.Dir); err != nil || free < minFreeToRestart || time.Since(lastTry) < 5*time.Second {
+		if free, err := freeBytes(s.cfg.Dir); err != nil || free < minFreeToRestart || time.Since(lastTry) < wait {
 			continue
 		}
-		lastTry = time.Now()
-		s.log.Warn("mux_webhook queue: the embedded store's disk has room again; starting its JetStream again", zap.String("dir", s.cfg.Dir))
-		if s.server.JetStreamEnabled() {
-			if err := s.server.ShutdownJetStream(); err != nil {
-				s.log.Error("mux_webhook queue: stopping the embedded store's JetStream failed; trying again", zap.String("dir", s.cfg.Dir), zap.Error(err))
-				continue
-			}
+		if !lastTry.IsZero() {
+			// The last start did not hold (a disk that fails for another
+			// reason than room): less and less often, up to every 5 min.
+			wait = min(2*wait, 5*time.Minute)
 		}
-		s.natsLog.broken.Store(false) // errors from here on are the new JetStream's
+		lastTry = time.Now()
+		s.log.Warn("mux_webhook queue: the embedded store's disk has room again; starting the embedded server again", zap.String("dir", s.cfg.Dir))
 		healPause()
-		if err := s.server.EnableJetStream(&server.JetStreamConfig{StoreDir: s.cfg.Dir}); err != nil {
-			s.log.Error("mux_webhook queue: starting the embedded store again failed; trying again", zap.String("dir", s.cfg.Dir), zap.Error(err))
+		if err := s.server.restart(); err != nil {
+			s.log.Error("mux_webhook queue: starting the embedded server again failed; trying again", zap.String("dir", s.cfg.Dir), zap.Error(err))
 		}
 	}
+}
+
+// embedded is the in-process NATS server, replaced whole when it must
+// start again: nats-server's JetStream cannot be restarted in a running
+// server without races in the server itself. The store's connection
+// reaches it through InProcessConn, so it reconnects to the new one.
+type embedded struct {
+	opts func() *server.Options // a fresh copy for each server
+	log  *natsLog
+	cur  atomic.Pointer[server.Server]
+}
+
+// InProcessConn connects to the running server (nats.InProcessConnProvider).
+func (e *embedded) InProcessConn() (net.Conn, error) {
+	return e.cur.Load().InProcessConn()
+}
+
+func (e *embedded) current() *server.Server { return e.cur.Load() }
+
+// start starts a server on the store and waits until it is ready.
+func (e *embedded) start() error {
+	srv, err := server.NewServer(e.opts())
+	if err != nil {
+		return fmt.Errorf("queue: embedded NATS server: %v", err)
+	}
+	srv.SetLogger(e.log, true, false)
+	srv.Start()
+	if !srv.ReadyForConnections(10 * time.Second) {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+		return errors.New("queue: the embedded NATS server did not start within 10s")
+	}
+	e.cur.Store(srv)
+	return nil
+}
+
+// restart shuts the running server down and starts another on the same
+// store: its JetStream recovers the stream and the consumers from disk
+// (everything acknowledged was fsynced), and the connection reconnects.
+func (e *embedded) restart() error {
+	e.shutdown()
+	e.log.broken.Store(false) // errors from here on are the new server's
+	return e.start()
+}
+
+func (e *embedded) shutdown() {
+	srv := e.cur.Load()
+	srv.Shutdown()
+	srv.WaitForShutdown()
 }
 
 // freeBytes is the space left to an unprivileged writer on dir's

@@ -187,9 +187,9 @@ func TestEmbeddedStoreRecoversFromAFullDisk(t *testing.T) {
 		got := deliveredIDs(b)
 		return got["kept"] > 0 && got["after-full"] > 0
 	})
-	if logs.FilterMessageSnippet("accepts events again").Len() == 0 {
-		t.Error("no log line said the store accepts events again")
-	}
+	waitUntil(t, "a log line saying the store accepts events again", func() bool {
+		return logs.FilterMessageSnippet("accepts events again").Len() > 0
+	})
 }
 
 // smallFilesystem mounts a tmpfs of size under a temporary directory,

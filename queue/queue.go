@@ -121,9 +121,10 @@ type Message struct {
 
 // Store is the durable queue.
 type Store struct {
+	cfgMu  sync.Mutex // guards cfg's stream settings, which Reconfigure changes
 	cfg    Config
-	server *server.Server // nil with an external NATS
-	lock   *dirLock       // the embedded server's store directory, held
+	server *embedded // nil with an external NATS
+	lock   *dirLock  // the embedded server's store directory, held
 	conn   *nats.Conn
 	js     jetstream.JetStream
 	stream jetstream.Stream // the stream's handle: its methods name it, no lookup each time
@@ -195,28 +196,26 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 		if s.lock, err = lockDir(cfg.Dir); err != nil {
 			return nil, err
 		}
-		s.server, err = server.NewServer(&server.Options{
-			ServerName: "mux_webhook",
-			JetStream:  true,
-			StoreDir:   cfg.Dir,
-			DontListen: true,       // in-process connections only: no port
-			SyncAlways: syncAlways, // fsync before every acknowledgement
-			MaxPayload: embeddedMaxPayload,
-			NoSigs:     true,
-		})
-		if err != nil {
-			s.lock.release()
-			return nil, fmt.Errorf("queue: embedded NATS server: %v", err)
-		}
 		s.natsLog = &natsLog{log: s.log.Named("nats")}
-		s.server.SetLogger(s.natsLog, true, false)
-		s.server.Start()
-		if !s.server.ReadyForConnections(10 * time.Second) {
-			s.server.Shutdown()
+		s.server = &embedded{log: s.natsLog, opts: func() *server.Options {
+			return &server.Options{
+				ServerName: "mux_webhook",
+				JetStream:  true,
+				StoreDir:   cfg.Dir,
+				DontListen: true,       // in-process connections only: no port
+				SyncAlways: syncAlways, // fsync before every acknowledgement
+				MaxPayload: embeddedMaxPayload,
+				NoSigs:     true,
+			}
+		}}
+		if err = s.server.start(); err != nil {
 			s.lock.release()
-			return nil, errors.New("queue: the embedded NATS server did not start within 10s")
+			return nil, err
 		}
-		s.conn, err = nats.Connect("", nats.InProcessServer(s.server), nats.Name("mux_webhook"))
+		// Through s.server, whichever server runs: when heal starts a new
+		// one, the connection reconnects to it.
+		s.conn, err = nats.Connect("", nats.InProcessServer(s.server), nats.Name("mux_webhook"),
+			nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
 	} else {
 		name := "mux_webhook"
 		if cfg.Name != "" {
@@ -319,7 +318,7 @@ func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
 	if err := s.checkMaxPayload(cfg); err != nil {
 		return err
 	}
-	if cfg.MaxBytes == s.cfg.MaxBytes && cfg.DedupeWindow == s.cfg.DedupeWindow && cfg.Replicas == s.cfg.Replicas {
+	if cur := s.config(); cfg.MaxBytes == cur.MaxBytes && cfg.DedupeWindow == cur.DedupeWindow && cfg.Replicas == cur.Replicas {
 		return nil
 	}
 	var err error
@@ -331,7 +330,9 @@ func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("queue: updating stream %s (max_bytes, dedupe_window, replicas): %v", s.cfg.Stream, err)
 	}
+	s.cfgMu.Lock()
 	s.cfg.MaxBytes, s.cfg.DedupeWindow, s.cfg.Replicas = cfg.MaxBytes, cfg.DedupeWindow, cfg.Replicas
+	s.cfgMu.Unlock()
 	return nil
 }
 
@@ -559,16 +560,31 @@ func noStream(err error) bool {
 // ensureStream makes the stream again if it is gone, with the store's
 // settings; one that exists is left as it is.
 func (s *Store) ensureStream(ctx context.Context) error {
-	_, err := s.js.Stream(ctx, s.cfg.Stream)
+	cfg := s.config()
+	_, err := s.js.Stream(ctx, cfg.Stream)
 	if !errors.Is(err, jetstream.ErrStreamNotFound) {
 		return err
 	}
-	if _, err = s.js.CreateStream(ctx, streamConfig(s.cfg)); err != nil && !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-		s.log.Error("mux_webhook queue: the stream is gone and could not be made again", zap.String("stream", s.cfg.Stream), zap.Error(err))
+	if s.shared() {
+		// Another gateway may make it at the same moment, with settings
+		// of its own: the larger of each is kept, as at Open.
+		_, err = s.applyShared(ctx, cfg)
+	} else if _, err = s.js.CreateStream(ctx, streamConfig(cfg)); errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+		err = nil
+	}
+	if err != nil {
+		s.log.Error("mux_webhook queue: the stream is gone and could not be made again", zap.String("stream", cfg.Stream), zap.Error(err))
 		return err
 	}
-	s.log.Warn("mux_webhook queue: the stream was gone (deleted by hand?); made it again", zap.String("stream", s.cfg.Stream))
+	s.log.Warn("mux_webhook queue: the stream was gone (deleted by hand?); made it again", zap.String("stream", cfg.Stream))
 	return nil
+}
+
+// config is the store's config as the latest Reconfigure left it.
+func (s *Store) config() Config {
+	s.cfgMu.Lock()
+	defer s.cfgMu.Unlock()
+	return s.cfg
 }
 
 // storeFailed is JetStream's error code for a message it could not store
@@ -622,8 +638,7 @@ func (s *Store) Close() {
 		s.conn.Close()
 	}
 	if s.server != nil {
-		s.server.Shutdown()
-		s.server.WaitForShutdown()
+		s.server.shutdown()
 	}
 	s.lock.release() // after the server: it wrote its last
 }

@@ -51,6 +51,16 @@ func (w *Watchdog) Check(d Destination, st Status, now time.Time) (stalled bool,
 	return now.Sub(w.progress) > allowed, w.progress
 }
 
+// Hold counts the time up to now as no idle time: the queue could not be
+// read, or stored nothing (Store.Down), which its own status, log line
+// and metric say; that nothing was attempted meanwhile is not the
+// destination's stall.
+func (w *Watchdog) Hold(now time.Time) {
+	if !w.progress.IsZero() {
+		w.progress = now
+	}
+}
+
 func slicesMax(ds []time.Duration) time.Duration {
 	var m time.Duration
 	for _, d := range ds {

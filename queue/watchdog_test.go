@@ -64,3 +64,20 @@ func TestWatchdogAfterAReloadShortensRetry(t *testing.T) {
 		t.Error("an emptied queue kept the old config's hour")
 	}
 }
+
+// TestWatchdogHold: while the queue is down (it says so itself), time
+// does not count toward a stall: the first reading after it is back is
+// not a stall.
+func TestWatchdogHold(t *testing.T) {
+	d := Destination{Name: "app", Timeout: time.Second, StallAfter: time.Second}
+	t0 := time.Unix(1_800_000_000, 0)
+	var w Watchdog
+	w.Check(d, Status{Pending: 1}, t0)
+	w.Hold(t0.Add(time.Minute)) // down for a minute
+	if stalled, _ := w.Check(d, Status{Pending: 1}, t0.Add(time.Minute+time.Second)); stalled {
+		t.Error("stalled right after the queue came back")
+	}
+	if stalled, _ := w.Check(d, Status{Pending: 1}, t0.Add(time.Minute+3*time.Second)); !stalled {
+		t.Error("not stalled 3s after the queue came back with nothing attempted")
+	}
+}
