@@ -66,6 +66,9 @@ type Config struct {
 	// DedupeWindow: an event id is stored once per destination within it.
 	// Default: 24h.
 	DedupeWindow time.Duration
+	// DeadMaxBytes bounds <Stream>_DEAD, the dead letters' own stream
+	// (dead.go). Default: 1 GiB.
+	DeadMaxBytes int64
 }
 
 // Message is one queued copy of a verified event for one destination.
@@ -97,6 +100,8 @@ type Store struct {
 
 	unsweptMu sync.Mutex
 	unswept   map[string]unswept // per subject: settled copies stopped workers could not delete
+
+	dead deadLetters // <stream>_DEAD and the copies that could not be buried (dead.go)
 }
 
 var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
@@ -200,7 +205,7 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("queue: creating stream %s: %v", cfg.Stream, err)
 	}
-	return s, nil
+	return s.openDead(ctx)
 }
 
 // streamConfig is the stream as cfg describes it.
@@ -225,6 +230,9 @@ func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
 	cfg = withDefaults(cfg)
 	if cfg.Stream != s.cfg.Stream {
 		return fmt.Errorf("queue: the stream is %s in the running Caddy; a reload cannot rename it (its queued events would wait forever): keep stream %s, or give the new stream its own dir", s.cfg.Stream, s.cfg.Stream)
+	}
+	if err := s.reconfigureDead(ctx, cfg); err != nil {
+		return err
 	}
 	if cfg.MaxBytes == s.cfg.MaxBytes && cfg.DedupeWindow == s.cfg.DedupeWindow && cfg.Replicas == s.cfg.Replicas {
 		return nil
