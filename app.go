@@ -15,7 +15,8 @@ package muxwebhook
 
 import (
 	"fmt"
-	"sync/atomic"
+	"slices"
+	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -98,11 +99,27 @@ func (a *App) Validate() error {
 	return nil
 }
 
-// running is the started app, for the admin API's queue endpoints. They
-// must not ask the config's context for the app: the admin API serves
-// while a config loads, and would provision a second app alongside the
-// loader's (a data race, and a half-provisioned app for the handlers).
-var running atomic.Pointer[App]
+// running are the started apps, oldest first: the newest serves the
+// admin API's queue endpoints. They must not ask the config's context for
+// the app: the admin API serves while a config loads, and would provision
+// a second app alongside the loader's (a data race, and a half-provisioned
+// app for the handlers). A reload starts the new config's app before it
+// stops the old one; a reload that Caddy rolls back stops the new app
+// and the old one, still running, serves again.
+var running struct {
+	sync.Mutex
+	apps []*App
+}
+
+// runningApp is the newest started app, or nil.
+func runningApp() *App {
+	running.Lock()
+	defer running.Unlock()
+	if n := len(running.apps); n > 0 {
+		return running.apps[n-1]
+	}
+	return nil
+}
 
 // Start starts the delivery workers, if destinations are configured.
 func (a *App) Start() error {
@@ -112,15 +129,20 @@ func (a *App) Start() error {
 			return err
 		}
 	}
-	running.Store(a)
+	running.Lock()
+	running.apps = append(running.apps, a)
+	running.Unlock()
 	return nil
 }
 
 // Stop stops the delivery workers; what they had not delivered stays
 // queued. The live log's entries stay for the next config.
 func (a *App) Stop() error {
-	// A reload starts the new config's app before it stops this one.
-	running.CompareAndSwap(a, nil)
+	running.Lock()
+	if i := slices.Index(running.apps, a); i >= 0 {
+		running.apps = slices.Delete(running.apps, i, i+1)
+	}
+	running.Unlock()
 	if a.delivery != nil {
 		a.delivery.stop()
 	}

@@ -248,6 +248,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //		}
 //		stream <name>
 //		max_bytes <size>
+//		dead_max_bytes <size>
 //		dedupe_window <duration>
 //		enqueue_timeout <duration>
 //	}
@@ -269,16 +270,20 @@ func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 			} else {
 				q.Stream = v
 			}
-		case "max_bytes":
+		case "max_bytes", "dead_max_bytes":
 			var v string
 			if !d.AllArgs(&v) {
 				return nil, d.ArgErr()
 			}
 			n, err := humanize.ParseBytes(v)
 			if err != nil || n == 0 || n > 1<<50 {
-				return nil, d.Errf("mux_webhook: queue max_bytes %q: want a size, e.g. 1GiB", v)
+				return nil, d.Errf("mux_webhook: queue %s %q: want a size, e.g. 1GiB", opt, v)
 			}
-			q.MaxBytes = int64(n)
+			if opt == "max_bytes" {
+				q.MaxBytes = int64(n)
+			} else {
+				q.DeadMaxBytes = int64(n)
+			}
 		case "dedupe_window", "enqueue_timeout":
 			dur, err := parsePositiveDuration(d, "queue "+opt)
 			if err != nil {
@@ -334,7 +339,7 @@ func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 			}
 			q.NATS = n
 		default:
-			return nil, d.Errf("mux_webhook: unknown queue option %q; expected dir, nats, stream, max_bytes, dedupe_window or enqueue_timeout", opt)
+			return nil, d.Errf("mux_webhook: unknown queue option %q; expected dir, nats, stream, max_bytes, dead_max_bytes, dedupe_window or enqueue_timeout", opt)
 		}
 	}
 	return q, nil

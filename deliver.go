@@ -54,6 +54,12 @@ type QueueConfig struct {
 	// MaxBytes bounds the stream; when it is full, mux_deliver answers 503
 	// and stored events are never dropped. Default: 1 GiB.
 	MaxBytes int64 `json:"max_bytes,omitempty"`
+	// DeadMaxBytes bounds <stream>_DEAD, the dead letters' own stream
+	// (a full stream never keeps a copy from becoming a dead letter); when
+	// it is full, copies at their last attempt stay queued, retried at
+	// the last retry interval, until dead letters are purged or
+	// redelivered. Default: 1 GiB.
+	DeadMaxBytes int64 `json:"dead_max_bytes,omitempty"`
 	// DedupeWindow: a redelivered event id is queued once per destination
 	// within it. Default: 24h.
 	DedupeWindow caddy.Duration `json:"dedupe_window,omitempty"`
@@ -222,7 +228,10 @@ func (s *storeHandle) Destruct() error {
 // destination, since the store was opened.
 type destinationStats struct {
 	delivered uint64
-	lastError string
+	// lastError is the latest failed attempt's error, and lastErrorAt
+	// when it was; both are cleared by a delivery.
+	lastError   string
+	lastErrorAt time.Time
 }
 
 // stat returns a copy of destination's counts.
@@ -244,10 +253,14 @@ func (s *storeHandle) count(a queue.Attempt) {
 		st = &destinationStats{}
 		s.stats[a.Destination] = st
 	}
-	if a.Result == "delivered" {
+	switch {
+	case a.Result == "delivered":
 		st.delivered++
-	} else if a.Err != nil {
-		st.lastError = a.Err.Error()
+		st.lastError, st.lastErrorAt = "", time.Time{}
+	case a.BuryErr != nil:
+		st.lastError, st.lastErrorAt = "could not keep a copy as a dead letter: "+a.BuryErr.Error(), time.Now()
+	case a.Err != nil && !a.NoAttempt:
+		st.lastError, st.lastErrorAt = a.Err.Error(), time.Now()
 	}
 }
 
@@ -292,8 +305,8 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 	if cfg.Dir == "" {
 		cfg.Dir = filepath.Join(caddy.AppDataDir(), "mux_webhook", "jetstream")
 	}
-	if cfg.MaxBytes < 0 || cfg.DedupeWindow < 0 || cfg.EnqueueTimeout < 0 {
-		return nil, errors.New("mux_webhook: queue max_bytes, dedupe_window and enqueue_timeout must not be negative")
+	if cfg.MaxBytes < 0 || cfg.DeadMaxBytes < 0 || cfg.DedupeWindow < 0 || cfg.EnqueueTimeout < 0 {
+		return nil, errors.New("mux_webhook: queue max_bytes, dead_max_bytes, dedupe_window and enqueue_timeout must not be negative")
 	}
 	if cfg.NATS == nil {
 		// One spelling per directory: the store's pool key, its workers'
@@ -324,7 +337,8 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 	}
 	qc := queue.Config{
 		Dir: cfg.Dir, Stream: cfg.Stream, MaxBytes: cfg.MaxBytes, DedupeWindow: time.Duration(cfg.DedupeWindow),
-		Logger: d.logger,
+		Logger:       d.logger,
+		DeadMaxBytes: cfg.DeadMaxBytes,
 	}
 	d.poolKey = "mux_webhook.queue.dir." + cfg.Dir
 	if n := cfg.NATS; n != nil {
@@ -531,8 +545,8 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, []byte
 	if !queue.ValidDestination(name) {
 		return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination name %q: use letters, digits, _ and - only", name)
 	}
-	if !strings.HasPrefix(dc.URL, "http://") && !strings.HasPrefix(dc.URL, "https://") {
-		return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: url %q must start with http:// or https://", name, redactURL(dc.URL))
+	if err := checkDestinationURL(dc.URL); err != nil {
+		return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s url: %v", name, err)
 	}
 	if dc.Timeout < 0 || dc.MaxAge < 0 || dc.MaxAttempts < 0 || dc.Concurrency < 0 || dc.StallAfter < 0 {
 		return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: timeout, max_age, max_attempts, concurrency and stall_after must not be negative", name)
@@ -790,9 +804,14 @@ func (d *delivery) dropRemovedGauges() {
 }
 
 func (d *delivery) logAttempt(a queue.Attempt) {
-	if a.Result != "" {
+	if a.Result != "" && !(a.NoAttempt && a.Result != "dead") {
 		muxMetrics.deliveries.WithLabelValues(a.Destination, a.Result).Inc()
+	}
+	if a.Result != "" && !a.NoAttempt {
 		muxMetrics.deliveryTime.WithLabelValues(a.Destination).Observe(a.Duration.Seconds())
+	}
+	if a.BuryErr != nil {
+		muxMetrics.deadLetterFails.WithLabelValues(a.Destination).Inc()
 	}
 	d.handle.Load().count(a)
 
@@ -812,7 +831,19 @@ func (d *delivery) logAttempt(a queue.Attempt) {
 		if a.Err != nil {
 			e.Error = a.Err.Error()
 		}
+		if a.BuryErr != nil {
+			e.Error += "; could not keep it as a dead letter: " + a.BuryErr.Error()
+		}
 		liveLog.add(e)
+	}
+	switch {
+	case a.BuryErr != nil:
+		d.logger.Error("mux webhook delivery: the copy reached its last attempt but could not be kept as a dead letter; it stays queued and is tried again at the last retry interval (purge or redeliver dead letters, or raise dead_max_bytes)",
+			append(fields, zap.Bool("attempted", !a.NoAttempt), zap.Error(a.Err), zap.NamedError("dead_letter_error", a.BuryErr))...)
+		return
+	case a.NoAttempt && a.Result == "dead":
+		d.logger.Error("mux webhook delivery failed for good; kept as a dead letter (now that there is room)", append(fields, zap.Error(a.Err))...)
+		return
 	}
 	switch a.Result {
 	case "delivered":
@@ -963,7 +994,7 @@ func (h *Deliver) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		key = ev.Body // no id: only the same bytes are the same event
 	}
 	for _, name := range h.Destinations {
-		_, err := store.Enqueue(ctx, queue.Message{
+		dup, err := store.Enqueue(ctx, queue.Message{
 			Destination: name, EventID: key, ID: ev.ID, Type: ev.Type, Body: ev.Body,
 			Header: map[string]string{queue.HeaderSignature: ev.Signature},
 		})
@@ -976,6 +1007,11 @@ func (h *Deliver) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 			h.logger.Error("mux_deliver: could not queue the event; answering 503 so that Mux retries",
 				zap.String("destination", name), zap.String("type", ev.Type), zap.String("id", ev.ID), zap.Error(err))
 			return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("mux_deliver: %w", err))
+		}
+		if dup {
+			muxMetrics.queueDuplicates.WithLabelValues(name).Inc()
+			h.logger.Debug("mux_deliver: the event is already queued for this destination (dedupe window); not queued again",
+				zap.String("destination", name), zap.String("id", ev.ID))
 		}
 	}
 	w.WriteHeader(http.StatusAccepted)

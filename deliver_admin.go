@@ -1,12 +1,17 @@
 // The delivery queue on Caddy's admin API (module admin.api.mux_webhook,
 // next to the live log):
 //
-//	GET    /mux-webhook/queue                          per destination: name, url, pending, in_flight,
+//	GET    /mux-webhook/queue                          per destination: name, url, configured, pending, in_flight,
 //	                                                   delivered, dead, oldest_pending_seconds, last_error,
-//	                                                   instance
-//	GET    /mux-webhook/queue/dead?destination=<name>  dead letters: id, type, attempts, last_error, dead_at
+//	                                                   last_error_at, instance
+//	GET    /mux-webhook/queue/dead?destination=<name>  dead letters: seq, id, type, attempts, last_error, dead_at
 //	POST   /mux-webhook/queue/redeliver                {"destination":…,"ids":[…]} or {"destination":…,"all":true}
-//	DELETE /mux-webhook/queue/dead?destination=<name>  drop the dead letters
+//	DELETE /mux-webhook/queue/dead?destination=<name>[&up_to=<seq>]
+//	                                                   drop the dead letters (up to a listing's seq)
+//
+// Dead letters of a destination no longer configured are listed (as
+// "configured": false), and can be listed and purged; redelivered only to
+// a configured destination.
 //
 // Changes need Content-Type: application/json, which an HTML form cannot
 // send; Caddy's admin API refuses cross-origin requests itself. The
@@ -24,9 +29,13 @@ import (
 	"net/http"
 	"net/url"
 	"sort"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
 )
 
 // QueueStatus is one destination in GET /mux-webhook/queue. Pending,
@@ -34,15 +43,21 @@ import (
 // same on every instance sharing it; Delivered and LastError are this
 // instance's (named by Instance) since it started.
 type QueueStatus struct {
-	Name                 string  `json:"name"`
-	URL                  string  `json:"url"`
+	Name string `json:"name"`
+	URL  string `json:"url"`
+	// Configured is false for a destination the config no longer has
+	// whose dead letters (or copies) are still kept.
+	Configured           bool    `json:"configured"`
 	Pending              uint64  `json:"pending"`
 	InFlight             uint64  `json:"in_flight"`
 	Delivered            uint64  `json:"delivered"`
 	Dead                 uint64  `json:"dead"`
 	OldestPendingSeconds float64 `json:"oldest_pending_seconds"`
 	LastError            string  `json:"last_error"`
-	Instance             string  `json:"instance"`
+	// LastErrorAt is when LastError happened (RFC 3339); empty when
+	// there is none (a later delivery clears both).
+	LastErrorAt string `json:"last_error_at,omitempty"`
+	Instance    string `json:"instance"`
 	// Stalled is set while events wait and nothing was attempted for
 	// longer than their retry schedule allows (stall_after past the next
 	// due attempt); StalledSince (RFC 3339) is when progress stopped.
@@ -70,6 +85,17 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 		for name := range d.destinations {
 			names = append(names, name)
 		}
+		// Destinations no longer configured whose dead letters are kept:
+		// listed, so that an operator sees (and can purge) them.
+		deadCounts, err := store.DeadCounts(ctx)
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("queue status: %v", err)}
+		}
+		for name, n := range deadCounts {
+			if _, ok := d.destinations[name]; !ok && n > 0 && queue.ValidDestination(name) {
+				names = append(names, name)
+			}
+		}
 		sort.Strings(names)
 		out := make([]QueueStatus, 0, len(names))
 		for _, name := range names {
@@ -77,12 +103,19 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 			if err != nil {
 				return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("queue status of %s: %v", name, err)}
 			}
-			qs := QueueStatus{Name: name, URL: redactURL(d.destinations[name].URL), Pending: st.Pending, InFlight: st.InFlight, Dead: st.Dead, Instance: d.instance}
+			dest, configured := d.destinations[name]
+			qs := QueueStatus{Name: name, Configured: configured, Pending: st.Pending, InFlight: st.InFlight, Dead: st.Dead, Instance: d.instance}
+			if configured {
+				qs.URL = redactURL(dest.URL)
+			}
 			if !st.Oldest.IsZero() {
 				qs.OldestPendingSeconds = time.Since(st.Oldest).Seconds()
 			}
 			stat := h.stat(name)
 			qs.Delivered, qs.LastError = stat.delivered, stat.lastError
+			if !stat.lastErrorAt.IsZero() {
+				qs.LastErrorAt = stat.lastErrorAt.UTC().Format(time.RFC3339)
+			}
 			if stalled, since := h.stall(name); stalled {
 				qs.Stalled, qs.StalledSince = true, since.UTC().Format(time.RFC3339)
 			}
@@ -91,14 +124,22 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 		return writeJSON(w, out)
 	case sub == "/dead" && (r.Method == http.MethodGet || r.Method == http.MethodDelete):
 		name := r.URL.Query().Get("destination")
-		if _, ok := d.destinations[name]; !ok {
-			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("unknown destination %q", name)}
+		if err := knownDeadDestination(r, d, store, name); err != nil {
+			return err
 		}
 		if r.Method == http.MethodDelete {
 			if err := checkJSONChange(r); err != nil {
 				return err
 			}
-			if err := store.Purge(ctx, name); err != nil {
+			var upTo uint64
+			if v := r.URL.Query().Get("up_to"); v != "" {
+				n, err := strconv.ParseUint(v, 10, 64)
+				if err != nil || n == 0 {
+					return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: errors.New("up_to: want the seq of the last dead letter to purge, from the listing (a number from 1)")}
+				}
+				upTo = n
+			}
+			if err := store.PurgeUpTo(ctx, name, upTo); err != nil {
 				return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: err}
 			}
 			return writeJSON(w, map[string]bool{"purged": true})
@@ -123,12 +164,16 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("want {\"destination\":…,\"ids\":[…]} or {\"destination\":…,\"all\":true}: %v", err)}
 		}
 		if _, ok := d.destinations[req.Destination]; !ok {
-			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("unknown destination %q", req.Destination)}
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("unknown destination %q: dead letters go back only to a configured destination (configure it again, or purge them)", req.Destination)}
 		}
 		if !req.All && len(req.IDs) == 0 {
 			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: errors.New("name the ids to redeliver, or all: true")}
 		}
 		n, err := store.Redeliver(ctx, req.Destination, req.IDs, req.All)
+		if nd, ok := errors.AsType[*queue.NotDeadError](err); ok {
+			return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("redelivered %d; %d of the ids are not dead letters of %s: %s",
+				n, len(nd.IDs), req.Destination, strings.Join(quoteAll(nd.IDs), ", "))}
+		}
 		if err != nil {
 			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("redelivered %d, then: %v", n, err)}
 		}
@@ -148,16 +193,79 @@ func checkJSONChange(r *http.Request) error {
 	return nil
 }
 
-// redactURL hides a URL's password and query, which may hold credentials.
+// redactURL is a URL as it may be shown (the status, the console, load
+// errors): without its userinfo (the user name is often a token) and its
+// query, which may hold credentials.
 func redactURL(raw string) string {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return "(unparsable)"
 	}
-	if u.RawQuery != "" {
-		u.RawQuery = "redacted"
+	u.User = nil
+	u.RawQuery, u.ForceQuery = "", false
+	u.Fragment, u.RawFragment = "", ""
+	return u.String()
+}
+
+// checkDestinationURL checks a destination's url when the config loads,
+// so that it never fails at delivery time. Its errors never quote the
+// URL: it may hold a password or a token.
+func checkDestinationURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		if _, ok := errors.AsType[url.EscapeError](err); ok {
+			return errors.New("a % in it is not followed by two hex digits: write a literal % as %25 (e.g. in the password)")
+		}
+		if _, ok := errors.AsType[url.InvalidHostError](err); ok {
+			return errors.New("the host holds a character a host name cannot have")
+		}
+		return errors.New("not a valid URL: check the port (a number from 1 to 65535) and escape the user's and password's reserved characters as %XX")
 	}
-	return u.Redacted()
+	if u.Scheme != "http" && u.Scheme != "https" || u.Opaque != "" {
+		return errors.New("the url must start with http:// or https://")
+	}
+	if u.Hostname() == "" {
+		return errors.New("the url has no host")
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return errors.New("the port must be a number from 1 to 65535")
+		}
+	} else if strings.HasSuffix(u.Host, ":") {
+		return errors.New("the port after ':' is empty")
+	}
+	return nil
+}
+
+// knownDeadDestination accepts a configured destination's name, or that
+// of one no longer configured whose dead letters are kept.
+func knownDeadDestination(r *http.Request, d *delivery, store *queue.Store, name string) error {
+	if _, ok := d.destinations[name]; ok {
+		return nil
+	}
+	if queue.ValidDestination(name) {
+		counts, err := store.DeadCounts(r.Context())
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: err}
+		}
+		if counts[name] > 0 {
+			return nil
+		}
+	}
+	return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("unknown destination %q (not configured, and no dead letters kept for it)", name)}
+}
+
+// quoteAll quotes each id, bounded, for an error message.
+func quoteAll(ids []string) []string {
+	out := make([]string, 0, len(ids))
+	for i, id := range ids {
+		if i == 50 {
+			out = append(out, fmt.Sprintf("and %d more", len(ids)-i))
+			break
+		}
+		out = append(out, strconv.Quote(boundedString(id, 200)))
+	}
+	return out
 }
 
 func writeJSON(w http.ResponseWriter, v any) error {

@@ -183,7 +183,7 @@ func TestQueueDeadLettersAndCLI(t *testing.T) {
 	if out, err := runCommand(t, "", "queue", "--address", admin); err != nil || !strings.Contains(out, "app") {
 		t.Fatalf("queue: %v\n%s", err, out)
 	}
-	if out, err := runCommand(t, "", "queue", "purge", "app", "--address", admin); err != nil || !strings.Contains(out, "purged") {
+	if out, err := runCommand(t, "y\n", "queue", "purge", "app", "--address", admin); err != nil || !strings.Contains(out, "purged") {
 		t.Fatalf("queue purge: %v\n%s", err, out)
 	}
 	status = nil

@@ -81,7 +81,7 @@ func (a *adminAPI) Routes() []caddy.AdminRoute {
 func (a *adminAPI) route(w http.ResponseWriter, r *http.Request) error {
 	path := strings.TrimPrefix(r.URL.Path, "/mux-webhook")
 	if sub, ok := strings.CutPrefix(path, "/queue"); ok && (sub == "" || strings.HasPrefix(sub, "/")) {
-		return serveQueue(w, r, sub, running.Load())
+		return serveQueue(w, r, sub, runningApp())
 	}
 	return serveLiveLog(w, r, path, a.ctx.Done())
 }

@@ -27,7 +27,13 @@ var muxMetrics = struct {
 	deliveries   *prometheus.CounterVec
 	deliveryTime *prometheus.HistogramVec
 	enqueueFails *prometheus.CounterVec
-	queueUp      prometheus.Gauge
+	// deadLetterFails counts copies at their last attempt that could not
+	// be kept as dead letters (<stream>_DEAD full or unavailable).
+	deadLetterFails *prometheus.CounterVec
+	// queueDuplicates counts events mux_deliver did not queue again: the
+	// same id within the dedupe window.
+	queueDuplicates *prometheus.CounterVec
+	queueUp         prometheus.Gauge
 	// instance says which configured instance this process is: Prometheus
 	// labels each scrape with its target (instance="host:port"); joined
 	// on that, deliveries_total reads by instance name.
@@ -85,6 +91,14 @@ func registerMetrics(registry *prometheus.Registry) error {
 			Namespace: ns, Subsystem: sub, Name: "enqueue_failures_total",
 			Help: "Events mux_deliver could not queue (answered 503), by destination and reason: full (max_bytes) or unavailable (the queue did not answer within enqueue_timeout, or refused).",
 		}, []string{"destination", "reason"})
+		muxMetrics.deadLetterFails = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "dead_letter_failures_total",
+			Help: "Copies at their last attempt (max_attempts or max_age) that could not be kept as dead letters, by destination: the dead letters' stream is full (dead_max_bytes) or unavailable. The copy stays queued and is tried again at the last retry interval.",
+		}, []string{"destination"})
+		muxMetrics.queueDuplicates = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "queue_duplicates_total",
+			Help: "Events mux_deliver answered 202 without queuing them again, by destination: the same event id was queued for it within the dedupe window.",
+		}, []string{"destination"})
 		muxMetrics.queueUp = prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "queue_up",
 			Help: "1 if this instance's last reading of the delivery queue (every 5s) succeeded, 0 if the queue did not answer.",
@@ -111,7 +125,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 func muxCollectors() []prometheus.Collector {
 	return []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
 		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.queueStalled, muxMetrics.deliveries, muxMetrics.deliveryTime,
-		muxMetrics.enqueueFails, muxMetrics.queueUp, muxMetrics.instance}
+		muxMetrics.enqueueFails, muxMetrics.deadLetterFails, muxMetrics.queueDuplicates, muxMetrics.queueUp, muxMetrics.instance}
 }
 
 // families are the event families the responses metric names.

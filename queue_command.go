@@ -4,11 +4,12 @@
 //	caddy mux-webhook queue [--address A] [--config F [--adapter N]]
 //	caddy mux-webhook queue dead <destination>
 //	caddy mux-webhook queue redeliver <destination> (<id>... | --all)
-//	caddy mux-webhook queue purge <destination>
+//	caddy mux-webhook queue purge <destination> [--yes]
 
 package muxwebhook
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,8 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -26,7 +29,7 @@ import (
 
 func queueCommand() *cobra.Command {
 	c := &cobra.Command{
-		Use:   "queue [status | dead <destination> | redeliver <destination> (<id>...|--all) | purge <destination>]",
+		Use:   "queue [status | dead <destination> | redeliver <destination> (<id>...|--all) | purge <destination> [--yes]]",
 		Short: "Show the delivery queue of a running Caddy; list, redeliver or purge dead letters",
 		Long: `Talks to the admin API of a running Caddy (like 'caddy reload': --address, or
 the admin address of --config, else localhost:2019).
@@ -38,7 +41,13 @@ the admin address of --config, else localhost:2019).
   queue dead <destination>                the destination's dead letters
   queue redeliver <destination> <id>...   dead letters back to the queue, attempts from 1
   queue redeliver <destination> --all
-  queue purge <destination>               drop the destination's dead letters`,
+  queue purge <destination> [--yes]       drop the destination's dead letters: lists them, asks
+                                          "purge N dead letters of <destination>? [y/N]" and drops
+                                          those listed (not those buried since); --yes skips the
+                                          question (without it, no answer refuses)
+
+A destination no longer configured whose dead letters are kept is shown
+"(not configured)"; its dead letters can be listed and purged.`,
 		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			addr, _ := cmd.Flags().GetString("address")
@@ -66,14 +75,22 @@ the admin address of --config, else localhost:2019).
 					fmt.Fprintf(out, "instance %s: pending, in flight, dead and oldest are the shared queue's; delivered and last error are this instance's\n", printable(list[0].Instance))
 				}
 				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "DESTINATION\tPENDING\tIN FLIGHT\tDELIVERED\tDEAD\tOLDEST PENDING\tLAST ERROR")
+				fmt.Fprintln(tw, "DESTINATION\tPENDING\tIN FLIGHT\tDELIVERED\tDEAD\tOLDEST PENDING\tLAST ERROR AT\tLAST ERROR")
 				var stalled []QueueStatus
 				for _, q := range list {
 					oldest := "-"
 					if q.OldestPendingSeconds > 0 {
 						oldest = (time.Duration(q.OldestPendingSeconds) * time.Second).String()
 					}
-					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\n", printable(q.Name), q.Pending, q.InFlight, q.Delivered, q.Dead, oldest, printable(q.LastError))
+					name := printable(q.Name)
+					if !q.Configured {
+						name += " (not configured)"
+					}
+					at, lastErr := "-", "-"
+					if q.LastError != "" {
+						at, lastErr = printable(q.LastErrorAt), printable(q.LastError)
+					}
+					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", name, q.Pending, q.InFlight, q.Delivered, q.Dead, oldest, at, lastErr)
 					if q.Stalled {
 						stalled = append(stalled, q)
 					}
@@ -113,11 +130,8 @@ the admin address of --config, else localhost:2019).
 				_, err := fmt.Fprintf(out, "redelivered %d dead letters of %s\n", res.Redelivered, printable(args[0]))
 				return err
 			case verb == "purge" && len(args) == 1:
-				if err := adminJSON(admin, http.MethodDelete, "/mux-webhook/queue/dead?destination="+url.QueryEscape(args[0]), []byte("{}"), nil); err != nil {
-					return err
-				}
-				_, err := fmt.Fprintf(out, "purged the dead letters of %s\n", printable(args[0]))
-				return err
+				yes, _ := cmd.Flags().GetBool("yes")
+				return purgeDead(admin, args[0], yes, cmd.InOrStdin(), out)
 			}
 			return errors.New("usage: queue | queue dead <destination> | queue redeliver <destination> (<id>...|--all) | queue purge <destination>")
 		},
@@ -126,6 +140,7 @@ the admin address of --config, else localhost:2019).
 	c.Flags().String("config", "", "the config file whose admin address to use")
 	c.Flags().String("adapter", "", "the adapter of --config")
 	c.Flags().Bool("all", false, "with redeliver: every dead letter of the destination")
+	c.Flags().Bool("yes", false, "with purge: do not ask")
 	return c
 }
 
@@ -151,4 +166,39 @@ func adminJSON(admin, method, uri string, body []byte, out any) error {
 		}
 	}
 	return nil
+}
+
+// purgeDead lists destination's dead letters, asks on in whether to purge
+// them (unless yes), and purges those listed: up to the listing's last
+// seq, so that a dead letter buried meanwhile is kept. No answer (no
+// terminal, end of input) refuses.
+func purgeDead(admin, destination string, yes bool, in io.Reader, out io.Writer) error {
+	q := "/mux-webhook/queue/dead?destination=" + url.QueryEscape(destination)
+	var dead []struct {
+		Seq uint64 `json:"seq"`
+	}
+	if err := adminJSON(admin, http.MethodGet, q, nil, &dead); err != nil {
+		return err
+	}
+	if len(dead) == 0 {
+		_, err := fmt.Fprintf(out, "no dead letters of %s\n", printable(destination))
+		return err
+	}
+	if !yes {
+		fmt.Fprintf(out, "purge %d dead letters of %s? [y/N] ", len(dead), printable(destination))
+		answer, err := bufio.NewReader(io.LimitReader(in, 1024)).ReadString('\n')
+		if err != nil && answer == "" {
+			fmt.Fprintln(out)
+			return errors.New("not purged: no answer (pass --yes to purge without asking)")
+		}
+		if a := strings.ToLower(strings.TrimSpace(answer)); a != "y" && a != "yes" {
+			return errors.New("not purged")
+		}
+	}
+	upTo := dead[len(dead)-1].Seq
+	if err := adminJSON(admin, http.MethodDelete, q+"&up_to="+strconv.FormatUint(upTo, 10), []byte("{}"), nil); err != nil {
+		return err
+	}
+	_, err := fmt.Fprintf(out, "purged %d dead letters of %s\n", len(dead), printable(destination))
+	return err
 }

@@ -13,12 +13,10 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 )
@@ -87,6 +85,17 @@ type Attempt struct {
 	Err         error
 	Duration    time.Duration
 	Result      string // "delivered", "retry" or "dead"
+	// NoAttempt is a delivery that made no POST: the copy had reached
+	// its bound (max_attempts, or max_age after an attempt) and could not
+	// be kept as a dead letter then; it was buried now (Result "dead"),
+	// or is still not (BuryErr). Number is then the attempts made, Err
+	// the last one's error.
+	NoAttempt bool
+	// BuryErr, if set, is why the copy, at its bound, could not be kept
+	// as a dead letter (<stream>_DEAD full or unavailable): it stays
+	// queued, delivered again at the last retry interval, and is buried
+	// then without another attempt.
+	BuryErr error
 }
 
 func (d *Destination) defaults() {
@@ -110,10 +119,6 @@ func (d *Destination) defaults() {
 // delay is the wait after attempt n (from 1) failed.
 func (d *Destination) delay(n int) time.Duration {
 	return d.Retry[min(n-1, len(d.Retry)-1)]
-}
-
-func (s *Store) deadSubject(destination string) string {
-	return s.cfg.Stream + ".dead." + destination
 }
 
 // StopGrace bounds how long stopping a destination's workers waits for
@@ -467,6 +472,9 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		return a
 	}
 	a.Number = s.handBacks.attemptNumber(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+	if s.buryAgain(ctx, d, msg, meta, sw, &a) {
+		return a
+	}
 	start := time.Now()
 	a.Status, a.Err = s.post(ctx, client, d, msg, a.Number)
 	a.Duration = time.Since(start)
@@ -491,18 +499,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 	}
 	next := d.delay(a.Number)
 	if (d.MaxAttempts > 0 && a.Number >= d.MaxAttempts) || time.Since(meta.Timestamp)+next > d.MaxAge {
-		if err := s.bury(ctx, d.Name, msg, a); err != nil {
-			// Not kept as a dead letter: keep retrying rather than drop it.
-			a.Err = fmt.Errorf("%v; and could not keep it as a dead letter: %v", a.Err, err)
-			a.Result = "retry"
-			_ = msg.NakWithDelay(next)
-			return a
-		}
-		a.Result = "dead"
-		if msg.Term() == nil {
-			sw.settle(meta.Sequence.Stream)
-		}
-		s.handBacks.settled(meta.Sequence.Stream)
+		s.settleDead(ctx, d, msg, meta, sw, &a)
 		return a
 	}
 	a.Result = "retry"
@@ -735,7 +732,8 @@ func answered(err error) bool {
 func (s *Store) post(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, n int) (int, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.URL, bytes.NewReader(msg.Data()))
 	if err != nil {
-		return 0, err
+		// Not err: a *url.Error quotes the URL, password and query included.
+		return 0, fmt.Errorf("%s: the destination's url is not a valid URL", d.Name)
 	}
 	for k, v := range d.Header {
 		req.Header.Set(k, v)
@@ -774,194 +772,14 @@ func (s *Store) post(ctx context.Context, client *http.Client, d *Destination, m
 	return resp.StatusCode, nil
 }
 
-// bury stores msg as a dead letter of destination, with the attempts made
-// and the last error.
-func (s *Store) bury(ctx context.Context, destination string, msg jetstream.Msg, a Attempt) error {
-	dead := nats.NewMsg(s.deadSubject(destination))
-	dead.Data = msg.Data()
-	for k, vs := range msg.Headers() {
-		if k == jetstream.MsgIDHeader {
-			continue
-		}
-		for _, v := range vs {
-			dead.Header.Add(k, v)
-		}
-	}
-	text := a.Err.Error()
-	if len(text) > maxErrorText {
-		text = text[:maxErrorText]
-	}
-	dead.Header.Set(headerLastError, text)
-	dead.Header.Set(headerAttempts, strconv.Itoa(a.Number))
-	dead.Header.Set(headerDeadAt, time.Now().UTC().Format(time.RFC3339))
-	if meta, err := msg.Metadata(); err == nil {
-		// Buried twice (a lost Term, another attempt) is kept once.
-		dead.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("dead:%s:%d", destination, meta.Sequence.Stream))
-	}
-	_, err := s.js.PublishMsg(context.WithoutCancel(ctx), dead)
-	return err
-}
-
-// DeadLetter is one event that could not be delivered.
-type DeadLetter struct {
-	Seq       uint64    `json:"seq"`
-	ID        string    `json:"id"`
-	Type      string    `json:"type"`
-	Attempts  int       `json:"attempts"`
-	LastError string    `json:"last_error"`
-	DeadAt    time.Time `json:"dead_at"`
-}
-
 // errNoLeader is a clustered consumer without a leader, for now.
 var errNoLeader = errors.New("the consumer has no leader yet")
-
-// maxListed bounds what one Dead call returns.
-const maxListed = 10000
-
-// Dead lists destination's dead letters, oldest first (at most 10000).
-// It reads their headers only: a listing holds no event body.
-func (s *Store) Dead(ctx context.Context, destination string) ([]DeadLetter, error) {
-	out := []DeadLetter{}
-	err := s.eachDead(ctx, destination, true, func(dl DeadLetter, _ jetstream.Msg) (bool, error) {
-		out = append(out, dl)
-		return len(out) < maxListed, nil
-	})
-	return out, err
-}
-
-// eachDead calls fn with destination's dead letters, oldest first, one at
-// a time (never all bodies at once), up to the last one stored when it
-// started, until fn returns false or an error. On a cluster, the reading's
-// own consumer may not answer its first pull yet (no responders): then it
-// is made again, a few times.
-func (s *Store) eachDead(ctx context.Context, destination string, headersOnly bool, fn func(DeadLetter, jetstream.Msg) (bool, error)) error {
-	for try := 1; ; try++ {
-		called := false
-		err := s.eachDeadOnce(ctx, destination, headersOnly, func(dl DeadLetter, m jetstream.Msg) (bool, error) {
-			called = true
-			return fn(dl, m)
-		})
-		if err == nil || called || !noResponders(err) || try == 5 || ctx.Err() != nil {
-			return err
-		}
-		time.Sleep(time.Duration(try) * 100 * time.Millisecond)
-	}
-}
-
-// noResponders is a request no server answered yet (a cluster's stream or
-// consumer just after an election), however the client wrapped it.
-func noResponders(err error) bool {
-	return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrNoStreamResponse) ||
-		strings.Contains(err.Error(), "no responders")
-}
-
-func (s *Store) eachDeadOnce(ctx context.Context, destination string, headersOnly bool, fn func(DeadLetter, jetstream.Msg) (bool, error)) error {
-	stream, err := s.js.Stream(ctx, s.cfg.Stream)
-	if err != nil {
-		return err
-	}
-	info, err := stream.Info(ctx)
-	if err != nil {
-		return err
-	}
-	last := info.State.LastSeq
-	cons, err := s.js.OrderedConsumer(ctx, s.cfg.Stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{s.deadSubject(destination)},
-		HeadersOnly:    headersOnly,
-	})
-	if err != nil {
-		return err
-	}
-	for {
-		batch, err := cons.FetchNoWait(64)
-		if err != nil {
-			return err
-		}
-		n := 0
-		for msg := range batch.Messages() {
-			n++
-			meta, err := msg.Metadata()
-			if err != nil {
-				continue
-			}
-			if meta.Sequence.Stream > last {
-				return nil
-			}
-			h := msg.Headers()
-			attempts, _ := strconv.Atoi(h.Get(headerAttempts))
-			deadAt, _ := time.Parse(time.RFC3339, h.Get(headerDeadAt))
-			more, err := fn(DeadLetter{
-				Seq: meta.Sequence.Stream, ID: h.Get(HeaderEventID), Type: h.Get(HeaderEventType),
-				Attempts: attempts, LastError: h.Get(headerLastError), DeadAt: deadAt,
-			}, msg)
-			if err != nil || !more {
-				return err
-			}
-		}
-		if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
-			return err
-		}
-		if n == 0 {
-			return nil
-		}
-	}
-}
-
-// Redeliver puts dead letters of destination back in its queue, attempts
-// counted from 1 again: those whose event ids are listed, or all of them
-// (however many). It returns how many went back.
-func (s *Store) Redeliver(ctx context.Context, destination string, ids []string, all bool) (int, error) {
-	want := map[string]bool{}
-	for _, id := range ids {
-		want[id] = true
-	}
-	st, err := s.js.Stream(ctx, s.cfg.Stream)
-	if err != nil {
-		return 0, err
-	}
-	n := 0
-	err = s.eachDead(ctx, destination, false, func(dl DeadLetter, dead jetstream.Msg) (bool, error) {
-		if !all && !want[dl.ID] {
-			return true, nil
-		}
-		msg := nats.NewMsg(s.Subject(destination))
-		msg.Data = dead.Data()
-		for k, vs := range dead.Headers() {
-			switch k {
-			case headerLastError, headerAttempts, headerDeadAt:
-				continue
-			}
-			for _, v := range vs {
-				msg.Header.Add(k, v)
-			}
-		}
-		// A fresh message id: the dedupe window must not swallow it.
-		msg.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("redeliver:%s:%d", destination, dl.Seq))
-		if _, err := s.js.PublishMsg(ctx, msg); err != nil {
-			return false, err
-		}
-		if err := st.DeleteMsg(ctx, dl.Seq); err != nil {
-			return false, err
-		}
-		n++
-		return true, nil
-	})
-	return n, err
-}
-
-// Purge drops destination's dead letters.
-func (s *Store) Purge(ctx context.Context, destination string) error {
-	st, err := s.js.Stream(ctx, s.cfg.Stream)
-	if err != nil {
-		return err
-	}
-	return st.Purge(ctx, jetstream.WithPurgeSubject(s.deadSubject(destination)))
-}
 
 // Status is what the queue holds for one destination.
 type Status struct {
 	// Pending copies wait for their next attempt; InFlight are being
-	// attempted (or wait for a retry's delay); Dead are dead letters.
+	// attempted (or wait for a retry's delay); Dead are dead letters (in
+	// <stream>_DEAD).
 	Pending, InFlight, Dead uint64
 	// Oldest is when the oldest copy not yet delivered was stored; zero
 	// when there is none.
@@ -985,7 +803,9 @@ func (s *Store) Status(ctx context.Context, destination string) (Status, error) 
 	if err != nil {
 		return st, err
 	}
-	st.Dead = info.State.Subjects[s.deadSubject(destination)]
+	if st.Dead, err = s.deadCount(ctx, destination); err != nil {
+		return st, err
+	}
 	cons, err := stream.Consumer(ctx, "deliver_"+destination)
 	if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrNotPullConsumer) {
 		// No worker ever ran, or the consumer was deleted, or one made by

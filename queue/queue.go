@@ -100,6 +100,9 @@ type Config struct {
 	// the external server instead of Password and Token: a secret rotated
 	// in its file is used at the next reconnection, without a reload.
 	PasswordFunc, TokenFunc func() string
+	// DeadMaxBytes bounds <Stream>_DEAD, the dead letters' own stream
+	// (dead.go). Default: 1 GiB.
+	DeadMaxBytes int64
 }
 
 // Message is one queued copy of a verified event for one destination.
@@ -138,6 +141,8 @@ type Store struct {
 
 	unsweptMu sync.Mutex
 	unswept   map[string]unswept // per subject: settled copies stopped workers could not delete
+
+	dead deadLetters // <stream>_DEAD and the copies that could not be buried (dead.go)
 }
 
 var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
@@ -288,7 +293,7 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 			s.heal(s.done)
 		}()
 	}
-	return s, nil
+	return s.openDead(ctx)
 }
 
 // streamConfig is the stream as cfg describes it.
@@ -316,6 +321,9 @@ func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("queue: the stream is %s in the running Caddy; a reload cannot rename it (its queued events would wait forever): keep stream %s, or give the new stream its own dir", s.cfg.Stream, s.cfg.Stream)
 	}
 	if err := s.checkMaxPayload(cfg); err != nil {
+		return err
+	}
+	if err := s.reconfigureDead(ctx, cfg); err != nil {
 		return err
 	}
 	if cur := s.config(); cfg.MaxBytes == cur.MaxBytes && cfg.DedupeWindow == cur.DedupeWindow && cfg.Replicas == cur.Replicas {
