@@ -355,7 +355,7 @@ func TestFaultEmbeddedDiskFull(t *testing.T) {
 		}
 	})
 	backend := newRecordingBackend(t, 0, nil)
-	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 4MiB\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t}\n\t}", filepath.Join(mnt, "js"), backend.URL))
+	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 4MiB\n\t\t\tdead_max_bytes 2MiB\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t}\n\t}", filepath.Join(mnt, "js"), backend.URL))
 	g.sendAll(t, 10*time.Second, "before")
 	waitDelivered(t, backend, 15*time.Second, g.out, "before")
 

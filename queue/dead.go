@@ -23,6 +23,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
 )
 
 // DefaultDeadMaxBytes bounds <stream>_DEAD unless DeadMaxBytes says
@@ -92,7 +93,7 @@ func (s *Store) openDead(ctx context.Context) (*Store, error) {
 	})
 	if err != nil {
 		s.Close()
-		return nil, fmt.Errorf("queue: creating stream %s (dead letters): %v", name, err)
+		return nil, fmt.Errorf("queue: creating stream %s (dead letters): %v%s", name, err, roomHint(err))
 	}
 	if err := s.moveOldDead(ctx); err != nil {
 		s.Close()
@@ -193,6 +194,16 @@ func (s *Store) bury(ctx context.Context, destination string, msg jetstream.Msg,
 		dead.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("dead:%s:%d:%d", destination, meta.Sequence.Stream, meta.Timestamp.UnixNano()))
 	}
 	_, err := s.js.PublishMsg(context.WithoutCancel(ctx), dead)
+	if err != nil && noStream(err) && s.Down() == nil {
+		// The dead letters' stream was deleted by hand: made again.
+		tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		_, cerr := s.js.CreateOrUpdateStream(tctx, deadStreamConfig(s.config()))
+		cancel()
+		if cerr == nil {
+			s.log.Warn("mux_webhook queue: the dead letters' stream was gone (deleted by hand?); made it again", zap.String("stream", DeadStream(s.cfg.Stream)))
+			_, err = s.js.PublishMsg(context.WithoutCancel(ctx), dead)
+		}
+	}
 	if err != nil && isFull(err) {
 		return fmt.Errorf("%w: %s", ErrDeadFull, DeadStream(s.cfg.Stream))
 	}

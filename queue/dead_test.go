@@ -153,7 +153,9 @@ func TestDeadStreamFull(t *testing.T) {
 		ids = append(ids, id)
 	}
 	b := newBackend(t, func(int) int { return http.StatusInternalServerError })
-	dest := Destination{Name: "app", URL: b.URL, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 2}
+	// Timeout 1s: a copy whose hand-back was lost with the closed
+	// connection comes back after its ack deadline (timeout + 5s).
+	dest := Destination{Name: "app", URL: b.URL, Timeout: time.Second, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 2}
 	var log attemptLog
 	stop, err := s.Deliver(context.Background(), dest, log.add)
 	if err != nil {
@@ -191,7 +193,7 @@ func TestDeadStreamFull(t *testing.T) {
 	for _, id := range buried {
 		seen[id] = true
 	}
-	for round := 0; len(seen) < len(ids) && round < 20; round++ {
+	for round := 0; len(seen) < len(ids) && round < 80; round++ { // at most ~20s
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		dead, err := s.Dead(ctx, "app")
 		if err != nil {

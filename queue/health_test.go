@@ -129,7 +129,7 @@ func TestWorkersRecoverADeletedStream(t *testing.T) {
 func TestEmbeddedStoreRecoversFromAFullDisk(t *testing.T) {
 	dir := smallFilesystem(t, "24m")
 	core, logs := observer.New(zap.DebugLevel)
-	s := openTest(t, Config{Dir: filepath.Join(dir, "js"), MaxBytes: 4 << 20, Logger: zap.New(core)})
+	s := openTest(t, Config{Dir: filepath.Join(dir, "js"), MaxBytes: 4 << 20, DeadMaxBytes: 2 << 20, Logger: zap.New(core)})
 	defer s.Close()
 	b := newBackend(t, func(int) int { return http.StatusServiceUnavailable })
 	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{100 * time.Millisecond}}, nil)
@@ -246,4 +246,28 @@ func TestCloseWhileHealing(t *testing.T) {
 	if stacks := string(buf[:runtime.Stack(buf, true)]); strings.Contains(stacks, "(*Store).heal") {
 		t.Errorf("heal still runs after Close returned:\n%s", stacks)
 	}
+}
+
+// TestDeadStreamDeletedByHand: the dead letters' stream deleted by hand
+// is made again by the next copy that becomes a dead letter, which is
+// kept there.
+func TestDeadStreamDeletedByHand(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.js.DeleteStream(ctx, DeadStream(s.cfg.Stream)); err != nil {
+		t.Fatal(err)
+	}
+	b := newBackend(t, func(int) int { return http.StatusInternalServerError })
+	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, MaxAttempts: 1}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	put(t, s, "app", "doomed", []byte(`{"id":"doomed"}`))
+	waitUntil(t, "the dead letter kept", func() bool {
+		dead, err := s.Dead(context.Background(), "app")
+		return err == nil && len(dead) == 1 && dead[0].ID == "doomed"
+	})
 }

@@ -284,7 +284,7 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	})
 	if err != nil {
 		s.Close()
-		return nil, fmt.Errorf("queue: creating stream %s: %v", cfg.Stream, err)
+		return nil, fmt.Errorf("queue: creating stream %s: %v%s", cfg.Stream, err, roomHint(err))
 	}
 	if s.server != nil {
 		s.healed = make(chan struct{})
@@ -593,6 +593,20 @@ func (s *Store) config() Config {
 	s.cfgMu.Lock()
 	defer s.cfgMu.Unlock()
 	return s.cfg
+}
+
+// insufficientResources is JetStream's error code for a stream whose
+// max_bytes it cannot reserve (JSInsufficientResourcesErr).
+const insufficientResources = 10047
+
+// roomHint says what to change when JetStream cannot reserve a stream's
+// bytes: both streams reserve their whole bound on the store's disk.
+func roomHint(err error) string {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode == insufficientResources {
+		return ": the store has less room than max_bytes + dead_max_bytes (JetStream reserves both): lower them, or give the store more room"
+	}
+	return ""
 }
 
 // storeFailed is JetStream's error code for a message it could not store

@@ -221,7 +221,7 @@ func (s *setup) caddyfile(g *gateway) string {
 		g.admin, filepath.Join(g.dataDir, "storage"))
 	b.WriteString("\tlog {\n\t\tformat json\n\t}\n\tmux_webhook {\n\t\tqueue {\n")
 	if s.kind == "embedded" {
-		fmt.Fprintf(&b, "\t\t\tdir %s\n\t\t\tmax_bytes 8MiB\n", s.queueDir)
+		fmt.Fprintf(&b, "\t\t\tdir %s\n\t\t\tmax_bytes 8MiB\n\t\t\tdead_max_bytes 2MiB\n", s.queueDir)
 	} else {
 		fmt.Fprintf(&b, "\t\t\tnats %s {\n\t\t\t\treplicas 3\n\t\t\t\tinstance %s\n\t\t\t}\n\t\t\tmax_bytes 256MiB\n", strings.Join(s.natsURLs(), " "), g.name)
 	}
