@@ -310,11 +310,12 @@ func clusterGateways(t *testing.T, n int, global string) []*clusterGateway {
 	return gs
 }
 
-// start (re)starts the gateway until the test ends and waits until its
-// queue is open.
-func (g *clusterGateway) start(t *testing.T) {
-	t.Helper()
-	cfg := fmt.Sprintf(`{
+// queueGatewayConfig is the Caddyfile of a gateway process: its admin
+// API on adminPort, JSON logs, global (the mux_webhook global option),
+// and one site on port that queues every verified event for destination
+// app.
+func queueGatewayConfig(adminPort int, global string, port int) string {
+	return fmt.Sprintf(`{
 	admin 127.0.0.1:%d
 	auto_https off
 	persist_config off
@@ -329,18 +330,19 @@ http://127.0.0.1:%d {
 	mux_webhook %s
 	mux_deliver app
 }
-`, g.admin, g.global, g.port, testSecret)
+`, adminPort, global, port, testSecret)
+}
+
+// start (re)starts the gateway until the test ends and waits until its
+// queue is open.
+func (g *clusterGateway) start(t *testing.T) {
+	t.Helper()
+	cfg := queueGatewayConfig(g.admin, g.global, g.port)
 	dir := t.TempDir()
 	g.out, g.cmd = runCaddyIn(t, g.bin, cfg, dir, dir, nil)
 	// Ready once the queue is open (the admin API shows it); the site may
 	// answer before, 503 to events.
-	waitForLong(t, 30*time.Second, func() bool {
-		resp, err := http.Get(g.adminURL() + "/mux-webhook/queue")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil && resp.StatusCode == http.StatusOK
-	}, func() string { return g.name + ":\n" + tail(g.out.String(), 4096) })
+	waitQueueOpen(t, g.adminURL(), g.out)
 }
 
 // kill sends the gateway SIGKILL and waits for it to end.

@@ -23,29 +23,7 @@ import (
 func lockGateway(t *testing.T, dir, backend string) (base, admin string, out *syncBuffer, cmd *exec.Cmd) {
 	t.Helper()
 	port, adminPort := freePort(t), freePort(t)
-	cfg := fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	auto_https off
-	persist_config off
-	default_bind 127.0.0.1
-	log {
-		format json
-	}
-	mux_webhook {
-		queue {
-			dir %s
-		}
-		destination app %s {
-			retry 50ms
-		}
-	}
-}
-
-http://127.0.0.1:%d {
-	mux_webhook %s
-	mux_deliver app
-}
-`, adminPort, dir, backend, port, testSecret)
+	cfg := queueGatewayConfig(adminPort, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 50ms\n\t\t}\n\t}", dir, backend), port)
 	home := t.TempDir()
 	out, cmd = runCaddyIn(t, caddyBinary(t), cfg, home, home, nil)
 	return fmt.Sprintf("http://127.0.0.1:%d", port), fmt.Sprintf("http://127.0.0.1:%d", adminPort), out, cmd

@@ -34,32 +34,11 @@ type healGateway struct {
 func startHealGateway(t *testing.T, global string) *healGateway {
 	t.Helper()
 	port, admin := freePort(t), freePort(t)
-	cfg := fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	auto_https off
-	persist_config off
-	default_bind 127.0.0.1
-	log {
-		format json
-	}
-%s
-}
-
-http://127.0.0.1:%d {
-	mux_webhook %s
-	mux_deliver app
-}
-`, admin, global, port, testSecret)
+	cfg := queueGatewayConfig(admin, global, port)
 	dir := t.TempDir()
 	g := &healGateway{base: fmt.Sprintf("http://127.0.0.1:%d", port), admin: fmt.Sprintf("http://127.0.0.1:%d", admin)}
 	g.out, g.cmd = runCaddyIn(t, caddyBinary(t), cfg, dir, dir, nil)
-	waitForLong(t, 30*time.Second, func() bool {
-		resp, err := http.Get(g.admin + "/mux-webhook/queue")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil && resp.StatusCode == http.StatusOK
-	}, func() string { return tail(g.out.String(), 4096) })
+	waitQueueOpen(t, g.admin, g.out)
 	return g
 }
 

@@ -314,16 +314,7 @@ func (s *Store) Dead(ctx context.Context, destination string) ([]DeadLetter, err
 // DeadCounts returns, per destination name, how many dead letters
 // <stream>_DEAD holds: also for destinations no longer configured.
 func (s *Store) DeadCounts(ctx context.Context) (map[string]uint64, error) {
-	prefix := DeadStream(s.cfg.Stream) + "."
-	info, err := s.dead.stream.Info(ctx, jetstream.WithSubjectFilter(prefix+"*"))
-	if err != nil {
-		return nil, err
-	}
-	out := map[string]uint64{}
-	for subject, n := range info.State.Subjects {
-		out[strings.TrimPrefix(subject, prefix)] = n
-	}
-	return out, nil
+	return subjectCounts(ctx, s.dead.stream, DeadStream(s.cfg.Stream)+".")
 }
 
 // deadCount is how many dead letters destination has.

@@ -51,19 +51,28 @@ func (r *restarts) recovered() int {
 	return r.ok
 }
 
-// TestWorkersRecoverADeletedConsumer: a destination's consumer deleted by
-// hand (`nats consumer rm`) is noticed and made again by the workers
-// themselves: every event queued afterwards is delivered, with no reload.
-func TestWorkersRecoverADeletedConsumer(t *testing.T) {
+// healSetup is an embedded store with destination app's workers running
+// toward a backend that answers 204, their OnRestart reports recorded;
+// all stopped when the test ends.
+func healSetup(t *testing.T) (*Store, *backend, *restarts) {
+	t.Helper()
 	s := openTest(t, Config{Dir: t.TempDir()})
-	defer s.Close()
+	t.Cleanup(s.Close)
 	b := newBackend(t, func(int) int { return http.StatusNoContent })
-	var rs restarts
+	rs := &restarts{}
 	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, OnRestart: rs.on}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer stop()
+	t.Cleanup(stop)
+	return s, b, rs
+}
+
+// TestWorkersRecoverADeletedConsumer: a destination's consumer deleted by
+// hand (`nats consumer rm`) is noticed and made again by the workers
+// themselves: every event queued afterwards is delivered, with no reload.
+func TestWorkersRecoverADeletedConsumer(t *testing.T) {
+	s, b, rs := healSetup(t)
 	put(t, s, "app", "before", []byte(`{"id":"before"}`))
 	waitUntil(t, "the first delivery", func() bool { return deliveredIDs(b)["before"] == 1 })
 	// Swept from the stream (within sweepInterval): a copy delivered but
@@ -100,15 +109,7 @@ func TestWorkersRecoverADeletedConsumer(t *testing.T) {
 // backup, say) is made again by the next Enqueue or by the workers, and
 // delivery goes on.
 func TestWorkersRecoverADeletedStream(t *testing.T) {
-	s := openTest(t, Config{Dir: t.TempDir()})
-	defer s.Close()
-	b := newBackend(t, func(int) int { return http.StatusNoContent })
-	var rs restarts
-	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, OnRestart: rs.on}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer stop()
+	s, b, rs := healSetup(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := s.js.DeleteStream(ctx, s.cfg.Stream); err != nil {

@@ -424,7 +424,12 @@ func (s *Store) Queued(ctx context.Context) (map[string]uint64, error) {
 	if err != nil {
 		return nil, err
 	}
-	prefix := s.cfg.Stream + ".deliver."
+	return subjectCounts(ctx, stream, s.cfg.Stream+".deliver.")
+}
+
+// subjectCounts returns, per destination, how many messages stream holds
+// on the subjects prefix<destination>.
+func subjectCounts(ctx context.Context, stream jetstream.Stream, prefix string) (map[string]uint64, error) {
 	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(prefix+"*"))
 	if err != nil {
 		return nil, err
