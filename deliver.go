@@ -274,7 +274,9 @@ type delivery struct {
 	openedOnce   sync.Once
 	destinations map[string]queue.Destination
 	workerKeys   map[string]string // by destination: its workers' key in the pool
+	stopsMu      sync.Mutex
 	stops        []func()
+	stopped      bool // stop began: what is registered later is undone at once
 	logger       *zap.Logger
 	// instance names this Caddy in log lines, the live log, the queue
 	// status and metrics: the nats block's instance, else the host name.
@@ -592,9 +594,65 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, []byte
 // start runs the delivery workers, logging each failed attempt at WARN
 // and each dead letter at ERROR (never a secret).
 func (d *delivery) start() error {
-	if err := d.open(); err != nil {
+	err := d.open()
+	if err == nil {
+		return d.startWorkers()
+	}
+	if !queue.NoRoom(err) {
 		return err
 	}
+	// The embedded store's disk is full (a restart while it was, say):
+	// Caddy starts all the same, so that its other sites serve, and
+	// mux_deliver answers 503 (Mux retries) until the queue opens, which
+	// is tried every few seconds.
+	d.logger.Error("mux_webhook queue: the store cannot open: its disk has no room; mux_deliver answers 503 until it has, tried every 5s",
+		zap.String("dir", d.qc.Dir), zap.Error(err))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(5 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			err := d.open()
+			if err == nil {
+				d.logger.Info("mux_webhook queue: the store opened; delivering", zap.String("dir", d.qc.Dir))
+				if err := d.startWorkers(); err != nil {
+					d.logger.Error("mux_webhook queue: the store opened, but the delivery workers did not start; restart Caddy", zap.Error(err))
+				}
+				return
+			}
+			if !queue.NoRoom(err) {
+				d.logger.Error("mux_webhook queue: the store cannot open; restart Caddy once this is fixed", zap.Error(err))
+				return
+			}
+		}
+	}()
+	d.addStop(func() { cancel(); <-done })
+	return nil
+}
+
+// addStop registers what stop must do (start's retry may register the
+// workers' while a stop begins).
+func (d *delivery) addStop(f func()) {
+	d.stopsMu.Lock()
+	defer d.stopsMu.Unlock()
+	if d.stopped {
+		go f() // stop has begun: undo at once
+		return
+	}
+	d.stops = append(d.stops, f)
+}
+
+// startWorkers runs each destination's workers on the open store, and the
+// gauges.
+func (d *delivery) startWorkers() error {
+	var started []func() // undone here if a destination's workers fail to start
 	for name, dest := range d.destinations {
 		key := d.workerKeys[name]
 		val, _, err := workerPool.LoadOrNew(key, func() (caddy.Destructor, error) {
@@ -629,15 +687,22 @@ func (d *delivery) start() error {
 			return w, nil
 		})
 		if err != nil {
-			d.stop()
+			var wg sync.WaitGroup
+			for _, undo := range started {
+				wg.Go(undo)
+			}
+			wg.Wait()
 			return fmt.Errorf("mux_webhook: %v", err)
 		}
 		w := val.(*workers)
 		w.use(d)
-		d.stops = append(d.stops, func() {
+		started = append(started, func() {
 			w.release(d)
 			_, _ = workerPool.Delete(key)
 		})
+	}
+	for _, f := range started {
+		d.addStop(f)
 	}
 	muxMetrics.instance.Reset()
 	muxMetrics.instance.WithLabelValues(d.instance).Set(1)
@@ -648,7 +713,7 @@ func (d *delivery) start() error {
 		d.warnOrphans(ctx)
 		d.gauges(ctx)
 	}()
-	d.stops = append(d.stops, func() { cancel(); <-done })
+	d.addStop(func() { cancel(); <-done })
 	return nil
 }
 
@@ -860,12 +925,15 @@ func (d *delivery) logAttempt(a queue.Attempt) {
 // to queue.StopGrace), and a shutdown must not wait that once per
 // destination.
 func (d *delivery) stop() {
+	d.stopsMu.Lock()
+	stops := d.stops
+	d.stops, d.stopped = nil, true
+	d.stopsMu.Unlock()
 	var wg sync.WaitGroup
-	for _, stop := range d.stops {
+	for _, stop := range stops {
 		wg.Go(stop)
 	}
 	wg.Wait()
-	d.stops = nil
 }
 
 func (d *delivery) cleanup() {

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -319,37 +320,14 @@ func TestFaultStalledDestination(t *testing.T) {
 // deleted, the gateway accepts and delivers again by itself, and every
 // event answered 202 before, during and after is delivered.
 func TestFaultEmbeddedDiskFull(t *testing.T) {
-	caddyBinary(t)
-	mnt := t.TempDir()
-	if os.Geteuid() != 0 {
-		t.Skip("a full disk needs a small filesystem of its own: mounting a tmpfs needs root")
-	}
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", mnt).CombinedOutput(); err != nil {
-		t.Skipf("a full disk needs a small filesystem of its own: mount -t tmpfs failed: %v: %s", err, out)
-	}
-	// Unmounted after Caddy has stopped (cleanups run last-in first-out).
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", "-l", mnt).CombinedOutput(); err != nil {
-			t.Errorf("umount: %v: %s", err, out)
-		}
-	})
+	mnt := smallTmpfs(t, "24m")
 	backend := newRecordingBackend(t, 0, nil)
 	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 4MiB\n\t\t\tdead_max_bytes 2MiB\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t}\n\t}", filepath.Join(mnt, "js"), backend.URL))
 	g.sendAll(t, 10*time.Second, "before")
 	waitDelivered(t, backend, 15*time.Second, g.out, "before")
 
 	filler := filepath.Join(mnt, "filler")
-	f, err := os.Create(filler)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chunk := make([]byte, 1<<20)
-	for range 64 {
-		if _, err := f.Write(chunk); err != nil {
-			break
-		}
-	}
-	f.Close()
+	fillFile(t, filler)
 	accepted := []string{}
 	refused := ""
 	for i := 0; i < 200 && refused == ""; i++ {
@@ -383,4 +361,84 @@ func TestFaultEmbeddedDiskFull(t *testing.T) {
 		return "no INFO line said the store accepts events again"
 	})
 	t.Logf("disk full after %d events accepted; all %d delivered after it was freed, %d repeats", len(accepted), len(accepted)+len(after), repeats)
+}
+
+// TestFaultStartedOnAFullDisk: Caddy (re)started while its embedded
+// store's disk is full (killed during the outage, restarted by its
+// service manager) starts all the same: its sites serve, mux_deliver
+// answers 503 and an ERROR line says why; once the disk has room, the
+// queue opens by itself and delivers what it held and what comes next.
+func TestFaultStartedOnAFullDisk(t *testing.T) {
+	mnt := smallTmpfs(t, "24m")
+	var down atomic.Bool
+	down.Store(true) // the first Caddy queues an event its backend does not take yet, and is killed
+	backend := newRecordingBackend(t, 0, func(string) bool { return down.Load() })
+	global := fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 4MiB\n\t\t\tdead_max_bytes 2MiB\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t\ttimeout 2s\n\t\t}\n\t}", filepath.Join(mnt, "js"), backend.URL)
+	// (timeout 2s: a copy in flight at the kill comes back after its ack
+	// deadline, timeout + 5s.)
+	g := startHealGateway(t, global)
+	g.sendAll(t, 10*time.Second, "held")
+	if err := g.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = g.cmd.Wait()
+	down.Store(false)
+
+	filler := filepath.Join(mnt, "filler")
+	fillFile(t, filler)
+	port, admin := freePort(t), freePort(t)
+	dir := t.TempDir()
+	out, _ := runCaddyIn(t, caddyBinary(t), queueGatewayConfig(admin, global, port), dir, dir, nil)
+	g = &healGateway{base: fmt.Sprintf("http://127.0.0.1:%d", port), admin: fmt.Sprintf("http://127.0.0.1:%d", admin), out: out}
+	waitForLong(t, 20*time.Second, func() bool { return g.send(t, "while-full") == http.StatusServiceUnavailable },
+		func() string { return "the site never answered 503 on a full disk\n" + tail(out.String(), 4096) })
+	if !g.logged("error", "the store cannot open: its disk has no room") {
+		t.Errorf("no ERROR line said why the queue is not open\n%s", tail(out.String(), 4096))
+	}
+
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	g.sendAll(t, 30*time.Second, "while-full", "after")
+	waitDelivered(t, backend, 30*time.Second, out, "held", "while-full", "after")
+	if !g.logged("info", "the store opened; delivering") {
+		t.Error("no INFO line said the queue opened")
+	}
+}
+
+// smallTmpfs mounts a tmpfs of size for the test, unmounted after
+// everything the test started has stopped; it skips, saying why, where it
+// cannot.
+func smallTmpfs(t *testing.T, size string) string {
+	t.Helper()
+	caddyBinary(t)
+	mnt := t.TempDir()
+	if os.Geteuid() != 0 {
+		t.Skip("a full disk needs a small filesystem of its own: mounting a tmpfs needs root")
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", mnt).CombinedOutput(); err != nil {
+		t.Skipf("a full disk needs a small filesystem of its own: mount -t tmpfs failed: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", "-l", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount: %v: %s", err, out)
+		}
+	})
+	return mnt
+}
+
+// fillFile writes path until its filesystem is full (bounded: 64 MiB).
+func fillFile(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	chunk := make([]byte, 1<<20)
+	for range 64 {
+		if _, err := f.Write(chunk); err != nil {
+			return
+		}
+	}
 }

@@ -604,6 +604,15 @@ func (s *Store) config() Config {
 // max_bytes it cannot reserve (JSInsufficientResourcesErr).
 const insufficientResources = 10047
 
+// NoRoom reports whether err is the store's disk being full: JetStream
+// could not reserve a stream's bytes, or a write found no space. That
+// passes once space is freed.
+func NoRoom(err error) bool {
+	var apiErr *jetstream.APIError
+	return err != nil && (errors.As(err, &apiErr) && apiErr.ErrorCode == insufficientResources ||
+		strings.Contains(err.Error(), "no space left on device") || strings.Contains(err.Error(), "insufficient storage resources"))
+}
+
 // roomHint says what to change when JetStream cannot reserve a stream's
 // bytes: both streams reserve their whole bound on the store's disk.
 func roomHint(err error) string {
