@@ -88,7 +88,7 @@ func deadStreamConfig(cfg Config) jetstream.StreamConfig {
 func (s *Store) openDead(ctx context.Context) (*Store, error) {
 	name := DeadStream(s.cfg.Stream)
 	err := retrySetup(ctx, func(ctx context.Context) (err error) {
-		s.dead.stream, err = s.js.CreateOrUpdateStream(ctx, deadStreamConfig(s.cfg))
+		s.dead.stream, err = s.makeDeadStream(ctx, s.cfg)
 		return err
 	})
 	if err != nil {
@@ -109,11 +109,23 @@ func (s *Store) reconfigureDead(ctx context.Context, cfg Config) error {
 		return nil
 	}
 	cfg.Stream = s.cfg.Stream
-	if _, err := s.js.UpdateStream(ctx, deadStreamConfig(cfg)); err != nil {
+	if _, err := s.makeDeadStream(ctx, cfg); err != nil {
 		return fmt.Errorf("queue: updating stream %s (dead_max_bytes, replicas): %v", DeadStream(s.cfg.Stream), err)
 	}
+	s.cfgMu.Lock() // bury reads it
 	s.cfg.DeadMaxBytes = cfg.DeadMaxBytes
+	s.cfgMu.Unlock()
 	return nil
+}
+
+// makeDeadStream creates or updates <stream>_DEAD as cfg describes it;
+// on external NATS, where other gateways share it, without lowering its
+// replicas, dead_max_bytes or dedupe window (applySharedStream).
+func (s *Store) makeDeadStream(ctx context.Context, cfg Config) (jetstream.Stream, error) {
+	if s.shared() {
+		return s.applySharedStream(ctx, deadStreamConfig(cfg))
+	}
+	return s.js.CreateOrUpdateStream(ctx, deadStreamConfig(cfg))
 }
 
 // moveOldDead moves the dead letters kept in the main stream by earlier
@@ -197,7 +209,7 @@ func (s *Store) bury(ctx context.Context, destination string, msg jetstream.Msg,
 	if err != nil && noStream(err) && s.Down() == nil {
 		// The dead letters' stream was deleted by hand: made again.
 		tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		_, cerr := s.js.CreateOrUpdateStream(tctx, deadStreamConfig(s.config()))
+		_, cerr := s.makeDeadStream(tctx, s.config())
 		cancel()
 		if cerr == nil {
 			s.log.Warn("mux_webhook queue: the dead letters' stream was gone (deleted by hand?); made it again", zap.String("stream", DeadStream(s.cfg.Stream)))
@@ -222,9 +234,15 @@ func (s *Store) settleDead(ctx context.Context, d *Destination, msg jetstream.Ms
 		return
 	}
 	a.Result = "dead"
-	s.dead.forget(seq)
 	if msg.Term() == nil {
+		s.dead.forget(seq)
 		sw.settle(seq)
+	} else {
+		// Buried but not settled (its consumer was deleted since, NATS
+		// is away): the copy comes again, maybe counted from 1 by a
+		// consumer made again, and is buried again (kept once) without
+		// another POST.
+		s.dead.note(seq, meta.Timestamp, *a)
 	}
 	s.handBacks.settled(seq)
 }

@@ -16,6 +16,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
@@ -264,6 +265,10 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	}
 	if err != nil {
 		s.Close()
+		if _, ok := errors.AsType[*url.Error](err); ok {
+			// Not err: it quotes the URL, password included.
+			return nil, errors.New("queue: connecting to NATS: a server URL is not a valid URL: check its port, and write a % in its user or password as %25 (or use the nats block's user and password)")
+		}
 		return nil, fmt.Errorf("queue: connecting to NATS: %v", err)
 	}
 	if err := s.checkMaxPayload(cfg); err != nil {
@@ -358,14 +363,19 @@ func (s *Store) shared() bool { return len(s.cfg.URLs) > 0 }
 // gateway started without `replicas 3` scale the stream down to one
 // copy, or one smaller max_bytes make every gateway answer 503.)
 func (s *Store) applyShared(ctx context.Context, cfg Config) (jetstream.Stream, error) {
-	want := streamConfig(cfg)
-	st, err := s.js.Stream(ctx, cfg.Stream)
+	return s.applySharedStream(ctx, streamConfig(cfg))
+}
+
+// applySharedStream is applyShared for any of the shared streams (the
+// main one, or <stream>_DEAD): want is what this gateway's config asks.
+func (s *Store) applySharedStream(ctx context.Context, want jetstream.StreamConfig) (jetstream.Stream, error) {
+	st, err := s.js.Stream(ctx, want.Name)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		st, err = s.js.CreateStream(ctx, want)
 		if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
 			return st, err
 		}
-		st, err = s.js.Stream(ctx, cfg.Stream) // another gateway made it meanwhile
+		st, err = s.js.Stream(ctx, want.Name) // another gateway made it meanwhile
 	}
 	if err != nil {
 		return nil, err
@@ -398,7 +408,11 @@ func (s *Store) mergeShared(running, want jetstream.StreamConfig) (jetstream.Str
 	}
 	num := func(n int64) string { return strconv.FormatInt(n, 10) }
 	setting("replicas", int64(want.Replicas), int64(running.Replicas), num, func(n int64) { merged.Replicas = int(n) })
-	setting("max_bytes", want.MaxBytes, running.MaxBytes, num, func(n int64) { merged.MaxBytes = n })
+	maxBytes := "max_bytes"
+	if want.Name == DeadStream(s.cfg.Stream) {
+		maxBytes = "dead_max_bytes"
+	}
+	setting(maxBytes, want.MaxBytes, running.MaxBytes, num, func(n int64) { merged.MaxBytes = n })
 	setting("dedupe_window", int64(want.Duplicates), int64(running.Duplicates),
 		func(n int64) string { return time.Duration(n).String() }, func(n int64) { merged.Duplicates = time.Duration(n) })
 	return merged, changed
