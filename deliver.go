@@ -832,8 +832,11 @@ func (d *delivery) watchStall(name string, st queue.Status) {
 		zap.Time("since", since), zap.String("instance", d.instance)}
 	if stalled {
 		hint := "no worker took a copy that was due: check the ERROR lines before this one"
-		if st.NoConsumer {
+		switch {
+		case st.NoConsumer:
 			hint = "the destination has no consumer in the stream, and no worker could make it again"
+		case st.Paused:
+			hint = "the destination's consumer is paused in NATS: nats consumer resume <stream> deliver_<destination>"
 		}
 		d.logger.Error("mux webhook delivery stalled: events wait and nothing was attempted for longer than their retry schedule allows",
 			append(fields, zap.String("why", hint))...)

@@ -240,13 +240,13 @@ func TestFaultNATSAuthRotated(t *testing.T) {
 	}
 }
 
-// TestFaultStalledDestination: a destination whose copies nobody takes (a
-// consumer made by hand as a push consumer in its place: it exists, so
-// nothing makes it again, and the workers' pulls are refused) is not
-// silent: within stall_after past the due attempt, its status says
-// stalled, an ERROR line says so and caddy_mux_webhook_queue_stalled is
-// 1. Once the hand-made consumer is removed, the workers make theirs
-// again, everything is delivered, and the stall clears.
+// TestFaultStalledDestination: a destination whose copies nobody takes
+// (its consumer paused by hand, `nats consumer pause`: it exists, so
+// nothing makes it again, and pulls get nothing) is not silent: within
+// stall_after past the due attempt, its status says stalled, an ERROR
+// line and the CLI say so, and caddy_mux_webhook_queue_stalled is 1.
+// Once the consumer is resumed, everything is delivered and the stall
+// clears.
 func TestFaultStalledDestination(t *testing.T) {
 	natsURL, _ := natsServer(t)
 	backend := newRecordingBackend(t, 0, nil)
@@ -254,30 +254,8 @@ func TestFaultStalledDestination(t *testing.T) {
 	js := jetStreamOf(t, natsURL)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	// The push consumer in its place (made with the low-level API: the
-	// jetstream package makes pull consumers only). The workers make
-	// theirs again as soon as it is gone: delete and add until the push
-	// consumer is the one that stands.
-	nc, err := nats.Connect(natsURL)
-	if err != nil {
+	if _, err := js.PauseConsumer(ctx, "MUX_WEBHOOK", "deliver_app", time.Now().Add(time.Hour)); err != nil {
 		t.Fatal(err)
-	}
-	defer nc.Close()
-	legacy, err := nc.JetStream()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for try := 0; ; try++ {
-		if try == 50 {
-			t.Fatal("could not put a push consumer in the workers' place")
-		}
-		_ = js.DeleteConsumer(ctx, "MUX_WEBHOOK", "deliver_app")
-		if _, err := legacy.AddConsumer("MUX_WEBHOOK", &nats.ConsumerConfig{
-			Durable: "deliver_app", FilterSubject: "MUX_WEBHOOK.deliver.app", AckPolicy: nats.AckExplicitPolicy,
-			DeliverSubject: "nobody.listens.here",
-		}); err == nil {
-			break
-		}
 	}
 	stuck := ids("stuck", 3)
 	g.sendAll(t, 10*time.Second, stuck...)
@@ -288,8 +266,8 @@ func TestFaultStalledDestination(t *testing.T) {
 	if st.StalledSince == "" || st.Pending+st.InFlight != 3 {
 		t.Errorf("stalled status: %+v", st)
 	}
-	if !g.logged("error", "mux webhook delivery stalled") {
-		t.Error("no ERROR line said the destination is stalled")
+	if !g.logged("error", "mux webhook delivery stalled") || !strings.Contains(g.out.String(), "consumer is paused in NATS") {
+		t.Error("no ERROR line said the destination is stalled, and why")
 	}
 	if v := scrape(t, g.admin)[`caddy_mux_webhook_queue_stalled{destination="app"}`]; v != 1 {
 		t.Errorf(`caddy_mux_webhook_queue_stalled{destination="app"} = %v, want 1`, v)
@@ -301,7 +279,7 @@ func TestFaultStalledDestination(t *testing.T) {
 		t.Errorf("caddy mux-webhook queue while stalled: %v\n%s", err, out)
 	}
 
-	if err := js.DeleteConsumer(ctx, "MUX_WEBHOOK", "deliver_app"); err != nil {
+	if _, err := js.ResumeConsumer(ctx, "MUX_WEBHOOK", "deliver_app"); err != nil {
 		t.Fatal(err)
 	}
 	waitDelivered(t, backend, 20*time.Second, g.out, stuck...)

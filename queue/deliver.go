@@ -789,6 +789,9 @@ type Status struct {
 	// destination has no consumer (NoConsumer).
 	LastDelivered time.Time
 	NoConsumer    bool
+	// Paused: the destination's consumer is paused in NATS (by hand:
+	// `nats consumer pause`): nothing is handed out until it resumes.
+	Paused bool
 }
 
 // Status reports destination's queue, from the stream: the same on every
@@ -829,6 +832,7 @@ func (s *Store) Status(ctx context.Context, destination string) (Status, error) 
 	if ci.Delivered.Last != nil {
 		st.LastDelivered = *ci.Delivered.Last
 	}
+	st.Paused = ci.Paused
 	if st.Pending+st.InFlight > 0 {
 		st.Oldest = s.firstAfter(ctx, stream, destination, ci.AckFloor.Stream)
 	}
