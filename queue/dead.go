@@ -95,10 +95,25 @@ func (s *Store) openDead(ctx context.Context) (*Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("queue: creating stream %s (dead letters): %v%s", name, err, roomHint(err))
 	}
-	if err := s.moveOldDead(ctx); err != nil {
-		s.Close()
-		return nil, err
-	}
+	// Dead letters an earlier version kept in the main stream are moved
+	// in the background: a large backlog must not hold up (or, past the
+	// start's timeout, fail) Caddy's start. Close waits for it.
+	mctx, cancel := context.WithCancel(context.Background())
+	s.moved = make(chan struct{})
+	go func() {
+		defer close(s.moved)
+		defer cancel()
+		go func() {
+			select {
+			case <-s.done:
+				cancel()
+			case <-mctx.Done():
+			}
+		}()
+		if err := s.moveOldDead(mctx); err != nil && mctx.Err() == nil {
+			s.log.Error("mux_webhook queue: dead letters of an earlier version stay in the main stream (listed once moved; moving is tried again at the next start)", zap.Error(err))
+		}
+	}()
 	return s, nil
 }
 

@@ -241,6 +241,7 @@ func TestOldDeadLettersMoved(t *testing.T) {
 	s.Close()
 	for open := 1; open <= 2; open++ {
 		s = openTest(t, Config{Dir: dir})
+		<-s.moved // in the background
 		if got := deadIDs(t, s, "x"); !slices.Equal(got, []string{"old-1", "old-2", "old-3"}) {
 			t.Errorf("open %d: dead letters of x: %v", open, got)
 		}

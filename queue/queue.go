@@ -139,6 +139,7 @@ type Store struct {
 	natsLog *natsLog      // the embedded server's log, with its latest error
 	done    chan struct{} // closed by Close: ends heal
 	healed  chan struct{} // closed when heal returned (embedded only)
+	moved   chan struct{} // closed when moving old dead letters ended
 
 	unsweptMu sync.Mutex
 	unswept   map[string]unswept // per subject: settled copies stopped workers could not delete
@@ -677,6 +678,9 @@ func (s *Store) Close() {
 		default:
 			close(s.done)
 		}
+	}
+	if s.moved != nil {
+		<-s.moved // moving dead letters of an earlier version: ends with done
 	}
 	if s.healed != nil {
 		// heal, if it is starting JetStream again, must be done before the
