@@ -40,6 +40,9 @@ import (
 // on CI.
 func natsBinary(t *testing.T) string {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("-short: this test starts nats-server (a real process); ./scripts/test runs it")
+	}
 	if bin, err := exec.LookPath("nats-server"); err == nil {
 		return bin
 	}

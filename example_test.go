@@ -24,6 +24,9 @@ const demoSecret = "dev-only-secret-DO-NOT-USE-IN-PRODUCTION"
 // the variable must be set: these tests may not be skipped there.
 func caddyBinary(t *testing.T) string {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("-short: this test starts the built Caddy (a real process); ./scripts/test runs it")
+	}
 	bin := os.Getenv("MUX_CADDY_BIN")
 	if bin == "" {
 		if os.Getenv("CI") != "" {
