@@ -36,7 +36,7 @@ type App struct {
 	// Default: 16 KiB.
 	LogBody *int `json:"log_body,omitempty"`
 
-	// Queue configures the delivery queue of mux_deliver (deliver.go): an
+	// Queue configures the delivery queue of mux_deliver (deliver_config.go): an
 	// embedded NATS JetStream server by default.
 	Queue *QueueConfig `json:"queue,omitempty"`
 

@@ -108,7 +108,7 @@ func BenchmarkDeliverEnqueue(b *testing.B) {
 		defer backend.Close()
 		s := openBench(b, true)
 		var delivered atomic.Int64
-		stop, err := s.Deliver(context.Background(), Destination{Name: "bench", URL: backend.URL}, func(a Attempt) {
+		stop, err := s.StartWorkers(context.Background(), Destination{Name: "bench", URL: backend.URL}, func(a Attempt) {
 			if a.Result == "delivered" {
 				delivered.Add(1)
 			}

@@ -35,7 +35,7 @@ func TestBuriedCopyWhoseTermFailedIsNotAttemptedAgain(t *testing.T) {
 		}
 	}()
 	log := &attemptLog{}
-	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, MaxAge: time.Hour, Retry: []time.Duration{2 * time.Hour}, Concurrency: 1,
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, MaxAge: time.Hour, Retry: []time.Duration{2 * time.Hour}, Concurrency: 1,
 		Timeout: 3 * time.Second, OnRestart: rs.on}, log.add)
 	if err != nil {
 		t.Fatal(err)

@@ -109,7 +109,7 @@ func TestDeadLettersWhenTheStreamIsFull(t *testing.T) {
 	}
 	b := newBackend(t, func(int) int { return http.StatusServiceUnavailable })
 	var log attemptLog
-	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 2}, log.add)
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 2}, log.add)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +157,7 @@ func TestDeadStreamFull(t *testing.T) {
 	// connection comes back after its ack deadline (timeout + 5s).
 	dest := Destination{Name: "app", URL: b.URL, Timeout: time.Second, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 2}
 	var log attemptLog
-	stop, err := s.Deliver(context.Background(), dest, log.add)
+	stop, err := s.StartWorkers(context.Background(), dest, log.add)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,7 +184,7 @@ func TestDeadStreamFull(t *testing.T) {
 	s = openTest(t, cfg)
 	defer s.Close()
 	var log2 attemptLog
-	stop, err = s.Deliver(context.Background(), dest, log2.add)
+	stop, err = s.StartWorkers(context.Background(), dest, log2.add)
 	if err != nil {
 		t.Fatal(err)
 	}

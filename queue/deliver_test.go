@@ -98,7 +98,7 @@ func TestDeliverRetriesUntilUp(t *testing.T) {
 	})
 	var mu sync.Mutex
 	var attempts []Attempt
-	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{50 * time.Millisecond}, Sign: sign("dest-secret")},
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{50 * time.Millisecond}, Sign: sign("dest-secret")},
 		func(a Attempt) { mu.Lock(); attempts = append(attempts, a); mu.Unlock() })
 	if err != nil {
 		t.Fatal(err)
@@ -146,7 +146,7 @@ func TestDeadLetterAndRedeliver(t *testing.T) {
 	b := newBackend(t, func(int) int { return http.StatusInternalServerError })
 	var mu sync.Mutex
 	results := map[string]int{}
-	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 3},
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 3},
 		func(a Attempt) { mu.Lock(); results[a.Result]++; mu.Unlock() })
 	if err != nil {
 		t.Fatal(err)
@@ -206,7 +206,7 @@ func TestFanOut(t *testing.T) {
 		return 200
 	})
 	for _, d := range []Destination{{Name: "assets", URL: a.URL}, {Name: "analytics", URL: b.URL, Retry: []time.Duration{20 * time.Millisecond}}} {
-		stop, err := s.Deliver(context.Background(), d, nil)
+		stop, err := s.StartWorkers(context.Background(), d, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -242,7 +242,7 @@ func TestSettledCopiesLeaveTheStream(t *testing.T) {
 			})
 		}
 		var delivered atomic.Int32
-		stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Concurrency: 1, Retry: []time.Duration{time.Hour}},
+		stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Concurrency: 1, Retry: []time.Duration{time.Hour}},
 			func(a Attempt) {
 				if a.Result == "delivered" {
 					delivered.Add(1)

@@ -64,7 +64,7 @@ func TestHandBacksDoNotOutliveTheirCounts(t *testing.T) {
 
 			b := newBackend(t, func(int) int { return http.StatusInternalServerError })
 			d.URL = b.URL
-			stop, err := s.Deliver(ctx, d, nil)
+			stop, err := s.StartWorkers(ctx, d, nil)
 			if err != nil {
 				t.Fatal(err)
 			}

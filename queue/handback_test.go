@@ -72,7 +72,7 @@ func TestStopsDoNotUseUpAttempts(t *testing.T) {
 	handedBack := 0
 	for range 5 {
 		before := requests()
-		stop, err := s.Deliver(context.Background(), d, nil)
+		stop, err := s.StartWorkers(context.Background(), d, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -92,7 +92,7 @@ func TestStopsDoNotUseUpAttempts(t *testing.T) {
 	mu.Lock()
 	hang = false
 	mu.Unlock()
-	stop, err := s.Deliver(context.Background(), d, nil)
+	stop, err := s.StartWorkers(context.Background(), d, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -60,7 +60,7 @@ func healSetup(t *testing.T) (*Store, *backend, *restarts) {
 	t.Cleanup(s.Close)
 	b := newBackend(t, func(int) int { return http.StatusNoContent })
 	rs := &restarts{}
-	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, OnRestart: rs.on}, nil)
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, OnRestart: rs.on}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,7 +133,7 @@ func TestEmbeddedStoreRecoversFromAFullDisk(t *testing.T) {
 	s := openTest(t, Config{Dir: filepath.Join(dir, "js"), MaxBytes: 4 << 20, DeadMaxBytes: 2 << 20, Logger: zap.New(core)})
 	defer s.Close()
 	b := newBackend(t, func(int) int { return http.StatusServiceUnavailable })
-	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{100 * time.Millisecond}}, nil)
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{100 * time.Millisecond}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -261,7 +261,7 @@ func TestDeadStreamDeletedByHand(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := newBackend(t, func(int) int { return http.StatusInternalServerError })
-	stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, MaxAttempts: 1}, nil)
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, MaxAttempts: 1}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

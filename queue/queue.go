@@ -7,7 +7,13 @@
 // external NATS server, the stream, and Enqueue with its dedupe window.
 // It knows nothing of Caddy: the Caddy glue stays in the plugin package.
 //
-// deliver.go holds the delivery workers and dead letters.
+// The other files: deliver.go, the delivery workers and their
+// supervisor; sweep.go, settled copies leaving the stream; dead.go, dead
+// letters in <stream>_DEAD; health.go, the store healing itself (a full
+// disk, nats-server's log, Down); watchdog.go, stalls; generation.go,
+// acks of consumers since deleted; handback.go, copies handed back
+// unattempted; lock.go, the store directory's lock; idempotency.go, the
+// Idempotency-Key.
 package queue
 
 import (
@@ -456,7 +462,7 @@ func subjectCounts(ctx context.Context, stream jetstream.Stream, prefix string) 
 	return out, nil
 }
 
-// setupTimeout bounds how long Open and Deliver try to create the stream
+// setupTimeout bounds how long Open and StartWorkers try to create the stream
 // and the consumers: on a cluster, a node may have just died and its
 // leaderships be up for election (NATS takes seconds), which must not
 // stop a Caddy instance that starts meanwhile.

@@ -119,7 +119,7 @@ func TestOpenErrors(t *testing.T) {
 	}
 }
 
-// TestTransient: what Open and Deliver try again while a cluster elects a
+// TestTransient: what Open and StartWorkers try again while a cluster elects a
 // leader, and what fails at once.
 func TestTransient(t *testing.T) {
 	for _, c := range []struct {

@@ -39,7 +39,7 @@ func TestSharedAckDeadlineNeverShortened(t *testing.T) {
 	coreA, logsA := observer.New(zapcore.WarnLevel)
 	a := openTest(t, Config{URLs: []string{url}, Logger: zap.New(coreA)})
 	defer a.Close()
-	stopA, err := a.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Timeout: 30 * time.Second}, nil)
+	stopA, err := a.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Timeout: 30 * time.Second}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +47,7 @@ func TestSharedAckDeadlineNeverShortened(t *testing.T) {
 	coreB, logsB := observer.New(zapcore.WarnLevel)
 	bs := openTest(t, Config{URLs: []string{url}, Logger: zap.New(coreB)})
 	defer bs.Close()
-	stopB, err := bs.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Timeout: 5 * time.Second}, nil)
+	stopB, err := bs.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Timeout: 5 * time.Second}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

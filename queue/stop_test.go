@@ -37,7 +37,7 @@ func TestDeliverStopLeavesNoGoroutine(t *testing.T) {
 	var before int
 	var beforeSites map[string]int
 	for round := range 5 {
-		stop, err := s.Deliver(context.Background(), Destination{Name: "app", URL: b.URL, Concurrency: 2, Timeout: time.Minute}, nil)
+		stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Concurrency: 2, Timeout: time.Minute}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

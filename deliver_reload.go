@@ -1,0 +1,434 @@
+// What the delivery queue keeps across config reloads, and who owns it.
+// A reload provisions and starts the new config before it stops and
+// cleans up the old one, and Caddy may roll a reload back after the new
+// app started: every value below has one owner and a lifetime that
+// survives exactly that.
+//
+//	value        (file)               what                                        lifetime
+//	stores       (here)               the open queue.Store (+ this process's     while a started config uses it (usage pool,
+//	                                  delivered counts, last errors, watchdogs)  by dir or NATS URLs + credentials' hash)
+//	workerPool   (here)               each destination's running workers         while a started config uses them (by the
+//	                                                                             destination's settings, salted hash)
+//	started      (here)               configs whose queue started, oldest first  start to cleanup; the newest's stream
+//	                                                                             settings are the queue's (restore)
+//	running      (app.go)             started apps, newest serves the admin API   Start to Stop
+//	gauged       (deliver_observe.go) destinations with gauge series             the process
+//	poolKeySalt  (deliver_config.go)  the salt of the pool keys' hashes          the process
+//	muxMetrics   (metrics.go)         the collectors, registered per config      the process
+//	liveLog      (livelog.go)         the live log's entries and subscribers     the process
+//	ledgers      (queue/handback.go)  copies handed back unattempted, per stream the process (entries pruned after 48h)
+//	StopGrace, sweepGrace, healPause (queue) test knobs                          the process
+
+package muxwebhook
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
+)
+
+// stores holds the queue's store across config reloads: the embedded
+// server is not restarted, and nothing queued is lost or repeated.
+var stores = caddy.NewUsagePool()
+
+// storeHandle is a store in the pool, with what this process's workers
+// did per destination: like the store, it outlives reloads.
+type storeHandle struct {
+	*queue.Store
+
+	mu    sync.Mutex
+	stats map[string]*destinationStats // by destination name
+	watch map[string]*stallWatch       // by destination name
+}
+
+// started are the configs whose queue started, oldest first, whatever
+// their store: the newest one's stream settings and ack deadlines are the
+// queue's. (A reload that changes the NATS credentials opens a store of
+// its own, on the same stream.)
+var started struct {
+	sync.Mutex
+	configs []*delivery
+}
+
+// useStarted records that d's queue started.
+func useStarted(d *delivery) {
+	started.Lock()
+	defer started.Unlock()
+	started.configs = append(started.configs, d)
+}
+
+// releaseStarted forgets d. If d was the newest config (a reload that
+// Caddy rolled back after this app started), it returns the newest config
+// still running, whose settings must be put back; else nil.
+func releaseStarted(d *delivery) *delivery {
+	started.Lock()
+	defer started.Unlock()
+	i := slices.Index(started.configs, d)
+	if i < 0 {
+		return nil
+	}
+	newest := i == len(started.configs)-1
+	started.configs = slices.Delete(started.configs, i, i+1)
+	if newest && len(started.configs) > 0 {
+		return started.configs[len(started.configs)-1]
+	}
+	return nil
+}
+
+// Destruct closes the store when no config uses it any more.
+func (s *storeHandle) Destruct() error {
+	s.Close()
+	return nil
+}
+
+// destinationStats counts what this process's workers did for one
+// destination, since the store was opened.
+type destinationStats struct {
+	delivered uint64
+	// lastError is the latest failed attempt's error, and lastErrorAt
+	// when it was; both are cleared by a delivery.
+	lastError   string
+	lastErrorAt time.Time
+}
+
+// stat returns a copy of destination's counts.
+func (s *storeHandle) stat(destination string) destinationStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st := s.stats[destination]; st != nil {
+		return *st
+	}
+	return destinationStats{}
+}
+
+// count records an attempt's result.
+func (s *storeHandle) count(a queue.Attempt) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stats[a.Destination]
+	if st == nil {
+		st = &destinationStats{}
+		s.stats[a.Destination] = st
+	}
+	switch {
+	case a.Result == "delivered":
+		st.delivered++
+		st.lastError, st.lastErrorAt = "", time.Time{}
+	case a.BuryErr != nil:
+		st.lastError, st.lastErrorAt = "could not keep a copy as a dead letter: "+a.BuryErr.Error(), time.Now()
+	case a.Err != nil && !a.NoAttempt:
+		st.lastError, st.lastErrorAt = a.Err.Error(), time.Now()
+	}
+}
+
+// delivery is the app's provisioned queue: the store and the destinations.
+type delivery struct {
+	cfg          QueueConfig
+	poolKey      string
+	qc           queue.Config
+	handle       atomic.Pointer[storeHandle] // set once the app started
+	opened       chan struct{}               // closed once handle is set
+	openedOnce   sync.Once
+	destinations map[string]queue.Destination
+	workerKeys   map[string]string // by destination: its workers' key in the pool
+	stopsMu      sync.Mutex
+	stops        []func()
+	stopped      bool // stop began: what is registered later is undone at once
+	logger       *zap.Logger
+	// instance names this Caddy in log lines, the live log, the queue
+	// status and metrics: the nats block's instance, else the host name.
+	instance string
+}
+
+// store is the open store, or nil before the app started.
+func (d *delivery) store() *queue.Store {
+	if h := d.handle.Load(); h != nil {
+		return h.Store
+	}
+	return nil
+}
+
+// open opens (or shares) the store. It runs when the app starts, not
+// when it is provisioned: `caddy validate` provisions a config in a
+// process of its own, which must never open a running Caddy's store.
+// A reload that shares the running store applies its max_bytes,
+// dedupe_window and replicas to the stream.
+func (d *delivery) open() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	val, loaded, err := stores.LoadOrNew(d.poolKey, func() (caddy.Destructor, error) {
+		s, err := queue.Open(ctx, d.qc)
+		if err != nil {
+			return nil, err
+		}
+		return &storeHandle{Store: s, stats: map[string]*destinationStats{}}, nil
+	})
+	if err != nil {
+		return fmt.Errorf("mux_webhook: queue: %v", err)
+	}
+	h := val.(*storeHandle)
+	if loaded {
+		if err := h.Reconfigure(ctx, d.qc); err != nil {
+			_, _ = stores.Delete(d.poolKey)
+			return fmt.Errorf("mux_webhook: %v", err)
+		}
+	}
+	useStarted(d)
+	d.handle.Store(h)
+	d.openedOnce.Do(func() { close(d.opened) })
+	return nil
+}
+
+// start runs the delivery workers, logging each failed attempt at WARN
+// and each dead letter at ERROR (never a secret).
+func (d *delivery) start() error {
+	err := d.open()
+	if err == nil {
+		return d.startWorkers()
+	}
+	if !queue.NoRoom(err) {
+		return err
+	}
+	// The embedded store's disk is full (a restart while it was, say):
+	// Caddy starts all the same, so that its other sites serve, and
+	// mux_deliver answers 503 (Mux retries) until the queue opens, which
+	// is tried every few seconds.
+	d.logger.Error("mux_webhook queue: the store cannot open: its disk has no room; mux_deliver answers 503 until it has, tried every 5s",
+		zap.String("dir", d.qc.Dir), zap.Error(err))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(5 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			err := d.open()
+			if err == nil {
+				d.logger.Info("mux_webhook queue: the store opened; delivering", zap.String("dir", d.qc.Dir))
+				if err := d.startWorkers(); err != nil {
+					d.logger.Error("mux_webhook queue: the store opened, but the delivery workers did not start; restart Caddy", zap.Error(err))
+				}
+				return
+			}
+			if !queue.NoRoom(err) {
+				d.logger.Error("mux_webhook queue: the store cannot open; restart Caddy once this is fixed", zap.Error(err))
+				return
+			}
+		}
+	}()
+	d.addStop(func() { cancel(); <-done })
+	return nil
+}
+
+// addStop registers what stop must do (start's retry may register the
+// workers' while a stop begins).
+func (d *delivery) addStop(f func()) {
+	d.stopsMu.Lock()
+	defer d.stopsMu.Unlock()
+	if d.stopped {
+		go f() // stop has begun: undo at once
+		return
+	}
+	d.stops = append(d.stops, f)
+}
+
+// startWorkers runs each destination's workers on the open store, and the
+// gauges.
+func (d *delivery) startWorkers() error {
+	var started []func() // undone here if a destination's workers fail to start
+	for name, dest := range d.destinations {
+		key := d.workerKeys[name]
+		val, _, err := workerPool.LoadOrNew(key, func() (caddy.Destructor, error) {
+			w := &workers{}
+			w.observe.Store(d)
+			dest.OnError = func(err error) {
+				d := w.observe.Load()
+				d.logger.Warn("mux webhook delivery: the queue's subscription failed; pulling again",
+					zap.String("destination", dest.Name), zap.String("instance", d.instance), zap.Error(err))
+			}
+			var lastFailure time.Time // OnRestart's calls come one at a time
+			dest.OnRestart = func(err error) {
+				d := w.observe.Load()
+				if err == nil {
+					lastFailure = time.Time{}
+					d.logger.Warn("mux webhook delivery: the destination's consumer was gone (deleted, or its stream made again); made it again and delivering",
+						zap.String("destination", dest.Name), zap.String("instance", d.instance))
+					return
+				}
+				if time.Since(lastFailure) < time.Minute {
+					return
+				}
+				lastFailure = time.Now()
+				d.logger.Error("mux webhook delivery: the destination's consumer is gone and cannot be made again; its events wait, trying again every few seconds",
+					zap.String("destination", dest.Name), zap.String("instance", d.instance), zap.Error(err))
+			}
+			stop, err := d.store().StartWorkers(context.Background(), dest, w.observeAttempt)
+			if err != nil {
+				return nil, err
+			}
+			w.stop = stop
+			return w, nil
+		})
+		if err != nil {
+			var wg sync.WaitGroup
+			for _, undo := range started {
+				wg.Go(undo)
+			}
+			wg.Wait()
+			return fmt.Errorf("mux_webhook: %v", err)
+		}
+		w := val.(*workers)
+		w.use(d)
+		started = append(started, func() {
+			w.release(d)
+			_, _ = workerPool.Delete(key)
+		})
+	}
+	for _, f := range started {
+		d.addStop(f)
+	}
+	muxMetrics.instance.Reset()
+	muxMetrics.instance.WithLabelValues(d.instance).Set(1)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		d.warnOrphans(ctx)
+		d.gauges(ctx)
+	}()
+	d.addStop(func() { cancel(); <-done })
+	return nil
+}
+
+// workerPool holds each destination's delivery workers across config
+// reloads that leave the destination as it was: its attempts in progress
+// carry on, nothing is cancelled or attempted twice because of a reload.
+// A destination a reload changes gets new workers; the old ones stop.
+var workerPool = caddy.NewUsagePool()
+
+// workers are one destination's running delivery workers.
+type workers struct {
+	stop    func()
+	observe atomic.Pointer[delivery] // the newest config using them logs their attempts
+
+	mu    sync.Mutex
+	users []*delivery // the started configs using them, oldest first
+}
+
+// use makes d, a config that just started, log the workers' attempts.
+func (w *workers) use(d *delivery) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.users = append(w.users, d)
+	w.observe.Store(d)
+}
+
+// release forgets d: the newest config still using the workers logs
+// their attempts (after a reload that Caddy rolled back, the running one).
+func (w *workers) release(d *delivery) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if i := slices.Index(w.users, d); i >= 0 {
+		w.users = slices.Delete(w.users, i, i+1)
+	}
+	if len(w.users) > 0 {
+		w.observe.Store(w.users[len(w.users)-1])
+	}
+}
+
+func (w *workers) observeAttempt(a queue.Attempt) { w.observe.Load().logAttempt(a) }
+
+// Destruct stops the workers when no config uses them any more; what they
+// had not delivered stays queued.
+func (w *workers) Destruct() error {
+	w.stop()
+	return nil
+}
+
+// stop stops the config's workers and gauges. Destinations stop at once,
+// not in turn: each may wait for its attempts in progress (a grace of up
+// to queue.StopGrace), and a shutdown must not wait that once per
+// destination.
+func (d *delivery) stop() {
+	d.stopsMu.Lock()
+	stops := d.stops
+	d.stops, d.stopped = nil, true
+	d.stopsMu.Unlock()
+	var wg sync.WaitGroup
+	for _, stop := range stops {
+		wg.Go(stop)
+	}
+	wg.Wait()
+}
+
+func (d *delivery) cleanup() {
+	d.stop()
+	h := d.handle.Load()
+	if h == nil {
+		return
+	}
+	if running := releaseStarted(d); running != nil {
+		// d's store has just reached NATS (the running config's may
+		// be reconnecting, e.g. with credentials being revoked): the
+		// running config's settings go back through it, also when it is
+		// a store of its own (other credentials) on the same stream.
+		if rh := running.handle.Load(); rh == h || rh != nil && sameStream(running.qc, d.qc) {
+			running.restore(h, d)
+		}
+	}
+	_, _ = stores.Delete(d.poolKey)
+}
+
+// sameStream reports whether two configs' queues are one stream on
+// external NATS servers, reached with other credentials, instance names,
+// TLS files or URLs (the same cluster may be named by other URLs). If
+// they are not, applying a config's own settings to its stream again is
+// a request for nothing.
+func sameStream(a, b queue.Config) bool {
+	stream := func(c queue.Config) string {
+		if c.Stream == "" {
+			return queue.DefaultStream
+		}
+		return c.Stream
+	}
+	return len(a.URLs) > 0 && len(b.URLs) > 0 && stream(a) == stream(b)
+}
+
+// restore puts back d's stream settings and the ack deadlines of its
+// destinations that newer, a config that started after d, changed (it
+// ran workers of its own for them), before Caddy rolled that reload back
+// (another app failed to start): d, the config still running, carries on
+// as it was. The requests go through h, newer's store, which knows the
+// settings newer applied. What newer left as it was costs no request to
+// the queue.
+func (d *delivery) restore(h *storeHandle, newer *delivery) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := h.Reconfigure(ctx, d.qc); err != nil {
+		d.logger.Error("mux_webhook: a reload was rolled back, but the stream keeps its max_bytes, dedupe_window and replicas", zap.Error(err))
+	}
+	for name, dest := range d.destinations {
+		// The ack deadline is the one consumer setting a config chooses
+		// (from its timeout).
+		if nd, ok := newer.destinations[name]; !ok || nd.Timeout == dest.Timeout {
+			continue
+		}
+		if err := h.RestoreConsumer(ctx, dest); err != nil {
+			d.logger.Error("mux_webhook: a reload was rolled back, but the destination keeps its ack deadline", zap.String("destination", dest.Name), zap.Error(err))
+		}
+	}
+}
