@@ -227,6 +227,11 @@ func checkDestinationURL(raw string) error {
 	if u.Hostname() == "" {
 		return errors.New("the url has no host")
 	}
+	if u.User == nil && strings.Contains(u.Path, "@") {
+		// https://tok/en@host/ is host "tok": a credential with a '/' not
+		// escaped would be sent to the wrong host and shown as one.
+		return errors.New("an '@' in the path: if the url carries user:password@host, escape '/', '?' and '#' in them as %2F, %3F, %23; if the path has an '@', write it as %40")
+	}
 	if p := u.Port(); p != "" {
 		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
 			return errors.New("the port must be a number from 1 to 65535")

@@ -126,6 +126,11 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 	if cfg.Dir == "" {
 		cfg.Dir = filepath.Join(caddy.AppDataDir(), "mux_webhook", "jetstream")
 	}
+	if cfg.Stream != "" {
+		if err := queue.ValidStream(cfg.Stream); err != nil {
+			return nil, fmt.Errorf("mux_webhook: %v", err)
+		}
+	}
 	if cfg.MaxBytes < 0 || cfg.DeadMaxBytes < 0 || cfg.DedupeWindow < 0 || cfg.EnqueueTimeout < 0 {
 		return nil, errors.New("mux_webhook: queue max_bytes, dead_max_bytes, dedupe_window and enqueue_timeout must not be negative")
 	}

@@ -195,6 +195,7 @@ func TestDestinationURLNeverShown(t *testing.T) {
 		{"http://alice:p%zzw0rd@127.0.0.1:1/x", "zzw0rd"},
 		{"http://alice:s3cr3t@127.0.0.1:99999/x", "s3cr3t"},
 		{"http://alice:s3cr3t@127.0.0.1:port/x", "s3cr3t"},
+		{"http://tok-a1b2/en9x@127.0.0.1:1/x", "tok-a1b2"}, // a '/' not escaped in the credentials: host "tok-a1b2"
 	} {
 		cfg, _ := gatewayConfigWith(t, "off", deliverGlobal(dir, "\t\tdestination app "+c.url), "mux_webhook s\n\tmux_deliver app")
 		err := loadCaddyfile(cfg)

@@ -457,7 +457,8 @@ func (s *Store) RestoreConsumer(ctx context.Context, d Destination) error {
 		return fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", d.Name)
 	}
 	d.defaults()
-	if _, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d)); err != nil {
+	// On external NATS, the shared deadline is never shortened here either.
+	if _, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.sharedAckWait(ctx, s.consumerConfig(d))); err != nil {
 		return fmt.Errorf("queue: consumer for %s: %v", d.Name, err)
 	}
 	return nil

@@ -159,6 +159,18 @@ var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 // subject token.
 var destinationName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
+// ValidStream says what is wrong with a stream name, if anything: a name
+// ending in _DEAD would be another stream's dead letters (DeadStream).
+func ValidStream(name string) error {
+	if !streamName.MatchString(name) {
+		return fmt.Errorf("queue: stream name %q: use letters, digits, _ and - only", name)
+	}
+	if strings.HasSuffix(name, "_DEAD") {
+		return fmt.Errorf("queue: stream name %q: a name ending in _DEAD is the dead letters' stream of %s: choose another", name, strings.TrimSuffix(name, "_DEAD"))
+	}
+	return nil
+}
+
 // ValidDestination reports whether name can name a destination.
 func ValidDestination(name string) bool { return destinationName.MatchString(name) }
 
@@ -192,8 +204,8 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 // cost from the fsync's.
 func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	cfg = withDefaults(cfg)
-	if !streamName.MatchString(cfg.Stream) {
-		return nil, fmt.Errorf("queue: stream name %q: use letters, digits, _ and - only", cfg.Stream)
+	if err := ValidStream(cfg.Stream); err != nil {
+		return nil, err
 	}
 	s := &Store{cfg: cfg, handBacks: ledgerFor(cfg), log: cfg.Logger, done: make(chan struct{})}
 	if s.log == nil {

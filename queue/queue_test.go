@@ -117,6 +117,9 @@ func TestOpenErrors(t *testing.T) {
 	if _, err := Open(context.Background(), Config{Dir: t.TempDir(), Stream: "a.b"}); err == nil {
 		t.Error("stream name with a dot")
 	}
+	if _, err := Open(context.Background(), Config{Dir: t.TempDir(), Stream: "MUX_WEBHOOK_DEAD"}); err == nil || !strings.Contains(err.Error(), "dead letters' stream of MUX_WEBHOOK") {
+		t.Errorf("a stream named like another's dead letters: %v", err)
+	}
 }
 
 // TestTransient: what Open and StartWorkers try again while a cluster elects a
