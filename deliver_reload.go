@@ -16,8 +16,12 @@
 //	poolKeySalt  (deliver_config.go)  the salt of the pool keys' hashes          the process
 //	muxMetrics   (metrics.go)         the collectors, registered per config      the process
 //	liveLog      (livelog.go)         the live log's entries and subscribers     the process
-//	ledgers      (queue/handback.go)  copies handed back unattempted, per stream the process (entries pruned after 48h)
-//	StopGrace, sweepGrace, healPause (queue) test knobs                          the process
+//	ledgers      (here)               copies handed back unattempted, per stream the process (entries pruned after 48h):
+//	                                  (queue.HandBacks, given to each Store)     outlives a Store a reload reopens
+//	workerStopGrace (here)            a stop's grace for attempts in progress    the process (a test knob)
+//
+// The queue package holds no state of its own: what must outlive one
+// Store or one config is given to it from here.
 
 package muxwebhook
 
@@ -25,6 +29,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -166,7 +171,9 @@ func (d *delivery) open() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	val, loaded, err := stores.LoadOrNew(d.poolKey, func() (caddy.Destructor, error) {
-		s, err := queue.Open(ctx, d.qc)
+		qc := d.qc
+		qc.HandBacks = ledgerFor(qc)
+		s, err := queue.Open(ctx, qc)
 		if err != nil {
 			return nil, err
 		}
@@ -276,6 +283,7 @@ func (d *delivery) startWorkers() error {
 				d.logger.Error("mux webhook delivery: the destination's consumer is gone and cannot be made again; its events wait, trying again every few seconds",
 					zap.String("destination", dest.Name), zap.String("instance", d.instance), zap.Error(err))
 			}
+			dest.StopGrace = workerStopGrace
 			stop, err := d.store().StartWorkers(context.Background(), dest, w.observeAttempt)
 			if err != nil {
 				return nil, err
@@ -361,7 +369,7 @@ func (w *workers) Destruct() error {
 
 // stop stops the config's workers and gauges. Destinations stop at once,
 // not in turn: each may wait for its attempts in progress (a grace of up
-// to queue.StopGrace), and a shutdown must not wait that once per
+// to workerStopGrace), and a shutdown must not wait that once per
 // destination.
 func (d *delivery) stop() {
 	d.stopsMu.Lock()
@@ -432,3 +440,27 @@ func (d *delivery) restore(h *storeHandle, newer *delivery) {
 		}
 	}
 }
+
+// ledgers holds the hand-back ledger of each stream: its name, and its
+// directory or NATS URLs (not the credentials, which a reload may
+// change, opening another Store on the same stream).
+var ledgers sync.Map
+
+// ledgerFor is the ledger of cfg's stream.
+func ledgerFor(cfg queue.Config) *queue.HandBacks {
+	stream := cfg.Stream
+	if stream == "" {
+		stream = queue.DefaultStream
+	}
+	where := cfg.Dir
+	if len(cfg.URLs) > 0 {
+		where = strings.Join(slices.Sorted(slices.Values(cfg.URLs)), ",")
+	}
+	h, _ := ledgers.LoadOrStore(stream+"\x00"+where, queue.NewHandBacks())
+	return h.(*queue.HandBacks)
+}
+
+// workerStopGrace bounds how long stopping a destination's workers (a
+// reload that changed it, a shutdown) waits for its attempts in progress
+// (at most the destination's timeout); a variable for tests.
+var workerStopGrace = queue.DefaultStopGrace

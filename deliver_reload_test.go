@@ -92,9 +92,9 @@ func TestMuxDeliverFailedReloadKeepsTheStream(t *testing.T) {
 // count of stops waiting at once, TestDeliveryStopsDestinationsAtOnce).
 func TestMuxDeliverStopWaitsOneGrace(t *testing.T) {
 	const grace = 2 * time.Second
-	old := queue.StopGrace
-	queue.StopGrace = grace
-	t.Cleanup(func() { queue.StopGrace = old })
+	old := workerStopGrace
+	workerStopGrace = grace
+	t.Cleanup(func() { workerStopGrace = old })
 
 	release := make(chan struct{})
 	var mu sync.Mutex

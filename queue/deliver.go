@@ -60,6 +60,9 @@ type Destination struct {
 	// nothing attempted make the destination stalled (Watchdog).
 	// Default: DefaultStallAfter.
 	StallAfter time.Duration
+	// StopGrace bounds how long a stop waits for attempts in progress
+	// (at most Timeout). Default: DefaultStopGrace.
+	StopGrace time.Duration
 	// Sign, if set, makes the Mux-Signature of each attempt; else Mux's
 	// original header is sent.
 	Sign   func(body []byte, at time.Time) string
@@ -115,6 +118,9 @@ func (d *Destination) defaults() {
 	if d.StallAfter == 0 {
 		d.StallAfter = DefaultStallAfter
 	}
+	if d.StopGrace == 0 {
+		d.StopGrace = DefaultStopGrace
+	}
 }
 
 // delay is the wait after attempt n (from 1) failed.
@@ -122,9 +128,9 @@ func (d *Destination) delay(n int) time.Duration {
 	return d.Retry[min(n-1, len(d.Retry)-1)]
 }
 
-// StopGrace bounds how long stopping a destination's workers waits for
-// the attempts in progress (at most the destination's timeout).
-var StopGrace = 5 * time.Second
+// DefaultStopGrace bounds how long stopping a destination's workers waits
+// for the attempts in progress (at most the destination's timeout).
+const DefaultStopGrace = 5 * time.Second
 
 // superviseInterval is how often a destination's workers check that
 // their consumer still exists (and sooner, when their subscription
@@ -206,7 +212,7 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 			last.Drain()
 			idle := make(chan struct{})
 			go func() { w.wg.Wait(); close(idle) }()
-			grace := time.NewTimer(min(d.Timeout, StopGrace))
+			grace := time.NewTimer(min(d.Timeout, d.StopGrace))
 			select {
 			case <-idle:
 			case <-grace.C:

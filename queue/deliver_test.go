@@ -227,11 +227,10 @@ func TestFanOut(t *testing.T) {
 // ack floor, one by one above it (an earlier copy waits for a retry), and
 // by the last sweep when the workers stop.
 func TestSettledCopiesLeaveTheStream(t *testing.T) {
-	defer func(g time.Duration) { sweepGrace = g }(sweepGrace)
 	run := func(t *testing.T, stuck bool, grace time.Duration, stopEarly bool) {
-		sweepGrace = grace
 		s := openTest(t, Config{Dir: t.TempDir()})
 		defer s.Close()
+		s.sweepGrace = grace
 		b := newBackend(t, func(int) int { return http.StatusOK })
 		if stuck {
 			b.setFail(func(n int) int {

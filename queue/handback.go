@@ -1,27 +1,25 @@
 package queue
 
 import (
-	"slices"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// handBacks counts, per copy (its stream sequence), the deliveries that
+// HandBacks counts, per copy (its stream sequence), the deliveries that
 // were handed back without an attempt: copies fetched by workers that then
 // stopped (a reload that changed the destination, a shutdown). JetStream
 // counts every delivery, and its count is the attempt number a backend
 // sees and what max_attempts and the retry schedule go by; without this
 // ledger each reload would use up an attempt of every copy it caught
-// fetched. There is one per stream in the process, so it outlasts
+// fetched. The glue keeps one per stream in the process, so it outlasts
 // the workers of one config, and the Store of one connection (a reload
 // that changes the credentials opens another): the next workers of this
 // process subtract it. A copy that another process takes next, or one
 // handed back by a process that then exits, still counts one attempt more
 // (at most `concurrency` copies per destination and stop).
-type handBacks struct {
+type HandBacks struct {
 	mu     sync.Mutex
 	m      map[uint64]handBack
 	pruned time.Time // when entries older than handBackTTL were last dropped
@@ -38,19 +36,8 @@ type handBack struct {
 	delivered uint64
 }
 
-// ledgers holds the handBacks of each stream: its name, and its
-// directory or NATS URLs (not the credentials, which a reload may
-// change).
-var ledgers sync.Map
-
-func ledgerFor(cfg Config) *handBacks {
-	where := cfg.Dir
-	if len(cfg.URLs) > 0 {
-		where = strings.Join(slices.Sorted(slices.Values(cfg.URLs)), ",")
-	}
-	h, _ := ledgers.LoadOrStore(cfg.Stream+"\x00"+where, &handBacks{})
-	return h.(*handBacks)
-}
+// NewHandBacks is an empty ledger.
+func NewHandBacks() *HandBacks { return &HandBacks{} }
 
 // handBackTTL: an entry older than this is dropped (its copy was settled
 // by another process, or purged); the ledger stays bounded by the copies
@@ -66,7 +53,7 @@ func (s *Store) handBack(msg jetstream.Msg) {
 	_ = msg.Nak()
 }
 
-func (h *handBacks) add(seq uint64, stored time.Time, delivered uint64, now time.Time) {
+func (h *HandBacks) add(seq uint64, stored time.Time, delivered uint64, now time.Time) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.m == nil {
@@ -101,7 +88,7 @@ func (e handBack) current(stored time.Time, delivered uint64) bool {
 // deliveries handed back without an attempt do not count. An entry that
 // no longer applies is dropped: the number is then JetStream's count,
 // never lower than it should be.
-func (h *handBacks) attemptNumber(seq uint64, stored time.Time, delivered uint64, now time.Time) int {
+func (h *HandBacks) attemptNumber(seq uint64, stored time.Time, delivered uint64, now time.Time) int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	e, ok := h.m[seq]
@@ -121,7 +108,7 @@ func (h *handBacks) attemptNumber(seq uint64, stored time.Time, delivered uint64
 }
 
 // settled forgets the copy at seq: delivered or kept as a dead letter.
-func (h *handBacks) settled(seq uint64) {
+func (h *HandBacks) settled(seq uint64) {
 	h.mu.Lock()
 	delete(h.m, seq)
 	h.mu.Unlock()

@@ -19,9 +19,6 @@ import (
 // same event (the hung attempts, cancelled by the stops, reached it and
 // count).
 func TestStopsDoNotUseUpAttempts(t *testing.T) {
-	old := StopGrace
-	StopGrace = 100 * time.Millisecond
-	t.Cleanup(func() { StopGrace = old })
 	s := openTest(t, Config{Dir: t.TempDir(), Stream: "HANDBACK_TEST"}) // a ledger of its own (one per stream name)
 	defer s.Close()
 
@@ -67,7 +64,7 @@ func TestStopsDoNotUseUpAttempts(t *testing.T) {
 		defer mu.Unlock()
 		return total
 	}
-	d := Destination{Name: "app", URL: b.URL, Concurrency: 1, Timeout: time.Minute, MaxAttempts: 100,
+	d := Destination{Name: "app", URL: b.URL, Concurrency: 1, Timeout: time.Minute, MaxAttempts: 100, StopGrace: 100 * time.Millisecond,
 		Retry: []time.Duration{10 * time.Millisecond}}
 	handedBack := 0
 	for range 5 {
@@ -122,7 +119,7 @@ func TestStopsDoNotUseUpAttempts(t *testing.T) {
 // TestHandBackLedgerBounded: entries older than handBackTTL go (their
 // copies were settled elsewhere), and an attempt number is never below 1.
 func TestHandBackLedgerBounded(t *testing.T) {
-	var h handBacks
+	var h HandBacks
 	t0 := time.Now()
 	stored := t0.Add(-time.Minute)
 	h.add(1, stored, 1, t0)
@@ -147,7 +144,7 @@ func TestHandBackLedgerBounded(t *testing.T) {
 // consumer made again) or whose sequence is another copy's (a stream made
 // again) is dropped, not subtracted.
 func TestHandBackLedgerStale(t *testing.T) {
-	var h handBacks
+	var h HandBacks
 	t0 := time.Now()
 	stored := t0.Add(-time.Minute)
 	h.add(1, stored, 1, t0)
@@ -166,17 +163,17 @@ func TestHandBackLedgerStale(t *testing.T) {
 // one's workers handed back still counts with the new one's.
 func TestHandBackLedgerOutlivesTheStore(t *testing.T) {
 	dir := t.TempDir()
-	a := openTest(t, Config{Dir: dir, Stream: "LEDGER_TEST"})
-	ledger := a.handBacks
+	ledger := NewHandBacks()
+	a := openTest(t, Config{Dir: dir, Stream: "LEDGER_TEST", HandBacks: ledger})
 	a.Close()
-	b := openTest(t, Config{Dir: dir, Stream: "LEDGER_TEST"})
+	b := openTest(t, Config{Dir: dir, Stream: "LEDGER_TEST", HandBacks: ledger})
 	defer b.Close()
 	if b.handBacks != ledger {
-		t.Error("a new Store on the same stream has a ledger of its own: the old one's hand-backs would count as attempts")
+		t.Error("a new Store given the stream's ledger has a ledger of its own: the old one's hand-backs would count as attempts")
 	}
 	c := openTest(t, Config{Dir: t.TempDir(), Stream: "OTHER_LEDGER_TEST"})
 	defer c.Close()
-	if c.handBacks == ledger {
-		t.Error("another stream shares the ledger")
+	if c.handBacks == ledger || c.handBacks == nil {
+		t.Error("a Store given no ledger shares one, or has none")
 	}
 }

@@ -19,10 +19,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// healPause runs just before heal starts JetStream again: tests widen
-// that moment with it.
-var healPause = func() {}
-
 // healInterval is how often the embedded server's JetStream is checked.
 const healInterval = time.Second
 
@@ -147,7 +143,9 @@ func (s *Store) heal(done <-chan struct{}) {
 		}
 		lastTry = time.Now()
 		s.log.Warn("mux_webhook queue: the embedded store's disk has room again; starting the embedded server again", zap.String("dir", s.cfg.Dir))
-		healPause()
+		if s.cfg.healPause != nil {
+			s.cfg.healPause()
+		}
 		if err := s.server.restart(); err != nil {
 			s.log.Error("mux_webhook queue: starting the embedded server again failed; trying again", zap.String("dir", s.cfg.Dir), zap.Error(err))
 		}

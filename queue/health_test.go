@@ -237,9 +237,8 @@ func fill(t *testing.T, path string) {
 func TestCloseWhileHealing(t *testing.T) {
 	healing := make(chan struct{})
 	var once sync.Once
-	healPause = func() { once.Do(func() { close(healing) }); time.Sleep(500 * time.Millisecond) } // recovering a large store
-	defer func() { healPause = func() {} }()
-	s := openTest(t, Config{Dir: t.TempDir()})
+	pause := func() { once.Do(func() { close(healing) }); time.Sleep(500 * time.Millisecond) } // recovering a large store
+	s := openTest(t, Config{Dir: t.TempDir(), healPause: pause})
 	s.natsLog.broken.Store(true) // as a failed write leaves it
 	<-healing
 	s.Close()

@@ -107,6 +107,15 @@ type Config struct {
 	// the external server instead of Password and Token: a secret rotated
 	// in its file is used at the next reconnection, without a reload.
 	PasswordFunc, TokenFunc func() string
+	// HandBacks is the ledger of deliveries handed back unattempted
+	// (handback.go): give every Store opened on one stream the same one,
+	// so that a reload that opens another (new credentials) still counts
+	// what the old one's workers handed back. Nil: a ledger of its own.
+	HandBacks *HandBacks
+
+	// healPause, if set, runs just before heal starts the embedded
+	// server again: tests widen that moment.
+	healPause func()
 	// DeadMaxBytes bounds <Stream>_DEAD, the dead letters' own stream
 	// (dead.go). Default: 1 GiB.
 	DeadMaxBytes int64
@@ -139,7 +148,10 @@ type Store struct {
 	js     jetstream.JetStream
 	stream jetstream.Stream // the stream's handle: its methods name it, no lookup each time
 
-	handBacks *handBacks // deliveries handed back without an attempt, per copy of the stream
+	handBacks *HandBacks // deliveries handed back without an attempt, per copy of the stream
+	// sweepGrace: a settled copy above the ack floor is deleted on its own
+	// once it waited this long for the floor (sweep.go).
+	sweepGrace time.Duration
 
 	log     *zap.Logger
 	natsLog *natsLog      // the embedded server's log, with its latest error
@@ -207,7 +219,10 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	if err := ValidStream(cfg.Stream); err != nil {
 		return nil, err
 	}
-	s := &Store{cfg: cfg, handBacks: ledgerFor(cfg), log: cfg.Logger, done: make(chan struct{})}
+	s := &Store{cfg: cfg, handBacks: cfg.HandBacks, log: cfg.Logger, done: make(chan struct{}), sweepGrace: defaultSweepGrace}
+	if s.handBacks == nil {
+		s.handBacks = NewHandBacks()
+	}
 	if s.log == nil {
 		s.log = zap.NewNop()
 	}

@@ -16,9 +16,6 @@ import (
 // open (a reload that changed their destination) leave no goroutine
 // behind, also when attempts hung and copies were fetched but not started.
 func TestDeliverStopLeavesNoGoroutine(t *testing.T) {
-	old := StopGrace
-	StopGrace = 200 * time.Millisecond
-	t.Cleanup(func() { StopGrace = old })
 	s := openTest(t, Config{Dir: t.TempDir()})
 	defer s.Close()
 	done := make(chan struct{})
@@ -37,7 +34,7 @@ func TestDeliverStopLeavesNoGoroutine(t *testing.T) {
 	var before int
 	var beforeSites map[string]int
 	for round := range 5 {
-		stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Concurrency: 2, Timeout: time.Minute}, nil)
+		stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Concurrency: 2, Timeout: time.Minute, StopGrace: 200 * time.Millisecond}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -27,7 +27,8 @@ const (
 	sweepTimeout = 5 * time.Second
 )
 
-var sweepGrace = 5 * time.Second // a variable for tests
+// defaultSweepGrace is Store.sweepGrace unless a test sets another.
+const defaultSweepGrace = 5 * time.Second
 
 // sweeper removes a destination's settled copies from the stream.
 type sweeper struct {
@@ -210,7 +211,7 @@ func (w *sweeper) sweep(ctx context.Context, always, last bool) bool {
 	for seq, at := range w.settled {
 		if seq <= w.purged {
 			delete(w.settled, seq)
-		} else if last || now.Sub(at) >= sweepGrace {
+		} else if last || now.Sub(at) >= w.s.sweepGrace {
 			late = append(late, seq)
 			delete(w.settled, seq)
 		}

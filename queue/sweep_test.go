@@ -25,7 +25,7 @@ func TestSweepLeftForTheNextWorkers(t *testing.T) {
 		t.Fatal(err)
 	}
 	nc.Close()
-	away := &Store{cfg: s.cfg, conn: nc, js: s.js, stream: s.stream, handBacks: s.handBacks}
+	away := &Store{cfg: s.cfg, conn: nc, js: s.js, stream: s.stream, handBacks: s.handBacks, sweepGrace: s.sweepGrace}
 	old := newSweeper(away, cons, subject)
 	old.settled[2] = time.Now()
 	stopped, cancel := context.WithCancel(ctx)
@@ -67,7 +67,7 @@ func TestSweepLeftWhileTheNextWorkersRun(t *testing.T) {
 	go func() { defer close(done); next.run(runCtx) }()
 	defer func() { stop(); <-done }()
 	// ...then the old workers stop, their last sweep without NATS.
-	s.keepUnswept(subject, cons.CachedInfo().Created, map[uint64]time.Time{2: time.Now().Add(-sweepGrace)})
+	s.keepUnswept(subject, cons.CachedInfo().Created, map[uint64]time.Time{2: time.Now().Add(-s.sweepGrace)})
 
 	waitUntil(t, "the copy the old workers left to be swept", func() bool {
 		_, err := s.stream.GetMsg(ctx, 2)
@@ -98,8 +98,8 @@ func TestSweepForgetsAStreamMadeAgain(t *testing.T) {
 	// Settled on the old stream, left unswept (NATS away); and a running
 	// sweeper that noted one too.
 	running := newSweeper(s, old, subject)
-	running.settled[2] = time.Now().Add(-sweepGrace)
-	s.keepUnswept(subject, old.CachedInfo().Created, map[uint64]time.Time{3: time.Now().Add(-sweepGrace)})
+	running.settled[2] = time.Now().Add(-s.sweepGrace)
+	s.keepUnswept(subject, old.CachedInfo().Created, map[uint64]time.Time{3: time.Now().Add(-s.sweepGrace)})
 
 	// The stream is deleted and made again; its new copies take the same
 	// sequences, none settled.
