@@ -170,12 +170,11 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 	if n := cfg.NATS; n != nil {
 		// Password and token may be {env.*} or {file.*}, resolved here as
 		// secrets are: never as plain text in the JSON config.
-		repl := caddy.NewReplacer()
-		password, err := repl.ReplaceOrErr(n.Password, true, true)
+		password, err := configValue(n.Password)
 		if err != nil && n.Password != "" {
 			return nil, errors.New("mux_webhook: queue nats password: a placeholder in it is unset or empty")
 		}
-		token, err := repl.ReplaceOrErr(n.Token, true, true)
+		token, err := configValue(n.Token)
 		if err != nil && n.Token != "" {
 			return nil, errors.New("mux_webhook: queue nats token: a placeholder in it is unset or empty")
 		}
@@ -220,7 +219,7 @@ func rereadSecret(raw, last string) func() string {
 		return nil
 	}
 	return func() string {
-		v, err := caddy.NewReplacer().ReplaceOrErr(raw, true, true)
+		v, err := configValue(raw)
 		if err != nil || v == "" {
 			return last
 		}
@@ -333,10 +332,9 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, []byte
 	if len(dc.Header) > 0 {
 		// Values may hold a token: {env.*} and {file.*} are resolved
 		// here, as for sign, and never written back to the config.
-		repl := caddy.NewReplacer()
 		d.Header = make(map[string]string, len(dc.Header))
 		for k, v := range dc.Header {
-			value, err := repl.ReplaceOrErr(v, true, true)
+			value, err := configValue(v)
 			if err != nil {
 				return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: header %s: a placeholder in it is unset or empty", name, k)
 			}

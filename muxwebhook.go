@@ -170,10 +170,9 @@ var placeholderOnly = regexp.MustCompile(`^\{(env|file)\.[^{}]+\}$`)
 // name the secret by position and, for a lone {env.*} or {file.*}
 // placeholder, by that placeholder; never by its value.
 func resolveSecrets(configured []string) ([][]byte, error) {
-	repl := caddy.NewReplacer()
 	out := make([][]byte, 0, len(configured))
 	for i, s := range configured {
-		v, err := repl.ReplaceOrErr(s, true, true)
+		v, err := configValue(s)
 		if err != nil || v == "" {
 			what := "(redacted)"
 			if placeholderOnly.MatchString(s) {

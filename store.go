@@ -139,7 +139,6 @@ func isConfigPlaceholder(key string) bool {
 // one with braces or backslashes (which would change the placeholders
 // that remain), is an error naming the placeholder.
 func resolveConfigPlaceholders(template string) (string, error) {
-	repl := caddy.NewReplacer()
 	var b strings.Builder
 	last := 0
 	for i := 0; i < len(template); i++ {
@@ -154,8 +153,7 @@ func resolveConfigPlaceholders(template string) (string, error) {
 		if !isConfigPlaceholder(key) {
 			continue
 		}
-		val, _ := repl.Get(key)
-		v := caddy.ToString(val)
+		v, _ := configValue("{" + key + "}") // unset or empty: "", named below
 		switch {
 		case v == "" && strings.HasPrefix(key, "env."):
 			return "", fmt.Errorf("mux_store: path %q: {%s} is unset or empty; set the environment variable %s to an absolute directory, or write the directory in the path", template, key, key[len("env."):])
