@@ -14,7 +14,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -152,28 +151,7 @@ func TestQueueDirSpellingsShareTheStore(t *testing.T) {
 	g.load(cfg)
 	spellings := []string{dir + "/", link, dir, link + "/", filepath.Join(base, ".", "js")}
 
-	var mu sync.Mutex
-	var accepted []string
-	done := make(chan struct{})
-	go func() { // bounded in count and time
-		defer close(done)
-		client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-		deadline := time.Now().Add(30 * time.Second)
-		for i := 0; i < 150 && time.Now().Before(deadline); i++ {
-			id := fmt.Sprint("spelling-", i)
-			resp, err := client.Do(signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now()))
-			if err != nil {
-				continue // cut by a reload: not answered 202
-			}
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusAccepted {
-				mu.Lock()
-				accepted = append(accepted, id)
-				mu.Unlock()
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}()
+	accepted := sendDuringReloads(t, g.url, "spelling-", 150, 30*time.Second)
 	for i := range 10 {
 		spelled := strings.Replace(cfg, deliverGlobal(dir, dest), deliverGlobal(spellings[i%len(spellings)], dest), 1)
 		if err := loadCaddyfile(spelled); err != nil {
@@ -181,10 +159,7 @@ func TestQueueDirSpellingsShareTheStore(t *testing.T) {
 		}
 		time.Sleep(60 * time.Millisecond)
 	}
-	<-done
-	mu.Lock()
-	ids := append([]string(nil), accepted...)
-	mu.Unlock()
+	ids := accepted()
 	if len(ids) < 50 {
 		t.Fatalf("only %d events were accepted during the reloads", len(ids))
 	}

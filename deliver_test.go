@@ -434,28 +434,7 @@ func TestMuxDeliverReloadsWhileEventsFlow(t *testing.T) {
 	g.admin = fmt.Sprintf("http://localhost:%d", port)
 	g.load(cfgA)
 
-	var mu sync.Mutex
-	var accepted []string
-	done := make(chan struct{})
-	go func() { // events flow: bounded in count and time
-		defer close(done)
-		client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-		deadline := time.Now().Add(60 * time.Second)
-		for i := 0; i < 400 && time.Now().Before(deadline); i++ {
-			id := fmt.Sprint("flow-", i)
-			resp, err := client.Do(signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now()))
-			if err != nil {
-				continue // cut by a reload: Mux would retry; not answered 202
-			}
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusAccepted {
-				mu.Lock()
-				accepted = append(accepted, id)
-				mu.Unlock()
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}()
+	accepted := sendDuringReloads(t, g.url, "flow-", 400, 60*time.Second)
 	for i := range 20 {
 		cfg := cfgB
 		if i%2 == 1 {
@@ -466,10 +445,7 @@ func TestMuxDeliverReloadsWhileEventsFlow(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	<-done
-	mu.Lock()
-	ids := append([]string(nil), accepted...)
-	mu.Unlock()
+	ids := accepted()
 	if len(ids) < 100 {
 		t.Fatalf("only %d events were accepted during the reloads", len(ids))
 	}
@@ -556,5 +532,41 @@ func TestQueueReloadChangesTheStream(t *testing.T) {
 	}
 	if status := send("after-restore"); status != http.StatusAccepted {
 		t.Errorf("after restoring max_bytes: %d, want 202", status)
+	}
+}
+
+// sendDuringReloads sends n distinct signed events (ids prefix0, prefix1,
+// …) to url one after another while the test reloads Caddy, bounded by
+// limit; the function it returns waits for the last and returns the ids
+// answered 202 (one cut by a reload is not: Mux would send it again).
+func sendDuringReloads(t *testing.T, url, prefix string, n int, limit time.Duration) (accepted func() []string) {
+	t.Helper()
+	var mu sync.Mutex
+	var ids []string
+	done := make(chan struct{})
+	go func() { // bounded in count and time
+		defer close(done)
+		client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		deadline := time.Now().Add(limit)
+		for i := 0; i < n && time.Now().Before(deadline); i++ {
+			id := fmt.Sprint(prefix, i)
+			resp, err := client.Do(signedRequest(t, url, testSecret, event("video.asset.ready", id, ""), time.Now()))
+			if err != nil {
+				continue // cut by a reload: Mux would retry; not answered 202
+			}
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusAccepted {
+				mu.Lock()
+				ids = append(ids, id)
+				mu.Unlock()
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	return func() []string {
+		<-done
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]string(nil), ids...)
 	}
 }
