@@ -28,7 +28,7 @@ import (
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
 )
 
-// QueueConfig configures the delivery queue (SPEC: "Delivery queue").
+// QueueConfig configures the delivery queue (README: "Queue: mux_deliver").
 type QueueConfig struct {
 	// Dir is the embedded JetStream server's store. Default:
 	// {Caddy's data directory}/mux_webhook/jetstream.

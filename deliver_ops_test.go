@@ -84,7 +84,7 @@ func adminDo(t *testing.T, method, url, body string) (int, string) {
 	return code, got
 }
 
-// TestDeadStreamFullOperatorSees (SPEC: "the stream is full (max_bytes)
+// TestDeadStreamFullOperatorSees (README, "When things fail": "the stream is full (max_bytes)
 // while a destination is down", <stream>_DEAD full too): with a tiny
 // dead_max_bytes, the copies that do not fit stay queued, with an ERROR
 // line, caddy_mux_webhook_dead_letter_failures_total and the status
@@ -156,7 +156,7 @@ func TestDeadStreamFullOperatorSees(t *testing.T) {
 	}
 }
 
-// TestQueueAdminAfterRolledBackReload (SPEC: "a reload that Caddy rolls
+// TestQueueAdminAfterRolledBackReload (README, "When things fail": "a reload that Caddy rolls
 // back"): the running config keeps serving GET /mux-webhook/queue, the
 // CLI and the console's queue view.
 func TestQueueAdminAfterRolledBackReload(t *testing.T) {

@@ -1,7 +1,7 @@
 package muxwebhook
 
 // "A bad JSON config: a load error that names the field; never a panic"
-// (SPEC, When things fail).
+// (README, "When things fail").
 
 import (
 	"context"

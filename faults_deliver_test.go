@@ -1,6 +1,6 @@
 package muxwebhook
 
-// The delivery queue's rows of SPEC's "When things fail", against the
+// The delivery queue's rows of the README's "When things fail", against the
 // real Caddy process.
 
 import (

@@ -1,6 +1,6 @@
 package muxwebhook
 
-// The queue heals itself (SPEC, "When things fail"): a NATS connection
+// The queue heals itself (README, "When things fail"): a NATS connection
 // refused for good, a consumer or stream deleted by hand, a full disk
 // under the embedded store; and a stall is never silent. Each against real
 // processes: the built Caddy, real nats-server processes, a real full

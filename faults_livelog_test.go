@@ -4,7 +4,7 @@ package muxwebhook
 
 // "A live-log stream client stops reading: its stream ends within seconds
 // (write deadline per event); reloads and new clients are unaffected"
-// (SPEC, When things fail). Linux only: the stalled clients shrink their
+// (README, "When things fail"). Linux only: the stalled clients shrink their
 // TCP buffers with Linux socket options (CI runs on Debian).
 
 import (

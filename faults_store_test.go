@@ -1,8 +1,8 @@
 package muxwebhook
 
 // Fault tests of mux_store against the real xcaddy-built binary: the row
-// "the disk fills or the directory vanishes under mux_store" of SPEC.md's
-// "When things fail" table.
+// "the disk fills or the directory vanishes under mux_store" of the
+// README's "When things fail" table.
 
 import (
 	"bytes"

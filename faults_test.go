@@ -1,6 +1,6 @@
 package muxwebhook
 
-// Rows of SPEC's "When things fail" table, each against a real Caddy
+// Rows of the README's "When things fail" table, each against a real Caddy
 // process (the xcaddy-built binary, $MUX_CADDY_BIN), with real upstreams
 // on 127.0.0.1: what was lost (nothing), what was repeated, and what the
 // operator saw (status, log line, metric).

@@ -80,7 +80,7 @@ func maxAttemptHeader(b *backend) int {
 	return m
 }
 
-// TestDeadLettersWhenTheStreamIsFull (SPEC: "the stream is full
+// TestDeadLettersWhenTheStreamIsFull (README, "When things fail": "the stream is full
 // (max_bytes) while a destination is down"): the stream filled up to
 // max_bytes, the destination down, max_attempts 2: every copy becomes a
 // dead letter (in <stream>_DEAD), none is attempted more than twice, and

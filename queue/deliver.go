@@ -22,7 +22,7 @@ import (
 	"go.uber.org/zap"
 )
 
-// Destination defaults, as SPEC documents them.
+// Destination defaults, as the README's "Every setting" documents them.
 const (
 	DefaultTimeout     = 30 * time.Second
 	DefaultMaxAge      = 72 * time.Hour

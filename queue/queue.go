@@ -36,7 +36,7 @@ import (
 	"go.uber.org/zap"
 )
 
-// Defaults, as SPEC's "Delivery queue" section documents them.
+// Defaults, as the README's "Every setting" documents them.
 const (
 	DefaultStream         = "MUX_WEBHOOK"
 	DefaultMaxBytes       = 1 << 30 // 1 GiB
@@ -186,7 +186,7 @@ func ValidStream(name string) error {
 // ValidDestination reports whether name can name a destination.
 func ValidDestination(name string) bool { return destinationName.MatchString(name) }
 
-// withDefaults fills in SPEC's defaults.
+// withDefaults fills in the defaults.
 func withDefaults(cfg Config) Config {
 	if cfg.Stream == "" {
 		cfg.Stream = DefaultStream
