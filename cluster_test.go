@@ -273,18 +273,6 @@ func tail(s string, n int) string {
 	return s
 }
 
-// waitForLong is waitFor with a limit of its own.
-func waitForLong(t *testing.T, limit time.Duration, cond func() bool, describe func() string) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s:\n%s", limit, describe())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 // clusterGateway is one Caddy process of a cluster: the built binary, its
 // own port and admin port (kept across restarts, as a load balancer's
 // target is), the same config apart from those and its instance name.

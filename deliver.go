@@ -7,7 +7,7 @@
 // The rest of the queue's Caddy glue: its settings in deliver_config.go,
 // what outlives a config reload in deliver_reload.go, its log lines,
 // metrics and stall watchdog in deliver_observe.go, the admin API in
-// deliver_admin.go and the CLI in queue_command.go.
+// deliver_admin.go and the CLI in command_queue.go.
 
 package muxwebhook
 

@@ -15,7 +15,7 @@
 //
 // Changes need Content-Type: application/json, which an HTML form cannot
 // send; Caddy's admin API refuses cross-origin requests itself. The
-// console's site route (mux_webhook_ui, livelog_ui.go) serves the same
+// console's site route (mux_webhook_ui, console.go) serves the same
 // endpoints and refuses cross-site changes on its own.
 
 package muxwebhook

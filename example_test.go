@@ -278,15 +278,3 @@ func (b *syncBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
-
-// waitFor polls cond for up to 10 seconds.
-func waitFor(t *testing.T, cond func() bool, describe func() string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out; output so far:\n%s", describe())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}

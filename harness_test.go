@@ -276,3 +276,22 @@ func event(typ, id string, data string) []byte {
 }
 
 func stopCaddy() error { return caddy.Stop() }
+
+// waitFor is the tests' one polling helper: it checks cond every 50 ms
+// until it holds, for at most 10 s, then fails the test with describe().
+func waitFor(t *testing.T, cond func() bool, describe func() string) {
+	t.Helper()
+	waitForLong(t, 10*time.Second, cond, describe)
+}
+
+// waitForLong is waitFor with a limit of its own.
+func waitForLong(t *testing.T, limit time.Duration, cond func() bool, describe func() string) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s; output so far:\n%s", limit, describe())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -10,7 +10,7 @@
 // these endpoints are as private as its listener. Caddy's admin API refuses
 // requests from browser navigations that carry no Origin (its CSRF and DNS
 // rebinding defence), so to open the page in a browser, mount the same
-// endpoints on a site with the mux_webhook_ui handler (livelog_ui.go).
+// endpoints on a site with the mux_webhook_ui handler (console.go).
 
 package muxwebhook
 
