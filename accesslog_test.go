@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 )
 
 // jsonLinesOf reads a JSON-lines log file.
@@ -54,7 +56,7 @@ func TestAccessLogCarriesTheEvent(t *testing.T) {
 		t.Fatalf("forged: %d", status)
 	}
 	var lines []map[string]any
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		lines = jsonLinesOf(t, accessLog)
 		return len(lines) >= 2
 	}, func() string { return fmt.Sprintf("access log: %v", lines) })
@@ -85,7 +87,7 @@ func TestOwnLineWithoutAccessLog(t *testing.T) {
 	do(t, signedRequest(t, g.url, testSecret, body, time.Now()))
 	do(t, signedRequest(t, g.url, "forged", body, time.Now()))
 	levels := map[string]any{}
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		for _, l := range g.logLines() {
 			if l["msg"] == "mux webhook" {
 				levels[fmt.Sprint(l["outcome"])] = l["level"]
@@ -131,7 +133,7 @@ func TestAccessLogKeepsErrorLevel(t *testing.T) {
 		t.Fatal("the response arrived whole; the test did not make reverse_proxy abort")
 	}
 	var lines []map[string]any
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		lines = jsonLinesOf(t, accessLog)
 		return len(lines) >= 1
 	}, func() string { return fmt.Sprintf("access log: %v", lines) })
@@ -193,7 +195,7 @@ http://localhost:%s {
 		}
 		return len(seen) >= len(want)
 	}
-	waitFor(t, collect, func() string { return fmt.Sprintf("lines by uri: %v", seen) })
+	testwait.For(t, collect, func() string { return fmt.Sprintf("lines by uri: %v", seen) })
 	time.Sleep(100 * time.Millisecond)
 	collect()
 	for uri, level := range want {

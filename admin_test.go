@@ -1,22 +1,17 @@
 package muxwebhook
 
-// Live Logs, metrics and the per-request log line, against a real Caddy
-// with its admin API on a free localhost port.
+// The admin API module (admin.go): Live Logs as JSON and as an event
+// stream, resuming, reloads, and headers after handle_errors, against an
+// in-process Caddy with its admin API on a free localhost port.
 
 import (
 	"bufio"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 )
@@ -392,164 +387,6 @@ func scrape(t *testing.T, admin string) map[string]float64 {
 		out[line[:i]] = v
 	}
 	return out
-}
-
-func TestMetrics(t *testing.T) {
-	up := newUpstream(t, "assets")
-	g := startGatewayWithAdmin(t, "", liveLogSite(up))
-	before := scrape(t, g.admin)
-
-	do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "m-1", ""), time.Now()))
-	do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "m-2", ""), time.Now()))
-	do(t, signedRequest(t, g.url, testSecret, event("video.upload.created", "m-3", ""), time.Now()))
-	do(t, signedRequest(t, g.url, testSecret, event("attacker.chosen.type", "m-4", ""), time.Now()))
-	do(t, signedRequest(t, g.url, "forged", event("video.asset.ready", "m-5", ""), time.Now()))
-	req, _ := http.NewRequest(http.MethodGet, g.url, nil)
-	do(t, req)
-
-	after := scrape(t, g.admin)
-	delta := func(name string) float64 { return after[name] - before[name] }
-	want := map[string]float64{
-		`caddy_mux_webhook_requests_total{outcome="verified"}`:                4,
-		`caddy_mux_webhook_requests_total{outcome="mismatch"}`:                1,
-		`caddy_mux_webhook_requests_total{outcome="method"}`:                  1,
-		`caddy_mux_webhook_events_total{type="video.asset.ready"}`:            2,
-		`caddy_mux_webhook_events_total{type="video.upload.created"}`:         1,
-		`caddy_mux_webhook_events_total{type="unknown"}`:                      1,
-		`caddy_mux_webhook_responses_total{code="2xx",family="video.asset"}`:  2,
-		`caddy_mux_webhook_responses_total{code="2xx",family="video.upload"}`: 1,
-		`caddy_mux_webhook_responses_total{code="2xx",family="unknown"}`:      1,
-		`caddy_mux_webhook_verify_duration_seconds_count`:                     5,
-	}
-	for name, w := range want {
-		if got := delta(name); got != w {
-			t.Errorf("%s grew by %v, want %v", name, got, w)
-		}
-	}
-	for name := range after {
-		if strings.Contains(name, "attacker") {
-			t.Errorf("an attacker-chosen value became a label: %s", name)
-		}
-	}
-}
-
-func TestRequestLogLine(t *testing.T) {
-	up := newUpstream(t, "assets")
-	g := startGateway(t, liveLogSite(up))
-	body := []byte(`{"type":"video.asset.ready","id":"log-1","object":{"type":"asset","id":"a-9"},"environment":{"id":"env-3","name":"P"},"attempts":[{},{}],"data":{}}`)
-	do(t, signedRequest(t, g.url, testSecret, body, time.Now()))
-	var line map[string]any
-	for _, l := range g.logLines() {
-		if l["msg"] == "mux webhook" && l["id"] == "log-1" {
-			line = l
-		}
-	}
-	if line == nil {
-		t.Fatal("no log line for the event")
-	}
-	want := map[string]any{
-		"outcome": "verified", "reason": "", "type": "video.asset.ready", "object_type": "asset",
-		"object_id": "a-9", "environment_id": "env-3", "attempts": float64(2), "status": float64(200),
-	}
-	for k, v := range want {
-		if line[k] != v {
-			t.Errorf("%s = %v, want %v", k, line[k], v)
-		}
-	}
-	if _, ok := line["duration"].(float64); !ok {
-		t.Errorf("no duration: %v", line)
-	}
-	// The test logs at debug level: the body is there, cut short.
-	if b, _ := line["body"].(string); b == "" || len(b) > maxLoggedBody {
-		t.Errorf("debug body %q", b)
-	}
-	if strings.Contains(g.rawLog(), testSecret) {
-		t.Error("the secret is in the log")
-	}
-}
-
-// TestConsoleInBrowser runs web/browser-test.js: headless Chromium,
-// driven by playwright-core, opens the console where a browser can (a site
-// route with mux_webhook_ui; Caddy's admin API refuses browser
-// navigations), watches events and their delivery attempts arrive, finds
-// the dead letter of a failing destination, sees cross-site requests
-// refused, and redelivers it with a click once the backend is fixed.
-// Set MUX_SCREENSHOTS=docs to save a screenshot of each view there.
-func TestConsoleInBrowser(t *testing.T) {
-	chromium := os.Getenv("CHROMIUM")
-	if chromium == "" {
-		chromium = "/usr/bin/chromium"
-	}
-	node, err := exec.LookPath("node")
-	if err == nil {
-		_, err = os.Stat(chromium)
-	}
-	if err == nil {
-		_, err = os.Stat("node_modules/playwright-core/package.json")
-	}
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("the browser test needs node, npm ci and Debian's chromium: %v", err)
-		}
-		t.Skipf("node, playwright-core or chromium missing (apt-get install chromium; npm ci): %v", err)
-	}
-	// The backend of "app": 500 until the browser test fixes it.
-	var mu sync.Mutex
-	failing, received := true, []string{}
-	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		defer mu.Unlock()
-		switch {
-		case r.URL.Path == "/fix" && r.Method == http.MethodPost:
-			failing = false
-		case r.URL.Path == "/received":
-			_ = json.NewEncoder(w).Encode(received)
-		case r.URL.Path == "/hook" && failing:
-			w.WriteHeader(http.StatusInternalServerError)
-		case r.URL.Path == "/hook":
-			received = append(received, r.Header.Get("Idempotency-Key"))
-		default:
-			http.NotFound(w, r)
-		}
-	}))
-	t.Cleanup(app.Close)
-	analytics := newUpstream(t, "analytics")
-	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(filepath.Join(t.TempDir(), "js"),
-		fmt.Sprintf("\t\tdestination app %s/hook {\n\t\t\tretry 100ms\n\t\t\tmax_attempts 2\n\t\t}", app.URL),
-		fmt.Sprintf("\t\tdestination analytics %s {\n\t\t\tretry 100ms\n\t\t}", analytics.URL),
-	), fmt.Sprintf(`
-	mux_webhook /mux %s
-	@assets mux_event video.asset.*
-	handle /mux {
-		mux_deliver @assets app analytics
-		mux_deliver analytics
-	}
-	handle_path /mux-webhook/* {
-		mux_webhook_ui
-	}`, testSecret))
-	g.load(cfg)
-
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	args := []string{"web/browser-test.js", g.url + "/mux-webhook/", g.url + "/mux", testSecret, app.URL}
-	if dir := os.Getenv("MUX_SCREENSHOTS"); dir != "" {
-		args = append(args, dir)
-	}
-	cmd := exec.CommandContext(ctx, node, args...)
-	cmd.Env = append(os.Environ(), "CHROMIUM="+chromium)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("browser test: %v\n%s", err, out)
-	}
-	if !strings.Contains(string(out), "browser test passed") {
-		t.Fatalf("browser test did not finish:\n%s", out)
-	}
-	t.Logf("%s", out)
-	mu.Lock()
-	defer mu.Unlock()
-	if len(received) != 1 || !strings.HasPrefix(received[0], "br-a-") {
-		t.Errorf("the app backend received %q, want the one redelivered event", received)
-	}
 }
 
 // TestLiveLogHeadersAfterHandleErrors: handle_errors runs after the live

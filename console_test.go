@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 	"go.uber.org/zap"
 )
 
@@ -113,7 +114,7 @@ func TestConsoleQueueOnSiteRoute(t *testing.T) {
 		ID        string `json:"id"`
 		LastError string `json:"last_error"`
 	}
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		dead = nil
 		getJSON(t, console+"/queue/dead?destination=app", &dead)
 		return len(dead) == 1
@@ -167,7 +168,7 @@ func TestConsoleQueueOnSiteRoute(t *testing.T) {
 	if code != http.StatusOK || !strings.Contains(text, `"redelivered":1`) {
 		t.Fatalf("the console's redeliver: %d %s", code, text)
 	}
-	waitFor(t, func() bool { return got.Load() == 1 }, func() string { return "the redelivered event never arrived" })
+	testwait.For(t, func() bool { return got.Load() == 1 }, func() string { return "the redelivered event never arrived" })
 	// Errors say what is wrong, as JSON.
 	if code, text := post(map[string]string{ConsoleHeader: "1"}, "application/json", `{"destination":"nope","all":true}`); code != http.StatusBadRequest || !strings.Contains(text, `unknown destination \"nope\"`) {
 		t.Errorf("unknown destination: %d %s", code, text)

@@ -1,14 +1,24 @@
 package muxwebhook
 
+// dedupe (dedupe.go): the memory record, redelivery suppressed, in-flight
+// 409, and its two calls (claim, finish) under panics, reloads, rotation
+// and a stuck id.
+
 import (
+	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
 )
 
 func TestMemoryRecord(t *testing.T) {
@@ -168,68 +178,273 @@ func TestDedupeInFlightGets409(t *testing.T) {
 	}
 }
 
-// TestDedupeAcrossInstances runs two Caddy processes (the xcaddy-built
-// binary) that share one file-system storage: an event delivered through A
-// and redelivered through B is forwarded once; expired records are purged.
-func TestDedupeAcrossInstances(t *testing.T) {
-	bin := caddyBinary(t)
-	var calls atomic.Int32
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		calls.Add(1)
-		fmt.Fprint(w, "delivered")
-	}))
-	t.Cleanup(up.Close)
-	shared := t.TempDir()
-	start := func() string {
-		port := freePort(t)
+// TestPanicInRouteReleasesDedupe: reverse_proxy panics with
+// http.ErrAbortHandler when its upstream dies mid-response. The request is
+// logged and counted, its id is not left in flight, and the panic goes on.
+func TestPanicInRouteReleasesDedupe(t *testing.T) {
+	h, logs := observedHandler(t, &Handler{Secrets: []string{"s"}, Dedupe: &Dedupe{}})
+	body := event("video.asset.ready", "panic-1", "")
+	aborting := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		w.WriteHeader(http.StatusOK)
+		panic(http.ErrAbortHandler)
+	})
+	var recovered any
+	func() {
+		defer func() { recovered = recover() }()
+		_, _ = serveSigned(h, "s", body, aborting)
+	}()
+	if recovered != http.ErrAbortHandler {
+		t.Fatalf("panic was %v, want http.ErrAbortHandler to go on", recovered)
+	}
+	line := lastLine(logs)
+	if line == nil || line["outcome"] != "verified" || line["id"] != "panic-1" || line["aborted"] != true || line["status"] != int64(200) {
+		t.Fatalf("log line of the aborted request: %v", line)
+	}
+	calls := 0
+	ok := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error { calls++; return nil })
+	if status, err := serveSigned(h, "s", body, ok); status != 200 || err != nil || calls != 1 {
+		t.Fatalf("Mux's retry after the panic: %d %v, route ran %d times; want it delivered", status, err, calls)
+	}
+	if status, _ := serveSigned(h, "s", body, ok); status != 200 || calls != 1 {
+		t.Fatalf("a redelivery after success: %d, route ran %d times; want a duplicate", status, calls)
+	}
+	if lastLine(logs)["outcome"] != "duplicate" {
+		t.Errorf("log: %v", lastLine(logs))
+	}
+}
+
+// TestInFlightIsAnOutcome: the 409 is logged with its reason and counted
+// as in_flight, like every other refusal.
+func TestInFlightIsAnOutcome(t *testing.T) {
+	h, logs := observedHandler(t, &Handler{Secrets: []string{"s"}, Dedupe: &Dedupe{}})
+	body := event("video.asset.ready", "flight-2", "")
+	var inner int
+	var innerErr error
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		inner, innerErr = serveSigned(h, "s", body, nil) // the retry, while this one is in flight
+		return nil
+	})
+	if status, err := serveSigned(h, "s", body, next); status != 200 || err != nil {
+		t.Fatalf("first delivery: %d %v", status, err)
+	}
+	if inner != http.StatusConflict || !errors.Is(innerErr, ErrInFlight) || !strings.Contains(innerErr.Error(), "mux_webhook: in_flight: ") {
+		t.Fatalf("retry in flight: %d %v", inner, innerErr)
+	}
+	lines := logs.FilterMessage("mux webhook").All()
+	if len(lines) != 2 {
+		t.Fatalf("%d log lines", len(lines))
+	}
+	if m := lines[0].ContextMap(); m["outcome"] != "rejected" || m["reason"] != "in_flight" || m["status"] != int64(409) {
+		t.Errorf("409 log line: %v", m)
+	}
+}
+
+// TestDedupeKeysIdsExactly: ids that JSON reads alike are distinct events.
+func TestDedupeKeysIdsExactly(t *testing.T) {
+	h, _ := observedHandler(t, &Handler{Secrets: []string{"s"}, Dedupe: &Dedupe{}})
+	withID := func(raw string) []byte {
+		return []byte(`{"type":"video.asset.ready","id":` + raw + `,"data":{}}`)
+	}
+	pairs := [][2]string{
+		{"\"u\xff\"", "\"u\xfe\""},
+		{`"\ud800"`, `"\udbff"`},
+		{`7`, `"7"`},
+		{`"x"`, `["x"]`},
+	}
+	for _, p := range pairs {
+		calls := 0
+		next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error { calls++; return nil })
+		for _, raw := range p {
+			if status, err := serveSigned(h, "s", withID(raw), next); status != 200 || err != nil {
+				t.Fatalf("id %s: %d %v", raw, status, err)
+			}
+		}
+		if calls != 2 {
+			t.Errorf("ids %q and %q: route ran %d times, want 2 (distinct ids)", p[0], p[1], calls)
+		}
+		if status, _ := serveSigned(h, "s", withID(p[0]), next); status != 200 || calls != 2 {
+			t.Errorf("id %q again: route ran %d times, want a duplicate", p[0], calls)
+		}
+	}
+}
+
+// TestDedupeSurvivesReloadAndRotation: the record of delivered ids is kept
+// across reloads that tune dedupe and across a secret rotation (A, then A
+// and B, then B); another endpoint (secret C) has its own.
+func TestDedupeSurvivesReloadAndRotation(t *testing.T) {
+	up := newUpstream(t, "app")
+	base := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	storage := t.TempDir()
+	load := func(secrets, dedupe string) {
+		t.Helper()
 		cfg := fmt.Sprintf(`{
 	admin off
-	auto_https off
 	persist_config off
+	auto_https off
 	default_bind 127.0.0.1
 	storage file_system %s
 }
-http://127.0.0.1:%d {
-	mux_webhook %s {
-		dedupe {
-			window 3s
-			storage
-		}
+%s {
+	mux_webhook {
+		secret %s
+		dedupe %s
 	}
 	reverse_proxy %s
 }
-`, shared, port, testSecret, strings.TrimPrefix(up.URL, "http://"))
-		out := runCaddyBinary(t, bin, cfg)
-		base := fmt.Sprintf("http://127.0.0.1:%d", port)
-		waitForHTTP(t, base, out)
-		return base
+`, storage, base, secrets, dedupe, up.hostPort())
+		if err := loadCaddyfile(cfg); err != nil {
+			t.Fatalf("load: %v\n%s", err, cfg)
+		}
 	}
-	a, b := start(), start()
+	t.Cleanup(func() { _ = stopCaddy() })
+	body := event("video.asset.ready", "rotate-1", "")
+	deliver := func(secret string) int {
+		t.Helper()
+		status, _, _ := doAfterReload(t, func() *http.Request { return signedRequest(t, base, secret, body, time.Now()) })
+		return status
+	}
+	load("A-secret", "1h")
+	if deliver("A-secret") != 200 || len(up.requests()) != 1 {
+		t.Fatal("first delivery")
+	}
+	steps := []struct{ secrets, dedupe, signWith string }{
+		{"A-secret B-secret", "{\n\t\t\twindow 2h\n\t\t\tmax_entries 500\n\t\t}", "B-secret"},
+		{"B-secret", "", "B-secret"},
+		{"B-secret", "30m", "B-secret"},
+	}
+	for _, s := range steps {
+		load(s.secrets, s.dedupe)
+		if status := deliver(s.signWith); status != 200 || len(up.requests()) != 1 {
+			t.Fatalf("after reload to secrets %q dedupe %q: %d, upstream saw %d requests; want the id remembered",
+				s.secrets, s.dedupe, status, len(up.requests()))
+		}
+	}
+	load("C-secret", "1h")
+	if deliver("C-secret") != 200 || len(up.requests()) != 2 {
+		t.Fatalf("another endpoint's first delivery of the id: upstream saw %d requests, want 2", len(up.requests()))
+	}
+}
 
-	body := event("video.asset.ready", "cluster-1", "")
-	for i, url := range []string{a, b, a} {
-		status, _, got := do(t, signedRequest(t, url, testSecret, body, time.Now()))
-		want := "delivered"
-		if i > 0 {
-			want = ""
+// TestFailedReloadKeepsTheRecord: a reload that fails to load must not
+// shrink (or shorten) what the running config remembers: the record keeps
+// the largest bounds of the configs using it.
+func TestFailedReloadKeepsTheRecord(t *testing.T) {
+	up := newUpstream(t, "app")
+	base := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	storage := t.TempDir()
+	config := func(dedupe, extra string) string {
+		return fmt.Sprintf(`{
+	admin off
+	persist_config off
+	auto_https off
+	default_bind 127.0.0.1
+	storage file_system %s
+}
+%s {
+	mux_webhook %s {
+		dedupe %s
+	}
+	%s
+	reverse_proxy %s
+}
+`, storage, base, testSecret, dedupe, extra, up.hostPort())
+	}
+	if err := loadCaddyfile(config("{\n\t\t\tmax_entries 100\n\t\t}", "")); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stopCaddy() })
+	bodies := make([][]byte, 5)
+	for i := range bodies {
+		bodies[i] = event("video.asset.ready", fmt.Sprintf("keep-%d", i), "")
+		if status, _, _ := do(t, signedRequest(t, base, testSecret, bodies[i], time.Now())); status != 200 {
+			t.Fatalf("delivery %d: %d", i, status)
 		}
-		if status != 200 || got != want {
-			t.Fatalf("delivery %d: %d %q, want 200 %q", i+1, status, got, want)
+	}
+	// A reload with a tiny record that then fails (mux_store with a
+	// relative directory is refused at load).
+	if err := loadCaddyfile(config("{\n\t\t\tmax_entries 1\n\t\t}", "mux_store relative/{http.mux.event.id}.json")); err == nil {
+		t.Fatal("the broken reload loaded")
+	}
+	for i, body := range bodies {
+		if status, _, _ := doAfterReload(t, func() *http.Request { return signedRequest(t, base, testSecret, body, time.Now()) }); status != 200 {
+			t.Fatalf("redelivery %d: %d", i, status)
 		}
 	}
-	if calls.Load() != 1 {
-		t.Fatalf("upstream called %d times across two instances, want 1", calls.Load())
+	if n := len(up.requests()); n != len(bodies) {
+		t.Fatalf("upstream saw %d requests, want %d: the failed reload made the running config forget ids", n, len(bodies))
 	}
-	records, _ := filepath.Glob(filepath.Join(shared, "mux_webhook", "dedupe", "*", "*"))
-	if len(records) != 1 {
-		t.Fatalf("storage holds %d records, want 1: %v", len(records), records)
+}
+
+// TestClaimPanicReleasesTheId: a storage module that panics in the middle
+// of a claim leaves neither the id in flight nor a lock held.
+func TestClaimPanicReleasesTheId(t *testing.T) {
+	h := provisionedHandler(t, &Handler{Secrets: []string{"claim-panic"}, Dedupe: &Dedupe{}})
+	h.dedupe.storage = panickyStorage{}
+	ev := &Event{ID: "p-1", IDRaw: []byte(`"p-1"`)}
+	func() {
+		defer func() { _ = recover() }()
+		h.dedupe.claim(context.Background(), ev)
+		t.Fatal("claim did not panic")
+	}()
+	h.dedupe.storage = nil
+	if c, v := h.dedupe.claim(context.Background(), ev); v != dedupeProceed || c == nil {
+		t.Fatalf("after a panic in claim: verdict %v, want the id free", v)
 	}
-	// After the window, the record is purged and a redelivery is forwarded.
-	waitFor(t, func() bool {
-		r, _ := filepath.Glob(filepath.Join(shared, "mux_webhook", "dedupe", "*", "*"))
-		return len(r) == 0
-	}, func() string { return "expired record was not purged" })
-	if status, _, got := do(t, signedRequest(t, b, testSecret, body, time.Now())); status != 200 || got != "delivered" || calls.Load() != 2 {
-		t.Fatalf("after the window: %d %q, upstream calls %d", status, got, calls.Load())
+}
+
+// panickyStorage panics on every lock.
+type panickyStorage struct{ certmagic.Storage }
+
+func (panickyStorage) Lock(context.Context, string) error { panic("storage module bug") }
+
+// TestPurgeVisitsEveryRecord: with more records than one purge pass
+// visits, the passes go round, so every expired record is deleted.
+func TestPurgeVisitsEveryRecord(t *testing.T) {
+	fs := &certmagic.FileStorage{Path: t.TempDir()}
+	now := time.Unix(1_800_000_000, 0)
+	dd := &deduper{scopes: []string{"s"}, storage: fs, logger: zap.NewNop(), now: func() time.Time { return now }}
+	ctx := context.Background()
+	defer func(n int) { maxPurgePerPass = n }(maxPurgePerPass)
+	maxPurgePerPass = 10
+	const n = 25
+	live, _ := json.Marshal(storedRecord{Expires: now.Add(time.Hour).Unix()})
+	dead, _ := json.Marshal(storedRecord{Expires: now.Add(-time.Hour).Unix()})
+	for i := range n {
+		rec := live
+		if i == n-1 {
+			rec = dead // sorts last
+		}
+		var k idKey
+		k[0], k[1] = byte(i>>8), byte(i)
+		if i == n-1 {
+			k[0], k[1] = 0xff, 0xff
+		}
+		if err := fs.Store(ctx, storageKey("s", k), rec); err != nil {
+			t.Fatal(err)
+		}
+	}
+	purged := 0
+	for range 3 {
+		purged += dd.purge(ctx)
+	}
+	if purged != 1 {
+		t.Fatalf("3 passes of %d purged %d records, want the 1 expired one behind %d live ones", maxPurgePerPass, purged, n-1)
+	}
+}
+
+// TestStuckIdDoesNotBlockExpiry: an id left in flight (its request never
+// finished) does not keep the delivered ids behind it from expiring.
+func TestStuckIdDoesNotBlockExpiry(t *testing.T) {
+	t0 := time.Unix(1_700_000_000, 0)
+	m := newMemoryRecord(10, time.Hour)
+	k := func(id string) idKey { return keyOf(&Event{IDRaw: []byte(`"` + id + `"`)}) }
+	m.begin(k("stuck"), t0)
+	m.begin(k("done"), t0)
+	m.markDelivered(k("done"), t0)
+	if m.begin(k("done"), t0.Add(time.Minute)) != dedupeDuplicate {
+		t.Fatal("a delivered id within the window")
+	}
+	if v := m.begin(k("done"), t0.Add(time.Hour+time.Second)); v != dedupeProceed {
+		t.Fatalf("a delivered id after the window: %v, want it expired despite the stuck id before it", v)
 	}
 }

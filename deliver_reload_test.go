@@ -20,6 +20,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
 )
 
@@ -127,7 +128,7 @@ func TestMuxDeliverStopWaitsOneGrace(t *testing.T) {
 	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "hang-1", ""), time.Now())); status != http.StatusAccepted {
 		t.Fatalf("%d, want 202", status)
 	}
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(started) == len(names)
@@ -137,7 +138,7 @@ func TestMuxDeliverStopWaitsOneGrace(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("stopping %d hanging destinations took %v (grace %v)", len(names), time.Since(begin).Round(time.Millisecond), grace)
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(cancelled) == len(names)
@@ -193,7 +194,7 @@ func TestMuxDeliverFailedReloadKeepsTheLogger(t *testing.T) {
 	if status != http.StatusAccepted {
 		t.Fatalf("%d, want 202", status)
 	}
-	waitFor(t, func() bool { return len(app.requests()) == 1 }, func() string { return "no delivery" })
+	testwait.For(t, func() bool { return len(app.requests()) == 1 }, func() string { return "no delivery" })
 	found := func() bool {
 		for _, l := range g.logLines() {
 			if l["msg"] == "mux webhook delivered" && l["id"] == "logged-1" {
@@ -247,7 +248,7 @@ func TestMuxDeliverFailedReloadKeepsTheAckDeadline(t *testing.T) {
 	if status != http.StatusAccepted {
 		t.Fatalf("%d, want 202", status)
 	}
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return got["slow-1"] > 0
@@ -315,7 +316,7 @@ func TestMuxDeliverPoolsCountRight(t *testing.T) {
 	if status != http.StatusAccepted {
 		t.Fatalf("%d, want 202", status)
 	}
-	waitFor(t, func() bool { return len(steady.requests()) == 1 && len(changing.requests()) == 1 },
+	testwait.For(t, func() bool { return len(steady.requests()) == 1 && len(changing.requests()) == 1 },
 		func() string {
 			return fmt.Sprintf("steady %d, changing %d", len(steady.requests()), len(changing.requests()))
 		})
@@ -348,13 +349,13 @@ func TestMuxDeliverWarnsOfOrphans(t *testing.T) {
 	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "orphan-1", ""), time.Now())); status != http.StatusAccepted {
 		t.Fatalf("%d, want 202", status)
 	}
-	waitFor(t, func() bool { return len(app.requests()) == 1 }, func() string { return "no delivery to app" })
+	testwait.For(t, func() bool { return len(app.requests()) == 1 }, func() string { return "no delivery to app" })
 	without := strings.Replace(strings.Replace(cfg, "\n"+goneLine, "", 1), "mux_deliver app gone", "mux_deliver app", 1)
 	if err := loadCaddyfile(without); err != nil {
 		t.Fatal(err)
 	}
 	var warned map[string]any
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		for _, l := range g.logLines() {
 			if strings.HasPrefix(fmt.Sprint(l["msg"]), "mux_webhook: events are queued for a destination that is no longer configured") {
 				warned = l
@@ -384,5 +385,67 @@ func rolledBackReloads(t *testing.T, cfg string, n int) {
 		if err := loadCaddyfile(failing); err == nil {
 			t.Fatalf("reload %d on a busy port succeeded", i+1)
 		}
+	}
+}
+
+// TestQueueDirSpellingsShareTheStore: reloads switching the queue's dir
+// between D, D/ and a symlink to D while events flow all load (one store:
+// a second one on D would be refused, the directory is locked), and every
+// event answered 202 is delivered once.
+func TestQueueDirSpellingsShareTheStore(t *testing.T) {
+	app := newUpstream(t, "app")
+	base := t.TempDir()
+	dir := filepath.Join(base, "js")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(base, "link")
+	if err := os.Symlink(dir, link); err != nil {
+		t.Fatal(err)
+	}
+	site := fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret)
+	dest := fmt.Sprintf("\t\tdestination app %s {\n\t\t\tretry 50ms\n\t\t}", app.URL)
+	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(dir, dest), site)
+	g.load(cfg)
+	spellings := []string{dir + "/", link, dir, link + "/", filepath.Join(base, ".", "js")}
+
+	accepted := sendDuringReloads(t, g.url, "spelling-", 150, 30*time.Second)
+	for i := range 10 {
+		spelled := strings.Replace(cfg, deliverGlobal(dir, dest), deliverGlobal(spellings[i%len(spellings)], dest), 1)
+		if err := loadCaddyfile(spelled); err != nil {
+			t.Fatalf("reload %d to dir %s: %v", i+1, spellings[i%len(spellings)], err)
+		}
+		time.Sleep(60 * time.Millisecond)
+	}
+	ids := accepted()
+	if len(ids) < 50 {
+		t.Fatalf("only %d events were accepted during the reloads", len(ids))
+	}
+	count := func() map[string]int {
+		got := map[string]int{}
+		for _, r := range app.requests() {
+			got[r.Header.Get("Idempotency-Key")]++
+		}
+		return got
+	}
+	testwait.For(t, func() bool {
+		got := count()
+		for _, id := range ids {
+			if got[id] == 0 {
+				return false
+			}
+		}
+		return true
+	}, func() string { return fmt.Sprintf("of %d accepted, %d delivered", len(ids), len(count())) })
+	time.Sleep(300 * time.Millisecond)
+	repeated := 0
+	for _, n := range count() {
+		if n > 1 {
+			repeated++
+		}
+	}
+	t.Logf("%d events accepted across 10 reloads of the dir's spelling; %d delivered more than once", len(ids), repeated)
+	if repeated > 0 {
+		t.Errorf("%d events delivered more than once", repeated)
 	}
 }

@@ -1,12 +1,14 @@
 package muxwebhook
 
+// The mux_deliver handler and its workers through an in-process Caddy:
+// fan-out, a full queue, slow and failing backends, dead letters through
+// the CLI, reloads while events flow, Idempotency-Key.
+
 import (
+	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -14,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
@@ -51,7 +54,7 @@ func TestMuxDeliverFanOut(t *testing.T) {
 	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, live, time.Now())); status != http.StatusAccepted {
 		t.Fatalf("live event: %d", status)
 	}
-	waitFor(t, func() bool { return len(assets.requests()) >= 1 && len(analytics.requests()) >= 2 }, func() string {
+	testwait.For(t, func() bool { return len(assets.requests()) >= 1 && len(analytics.requests()) >= 2 }, func() string {
 		return fmt.Sprintf("assets got %d, analytics %d", len(assets.requests()), len(analytics.requests()))
 	})
 	time.Sleep(300 * time.Millisecond) // nothing more arrives
@@ -83,31 +86,6 @@ func TestMuxDeliverFanOut(t *testing.T) {
 	a := analytics.requests()[0]
 	if sig, err := ParseSignature(a.Header.Get(SignatureHeader)); err != nil || NewVerifier([][]byte{[]byte(testSecret)}).Check(sig, a.Body, time.Now(), time.Minute) != nil {
 		t.Errorf("analytics: signature %q is not Mux's", a.Header.Get(SignatureHeader))
-	}
-}
-
-// TestMuxDeliverConfigErrors: an unknown destination is a load error; so
-// is a bad destination.
-func TestMuxDeliverConfigErrors(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "js")
-	cases := []struct{ global, site, want string }{
-		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1"), "mux_webhook s\n\tmux_deliver nope", `unknown destination "nope"`},
-		{"", "mux_webhook s\n\tmux_deliver app", `unknown destination "app"`},
-		{deliverGlobal(dir, "\t\tdestination app ftp://x"), "mux_webhook s\n\tmux_deliver app", "must start with http://"},
-		{deliverGlobal(dir, "\t\tdestination a.b http://127.0.0.1:1"), "mux_webhook s\n\tmux_deliver a.b", "destination name"},
-		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\theader Authorization \"Bearer {env.MUX_TEST_UNSET_TOKEN}\"\n\t\t}"), "mux_webhook s\n\tmux_deliver app", "header Authorization: a placeholder in it is unset or empty"},
-	}
-	for _, c := range cases {
-		cfg, _ := gatewayConfigWith(t, "off", c.global, c.site)
-		err := loadCaddyfile(cfg)
-		if err == nil {
-			_ = stopCaddy()
-			t.Errorf("%q loaded", c.site)
-			continue
-		}
-		if !strings.Contains(err.Error(), c.want) {
-			t.Errorf("%q: %v, want %q", c.site, err, c.want)
-		}
 	}
 }
 
@@ -145,7 +123,7 @@ func TestQueueDeadLettersAndCLI(t *testing.T) {
 		}
 	}
 	var status []QueueStatus
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		status = nil
 		getJSON(t, g.admin+"/mux-webhook/queue", &status)
 		return len(status) == 1 && status[0].Dead == 2
@@ -154,7 +132,7 @@ func TestQueueDeadLettersAndCLI(t *testing.T) {
 		t.Errorf("status: %+v", s)
 	}
 	var m map[string]float64
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		m = scrape(t, g.admin)
 		return m[`caddy_mux_webhook_queue_dead{destination="app"}`] == 2
 	}, func() string { return fmt.Sprintf("metrics: %v", m) })
@@ -179,7 +157,7 @@ func TestQueueDeadLettersAndCLI(t *testing.T) {
 	if out, err := runCommand(t, "", "queue", "redeliver", "app", "dl-1", "--address", admin); err != nil || !strings.Contains(out, "redelivered 1") {
 		t.Fatalf("queue redeliver: %v\n%s", err, out)
 	}
-	waitFor(t, func() bool { return got.Load() == 1 }, func() string { return "the redelivered event never arrived" })
+	testwait.For(t, func() bool { return got.Load() == 1 }, func() string { return "the redelivered event never arrived" })
 	if out, err := runCommand(t, "", "queue", "--address", admin); err != nil || !strings.Contains(out, "app") {
 		t.Fatalf("queue: %v\n%s", err, out)
 	}
@@ -239,7 +217,7 @@ func TestMuxDeliverQueueFull(t *testing.T) {
 		t.Errorf(`enqueue_failures_total{destination="app",reason="full"} grew by %v, want 1`, d)
 	}
 	up.Store(true)
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		for _, id := range accepted {
@@ -321,7 +299,7 @@ func TestMuxDeliverBackendDownThenUp(t *testing.T) {
 			t.Fatalf("%s: %d, want 202", id, status)
 		}
 	}
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(delivered) == len(ids)
@@ -338,7 +316,7 @@ func TestMuxDeliverBackendDownThenUp(t *testing.T) {
 	}
 	mu.Unlock()
 	var m map[string]float64
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		m = scrape(t, g.admin)
 		return m[`caddy_mux_webhook_deliveries_total{destination="app",result="delivered"}`]-before[`caddy_mux_webhook_deliveries_total{destination="app",result="delivered"}`] == 3
 	}, func() string { return fmt.Sprintf("metrics: %v", m) })
@@ -360,55 +338,6 @@ func TestMuxDeliverBackendDownThenUp(t *testing.T) {
 	getJSON(t, g.admin+"/mux-webhook/queue", &status)
 	if len(status) != 1 || status[0].Delivered != 3 || status[0].Pending != 0 || status[0].Dead != 0 {
 		t.Errorf("queue status: %+v", status)
-	}
-}
-
-// TestMuxDeliverSignVerifiedByBackend: a backend that verifies with the
-// destination's secret using our own `caddy mux-webhook verify` accepts
-// what sign produced; a destination signing with another secret is
-// refused by it, retried and ends a dead letter.
-func TestMuxDeliverSignVerifiedByBackend(t *testing.T) {
-	bin := caddyBinary(t)
-	const destSecret = "backend-only-secret"
-	tmp := t.TempDir()
-	var verified, refused atomic.Int32
-	var n atomic.Int32
-	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		file := filepath.Join(tmp, fmt.Sprint("body-", n.Add(1)))
-		if err := os.WriteFile(file, body, 0o600); err != nil {
-			w.WriteHeader(http.StatusInternalServerError)
-			return
-		}
-		cmd := exec.Command(bin, "mux-webhook", "verify", "--secret", destSecret, "--header", r.Header.Get(SignatureHeader), file)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Logf("verify refused %s: %v: %s", r.Header.Get("Mux-Webhook-Destination"), err, out)
-			refused.Add(1)
-			w.WriteHeader(http.StatusUnauthorized)
-			return
-		}
-		verified.Add(1)
-	}))
-	t.Cleanup(backend.Close)
-	dir := filepath.Join(t.TempDir(), "js")
-	g := startGatewayWithAdmin(t, deliverGlobal(dir,
-		fmt.Sprintf("\t\tdestination good %s {\n\t\t\tsign %s\n\t\t}", backend.URL, destSecret),
-		fmt.Sprintf("\t\tdestination wrong %s {\n\t\t\tsign some-other-secret\n\t\t\tretry 20ms\n\t\t\tmax_attempts 2\n\t\t}", backend.URL),
-	), fmt.Sprintf("mux_webhook %s\n\tmux_deliver good wrong", testSecret))
-	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "signed-1", ""), time.Now())); status != http.StatusAccepted {
-		t.Fatalf("%d, want 202", status)
-	}
-	var status []QueueStatus
-	waitFor(t, func() bool {
-		status = nil
-		getJSON(t, g.admin+"/mux-webhook/queue", &status)
-		return len(status) == 2 && status[0].Delivered == 1 && status[1].Dead == 1
-	}, func() string { return fmt.Sprintf("queue status: %+v", status) })
-	if verified.Load() != 1 || refused.Load() != 2 {
-		t.Errorf("the backend verified %d and refused %d attempts; want 1 and 2", verified.Load(), refused.Load())
-	}
-	if status[1].LastError != "wrong answered 401" {
-		t.Errorf("wrong's last error: %q", status[1].LastError)
 	}
 }
 
@@ -456,7 +385,7 @@ func TestMuxDeliverReloadsWhileEventsFlow(t *testing.T) {
 		}
 		return got
 	}
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		s, c := count(steady), count(changing)
 		for _, id := range ids {
 			if s[id] == 0 || c[id] == 0 {
@@ -568,5 +497,37 @@ func sendDuringReloads(t *testing.T, url, prefix string, n int, limit time.Durat
 		mu.Lock()
 		defer mu.Unlock()
 		return append([]string(nil), ids...)
+	}
+}
+
+// TestDeliverIdempotencyKeyEncoded: event ids holding control characters
+// are delivered on the first attempt, with the README's encoded keys
+// ("a\u0001b" → pct:a%01b, "a\nb" → pct:a%0Ab); a plain id is its own key.
+func TestDeliverIdempotencyKeyEncoded(t *testing.T) {
+	app := newUpstream(t, "app")
+	dir := filepath.Join(t.TempDir(), "js")
+	g := startGatewayWithAdmin(t, deliverGlobal(dir, fmt.Sprintf("\t\tdestination app %s {\n\t\t\tretry 20ms\n\t\t}", app.URL)),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	want := map[string]string{"a\u0001b": "pct:a%01b", "a\nb": "pct:a%0Ab", "plain-1": "plain-1"}
+	for id := range want {
+		idJSON, _ := json.Marshal(id)
+		body := []byte(fmt.Sprintf(`{"type":"video.asset.ready","id":%s,"data":{}}`, idJSON))
+		if status, _, got := do(t, signedRequest(t, g.url, testSecret, body, time.Now())); status != http.StatusAccepted {
+			t.Fatalf("id %q: %d %s", id, status, got)
+		}
+	}
+	testwait.For(t, func() bool { return len(app.requests()) >= len(want) }, func() string { return fmt.Sprintf("app got %d", len(app.requests())) })
+	time.Sleep(200 * time.Millisecond)
+	keys := map[string]int{}
+	for _, r := range app.requests() {
+		keys[r.Header.Get("Idempotency-Key")]++
+		if a := r.Header.Get("Mux-Webhook-Attempt"); a != "1" {
+			t.Errorf("key %q: attempt %s, want 1", r.Header.Get("Idempotency-Key"), a)
+		}
+	}
+	for id, key := range want {
+		if keys[key] != 1 {
+			t.Errorf("id %q: key %q received %d times; received %v", id, key, keys[key], keys)
+		}
 	}
 }

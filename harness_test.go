@@ -21,7 +21,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // gateway is a running in-process Caddy.
@@ -277,21 +282,62 @@ func event(typ, id string, data string) []byte {
 
 func stopCaddy() error { return caddy.Stop() }
 
-// waitFor is the tests' one polling helper: it checks cond every 50 ms
-// until it holds, for at most 10 s, then fails the test with describe().
+// waitFor and waitForLong: testwait.For and testwait.Until, for the
+// callers not yet moved to them.
 func waitFor(t *testing.T, cond func() bool, describe func() string) {
 	t.Helper()
-	waitForLong(t, 10*time.Second, cond, describe)
+	testwait.For(t, cond, describe)
 }
 
-// waitForLong is waitFor with a limit of its own.
 func waitForLong(t *testing.T, limit time.Duration, cond func() bool, describe func() string) {
 	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s; output so far:\n%s", limit, describe())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testwait.Until(t, limit, cond, describe)
 }
+
+const demoSecret = "dev-only-secret-DO-NOT-USE-IN-PRODUCTION"
+
+// sendQueued sends one event to g and waits until app has had `deliveries`
+// deliveries in all.
+func sendQueued(t *testing.T, g *gateway, app *upstream, id string, deliveries int) {
+	t.Helper()
+	status, _, _ := doAfterReload(t, func() *http.Request {
+		return signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now())
+	})
+	if status != http.StatusAccepted {
+		t.Fatalf("%s: %d, want 202", id, status)
+	}
+	testwait.For(t, func() bool { return len(app.requests()) == deliveries },
+		func() string { return fmt.Sprintf("%d deliveries, want %d", len(app.requests()), deliveries) })
+}
+
+// observedHandler is a provisioned handler whose log lines the test reads.
+func observedHandler(t *testing.T, h *Handler) (*Handler, *observer.ObservedLogs) {
+	t.Helper()
+	h = provisionedHandler(t, h)
+	core, logs := observer.New(zapcore.DebugLevel)
+	h.logger = zap.New(core)
+	if h.dedupe != nil {
+		h.dedupe.logger = h.logger
+	}
+	return h, logs
+}
+
+// serveSigned runs body, signed with secret, through h with next.
+func serveSigned(h *Handler, secret string, body []byte, next caddyhttp.Handler) (int, error) {
+	w := newRecorder()
+	err := h.ServeHTTP(w, benchRequest(body, Sign([]byte(secret), body, time.Now())), next)
+	if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok {
+		return he.StatusCode, err
+	}
+	return w.Code, err
+}
+
+func lastLine(logs *observer.ObservedLogs) map[string]any {
+	all := logs.FilterMessage("mux webhook").All()
+	if len(all) == 0 {
+		return nil
+	}
+	return all[len(all)-1].ContextMap()
+}
+
+const testSecret = "whsec-test-0123456789abcdef"

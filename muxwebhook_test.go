@@ -4,13 +4,11 @@ package muxwebhook
 // tests run it inside a real Caddy).
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -44,102 +42,6 @@ func TestProvisionDefaults(t *testing.T) {
 	}
 	if err := (&Handler{Secrets: []string{"s"}, Tolerance: -1}).Validate(); err == nil {
 		t.Error("negative tolerance accepted")
-	}
-}
-
-// TestSmallRequestDoesNotAllocateLimit: memory per request follows the
-// body, not max_body, for known and unknown (chunked) lengths.
-func TestSmallRequestDoesNotAllocateLimit(t *testing.T) {
-	h := provisionedHandler(t, &Handler{Secrets: []string{"s"}, MaxBody: MaxMaxBody})
-	body := event("video.asset.ready", "m1", "")
-	header := Sign([]byte("s"), body, time.Now())
-	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-		_, err := io.Copy(io.Discard, r.Body)
-		return err
-	})
-	for _, chunked := range []bool{false, true} {
-		var before, after runtime.MemStats
-		const n = 20
-		reqs := make([]*http.Request, n)
-		for i := range reqs {
-			reqs[i] = benchRequest(body, header)
-			if chunked {
-				reqs[i].ContentLength = -1
-			}
-		}
-		runtime.GC()
-		runtime.ReadMemStats(&before)
-		for _, r := range reqs {
-			if err := h.ServeHTTP(newRecorder(), r, next); err != nil {
-				t.Fatal(err)
-			}
-		}
-		runtime.ReadMemStats(&after)
-		perRequest := (after.TotalAlloc - before.TotalAlloc) / n
-		if limit := uint64(len(body)) + 8<<10; perRequest > limit {
-			t.Errorf("chunked=%v: %d bytes allocated per request, want <= body + 8 KiB = %d", chunked, perRequest, limit)
-		}
-	}
-}
-
-func TestReadBodyLimits(t *testing.T) {
-	h := provisionedHandler(t, &Handler{Secrets: []string{"s"}, MaxBody: 10})
-	tests := []struct {
-		body    string
-		length  int64
-		wantErr error
-	}{
-		{"0123456789", 10, nil},
-		{"0123456789", -1, nil},
-		{"0123456789A", 11, ErrTooLarge},
-		{"0123456789A", -1, ErrTooLarge},
-		{"", 0, nil},
-	}
-	for _, tt := range tests {
-		r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader(tt.body))
-		r.ContentLength = tt.length
-		got, err := h.readBody(newRecorder(), r)
-		if !errors.Is(err, tt.wantErr) {
-			t.Errorf("%q (length %d): err = %v, want %v", tt.body, tt.length, err, tt.wantErr)
-		}
-		if err == nil && string(got) != tt.body {
-			t.Errorf("%q: read %q", tt.body, got)
-		}
-	}
-	// A body cut short by the client is a read error (400), not a size error.
-	r := httptest.NewRequest(http.MethodPost, "/", io.LimitReader(strings.NewReader("0123456789"), 4))
-	r.ContentLength = 10
-	if _, err := h.readBody(newRecorder(), r); !errors.Is(err, ErrReadBody) {
-		t.Errorf("short body: err = %v, want ErrReadBody", err)
-	}
-	// request_body's limit earlier in the route counts as too large.
-	r = httptest.NewRequest(http.MethodPost, "/", nil)
-	r.Body = http.MaxBytesReader(httptest.NewRecorder(), io.NopCloser(strings.NewReader("0123456789")), 5)
-	r.ContentLength = -1
-	if _, err := h.readBody(newRecorder(), r); !errors.Is(err, ErrTooLarge) {
-		t.Errorf("MaxBytesReader: err = %v, want ErrTooLarge", err)
-	}
-}
-
-func TestRestoreBody(t *testing.T) {
-	r := httptest.NewRequest(http.MethodPost, "/", nil)
-	r.TransferEncoding = []string{"chunked"}
-	r.Header.Set("Transfer-Encoding", "chunked")
-	r.ContentLength = -1
-	body := []byte(`{"type":"x"}`)
-	restoreBody(r, body)
-	for range 2 { // the body, then GetBody's copy
-		got, _ := io.ReadAll(r.Body)
-		if !bytes.Equal(got, body) {
-			t.Fatalf("body %q", got)
-		}
-		var err error
-		if r.Body, err = r.GetBody(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if r.ContentLength != int64(len(body)) || r.TransferEncoding != nil || r.Header.Get("Transfer-Encoding") != "" {
-		t.Errorf("ContentLength %d, TransferEncoding %v", r.ContentLength, r.TransferEncoding)
 	}
 }
 

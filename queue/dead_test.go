@@ -14,6 +14,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // putDead stores a dead letter of dest as bury does, under subject (the
@@ -322,5 +325,145 @@ func TestDeadListingBoundedByContext(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second): // far past the 1s deadline: it ignores its context
 		t.Fatal("listing with NATS gone did not end with its context")
+	}
+}
+
+// TestBuriedCopyWhoseTermFailedIsNotAttemptedAgain: a copy's last
+// attempt (its next retry would be past max_age) is in flight when its
+// consumer is deleted by hand; the workers make the consumer again, and
+// the attempt fails. The copy is kept as a dead letter, but its Term
+// settles nothing (the consumer it came from is gone), so the new
+// consumer delivers it again, before max_age. It must be buried again
+// (kept once) without another POST: without, the backend saw a POST
+// after the copy became a dead letter (which, answered 2xx, would leave
+// an event both delivered and a dead letter).
+func TestBuriedCopyWhoseTermFailedIsNotAttemptedAgain(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	rs := &restarts{}
+	release := make(chan struct{})
+	b := newBackend(t, func(n int) int {
+		if n == 1 {
+			<-release // the attempt in flight while its consumer goes
+		}
+		return http.StatusInternalServerError
+	})
+	defer func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	}()
+	log := &attemptLog{}
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, MaxAge: time.Hour, Retry: []time.Duration{2 * time.Hour}, Concurrency: 1,
+		Timeout: 3 * time.Second, OnRestart: rs.on}, log.add)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	put(t, s, "app", "last", []byte(`{"id":"last"}`))
+	posts := func() int { r, _ := b.requests(); return len(r) }
+	waitUntil(t, "the attempt in flight", func() bool { return posts() == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.js.DeleteConsumer(ctx, s.cfg.Stream, "deliver_app"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the consumer made again", func() bool { return rs.recovered() > 0 })
+	close(release)
+	waitUntil(t, "the copy buried again, without a POST", func() bool {
+		return log.count(func(a Attempt) bool { return a.Result == "dead" }) >= 2 || posts() > 1
+	})
+	if n := posts(); n != 1 {
+		t.Errorf("the backend saw %d POSTs; want 1 (the copy was a dead letter after it)", n)
+	}
+	if dead := deadIDs(t, s, "app"); len(dead) != 1 {
+		t.Errorf("dead letters: %v; want one", dead)
+	}
+	waitUntil(t, "the copy settled", func() bool {
+		st, err := s.Status(context.Background(), "app")
+		return err == nil && st.Pending+st.InFlight == 0
+	})
+}
+
+// TestSharedDeadStreamNeverLowered: on external NATS the dead letters'
+// stream, <stream>_DEAD, is shared like the main stream: a gateway
+// opened (or reloaded) with a smaller dead_max_bytes or dedupe_window
+// keeps the running stream's (a WARN names dead_max_bytes); a larger
+// one raises it. (Without: the last gateway to open or reload wins,
+// e.g. a gateway started without `replicas 3` scales the dead letters
+// down to one copy.)
+func TestSharedDeadStreamNeverLowered(t *testing.T) {
+	url := natsOnLoopback(t)
+	a := openTest(t, Config{URLs: []string{url}, DeadMaxBytes: 64 << 20, DedupeWindow: 24 * time.Hour})
+	defer a.Close()
+	dead := func() (int64, time.Duration) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		st, err := a.js.Stream(ctx, DeadStream(a.cfg.Stream))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := st.CachedInfo().Config
+		return c.MaxBytes, c.Duplicates
+	}
+	core, logs := observer.New(zapcore.WarnLevel)
+	b := openTest(t, Config{URLs: []string{url}, DeadMaxBytes: 8 << 20, DedupeWindow: time.Minute, Logger: zap.New(core)})
+	defer b.Close()
+	if mb, dw := dead(); mb != 64<<20 || dw != 24*time.Hour {
+		t.Errorf("after a gateway with smaller settings opened: %s has max_bytes %d, duplicates %s; want 64MiB, 24h (kept)", DeadStream(a.cfg.Stream), mb, dw)
+	}
+	if logs.FilterMessageSnippet("dead_max_bytes").Len() == 0 {
+		t.Errorf("the gateway with the smaller dead_max_bytes logged %v; want a WARN naming dead_max_bytes", logs.All())
+	}
+	// A reload of that gateway, still lower: kept too.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := b.Reconfigure(ctx, Config{URLs: []string{url}, DeadMaxBytes: 16 << 20, DedupeWindow: 2 * time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	if mb, dw := dead(); mb != 64<<20 || dw != 24*time.Hour {
+		t.Errorf("after its reload with smaller settings: max_bytes %d, duplicates %s; want 64MiB, 24h (kept)", mb, dw)
+	}
+	// Higher: raised.
+	if err := b.Reconfigure(ctx, Config{URLs: []string{url}, DeadMaxBytes: 128 << 20, DedupeWindow: 2 * time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	if mb, _ := dead(); mb != 128<<20 {
+		t.Errorf("after a reload with a larger dead_max_bytes: %d; want 128MiB (raised)", mb)
+	}
+}
+
+// TestReconfigureDeadMaxBytesGuarded: a reload's dead_max_bytes is
+// written under the lock that bury's reading of the config takes (run
+// with -race: without, a data race).
+func TestReconfigureDeadMaxBytesGuarded(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, Config{Dir: dir})
+	defer s.Close()
+	done := make(chan struct{})
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		for {
+			select {
+			case <-done:
+				return
+			default:
+				_ = s.config().DeadMaxBytes // as bury does
+			}
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := s.Reconfigure(ctx, Config{Dir: dir, DeadMaxBytes: 32 << 20})
+	close(done)
+	<-read
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.config().DeadMaxBytes; got != 32<<20 {
+		t.Errorf("dead_max_bytes after the reload: %d, want 32MiB", got)
 	}
 }

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package muxwebhook
 
 // Rows of the README's "When things fail" table, each against a real Caddy
@@ -7,7 +9,6 @@ package muxwebhook
 
 import (
 	"bufio"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -18,79 +19,16 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 )
-
-// binaryGateway is a Caddy process running one site.
-type binaryGateway struct {
-	base, admin string
-	out         *syncBuffer
-}
-
-// startBinaryGateway runs the built binary with the admin API on a free
-// port, JSON logs on its output and the given global options and site.
-func startBinaryGateway(t *testing.T, storage, global, site string) *binaryGateway {
-	t.Helper()
-	bin := caddyBinary(t)
-	port, adminPort := freePort(t), freePort(t)
-	if storage == "" {
-		storage = t.TempDir()
-	}
-	cfg := fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	auto_https off
-	persist_config off
-	default_bind 127.0.0.1
-	storage file_system %s
-	log {
-		format json
-	}
-%s
-}
-
-http://127.0.0.1:%d {
-%s
-}
-`, adminPort, storage, global, port, site)
-	g := &binaryGateway{
-		base:  fmt.Sprintf("http://127.0.0.1:%d", port),
-		admin: fmt.Sprintf("http://127.0.0.1:%d", adminPort),
-	}
-	g.out = runCaddyBinary(t, bin, cfg)
-	waitForHTTP(t, g.admin+"/config", g.out)
-	return g
-}
-
-// logLines returns the process's JSON log lines with the given message.
-func (g *binaryGateway) logLines(msg string) []map[string]any {
-	var out []map[string]any
-	sc := bufio.NewScanner(strings.NewReader(g.out.String()))
-	sc.Buffer(make([]byte, 0, 64<<10), 4<<20)
-	for sc.Scan() {
-		var m map[string]any
-		if json.Unmarshal(sc.Bytes(), &m) == nil && m["msg"] == msg {
-			out = append(out, m)
-		}
-	}
-	return out
-}
-
-// heapAlloc reads the process's live heap from the admin API's expvars.
-func (g *binaryGateway) heapAlloc(t *testing.T) uint64 {
-	t.Helper()
-	var vars struct {
-		Memstats struct{ HeapAlloc uint64 } `json:"memstats"`
-	}
-	if status := getJSON(t, g.admin+"/debug/vars", &vars); status != 200 {
-		t.Fatalf("/debug/vars: %d", status)
-	}
-	return vars.Memstats.HeapAlloc
-}
 
 // TestFaultUpstreamDiesMidResponse: with dedupe, the upstream dies after
 // sending its headers, reverse_proxy aborts the response (a panic with
 // http.ErrAbortHandler). The request is logged and counted, the id is not
 // left in flight: Mux's retry is delivered, the next one is a duplicate.
 func TestFaultUpstreamDiesMidResponse(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	var calls atomic.Int32
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if calls.Add(1) == 1 {
@@ -151,7 +89,7 @@ func TestFaultUpstreamDiesMidResponse(t *testing.T) {
 		}
 		return aborted == 1
 	}
-	waitFor(t, count, func() string {
+	testwait.For(t, count, func() string {
 		return fmt.Sprintf("log lines: %d aborted, want 1\n%s", aborted, g.out.String())
 	})
 	if others != 0 {
@@ -169,6 +107,7 @@ func TestFaultUpstreamDiesMidResponse(t *testing.T) {
 // arrived, not the claims (before the fix: 200 MiB); then each is cut at
 // body_timeout with 408, and genuine events still flow.
 func TestFaultClaimedContentLength(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	up := newUpstream(t, "app")
 	g := startBinaryGateway(t, "", "", fmt.Sprintf(`
 	mux_webhook %s {
@@ -280,7 +219,7 @@ trickle:
 	if n := len(up.requests()); n != 0 {
 		t.Fatalf("upstream got %d requests", n)
 	}
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		for _, l := range g.logLines("mux webhook") {
 			if l["reason"] == "body_timeout" && l["status"] == float64(408) && l["level"] == "warn" {
 				return true
@@ -288,84 +227,4 @@ trickle:
 		}
 		return false
 	}, func() string { return "no WARN log line with reason body_timeout:\n" + g.out.String() })
-}
-
-// TestFaultDedupeRaceAcrossInstances: two Caddy processes share storage
-// with `dedupe { storage }`; each of many ids arrives at both at once,
-// twice each. The route runs once per id; the others get 409 (Mux
-// retries them, then gets 200).
-func TestFaultDedupeRaceAcrossInstances(t *testing.T) {
-	var mu sync.Mutex
-	seen := map[string]int{}
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		b, _ := io.ReadAll(r.Body)
-		ev, err := DecodeEvent(b)
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		mu.Lock()
-		seen[ev.ID]++
-		mu.Unlock()
-		time.Sleep(50 * time.Millisecond) // a real backend takes a while
-		fmt.Fprint(w, "delivered")
-	}))
-	t.Cleanup(up.Close)
-	shared := t.TempDir()
-	site := fmt.Sprintf(`
-	mux_webhook %s {
-		dedupe {
-			storage
-		}
-	}
-	reverse_proxy %s`, testSecret, strings.TrimPrefix(up.URL, "http://"))
-	a := startBinaryGateway(t, shared, "", site)
-	b := startBinaryGateway(t, shared, "", site)
-
-	const ids, copies = 20, 2 // per instance
-	client := &http.Client{Timeout: 15 * time.Second}
-	var wg sync.WaitGroup
-	var answered sync.Map // id -> got a 2xx
-	var conflicts atomic.Int32
-	for i := range ids {
-		id := fmt.Sprintf("race-%d", i)
-		body := event("video.asset.ready", id, "")
-		for _, base := range []string{a.base, b.base, a.base, b.base}[:copies*2] {
-			wg.Go(func() {
-				// Mux's retries: until a 2xx, at most 20 attempts.
-				for range 20 {
-					resp, err := client.Do(signedRequest(t, base, testSecret, body, time.Now()))
-					if err != nil {
-						t.Error(err)
-						return
-					}
-					resp.Body.Close()
-					if resp.StatusCode == 200 {
-						answered.Store(id, true)
-						return
-					}
-					if resp.StatusCode != http.StatusConflict {
-						t.Errorf("%s: %d", id, resp.StatusCode)
-						return
-					}
-					conflicts.Add(1)
-					time.Sleep(100 * time.Millisecond)
-				}
-				t.Errorf("%s: no 2xx after 20 attempts", id)
-			})
-		}
-	}
-	wg.Wait()
-	mu.Lock()
-	defer mu.Unlock()
-	for i := range ids {
-		id := fmt.Sprintf("race-%d", i)
-		if seen[id] != 1 {
-			t.Errorf("%s reached the upstream %d times, want once", id, seen[id])
-		}
-		if _, ok := answered.Load(id); !ok {
-			t.Errorf("%s was never answered 2xx", id)
-		}
-	}
-	t.Logf("%d ids × %d concurrent deliveries: %d answered 409 and retried", ids, copies*2, conflicts.Load())
 }

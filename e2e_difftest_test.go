@@ -1,3 +1,5 @@
+//go:build e2e
+
 package muxwebhook
 
 // Differential test against the official verifier: difftest/sdk-verdicts.js
@@ -37,6 +39,7 @@ type sdkCase struct {
 }
 
 func TestDifferentialAgainstSDK(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	node, err := exec.LookPath("node")
 	if err == nil {
 		_, err = os.Stat("node_modules/@mux/mux-node/package.json")

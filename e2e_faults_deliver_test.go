@@ -1,3 +1,5 @@
+//go:build e2e
+
 package muxwebhook
 
 // The delivery queue's rows of the README's "When things fail", against the
@@ -17,10 +19,10 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -34,6 +36,7 @@ import (
 // was being attempted when Caddy died comes back after the destination's
 // timeout.
 func TestFaultKilledWhileDelivering(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	bin := caddyBinary(t)
 	var up atomic.Bool
 	var attempts atomic.Int32
@@ -91,7 +94,7 @@ http://127.0.0.1:%d {
 			t.Fatalf("event %d: %d, want 202", i, status)
 		}
 	}
-	waitFor(t, func() bool { return attempts.Load() >= n }, func() string { return "the backend saw no attempts" })
+	testwait.For(t, func() bool { return attempts.Load() >= n }, func() string { return "the backend saw no attempts" })
 	if err := first.Process.Kill(); err != nil { // SIGKILL: no graceful stop
 		t.Fatal(err)
 	}
@@ -126,86 +129,6 @@ http://127.0.0.1:%d {
 	t.Logf("%d events: all delivered after SIGKILL and restart, %d delivered more than once, %d attempts in all", n, repeats, attempts.Load())
 }
 
-// startProcess starts bin with args, its output in out, killed when the
-// test ends (or the test process dies).
-func startProcess(t *testing.T, bin string, args ...string) (*exec.Cmd, *syncBuffer) {
-	t.Helper()
-	cmd := exec.Command(bin, args...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	out := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	return cmd, out
-}
-
-// natsServer runs the nats-server binary (.ci/run installs it) with
-// JetStream on 127.0.0.1 until the test ends, and returns its URL and
-// process.
-func natsServer(t *testing.T) (string, *exec.Cmd) {
-	t.Helper()
-	port := freePort(t)
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	dir := t.TempDir()
-	cmd := natsServerWithConfig(t, dir, addr, fmt.Sprintf("listen: %s\njetstream { store_dir: %q }\n", addr, filepath.Join(dir, "store")))
-	return "nats://" + addr, cmd
-}
-
-// natsServerWithConfig runs nats-server with the config text (written to
-// a file in dir) until the test ends; addr is where the config listens.
-// The config's max_payload is 2MB, as the README asks of a NATS server
-// for max_body's default (1 MiB and the headers).
-func natsServerWithConfig(t *testing.T, dir, addr, text string) *exec.Cmd {
-	t.Helper()
-	conf := filepath.Join(dir, "nats.conf")
-	if err := os.WriteFile(conf, []byte("max_payload: 2MB\n"+text), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd, out := startProcess(t, natsBinary(t), "-c", conf)
-	waitListening(t, addr, out)
-	return cmd
-}
-
-// waitListening waits until something accepts connections on addr.
-func waitListening(t *testing.T, addr string, out *syncBuffer) {
-	t.Helper()
-	waitFor(t, func() bool {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-		}
-		return err == nil
-	}, out.String)
-}
-
-// gatewayOnExternalNATS is a gateway whose queue is on the NATS server at
-// natsURL (enqueue_timeout 1s), delivering to appURL.
-func gatewayOnExternalNATS(t *testing.T, natsURL, appURL string) (string, *gateway) {
-	t.Helper()
-	return gatewayConfigWith(t, "off",
-		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t\tenqueue_timeout 1s\n\t\t}\n\t\tdestination app %s\n\t}", natsURL, appURL),
-		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
-}
-
-// sendQueued sends one event to g and waits until app has had `deliveries`
-// deliveries in all.
-func sendQueued(t *testing.T, g *gateway, app *upstream, id string, deliveries int) {
-	t.Helper()
-	status, _, _ := doAfterReload(t, func() *http.Request {
-		return signedRequest(t, g.url, testSecret, event("video.asset.ready", id, ""), time.Now())
-	})
-	if status != http.StatusAccepted {
-		t.Fatalf("%s: %d, want 202", id, status)
-	}
-	waitFor(t, func() bool { return len(app.requests()) == deliveries },
-		func() string { return fmt.Sprintf("%d deliveries, want %d", len(app.requests()), deliveries) })
-}
-
 // TestFaultQueueUnreachable: with an external NATS server, events are
 // queued and delivered; when the server dies, mux_deliver answers 503
 // within enqueue_timeout (Mux retries), and says so in an ERROR line.
@@ -219,7 +142,7 @@ func TestFaultQueueUnreachable(t *testing.T) {
 	if status, _, _ := do(t, signedRequest(t, g2.url, testSecret, event("video.asset.ready", "ext-1", ""), time.Now())); status != http.StatusAccepted {
 		t.Fatalf("with NATS up: %d, want 202", status)
 	}
-	waitFor(t, func() bool { return got.Load() == 1 }, func() string { return "the event never reached the destination" })
+	testwait.For(t, func() bool { return got.Load() == 1 }, func() string { return "the event never reached the destination" })
 
 	if err := nats.Process.Kill(); err != nil {
 		t.Fatal(err)

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package muxwebhook
 
 import (
@@ -15,6 +17,7 @@ import (
 // rules alerts_test.yml). On CI promtool (Debian's prometheus package)
 // must be there.
 func TestPrometheusAlerts(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	raw, err := os.ReadFile("examples/prometheus/alerts.yml")
 	if err != nil {
 		t.Fatal(err)

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package muxwebhook
 
 // Fault tests of mux_store against the real xcaddy-built binary: the row
@@ -17,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 )
 
 // nobodyID is the uid and gid of the user nobody, which the binary runs as
@@ -30,6 +34,7 @@ const nobodyID = 65534
 // on disk, and an ERROR log line for the operator. A directory removed
 // while Caddy runs is created again, and the event stored.
 func TestFaultStoreDiskFails(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	bin := caddyBinary(t)
 	asNobody := os.Geteuid() == 0
 	base := faultDir(t, asNobody)
@@ -98,7 +103,7 @@ http://127.0.0.1:%d {
 			}
 			return nil
 		})
-		waitFor(t, func() bool { return hasStoreError(out.String(), id) }, func() string {
+		testwait.For(t, func() bool { return hasStoreError(out.String(), id) }, func() string {
 			return "no ERROR log line from mux_store for " + id + ":\n" + out.String()
 		})
 	}

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package muxwebhook
 
 // "A bad JSON config: a load error that names the field; never a panic"
@@ -8,58 +10,17 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2"
 )
-
-// TestAppRefusesNegativeSettings: Caddy provisions a module before it
-// validates it, so the app's Provision must refuse negative settings
-// itself, before they reach the live log (a negative log_size panicked
-// making the ring; a negative log_body turned the live log off).
-func TestAppRefusesNegativeSettings(t *testing.T) {
-	for _, c := range []struct{ app, field string }{
-		{`{"log_size": -1}`, "log_size"},
-		{`{"log_body": -1}`, "log_body"},
-		{`{"log_size": 100001}`, "log_size"},
-	} {
-		sizeBefore, bodyBefore := liveLogSettings()
-		var cfg caddy.Config
-		if err := json.Unmarshal([]byte(`{"admin": {"disabled": true}, "apps": {"mux_webhook": `+c.app+`}}`), &cfg); err != nil {
-			t.Fatal(err)
-		}
-		err := func() (err error) {
-			defer func() {
-				if p := recover(); p != nil {
-					err = fmt.Errorf("panic: %v", p)
-				}
-			}()
-			return caddy.Validate(&cfg)
-		}()
-		if err == nil || !strings.Contains(err.Error(), c.field) || strings.Contains(err.Error(), "panic") {
-			t.Errorf("%s: got %v, want a load error naming %s", c.app, err, c.field)
-		}
-		if size, body := liveLogSettings(); size != sizeBefore || body != bodyBefore {
-			t.Errorf("%s: the refused config changed the live log to size %d, body %d (was %d, %d)", c.app, size, body, sizeBefore, bodyBefore)
-		}
-	}
-}
-
-func liveLogSettings() (size, body int) {
-	liveLog.mu.Lock()
-	defer liveLog.mu.Unlock()
-	return liveLog.size, liveLog.bodyMax
-}
 
 // TestFaultBadJSONConfigs runs the real binary on bad JSON configs: each
 // must make `caddy run` exit non-zero, soon, with a message that names the
 // field, and never panic.
 func TestFaultBadJSONConfigs(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	bin := caddyBinary(t)
 	cases := []struct {
 		name    string
@@ -133,24 +94,4 @@ func badConfig(port int, app, handler string) string {
 		}}}
 	}
 }`, apps, port, handler)
-}
-
-// runCaddyJSON runs `bin run --config <cfg as a .json file>` with its own
-// HOME, for at most badConfigWait, and returns its output and exit error.
-func runCaddyJSON(t *testing.T, bin, cfg string) (string, error) {
-	t.Helper()
-	dir := t.TempDir()
-	path := filepath.Join(dir, "caddy.json")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), badConfigWait)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, "run", "--config", path)
-	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
-	out, err := cmd.CombinedOutput()
-	if ctx.Err() != nil {
-		err = ctx.Err()
-	}
-	return string(out), err
 }

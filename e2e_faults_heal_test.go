@@ -1,3 +1,5 @@
+//go:build e2e
+
 package muxwebhook
 
 // The queue heals itself (README, "When things fail"): a NATS connection
@@ -19,8 +21,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 )
 
 // healGateway is the built Caddy with an admin API, one site that queues
@@ -85,65 +86,13 @@ func (g *healGateway) sendAll(t *testing.T, limit time.Duration, ids ...string) 
 	}
 }
 
-// waitDelivered waits until backend received every id (bounded by limit)
-// and returns how many deliveries were repeats.
-func waitDelivered(t *testing.T, b *recordingBackend, limit time.Duration, out *syncBuffer, ids ...string) int {
-	t.Helper()
-	waitForLong(t, limit, func() bool {
-		got := b.received()
-		for _, id := range ids {
-			if got[id] == 0 {
-				return false
-			}
-		}
-		return true
-	}, func() string {
-		got := b.received()
-		var missing []string
-		for _, id := range ids {
-			if got[id] == 0 {
-				missing = append(missing, id)
-			}
-		}
-		return fmt.Sprintf("never delivered: %v\n%s", missing, tail(out.String(), 4096))
-	})
-	repeats := 0
-	for _, n := range b.received() {
-		repeats += max(n-1, 0)
-	}
-	return repeats
-}
-
-func ids(prefix string, n int) []string {
-	out := make([]string, n)
-	for i := range out {
-		out[i] = fmt.Sprintf("%s-%d", prefix, i)
-	}
-	return out
-}
-
-// jetStreamOf connects to the NATS server at url for the test's own
-// hand-made faults.
-func jetStreamOf(t *testing.T, url string, opts ...nats.Option) jetstream.JetStream {
-	t.Helper()
-	nc, err := nats.Connect(url, opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return js
-}
-
 // TestFaultConsumerAndStreamDeletedByHand: a destination's consumer
 // deleted (`nats consumer rm`), then the whole stream deleted (`nats
 // stream rm`, as before restoring a backup): every event answered 202
 // afterwards is delivered, with no reload or restart, and the WARN line
 // says what was made again.
 func TestFaultConsumerAndStreamDeletedByHand(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	natsURL, _ := natsServer(t)
 	backend := newRecordingBackend(t, 0, nil)
 	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t}\n\t}", natsURL, backend.URL))
@@ -155,7 +104,7 @@ func TestFaultConsumerAndStreamDeletedByHand(t *testing.T) {
 	waitDelivered(t, backend, 15*time.Second, g.out, "first")
 	// Swept from the stream, so that the consumer made again does not
 	// deliver it again.
-	waitForLong(t, 10*time.Second, func() bool { return g.status(t).Pending+g.status(t).InFlight == 0 }, func() string { return "first never settled" })
+	testwait.Until(t, 10*time.Second, func() bool { return g.status(t).Pending+g.status(t).InFlight == 0 }, func() string { return "first never settled" })
 
 	if err := js.DeleteConsumer(ctx, "MUX_WEBHOOK", "deliver_app"); err != nil {
 		t.Fatal(err)
@@ -187,6 +136,7 @@ func TestFaultConsumerAndStreamDeletedByHand(t *testing.T) {
 // reconnects by itself, with no reload, and every event answered 202
 // before and after is delivered.
 func TestFaultNATSAuthRotated(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	dir := t.TempDir()
 	port := freePort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
@@ -248,6 +198,7 @@ func TestFaultNATSAuthRotated(t *testing.T) {
 // Once the consumer is resumed, everything is delivered and the stall
 // clears.
 func TestFaultStalledDestination(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	natsURL, _ := natsServer(t)
 	backend := newRecordingBackend(t, 0, nil)
 	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tnats %s\n\t\t}\n\t\tdestination app %s {\n\t\t\ttimeout 1s\n\t\t\tretry 200ms\n\t\t\tstall_after 1s\n\t\t}\n\t}", natsURL, backend.URL))
@@ -259,7 +210,7 @@ func TestFaultStalledDestination(t *testing.T) {
 	}
 	stuck := ids("stuck", 3)
 	g.sendAll(t, 10*time.Second, stuck...)
-	waitForLong(t, 30*time.Second, func() bool { return g.status(t).Stalled }, func() string {
+	testwait.Until(t, 30*time.Second, func() bool { return g.status(t).Stalled }, func() string {
 		return fmt.Sprintf("never stalled: %+v\n%s", g.status(t), tail(g.out.String(), 4096))
 	})
 	st := g.status(t)
@@ -283,7 +234,7 @@ func TestFaultStalledDestination(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitDelivered(t, backend, 20*time.Second, g.out, stuck...)
-	waitForLong(t, 20*time.Second, func() bool { return !g.status(t).Stalled }, func() string { return "still stalled after delivering" })
+	testwait.Until(t, 20*time.Second, func() bool { return !g.status(t).Stalled }, func() string { return "still stalled after delivering" })
 	if !g.logged("info", "no longer stalled") {
 		t.Error("no INFO line said the stall cleared")
 	}
@@ -322,7 +273,7 @@ func TestFaultEmbeddedDiskFull(t *testing.T) {
 	if refused == "" {
 		t.Fatal("a full disk never made mux_deliver answer 503")
 	}
-	waitForLong(t, 10*time.Second, func() bool { return g.logged("error", "embedded store stopped") }, func() string {
+	testwait.Until(t, 10*time.Second, func() bool { return g.logged("error", "embedded store stopped") }, func() string {
 		return "no ERROR line said why the store stopped\n" + tail(g.out.String(), 4096)
 	})
 	if status := g.send(t, "while-full"); status != http.StatusServiceUnavailable {
@@ -335,7 +286,7 @@ func TestFaultEmbeddedDiskFull(t *testing.T) {
 	after := append([]string{refused, "while-full"}, ids("after", 5)...)
 	g.sendAll(t, 30*time.Second, after...)
 	repeats := waitDelivered(t, backend, 30*time.Second, g.out, append(accepted, after...)...)
-	waitForLong(t, 10*time.Second, func() bool { return g.logged("info", "accepts events again") }, func() string {
+	testwait.Until(t, 10*time.Second, func() bool { return g.logged("info", "accepts events again") }, func() string {
 		return "no INFO line said the store accepts events again"
 	})
 	t.Logf("disk full after %d events accepted; all %d delivered after it was freed, %d repeats", len(accepted), len(accepted)+len(after), repeats)
@@ -368,7 +319,7 @@ func TestFaultStartedOnAFullDisk(t *testing.T) {
 	dir := t.TempDir()
 	out, _ := runCaddyIn(t, caddyBinary(t), queueGatewayConfig(admin, global, port), dir, dir, nil)
 	g = &healGateway{base: fmt.Sprintf("http://127.0.0.1:%d", port), admin: fmt.Sprintf("http://127.0.0.1:%d", admin), out: out}
-	waitForLong(t, 20*time.Second, func() bool { return g.send(t, "while-full") == http.StatusServiceUnavailable },
+	testwait.Until(t, 20*time.Second, func() bool { return g.send(t, "while-full") == http.StatusServiceUnavailable },
 		func() string { return "the site never answered 503 on a full disk\n" + tail(out.String(), 4096) })
 	if !g.logged("error", "the store cannot open: its disk has no room") {
 		t.Errorf("no ERROR line said why the queue is not open\n%s", tail(out.String(), 4096))

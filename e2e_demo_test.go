@@ -1,3 +1,5 @@
+//go:build e2e
+
 package muxwebhook
 
 // Tests of the xcaddy-built binary: the README's demo (examples/Caddyfile)
@@ -12,34 +14,11 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 )
-
-const demoSecret = "dev-only-secret-DO-NOT-USE-IN-PRODUCTION"
-
-// caddyBinary returns the xcaddy-built binary named by MUX_CADDY_BIN. On CI
-// the variable must be set: these tests may not be skipped there.
-func caddyBinary(t *testing.T) string {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("-short: this test starts the built Caddy (a real process); ./scripts/test runs it")
-	}
-	bin := os.Getenv("MUX_CADDY_BIN")
-	if bin == "" {
-		if os.Getenv("CI") != "" {
-			t.Fatal("MUX_CADDY_BIN is not set; CI must run the binary tests (see .ci/run)")
-		}
-		t.Skip("MUX_CADDY_BIN not set; run ./scripts/test to build Caddy with xcaddy and run these")
-	}
-	abs, err := filepath.Abs(bin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return abs
-}
 
 // startDemo runs the binary on examples/Caddyfile with its ports moved to
 // free ones, and returns the gateway's base URL and the admin API's
@@ -64,19 +43,8 @@ func startDemo(t *testing.T) (base, admin string) {
 	return base, fmt.Sprintf("localhost:%d", ports["2019"])
 }
 
-// waitForHTTP waits up to 10 s until base answers.
-func waitForHTTP(t *testing.T, base string, out *syncBuffer) {
-	t.Helper()
-	waitFor(t, func() bool {
-		resp, err := http.Get(base + "/")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil
-	}, out.String)
-}
-
 func TestDemoBinaryRoutesEvents(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	base, _ := startDemo(t)
 	cases := []struct {
 		typ    string
@@ -112,6 +80,7 @@ func TestDemoBinaryRoutesEvents(t *testing.T) {
 }
 
 func TestDemoSendEventScript(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	base, _ := startDemo(t)
 	for _, tool := range []string{"sh", "curl", "openssl"} {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -136,55 +105,12 @@ func TestDemoSendEventScript(t *testing.T) {
 	}
 }
 
-// runCaddyBinary runs `bin run` on the Caddyfile cfg, with its own HOME,
-// until the test ends, and returns its output (logged if the test fails).
-func runCaddyBinary(t *testing.T, bin, cfg string) *syncBuffer {
-	t.Helper()
-	dir := t.TempDir()
-	out, _ := runCaddyIn(t, bin, cfg, dir, dir, nil)
-	return out
-}
-
-// runCaddyIn runs `bin run` on cfg, written to dir/Caddyfile, with HOME
-// (and XDG directories) at home, as the user cred names if not nil (then in
-// dir, since that user may not enter the test's working directory), until
-// the test ends, and returns its output and the process (to kill it).
-func runCaddyIn(t *testing.T, bin, cfg, dir, home string, cred *syscall.Credential) (*syncBuffer, *exec.Cmd) {
-	t.Helper()
-	path := filepath.Join(dir, "Caddyfile")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, bin, "run", "--config", path, "--adapter", "caddyfile")
-	if cred != nil {
-		cmd.Dir = dir
-	}
-	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+home, "XDG_CONFIG_HOME="+home)
-	// Caddy dies with the test process, even if it is killed or times out
-	// before its cleanups run.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Credential: cred}
-	out := &syncBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cancel()
-		_ = cmd.Wait()
-		if t.Failed() {
-			t.Logf("caddy output:\n%s", out.String())
-		}
-	})
-	return out, cmd
-}
-
 // TestDemoSendCommand is the README's demo: the built binary's
 // `caddy mux-webhook send` delivers events of four families, and each
 // lands at its upstream, the last one through the queue, which
 // `caddy mux-webhook queue` then shows delivered.
 func TestDemoSendCommand(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	base, admin := startDemo(t)
 	bin := caddyBinary(t)
 	cases := []struct{ typ, want string }{
@@ -211,7 +137,7 @@ func TestDemoSendCommand(t *testing.T) {
 	}
 	// The README's last command: the queued event shows as delivered.
 	delivered := regexp.MustCompile(`(?m)^analytics\s+0\s+0\s+1\s+0\s+-`)
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
 		out, err = exec.CommandContext(ctx, bin, "mux-webhook", "queue", "--address", admin).CombinedOutput()
@@ -232,14 +158,14 @@ func TestNodeBackendExample(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := exec.CommandContext(ctx, node, "examples/backend.js")
 	cmd.Env = append(os.Environ(), fmt.Sprintf("PORT=%d", port))
-	var out syncBuffer
-	cmd.Stdout, cmd.Stderr = &out, &out
+	out := processOutput(t, "node-backend")
+	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		cancel()
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cancel(); _ = cmd.Wait() })
-	waitFor(t, func() bool { return strings.Contains(out.String(), "backend listening") }, out.String)
+	testwait.For(t, func() bool { return strings.Contains(out.String(), "backend listening") }, out.String)
 
 	g := startGateway(t, fmt.Sprintf(`
 	mux_webhook %s
@@ -257,24 +183,83 @@ func TestNodeBackendExample(t *testing.T) {
 	if status != 200 || got != "handled video.asset.ready asset-9" {
 		t.Fatalf("got %d %q", status, got)
 	}
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		return strings.Contains(out.String(), "received video.asset.ready node-1 for asset obj-node-1")
 	}, out.String)
 }
 
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf strings.Builder
-}
+// TestDemoBinaryForgeriesNeverReachUpstreams runs the xcaddy-built binary
+// on examples/Caddyfile, with an access log added to each demo upstream
+// (served by the same Caddy), and sends forgeries to /mux and to the
+// demo's other paths: none may be answered by, or logged at, an upstream,
+// nor queued for one. Genuine events then are, once each: two proxied, one
+// delivered through the queue.
+func TestDemoBinaryForgeriesNeverReachUpstreams(t *testing.T) {
+	t.Parallel() // its own processes and ports
+	bin := caddyBinary(t)
+	src, err := os.ReadFile("examples/Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, dir := string(src), t.TempDir()
+	logs := map[string]string{}
+	for _, p := range []string{"9001", "9002", "9003"} {
+		site := "http://localhost:" + p + " {"
+		if !strings.Contains(cfg, site) {
+			t.Fatalf("examples/Caddyfile has no site %q any more: update this test", site)
+		}
+		logs[p] = filepath.Join(dir, p+".log")
+		cfg = strings.Replace(cfg, site, site+"\n\tlog {\n\t\toutput file "+logs[p]+"\n\t\tformat json\n\t}", 1)
+	}
+	ports := map[string]int{}
+	for _, p := range []string{"2019", "8080", "9001", "9002", "9003"} {
+		ports[p] = freePort(t)
+		cfg = strings.ReplaceAll(cfg, ":"+p, fmt.Sprintf(":%d", ports[p]))
+	}
+	out := runCaddyBinary(t, bin, cfg)
+	base := fmt.Sprintf("http://localhost:%d", ports["8080"])
+	waitForHTTP(t, base, out)
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
+	for _, f := range forgedRequests(t, base, "/mux", demoSecret, false) {
+		status, _, body := do(t, f.req)
+		if strings.Contains(body, "service received") {
+			t.Errorf("%s to %s was answered by an upstream: %d %q", f.what, f.path, status, body)
+		}
+		if f.verified && f.req.Method == http.MethodPost && status != http.StatusUnauthorized {
+			t.Errorf("%s to %s: %d, want 401", f.what, f.path, status)
+		}
+	}
+	genuine := map[string]struct {
+		typ    string
+		status int
+		want   string // the answer; %s is the event id
+	}{
+		"9001": {"video.asset.ready", 200, "assets service received video.asset.ready (%s)"},
+		"9002": {"video.live_stream.active", 200, "live service received video.live_stream.active (%s)"},
+		"9003": {"robots.job.summarize.completed", 202, ""}, // queued, delivered by Caddy
+	}
+	for p, g := range genuine {
+		id := "genuine-" + p
+		status, _, body := do(t, signedRequest(t, base+"/mux", demoSecret, event(g.typ, id, ""), time.Now()))
+		if w := strings.ReplaceAll(g.want, "%s", id); status != g.status || body != w {
+			t.Errorf("%s: %d %q, want %d %q", g.typ, status, body, g.status, w)
+		}
+	}
+	// Each upstream logged the genuine event, and nothing else.
+	for p, path := range logs {
+		lines := func() []string {
+			b, _ := os.ReadFile(path)
+			return strings.Split(strings.TrimSpace(string(b)), "\n")
+		}
+		testwait.For(t, func() bool { return strings.Contains(strings.Join(lines(), ""), "genuine-"+p) }, out.String)
+		time.Sleep(300 * time.Millisecond) // nothing else arrives late from the queue
+		for _, l := range lines() {
+			if !strings.Contains(l, `"genuine-`+p+`"`) {
+				t.Errorf("upstream :%s served a request that was not the genuine event: %.400s", p, l)
+			}
+		}
+		if n := len(lines()); n != 1 {
+			t.Errorf("upstream :%s logged %d requests, want 1", p, n)
+		}
+	}
 }

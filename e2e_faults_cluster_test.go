@@ -1,3 +1,5 @@
+//go:build e2e
+
 package muxwebhook
 
 // Faults of several gateways on a three-node NATS cluster, against real
@@ -12,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 )
 
 // TestFaultClusterGatewayAndNodeKilled: 2000 events are sent alternately
@@ -24,6 +28,7 @@ import (
 // close to one, and there are at most as many as the gateways can have in
 // hand. The count is logged.
 func TestFaultClusterGatewayAndNodeKilled(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	c := startNATSCluster(t)
 	const (
 		n           = 2000
@@ -99,7 +104,7 @@ func TestFaultClusterGatewayAndNodeKilled(t *testing.T) {
 
 	// The faults, as the sending goes on.
 	waitSent := func(k int32) {
-		waitForLong(t, 60*time.Second, func() bool { return sent.Load() >= k }, func() string {
+		testwait.Until(t, 60*time.Second, func() bool { return sent.Load() >= k }, func() string {
 			return fmt.Sprintf("%d of %d events sent", sent.Load(), n)
 		})
 	}
@@ -122,7 +127,7 @@ func TestFaultClusterGatewayAndNodeKilled(t *testing.T) {
 	// room for a loaded machine. (With nats.go's default heartbeat it sat
 	// idle for at least 30s.) In hand at the kill were at most
 	// 2 × concurrency copies.
-	waitForLong(t, 25*time.Second, func() bool { return gs[1].delivered(t) > resumeFrom+4*concurrency }, func() string {
+	testwait.Until(t, 25*time.Second, func() bool { return gs[1].delivered(t) > resumeFrom+4*concurrency }, func() string {
 		return fmt.Sprintf("%s delivered %v since the node was killed", gs[1].name, gs[1].delivered(t)-resumeFrom)
 	})
 	t.Logf("%s delivering again %s after the node was killed", gs[1].name, time.Since(c.nodes[victim].killedAt).Round(100*time.Millisecond))
@@ -148,11 +153,11 @@ func TestFaultClusterGatewayAndNodeKilled(t *testing.T) {
 		sort.Strings(m)
 		return m
 	}
-	waitForLong(t, 120*time.Second, func() bool { return len(missing()) == 0 }, func() string {
+	testwait.Until(t, 120*time.Second, func() bool { return len(missing()) == 0 }, func() string {
 		m := missing()
 		return fmt.Sprintf("%d accepted events never delivered, e.g. %v", len(m), m[:min(len(m), 5)])
 	})
-	waitForLong(t, 60*time.Second, func() bool {
+	testwait.Until(t, 60*time.Second, func() bool {
 		st := gs[1].queueStatus(t)
 		return st.Pending == 0 && st.InFlight == 0
 	}, func() string { return fmt.Sprintf("queue: %+v", gs[1].queueStatus(t)) })
@@ -203,6 +208,7 @@ func TestFaultClusterGatewayAndNodeKilled(t *testing.T) {
 // nodes come back on their stores, the events queued before are delivered,
 // and new events are accepted and delivered.
 func TestFaultClusterUnreachable(t *testing.T) {
+	t.Parallel() // its own processes and ports
 	c := startNATSCluster(t)
 	var up atomic.Bool
 	backend := newRecordingBackend(t, 0, func(string) bool { return !up.Load() })
@@ -231,7 +237,7 @@ func TestFaultClusterUnreachable(t *testing.T) {
 		}
 	}
 	// Queued and failing (the backend is down): they stay in the stream.
-	waitFor(t, func() bool { return gs[0].queueStatus(t).Pending+gs[0].queueStatus(t).InFlight == queued }, func() string {
+	testwait.For(t, func() bool { return gs[0].queueStatus(t).Pending+gs[0].queueStatus(t).InFlight == queued }, func() string {
 		return fmt.Sprintf("queue: %+v", gs[0].queueStatus(t))
 	})
 
@@ -260,7 +266,7 @@ func TestFaultClusterUnreachable(t *testing.T) {
 	// The gateways reconnect by themselves; Mux retries the refused events.
 	for i := range 4 {
 		id := fmt.Sprint("during-", i)
-		waitForLong(t, 30*time.Second, func() bool {
+		testwait.Until(t, 30*time.Second, func() bool {
 			status, _ := postEvent(client, gs[i%2].url(), event("video.asset.ready", id, ""))
 			return status == http.StatusAccepted
 		}, func() string { return id + " never accepted after the nodes came back" })
@@ -275,7 +281,7 @@ func TestFaultClusterUnreachable(t *testing.T) {
 	for i := range 4 {
 		want = append(want, fmt.Sprint("during-", i))
 	}
-	waitForLong(t, 60*time.Second, func() bool {
+	testwait.Until(t, 60*time.Second, func() bool {
 		got := backend.received()
 		for _, id := range want {
 			if got[id] == 0 {
