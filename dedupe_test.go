@@ -277,13 +277,7 @@ func TestDedupeSurvivesReloadAndRotation(t *testing.T) {
 	storage := t.TempDir()
 	load := func(secrets, dedupe string) {
 		t.Helper()
-		cfg := fmt.Sprintf(`{
-	admin off
-	persist_config off
-	auto_https off
-	default_bind 127.0.0.1
-	storage file_system %s
-}
+		cfg := fmt.Sprintf(`%s
 %s {
 	mux_webhook {
 		secret %s
@@ -291,7 +285,7 @@ func TestDedupeSurvivesReloadAndRotation(t *testing.T) {
 	}
 	reverse_proxy %s
 }
-`, storage, base, secrets, dedupe, up.hostPort())
+`, testGlobals{storage: storage}, base, secrets, dedupe, up.hostPort())
 		if err := loadCaddyfile(cfg); err != nil {
 			t.Fatalf("load: %v\n%s", err, cfg)
 		}
@@ -333,13 +327,7 @@ func TestFailedReloadKeepsTheRecord(t *testing.T) {
 	base := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
 	storage := t.TempDir()
 	config := func(dedupe, extra string) string {
-		return fmt.Sprintf(`{
-	admin off
-	persist_config off
-	auto_https off
-	default_bind 127.0.0.1
-	storage file_system %s
-}
+		return fmt.Sprintf(`%s
 %s {
 	mux_webhook %s {
 		dedupe %s
@@ -347,7 +335,7 @@ func TestFailedReloadKeepsTheRecord(t *testing.T) {
 	%s
 	reverse_proxy %s
 }
-`, storage, base, testSecret, dedupe, extra, up.hostPort())
+`, testGlobals{storage: storage}, base, testSecret, dedupe, extra, up.hostPort())
 	}
 	if err := loadCaddyfile(config("{\n\t\t\tmax_entries 100\n\t\t}", "")); err != nil {
 		t.Fatal(err)

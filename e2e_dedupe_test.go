@@ -34,13 +34,7 @@ func TestDedupeAcrossInstances(t *testing.T) {
 	shared := t.TempDir()
 	start := func() string {
 		port := freePort(t)
-		cfg := fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	default_bind 127.0.0.1
-	storage file_system %s
-}
+		cfg := fmt.Sprintf(`%s
 http://127.0.0.1:%d {
 	mux_webhook %s {
 		dedupe {
@@ -50,7 +44,7 @@ http://127.0.0.1:%d {
 	}
 	reverse_proxy %s
 }
-`, shared, port, testSecret, strings.TrimPrefix(up.URL, "http://"))
+`, testGlobals{storage: shared}, port, testSecret, strings.TrimPrefix(up.URL, "http://"))
 		out := runCaddyBinary(t, bin, cfg)
 		base := fmt.Sprintf("http://127.0.0.1:%d", port)
 		waitForHTTP(t, base, out)

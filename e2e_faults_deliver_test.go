@@ -56,29 +56,12 @@ func TestFaultKilledWhileDelivering(t *testing.T) {
 	queueDir := t.TempDir()
 	start := func() (string, *exec.Cmd) {
 		port := freePort(t)
-		cfg := fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	default_bind 127.0.0.1
-	log {
-		format json
-	}
-	mux_webhook {
-		queue {
-			dir %s
-		}
-		destination app %s {
-			retry 200ms
-			timeout 2s
-		}
-	}
-}
+		cfg := fmt.Sprintf(`%s
 http://127.0.0.1:%d {
 	mux_webhook %s
 	mux_deliver app
 }
-`, queueDir, backend.URL, port, testSecret)
+`, testGlobals{extra: fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t\ttimeout 2s\n\t\t}\n\t}", queueDir, backend.URL)}, port, testSecret)
 		dir := t.TempDir()
 		out, cmd := runCaddyIn(t, bin, cfg, dir, dir, nil)
 		base := fmt.Sprintf("http://127.0.0.1:%d", port)

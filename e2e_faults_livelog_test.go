@@ -34,21 +34,12 @@ func TestFaultStalledStreamClients(t *testing.T) {
 	adminPort, sitePort := freePort(t), freePort(t)
 	admin, site := fmt.Sprintf("http://127.0.0.1:%d", adminPort), fmt.Sprintf("http://127.0.0.1:%d", sitePort)
 	config := func(round int) string {
-		return fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	persist_config off
-	auto_https off
-	default_bind 127.0.0.1
-	mux_webhook {
-		log_size 100
-		log_body 64KiB
-	}
-}
+		return fmt.Sprintf(`%s
 
 http://127.0.0.1:%d {
 %s
 }
-`, adminPort, sitePort, fmt.Sprintf(stallSite, testSecret, round))
+`, testGlobals{admin: fmt.Sprintf("127.0.0.1:%d", adminPort), extra: "\tmux_webhook {\n\t\tlog_size 100\n\t\tlog_body 64KiB\n\t}"}, sitePort, fmt.Sprintf(stallSite, testSecret, round))
 	}
 	reload := func(round int) {
 		t.Helper()

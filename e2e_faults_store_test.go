@@ -50,18 +50,7 @@ func TestFaultStoreDiskFails(t *testing.T) {
 	t.Cleanup(func() { os.Chmod(readOnly, 0o755) })
 
 	port := freePort(t)
-	cfg := fmt.Sprintf(`{
-	admin off
-	persist_config off
-	auto_https off
-	default_bind 127.0.0.1
-	storage file_system %s
-	log {
-		output stderr
-		format json
-		level INFO
-	}
-}
+	cfg := fmt.Sprintf(`%s
 
 http://127.0.0.1:%d {
 	mux_webhook %s
@@ -72,7 +61,7 @@ http://127.0.0.1:%d {
 		mux_store %s/{http.mux.event.type}/{http.mux.event.id}.json
 	}
 }
-`, filepath.Join(base, "home", "storage"), port, testSecret, readOnly, vanishing)
+`, testGlobals{storage: filepath.Join(base, "home", "storage"), logLevel: "INFO"}, port, testSecret, readOnly, vanishing)
 	out := runCaddyBinaryAs(t, bin, cfg, base, asNobody)
 	url := fmt.Sprintf("http://127.0.0.1:%d", port)
 	waitForHTTP(t, url, out)

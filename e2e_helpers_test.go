@@ -197,22 +197,12 @@ func startBinaryGateway(t *testing.T, storage, global, site string) *binaryGatew
 	if storage == "" {
 		storage = t.TempDir()
 	}
-	cfg := fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	auto_https off
-	persist_config off
-	default_bind 127.0.0.1
-	storage file_system %s
-	log {
-		format json
-	}
-%s
-}
+	cfg := fmt.Sprintf(`%s
 
 http://127.0.0.1:%d {
 %s
 }
-`, adminPort, storage, global, port, site)
+`, testGlobals{admin: fmt.Sprintf("127.0.0.1:%d", adminPort), storage: storage, extra: global}, port, site)
 	g := &binaryGateway{
 		base:  fmt.Sprintf("http://127.0.0.1:%d", port),
 		admin: fmt.Sprintf("http://127.0.0.1:%d", adminPort),
@@ -440,20 +430,11 @@ func waitQueueOpen(t *testing.T, admin string, out *syncBuffer) {
 // and one site on port that queues every verified event for destination
 // app.
 func queueGatewayConfig(adminPort int, global string, port int) string {
-	return fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	auto_https off
-	persist_config off
-	default_bind 127.0.0.1
-	log {
-		format json
-	}
-%s
-}
+	return fmt.Sprintf(`%s
 
 http://127.0.0.1:%d {
 	mux_webhook %s
 	mux_deliver app
 }
-`, adminPort, global, port, testSecret)
+`, testGlobals{admin: fmt.Sprintf("127.0.0.1:%d", adminPort), extra: global}, port, testSecret)
 }

@@ -29,6 +29,61 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 )
 
+// testGlobals is the one builder of a test Caddy's global options: bound
+// to 127.0.0.1, no automatic HTTPS, nothing persisted, JSON logs. Every
+// test's Caddy, in-process or a process, starts from it; the README's
+// Caddyfiles get the same options merged into their own (readme_test.go).
+type testGlobals struct {
+	admin    string // the admin API's address; "" turns it off
+	storage  string // a file_system storage directory; "" = Caddy's default
+	logFile  string // JSON logs to this file; "" = to stderr (a process's output file)
+	logLevel string // "" = INFO
+	extra    string // more global options, tab-indented lines, as they are
+}
+
+// options are the global options, by name, without the braces.
+func (o testGlobals) options() []testOption {
+	admin := o.admin
+	if admin == "" {
+		admin = "off"
+	}
+	opts := []testOption{
+		{"admin", "admin " + admin},
+		{"persist_config", "persist_config off"},
+		{"auto_https", "auto_https off"},
+		{"default_bind", "default_bind 127.0.0.1"},
+	}
+	if o.storage != "" {
+		opts = append(opts, testOption{"storage", "storage file_system " + o.storage})
+	}
+	log := "log {\n"
+	if o.logFile != "" {
+		log += "\t\toutput file " + o.logFile + "\n"
+	}
+	log += "\t\tformat json\n"
+	if o.logLevel != "" {
+		log += "\t\tlevel " + o.logLevel + "\n"
+	}
+	return append(opts, testOption{"log", log + "\t}"})
+}
+
+// testOption is one global option: its name and its text.
+type testOption struct{ name, line string }
+
+// String is the global options block.
+func (o testGlobals) String() string {
+	var b strings.Builder
+	b.WriteString("{\n")
+	for _, opt := range o.options() {
+		b.WriteString("\t" + opt.line + "\n")
+	}
+	if o.extra != "" {
+		b.WriteString(strings.TrimRight(o.extra, "\n") + "\n")
+	}
+	b.WriteString("}\n")
+	return b.String()
+}
+
 // gateway is a running in-process Caddy.
 type gateway struct {
 	t       *testing.T
@@ -111,25 +166,16 @@ func gatewayConfigWith(t *testing.T, admin, global, site string, extraSites ...s
 	dir := t.TempDir()
 	port := freePort(t)
 	g := &gateway{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), logFile: filepath.Join(dir, "caddy.log")}
-	cfg := fmt.Sprintf(`{
-	admin %s
-	persist_config off
-	auto_https off
-	default_bind 127.0.0.1
-	storage file_system %s
-	log {
-		output file %s
-		format json
-		level DEBUG
+	if admin == "off" {
+		admin = ""
 	}
-%s
-}
-
+	globals := testGlobals{admin: admin, storage: filepath.Join(dir, "storage"), logFile: g.logFile, logLevel: "DEBUG", extra: global}
+	cfg := fmt.Sprintf(`%s
 http://127.0.0.1:%d {
 %s
 }
 %s
-`, admin, filepath.Join(dir, "storage"), g.logFile, global, port, site, strings.Join(extraSites, "\n"))
+`, globals, port, site, strings.Join(extraSites, "\n"))
 	return cfg, g
 }
 
