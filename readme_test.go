@@ -347,12 +347,12 @@ BLOCK
 			{typ: "video.live_stream.idle", status: 202, stored: "/var/spool/mux/video.live_stream.idle/{id}.json"},
 		}}},
 	},
-	"README.md: Live Logs #1": {
+	"docs/observability.md: Live Logs #1": {
 		wrap:      wrapGlobal,
 		upstreams: []string{"app:8080"},
 		runs:      []blockRun{{deliveries: toApp}},
 	},
-	"README.md: Live Logs #2": {
+	"docs/observability.md: Live Logs #2": {
 		replace:   []string{"$2a$14$…", "<bcrypt>"},
 		upstreams: []string{"app:8080"},
 		runs: []blockRun{{
@@ -551,7 +551,7 @@ BLOCK
 			{typ: "video.asset.created", data: `{"id":"a3","passthrough":"vip-8"}`, status: 204},
 		}}},
 	},
-	"README.md: Backends without a vendor SDK #1": {
+	"docs/development.md: Backends without a vendor SDK #1": {
 		wrap:      wrapInMuxRoute,
 		upstreams: []string{"app:9001"},
 		runs: []blockRun{{deliveries: []docDelivery{{
@@ -559,7 +559,7 @@ BLOCK
 			header: map[string]string{"X-Mux-Event-Type": "video.asset.ready"},
 		}}}},
 	},
-	"README.md: Running on several machines #1": {
+	"docs/cluster.md: Running on several machines #1": {
 		upstreams: []string{"app:8080"},
 		dirs:      []string{"/mnt/shared/caddy"},
 		runs: []blockRun{{deliveries: []docDelivery{
@@ -567,7 +567,7 @@ BLOCK
 			{typ: "video.asset.ready", id: "once", status: 200},
 		}}},
 	},
-	"README.md: Local development with Mux's CLI #1": {
+	"docs/development.md: Local development with Mux's CLI #1": {
 		replace: []string{
 			"http://localhost:8080", "hooks.example.com",
 			"{env.MUX_CLI_WEBHOOK_SECRET}", "the-mux-cli-secret",
@@ -579,11 +579,11 @@ BLOCK
 			{typ: "video.asset.created", secret: "neither-secret", status: 401},
 		}}},
 	},
-	"README.md: Several gateways on one NATS cluster (`mux_deliver`) #1": {
+	"docs/cluster.md: Several gateways on one NATS cluster (`mux_deliver`) #1": {
 		upstreams: []string{"app:8080"},
 		noRun:     "it needs a NATS cluster at 10.0.0.1-3: TestClusterSharedWork and TestClusterExample run gateways on one",
 	},
-	"README.md: Floods and slow clients #1": {
+	"docs/security.md: Floods and slow clients #1": {
 		wrap:      wrapGlobal,
 		upstreams: []string{"app:8080"},
 		runs:      []blockRun{{deliveries: toApp}},
