@@ -1,11 +1,13 @@
 package muxwebhook
 
 // Every Caddyfile of the documentation (each ```caddyfile block of
-// README.md, and examples/Caddyfile) is run here as written, in an
-// in-process Caddy with recording upstreams: a genuine signed event must be
-// routed as the text next to the block says, and forged requests, to the
-// webhook path and to every other path of the site, must never reach an
-// upstream or a file.
+// README.md and of the pages in docs/, and examples/Caddyfile) is run here
+// as written, in an in-process Caddy with recording upstreams: a genuine
+// signed event must be routed as the text next to the block says, and
+// forged requests, to the webhook path and to every other path of the
+// site, must never reach an upstream or a file. TestDocLinks checks that
+// every relative link of those pages leads to a file, and to a heading of
+// it.
 
 import (
 	"bytes"
@@ -24,6 +26,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode"
 )
 
 const (
@@ -98,10 +101,25 @@ func markdownCaddyfiles(t *testing.T, path string) []docBlock {
 	return blocks
 }
 
+// docPages are the documentation's markdown pages: README.md, then each
+// page of docs/, sorted.
+func docPages(t *testing.T) []string {
+	t.Helper()
+	pages, err := filepath.Glob("docs/*.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Strings(pages)
+	return append([]string{"README.md"}, pages...)
+}
+
 // docCaddyfiles is every Caddyfile the documentation shows.
 func docCaddyfiles(t *testing.T) []docBlock {
 	t.Helper()
-	blocks := markdownCaddyfiles(t, "README.md")
+	var blocks []docBlock
+	for _, page := range docPages(t) {
+		blocks = append(blocks, markdownCaddyfiles(t, page)...)
+	}
 	demo, err := os.ReadFile("examples/Caddyfile")
 	if err != nil {
 		t.Fatal(err)
@@ -329,12 +347,12 @@ BLOCK
 			{typ: "video.live_stream.idle", status: 202, stored: "/var/spool/mux/video.live_stream.idle/{id}.json"},
 		}}},
 	},
-	"README.md: Live Logs #1": {
+	"docs/observability.md: Live Logs #1": {
 		wrap:      wrapGlobal,
 		upstreams: []string{"app:8080"},
 		runs:      []blockRun{{deliveries: toApp}},
 	},
-	"README.md: Live Logs #2": {
+	"docs/observability.md: Live Logs #2": {
 		replace:   []string{"$2a$14$…", "<bcrypt>"},
 		upstreams: []string{"app:8080"},
 		runs: []blockRun{{
@@ -533,7 +551,7 @@ BLOCK
 			{typ: "video.asset.created", data: `{"id":"a3","passthrough":"vip-8"}`, status: 204},
 		}}},
 	},
-	"README.md: Backends without a vendor SDK #1": {
+	"docs/development.md: Backends without a vendor SDK #1": {
 		wrap:      wrapInMuxRoute,
 		upstreams: []string{"app:9001"},
 		runs: []blockRun{{deliveries: []docDelivery{{
@@ -541,7 +559,7 @@ BLOCK
 			header: map[string]string{"X-Mux-Event-Type": "video.asset.ready"},
 		}}}},
 	},
-	"README.md: Running on several machines #1": {
+	"docs/cluster.md: Running on several machines #1": {
 		upstreams: []string{"app:8080"},
 		dirs:      []string{"/mnt/shared/caddy"},
 		runs: []blockRun{{deliveries: []docDelivery{
@@ -549,7 +567,7 @@ BLOCK
 			{typ: "video.asset.ready", id: "once", status: 200},
 		}}},
 	},
-	"README.md: Local development with Mux's CLI #1": {
+	"docs/development.md: Local development with Mux's CLI #1": {
 		replace: []string{
 			"http://localhost:8080", "hooks.example.com",
 			"{env.MUX_CLI_WEBHOOK_SECRET}", "the-mux-cli-secret",
@@ -561,11 +579,11 @@ BLOCK
 			{typ: "video.asset.created", secret: "neither-secret", status: 401},
 		}}},
 	},
-	"README.md: Several gateways on one NATS cluster (`mux_deliver`) #1": {
+	"docs/cluster.md: Several gateways on one NATS cluster (`mux_deliver`) #1": {
 		upstreams: []string{"app:8080"},
 		noRun:     "it needs a NATS cluster at 10.0.0.1-3: TestClusterSharedWork and TestClusterExample run gateways on one",
 	},
-	"README.md: Floods and slow clients #1": {
+	"docs/security.md: Floods and slow clients #1": {
 		wrap:      wrapGlobal,
 		upstreams: []string{"app:8080"},
 		runs:      []blockRun{{deliveries: toApp}},
@@ -1290,4 +1308,241 @@ func TestMarkdownCaddyfiles(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Errorf("got  %+v\nwant %+v", got, want)
 	}
+}
+
+// TestDocLinks: every relative link of README.md and docs/*.md leads to a
+// file that exists, and a #anchor to a heading of that file (GitHub's
+// anchors), so that text moved between pages takes its links along.
+func TestDocLinks(t *testing.T) {
+	broken, err := docLinkErrors(docPages(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range broken {
+		t.Errorf("%s:%d: link (%s): %s", b.page, b.line, b.target, b.why)
+	}
+}
+
+// TestDocLinksFindsBrokenOnes: the checker TestDocLinks uses reports each
+// kind of broken link, and only those: a missing file, an anchor its file
+// has no heading for (headings in code blocks are none; a repeated
+// heading's anchors are -1, -2, ...), and never a link in code.
+func TestDocLinksFindsBrokenOnes(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	write("pic.png", "")
+	write("b.md", "# B\n\n## Other one\n")
+	a := write("a.md", "# A\n\n## Same\n\n## Same\n\n## `mux_deliver` and (its) answers: yes\n\n"+
+		"```sh\n# Fenced\n[in a block](nowhere.md)\n```\n\n"+
+		"[ok](#same) [ok](#same-1) [ok](#mux_deliver-and-its-answers-yes) [ok](b.md#other-one) ![ok](pic.png) [ok](https://example.com/x.md#y)\n"+
+		"[bad](#same-2) [bad](missing.md) [bad](b.md#nope) [bad](#fenced) ![bad](gone.png) [bad](pic.png#x)\n"+
+		"`[in code](nowhere.md)` and ``a `[in code](nowhere.md)` b``, a span `that\ngoes on [in code](nowhere.md)`\n")
+	broken, err := docLinkErrors([]string{a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, b := range broken {
+		if b.line != 15 {
+			t.Errorf("%s reported at line %d, want 15", b.target, b.line)
+		}
+		got = append(got, b.target)
+	}
+	want := []string{"#same-2", "missing.md", "b.md#nope", "#fenced", "gone.png", "pic.png#x"}
+	if !slices.Equal(got, want) {
+		t.Errorf("broken links found: %q\nwant %q", got, want)
+	}
+}
+
+// docLinkError is a link that leads nowhere.
+type docLinkError struct {
+	page   string
+	line   int
+	target string
+	why    string
+}
+
+// docLinkRe finds the target of a markdown link or image,
+// [text](target) or ![alt](target), with an optional "title".
+var docLinkRe = regexp.MustCompile(`\]\(([^()\s]*)(?:\s+"[^"]*")?\)`)
+
+// docLinkErrors checks every relative link of the pages.
+func docLinkErrors(pages []string) ([]docLinkError, error) {
+	anchors := map[string]map[string]bool{} // by page read
+	anchorsOf := func(path string) (map[string]bool, error) {
+		if a, ok := anchors[path]; ok {
+			return a, nil
+		}
+		a, _, err := readDocPage(path)
+		anchors[path] = a
+		return a, err
+	}
+	var broken []docLinkError
+	for _, page := range pages {
+		_, links, err := readDocPage(page)
+		if err != nil {
+			return nil, err
+		}
+		for _, l := range links {
+			if strings.Contains(l.target, "://") || strings.HasPrefix(l.target, "mailto:") {
+				continue
+			}
+			path, anchor, _ := strings.Cut(l.target, "#")
+			file := page
+			if path != "" {
+				file = filepath.Join(filepath.Dir(page), path)
+				if _, err := os.Stat(file); err != nil {
+					broken = append(broken, docLinkError{page, l.line, l.target, fmt.Sprintf("%s does not exist", file)})
+					continue
+				}
+			}
+			if anchor == "" {
+				continue
+			}
+			if !strings.HasSuffix(file, ".md") {
+				broken = append(broken, docLinkError{page, l.line, l.target, fmt.Sprintf("%s is not a markdown page: it has no headings", file)})
+				continue
+			}
+			a, err := anchorsOf(file)
+			if err != nil {
+				return nil, err
+			}
+			if !a[anchor] {
+				broken = append(broken, docLinkError{page, l.line, l.target, fmt.Sprintf("%s has no heading whose anchor is #%s", file, anchor)})
+			}
+		}
+	}
+	return broken, nil
+}
+
+// docLink is a link's target and the line it is on.
+type docLink struct {
+	line   int
+	target string
+}
+
+// readDocPage returns the anchors of a markdown page's headings, as GitHub
+// makes them, and its links; neither counts inside code blocks or code
+// spans.
+func readDocPage(path string) (anchors map[string]bool, links []docLink, err error) {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	lines := strings.Split(string(src), "\n")
+	anchors = map[string]bool{}
+	counts := map[string]int{}
+	fence := ""
+	for i, l := range lines {
+		if fence != "" {
+			c := strings.TrimSpace(l)
+			if strings.HasPrefix(c, fence) && strings.Trim(c, fence[:1]) == "" {
+				fence = ""
+			}
+			lines[i] = "" // no link in a code block
+			continue
+		}
+		if m := fenceRe.FindStringSubmatch(l); m != nil {
+			fence = m[1]
+			lines[i] = ""
+			continue
+		}
+		if h := headingRe.FindStringSubmatch(l); h != nil {
+			// GitHub's: a repeated anchor gets the next free -1, -2, ...
+			slug := githubSlug(h[1])
+			anchor := slug
+			for anchors[anchor] {
+				counts[slug]++
+				anchor = fmt.Sprintf("%s-%d", slug, counts[slug])
+			}
+			anchors[anchor] = true
+		}
+	}
+	text := blankCodeSpans(strings.Join(lines, "\n"))
+	for i, l := range strings.Split(text, "\n") {
+		for _, m := range docLinkRe.FindAllStringSubmatch(l, -1) {
+			links = append(links, docLink{line: i + 1, target: m[1]})
+		}
+	}
+	return anchors, links, nil
+}
+
+// headingLinkRe is a link inside a heading: its anchor has the text only.
+var headingLinkRe = regexp.MustCompile(`!?\[([^\]]*)\]\([^)]*\)`)
+
+// githubSlug is the anchor GitHub gives a heading: its text in lower case,
+// without the characters other than letters, digits, '-', '_' and spaces,
+// and with each space a '-'.
+func githubSlug(heading string) string {
+	heading = headingLinkRe.ReplaceAllString(heading, "$1")
+	var b strings.Builder
+	for _, r := range strings.ToLower(heading) {
+		switch {
+		case r == ' ':
+			b.WriteByte('-')
+		case r == '-' || r == '_' || unicode.IsLetter(r) || unicode.IsDigit(r):
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
+}
+
+// blankCodeSpans replaces every code span of text (a run of backticks to
+// the next run of as many, within a paragraph) with spaces, keeping the
+// line breaks.
+func blankCodeSpans(text string) string {
+	b := []byte(text)
+	run := func(i int) int { // the length of the run of backticks at i
+		n := 0
+		for i+n < len(b) && b[i+n] == '`' {
+			n++
+		}
+		return n
+	}
+	for i := 0; i < len(b); {
+		if b[i] != '`' {
+			i++
+			continue
+		}
+		n := run(i)
+		end := -1
+		for j := i + n; j < len(b); {
+			if b[j] == '\n' {
+				next := b[j+1:]
+				if k := bytes.IndexByte(next, '\n'); k >= 0 {
+					next = next[:k]
+				}
+				if len(bytes.TrimSpace(next)) == 0 {
+					break // a blank line ends the paragraph, and the span with it
+				}
+			}
+			if b[j] != '`' {
+				j++
+				continue
+			}
+			m := run(j)
+			if m == n {
+				end = j + m
+				break
+			}
+			j += m
+		}
+		if end < 0 {
+			i += n
+			continue
+		}
+		for k := i; k < end; k++ {
+			if b[k] != '\n' {
+				b[k] = ' '
+			}
+		}
+		i = end
+	}
+	return string(b)
 }
