@@ -5,7 +5,7 @@ package muxwebhook
 // Several machines: Caddy gateways (the built binary, as processes) sharing
 // one stream on a three-node NATS cluster (nats-server processes started
 // from examples/cluster/nats.conf), and examples/cluster/run itself. The
-// faults of that setup are in faults_cluster_test.go.
+// faults of that setup are in e2e_faults_cluster_test.go.
 
 import (
 	"context"
@@ -211,7 +211,7 @@ tls {
 	testwait.For(t, func() bool { return backend.received()["tls-1"] == 1 }, func() string { return "tls-1 never delivered" })
 }
 
-// TestClusterExample runs examples/cluster/run as the README shows it, on
+// TestClusterExample runs examples/cluster/run as docs/cluster.md shows it, on
 // ports moved by an offset and with a state directory of its own: up
 // starts three NATS nodes, the backend and two gateways; an event sent to
 // both gateways is delivered once; status shows both gateways' view of

@@ -3,7 +3,7 @@
 package muxwebhook
 
 // The console in a real browser (Debian's Chromium, driven by web/browser-test.js),
-// which also takes the README's screenshots into docs/.
+// which also takes the screenshots of docs/observability.md (docs/console-*.png).
 
 import (
 	"context"

@@ -5,7 +5,7 @@ package muxwebhook
 // Differential test against the official verifier: difftest/sdk-verdicts.js
 // asks @mux/mux-node for its verdict on 600 valid and mutated deliveries;
 // ours must agree, except for the intentional differences below, which the
-// README's security section lists.
+// page docs/security.md lists ("Intentional differences from Mux's SDK").
 
 import (
 	"context"

@@ -3,7 +3,7 @@
 package muxwebhook
 
 // Faults of several gateways on a three-node NATS cluster, against real
-// processes killed with SIGKILL (helpers in cluster_test.go).
+// processes killed with SIGKILL (harness in e2e_nats_helpers_test.go).
 
 import (
 	"fmt"

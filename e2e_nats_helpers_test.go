@@ -436,7 +436,7 @@ func natsServer(t *testing.T) (string, *exec.Cmd) {
 
 // natsServerWithConfig runs nats-server with the config text (written to
 // a file in dir) until the test ends; addr is where the config listens.
-// The config's max_payload is 2MB, as the README asks of a NATS server
+// The config's max_payload is 2MB, as docs/cluster.md asks of a NATS server
 // for max_body's default (1 MiB and the headers).
 func natsServerWithConfig(t *testing.T, dir, addr, text string) *exec.Cmd {
 	t.Helper()

@@ -328,18 +328,6 @@ func event(typ, id string, data string) []byte {
 
 func stopCaddy() error { return caddy.Stop() }
 
-// waitFor and waitForLong: testwait.For and testwait.Until, for the
-// callers not yet moved to them.
-func waitFor(t *testing.T, cond func() bool, describe func() string) {
-	t.Helper()
-	testwait.For(t, cond, describe)
-}
-
-func waitForLong(t *testing.T, limit time.Duration, cond func() bool, describe func() string) {
-	t.Helper()
-	testwait.Until(t, limit, cond, describe)
-}
-
 const demoSecret = "dev-only-secret-DO-NOT-USE-IN-PRODUCTION"
 
 // sendQueued sends one event to g and waits until app has had `deliveries`

@@ -15,7 +15,7 @@ import (
 	"unicode/utf8"
 )
 
-// Live log defaults and bounds, as documented in the README.
+// Live log defaults and bounds, as documented in docs/observability.md.
 const (
 	DefaultLogSize = 500
 	DefaultLogBody = 16 << 10

@@ -27,6 +27,8 @@ import (
 	"testing"
 	"time"
 	"unicode"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 )
 
 const (
@@ -624,7 +626,7 @@ func (s *blockSite) waitDeadLetters(destination string, attempts int, labels ...
 		LastError string `json:"last_error"`
 	}
 	url := "http://" + s.adminAddress() + "/mux-webhook/queue/dead?destination=" + destination
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		dead = nil
 		getJSON(t, url, &dead)
 		return len(dead) >= len(labels)
@@ -659,7 +661,7 @@ func checkMondayRedeliver(t *testing.T, s *blockSite) {
 	if err != nil || !strings.Contains(out, "redelivered 2 dead letters of app") {
 		t.Fatalf("queue redeliver app --all: %v\n%s", err, out)
 	}
-	waitFor(t, func() bool { return len(app.requests()) == 2 }, func() string {
+	testwait.For(t, func() bool { return len(app.requests()) == 2 }, func() string {
 		return fmt.Sprintf("the backend got %d requests after the redelivery, want 2", len(app.requests()))
 	})
 	for _, r := range app.requests() {
@@ -673,7 +675,7 @@ func checkMondayRedeliver(t *testing.T, s *blockSite) {
 	// The backend answered; the queue counts each delivery once its
 	// acknowledgement is stored.
 	done := regexp.MustCompile(`(?m)^app\s+0\s+0\s+2\s+0\s`)
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		out, err = runCommand(t, "", "queue", "--address", admin)
 		return err == nil && done.MatchString(out)
 	}, func() string {
@@ -905,14 +907,8 @@ func (bt blockTest) prepare(t *testing.T, cfg string, r blockRun) *blockSite {
 func (s *blockSite) withTestGlobals(cfg string) string {
 	dir := s.t.TempDir()
 	s.logFile = filepath.Join(dir, "caddy.log")
-	opts := []struct{ name, line string }{
-		{"admin", "admin off"},
-		{"persist_config", "persist_config off"},
-		{"auto_https", "auto_https off"},
-		{"default_bind", "default_bind 127.0.0.1"},
-		{"storage", "storage file_system " + filepath.Join(dir, "storage")},
-		{"log", "log {\n\t\toutput file " + s.logFile + "\n\t\tformat json\n\t}"},
-	}
+	// The tests' global options, each unless the block sets it itself.
+	opts := testGlobals{storage: filepath.Join(dir, "storage"), logFile: s.logFile}.options()
 	lines := strings.Split(cfg, "\n")
 	start, end := -1, -1
 	for i, l := range lines {
@@ -1192,7 +1188,7 @@ func (s *blockSite) checkQueued() {
 		sort.Strings(out)
 		return strings.Join(out, "; ")
 	}
-	waitFor(t, func() bool {
+	testwait.For(t, func() bool {
 		for _, d := range s.queued {
 			for _, to := range d.targets() {
 				if _, ok := find(to, d.body); !ok {

@@ -8,7 +8,7 @@
 //
 // APP_BACKEND_URL is the test's backend of "app": POST /fix makes it answer
 // 200, GET /received lists the event ids it accepted. With SCREENSHOT_DIR,
-// each view is saved there as console-*.png (the README's pictures).
+// each view is saved there as console-*.png (the pictures of docs/observability.md).
 //
 // What must work: events arrive live on the Events view and the search
 // narrows them; an event's detail shows its headers (signature redacted),

@@ -49,6 +49,7 @@ func main() {
 	}
 
 	output := map[key]*strings.Builder{}
+	partial := map[key]string{} // output after the last newline, by test
 	var passed, failed, skipped []key
 	failedPkgs := map[string]bool{}
 	sc := bufio.NewScanner(os.Stdin)
@@ -84,9 +85,19 @@ func main() {
 			if b.Len() < 4<<20 {
 				b.WriteString(e.Output)
 			}
-			if isBenchResult(e.Output) {
-				fmt.Print(e.Output)
+			// A benchmark's result line may come in several events.
+			line := partial[k] + e.Output
+			for {
+				i := strings.IndexByte(line, '\n')
+				if i < 0 {
+					break
+				}
+				if isBenchResult(line[:i]) {
+					fmt.Println(line[:i])
+				}
+				line = line[i+1:]
 			}
+			partial[k] = line
 		case "pass", "fail", "skip":
 			if e.Test == "" {
 				// The package's end: print its summary line as go test does.

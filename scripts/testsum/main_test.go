@@ -49,6 +49,8 @@ func TestCountsAndSkipReasons(t *testing.T) {
 		{Action: "output", Package: pkg, Test: "TestB", Output: "--- SKIP: TestB (0.00s)\n"},
 		{Action: "skip", Package: pkg, Test: "TestB"},
 		{Action: "pass", Package: pkg, Test: "TestC/sub"},
+		{Action: "output", Package: pkg, Test: "BenchmarkX", Output: "BenchmarkX/a-2         \t"},
+		{Action: "output", Package: pkg, Test: "BenchmarkX", Output: "       1\t   1765839 ns/op\n"},
 		{Action: "pass", Package: pkg, Test: "TestC"},
 		{Action: "output", Package: pkg, Output: "ok  \t" + pkg + "\t1.0s\n"},
 		{Action: "pass", Package: pkg},
@@ -61,6 +63,9 @@ func TestCountsAndSkipReasons(t *testing.T) {
 	}
 	if !strings.Contains(out, "skipped TestB (.): e2e_helpers_test.go:12: nats-server not installed") {
 		t.Errorf("no skip reason:\n%s", out)
+	}
+	if !strings.Contains(out, "BenchmarkX/a-2         \t       1\t   1765839 ns/op\n") {
+		t.Errorf("a benchmark result written in two parts is not shown whole:\n%s", out)
 	}
 	if strings.Contains(out, "caddy says hello") {
 		t.Errorf("a passing test's output was shown:\n%s", out)
