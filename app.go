@@ -43,7 +43,7 @@ type App struct {
 	// Destinations are where mux_deliver delivers, by name.
 	Destinations map[string]*DestinationConfig `json:"destinations,omitempty"`
 
-	delivery *delivery
+	queue *appQueue
 
 	// maxBody is the largest max_body of the config's mux_webhook
 	// handlers (they tell the app when they are provisioned, before it
@@ -84,7 +84,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("mux_webhook: registering metrics: %v", err)
 	}
 	var err error
-	a.delivery, err = a.provisionDelivery(ctx)
+	a.queue, err = a.provisionQueue(ctx)
 	return err
 }
 
@@ -123,9 +123,9 @@ func runningApp() *App {
 
 // Start starts the delivery workers, if destinations are configured.
 func (a *App) Start() error {
-	if a.delivery != nil {
-		a.delivery.qc.MaxBody = a.maxBody
-		if err := a.delivery.start(); err != nil {
+	if a.queue != nil {
+		a.queue.qc.MaxBody = a.maxBody
+		if err := a.queue.start(); err != nil {
 			return err
 		}
 	}
@@ -143,16 +143,16 @@ func (a *App) Stop() error {
 		running.apps = slices.Delete(running.apps, i, i+1)
 	}
 	running.Unlock()
-	if a.delivery != nil {
-		a.delivery.stop()
+	if a.queue != nil {
+		a.queue.stop()
 	}
 	return nil
 }
 
 // Cleanup releases the queue's store; it is closed when no config uses it.
 func (a *App) Cleanup() error {
-	if a.delivery != nil {
-		a.delivery.cleanup()
+	if a.queue != nil {
+		a.queue.cleanup()
 	}
 	return nil
 }

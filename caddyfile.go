@@ -30,7 +30,7 @@ func init() {
 	httpcaddyfile.RegisterHandlerDirective("mux_deliver", parseDeliverCaddyfile)
 	httpcaddyfile.RegisterDirectiveOrder("mux_deliver", httpcaddyfile.Before, "respond")
 	httpcaddyfile.RegisterHandlerDirective("mux_webhook_ui", func(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
-		u := new(UI)
+		u := new(Console)
 		return u, u.UnmarshalCaddyfile(h.Dispenser)
 	})
 	httpcaddyfile.RegisterDirectiveOrder("mux_webhook_ui", httpcaddyfile.Before, "respond")
@@ -439,7 +439,7 @@ func parsePositiveDuration(d *caddyfile.Dispenser, what string) (caddy.Duration,
 
 // parseDeliverCaddyfile parses mux_deliver [<matcher>] <destination>...
 func parseDeliverCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
-	dh := new(Deliver)
+	dh := new(DeliverHandler)
 	h.Next()
 	dh.Destinations = h.RemainingArgs()
 	if len(dh.Destinations) == 0 {
@@ -472,7 +472,7 @@ func parseStoreCaddyfile(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, e
 	default:
 		return nil, h.Errf("mux_store: want [<matcher>] <path-template>, e.g. mux_store /var/spool/mux/{http.mux.event.type}/{http.mux.event.id}.json")
 	}
-	s := new(Store)
+	s := new(FileStore)
 	if !h.NextArg() {
 		return nil, h.ArgErr()
 	}
@@ -514,7 +514,7 @@ func (m *MatchMuxEvent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 }
 
 // UnmarshalCaddyfile: mux_webhook_ui takes no arguments.
-func (u *UI) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+func (u *Console) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next()
 	if d.NextArg() || d.NextBlock(0) {
 		return d.Err("mux_webhook_ui takes no arguments; mount it with handle_path /mux-webhook/* { mux_webhook_ui }")
@@ -526,5 +526,5 @@ func (u *UI) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 var (
 	_ caddyfile.Unmarshaler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler = (*MatchMuxEvent)(nil)
-	_ caddyfile.Unmarshaler = (*UI)(nil)
+	_ caddyfile.Unmarshaler = (*Console)(nil)
 )

@@ -31,7 +31,7 @@ import (
 )
 
 func init() {
-	caddy.RegisterModule(UI{})
+	caddy.RegisterModule(Console{})
 }
 
 // ConsoleHeader must be on every change the console's page requests. An
@@ -40,28 +40,28 @@ func init() {
 // grants.
 const ConsoleHeader = "X-Mux-Webhook-Console"
 
-// UI serves the console's page at "/" (and "/index.html"), the live log's
+// Console serves the console's page at "/" (and "/index.html"), the live log's
 // entries at "/events", its event stream at "/events/stream" and the
 // delivery queue at "/queue", "/queue/dead" and "/queue/redeliver",
 // relative to the route; use it inside handle_path. It answers every
 // request it gets.
-type UI struct {
+type Console struct {
 	ctx    caddy.Context
 	app    *App
 	logger *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
-func (UI) CaddyModule() caddy.ModuleInfo {
+func (Console) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
 		ID:  "http.handlers.mux_webhook_ui",
-		New: func() caddy.Module { return new(UI) },
+		New: func() caddy.Module { return new(Console) },
 	}
 }
 
 // Provision keeps the context, whose end closes event streams, and the
 // mux_webhook app, whose delivery queue the console shows.
-func (u *UI) Provision(ctx caddy.Context) error {
+func (u *Console) Provision(ctx caddy.Context) error {
 	u.ctx, u.logger = ctx, ctx.Logger()
 	v, err := ctx.AppIfConfigured("mux_webhook")
 	if err != nil && !errors.Is(err, caddy.ErrNotConfigured) {
@@ -74,7 +74,7 @@ func (u *UI) Provision(ctx caddy.Context) error {
 // ServeHTTP serves the console. Errors are answered as the admin API
 // answers them, {"error": "…"} with the status, so that the page can say
 // what went wrong.
-func (u *UI) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+func (u *Console) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	path := r.URL.Path
 	if path == "" {
 		path = "/"
@@ -153,6 +153,6 @@ func sameHost(origin, host string) bool {
 
 // Interface guards
 var (
-	_ caddyhttp.MiddlewareHandler = (*UI)(nil)
-	_ caddy.Provisioner           = (*UI)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Console)(nil)
+	_ caddy.Provisioner           = (*Console)(nil)
 )

@@ -55,7 +55,7 @@ func TestConsoleRefusesCrossSiteChanges(t *testing.T) {
 		{"Sec-Fetch-Site same-site", "POST", host, hdr{ConsoleHeader: "1", "Origin": "https://" + host, "Sec-Fetch-Site": "same-site"}, "same-site"},
 		{"Sec-Fetch-Site none (typed in the address bar)", "POST", host, hdr{ConsoleHeader: "1", "Sec-Fetch-Site": "none"}, "none"},
 	}
-	ui := &UI{logger: zap.NewNop()}
+	ui := &Console{logger: zap.NewNop()}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			r := httptest.NewRequest(c.method, "/queue/redeliver", strings.NewReader(`{"destination":"app","all":true}`))

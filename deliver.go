@@ -27,34 +27,34 @@ import (
 )
 
 func init() {
-	caddy.RegisterModule(Deliver{})
+	caddy.RegisterModule(DeliverHandler{})
 }
 
-// Deliver is the mux_deliver handler: a terminal handler that stores one
+// DeliverHandler is the mux_deliver handler: a terminal handler that stores one
 // copy of the event mux_webhook verified earlier in the request per named
 // destination, and answers 202 once all are stored (503 if any could not
 // be, within enqueue_timeout; Mux's retry is then stored once per
 // destination, thanks to the dedupe window). Without a verified event it
 // answers 500 and stores nothing.
-type Deliver struct {
+type DeliverHandler struct {
 	// Destinations are names configured with the mux_webhook global
 	// option's destination lines.
 	Destinations []string `json:"destinations,omitempty"`
 
-	delivery *delivery
-	logger   *zap.Logger
+	queue  *appQueue
+	logger *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
-func (Deliver) CaddyModule() caddy.ModuleInfo {
+func (DeliverHandler) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
 		ID:  "http.handlers.mux_deliver",
-		New: func() caddy.Module { return new(Deliver) },
+		New: func() caddy.Module { return new(DeliverHandler) },
 	}
 }
 
 // Provision finds the destinations in the mux_webhook app.
-func (h *Deliver) Provision(ctx caddy.Context) error {
+func (h *DeliverHandler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
 	if len(h.Destinations) == 0 {
 		return errors.New("mux_deliver: name at least one destination, e.g. mux_deliver app")
@@ -63,32 +63,32 @@ func (h *Deliver) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("mux_deliver: loading the mux_webhook app: %v", err)
 	}
-	d := appVal.(*App).delivery
+	d := appVal.(*App).queue
 	for _, name := range h.Destinations {
 		if d == nil || d.destinations[name].Name == "" {
 			return fmt.Errorf("mux_deliver: unknown destination %q; declare it in the global options: mux_webhook { destination %s <url> }", name, name)
 		}
 	}
-	h.delivery = d
+	h.queue = d
 	return nil
 }
 
 // ServeHTTP stores the verified event for every destination.
-func (h *Deliver) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+func (h *DeliverHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	ev := EventFromRequest(r)
 	if ev == nil {
 		h.logger.Error("mux_deliver: no verified event in this request; put mux_webhook before it in the route", zap.String("uri", r.RequestURI))
 		return caddyhttp.Error(http.StatusInternalServerError, errors.New("mux_deliver: no verified event"))
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.delivery.cfg.EnqueueTimeout))
+	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.queue.cfg.EnqueueTimeout))
 	defer cancel()
-	store := h.delivery.store()
+	store := h.queue.store()
 	if store == nil {
 		// Caddy starts its apps in no fixed order: a request may come in
 		// before the queue is open. It waits, within enqueue_timeout.
 		select {
-		case <-h.delivery.opened:
-			store = h.delivery.store()
+		case <-h.queue.opened:
+			store = h.queue.store()
 		case <-ctx.Done():
 			return caddyhttp.Error(http.StatusServiceUnavailable, errors.New("mux_deliver: the queue is not open yet"))
 		}
@@ -124,6 +124,6 @@ func (h *Deliver) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 
 // Interface guards
 var (
-	_ caddyhttp.MiddlewareHandler = (*Deliver)(nil)
-	_ caddy.Provisioner           = (*Deliver)(nil)
+	_ caddyhttp.MiddlewareHandler = (*DeliverHandler)(nil)
+	_ caddy.Provisioner           = (*DeliverHandler)(nil)
 )

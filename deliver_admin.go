@@ -68,10 +68,10 @@ type QueueStatus struct {
 // serveQueue serves the queue's admin endpoints; sub is the path after
 // /mux-webhook/queue.
 func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) error {
-	if app == nil || app.delivery == nil {
+	if app == nil || app.queue == nil {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errors.New("no delivery queue is configured (mux_webhook { destination … })")}
 	}
-	d := app.delivery
+	d := app.queue
 	h := d.handle.Load()
 	if h == nil {
 		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: errors.New("the delivery queue is not open yet")}
@@ -244,7 +244,7 @@ func checkDestinationURL(raw string) error {
 
 // knownDeadDestination accepts a configured destination's name, or that
 // of one no longer configured whose dead letters are kept.
-func knownDeadDestination(r *http.Request, d *delivery, store *queue.Store, name string) error {
+func knownDeadDestination(r *http.Request, d *appQueue, store *queue.Store, name string) error {
 	if _, ok := d.destinations[name]; ok {
 		return nil
 	}

@@ -110,9 +110,9 @@ type DestinationConfig struct {
 	Header map[string]string `json:"header,omitempty"`
 }
 
-// provisionDelivery opens (or shares) the store and checks the
+// provisionQueue opens (or shares) the store and checks the
 // destinations. It returns nil when neither is configured.
-func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
+func (a *App) provisionQueue(ctx caddy.Context) (*appQueue, error) {
 	if a.Queue == nil && len(a.Destinations) == 0 {
 		return nil, nil
 	}
@@ -145,7 +145,7 @@ func (a *App) provisionDelivery(ctx caddy.Context) (*delivery, error) {
 		}
 		cfg.Dir = dir
 	}
-	d := &delivery{
+	d := &appQueue{
 		cfg: cfg, destinations: map[string]queue.Destination{}, workerKeys: map[string]string{}, logger: ctx.Logger(),
 		instance: hostname(), opened: make(chan struct{}),
 	}

@@ -26,7 +26,7 @@ type stallWatch struct {
 // checkStall reads a destination's latest status into its watchdog and
 // reports whether it is stalled now, since when, and whether that
 // changed.
-func (s *storeHandle) checkStall(dest queue.Destination, st queue.Status, now time.Time) (stalled bool, since time.Time, changed bool) {
+func (s *pooledStore) checkStall(dest queue.Destination, st queue.Status, now time.Time) (stalled bool, since time.Time, changed bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.watch == nil {
@@ -45,7 +45,7 @@ func (s *storeHandle) checkStall(dest queue.Destination, st queue.Status, now ti
 
 // holdStalls stops the watchdogs' clocks up to now: the queue is down,
 // and says so itself.
-func (s *storeHandle) holdStalls(now time.Time) {
+func (s *pooledStore) holdStalls(now time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, w := range s.watch {
@@ -54,7 +54,7 @@ func (s *storeHandle) holdStalls(now time.Time) {
 }
 
 // stall is what the watchdog last found of destination.
-func (s *storeHandle) stall(destination string) (stalled bool, since time.Time) {
+func (s *pooledStore) stall(destination string) (stalled bool, since time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if w := s.watch[destination]; w != nil {
@@ -68,7 +68,7 @@ func (s *storeHandle) stall(destination string) (stalled bool, since time.Time) 
 // name delivers them) and count against max_bytes. It runs with the
 // gauges, not in start: a reload must not wait for a queue that does
 // not answer just to say this.
-func (d *delivery) warnOrphans(ctx context.Context) {
+func (d *appQueue) warnOrphans(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
 	defer cancel()
 	queued, err := d.store().Queued(ctx)
@@ -88,7 +88,7 @@ func (d *delivery) warnOrphans(ctx context.Context) {
 const queueGaugeInterval = 5 * time.Second
 
 // gauges keeps the queue metrics current until ctx ends.
-func (d *delivery) gauges(ctx context.Context) {
+func (d *appQueue) gauges(ctx context.Context) {
 	t := time.NewTicker(queueGaugeInterval)
 	defer t.Stop()
 	for {
@@ -138,7 +138,7 @@ func (d *delivery) gauges(ctx context.Context) {
 
 // watchStall runs the destination's watchdog on its latest status: the
 // metric, and an ERROR line when it stalls (INFO when it no longer is).
-func (d *delivery) watchStall(name string, st queue.Status) {
+func (d *appQueue) watchStall(name string, st queue.Status) {
 	h := d.handle.Load()
 	stalled, since, changed := h.checkStall(d.destinations[name], st, time.Now())
 	v := 0.0
@@ -175,7 +175,7 @@ var gauged = struct {
 // dropRemovedGauges removes the gauge series of destinations a reload
 // removed, so that no stale figure is exported for them. (While an old
 // config stops, its loop may set one once more; the next pass drops it.)
-func (d *delivery) dropRemovedGauges() {
+func (d *appQueue) dropRemovedGauges() {
 	gauged.Lock()
 	defer gauged.Unlock()
 	for name := range gauged.names {
@@ -192,7 +192,7 @@ func (d *delivery) dropRemovedGauges() {
 	}
 }
 
-func (d *delivery) logAttempt(a queue.Attempt) {
+func (d *appQueue) logAttempt(a queue.Attempt) {
 	if a.Result != "" && !(a.NoAttempt && a.Result != "dead") {
 		muxMetrics.deliveries.WithLabelValues(a.Destination, a.Result).Inc()
 	}

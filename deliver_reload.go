@@ -5,7 +5,7 @@
 // survives exactly that.
 //
 //	value        (file)               what                                        lifetime
-//	stores       (here)               the open queue.Store (+ this process's     while a started config uses it (usage pool,
+//	storePool    (here)               the open queue.Store (+ this process's     while a started config uses it (usage pool,
 //	                                  delivered counts, last errors, watchdogs)  by dir or NATS URLs + credentials' hash)
 //	workerPool   (here)               each destination's running workers         while a started config uses them (by the
 //	                                                                             destination's settings, salted hash)
@@ -41,13 +41,13 @@ import (
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
 )
 
-// stores holds the queue's store across config reloads: the embedded
+// storePool holds the queue's store across config reloads: the embedded
 // server is not restarted, and nothing queued is lost or repeated.
-var stores = caddy.NewUsagePool()
+var storePool = caddy.NewUsagePool()
 
-// storeHandle is a store in the pool, with what this process's workers
+// pooledStore is a store in the pool, with what this process's workers
 // did per destination: like the store, it outlives reloads.
-type storeHandle struct {
+type pooledStore struct {
 	*queue.Store
 
 	mu    sync.Mutex
@@ -61,11 +61,11 @@ type storeHandle struct {
 // its own, on the same stream.)
 var started struct {
 	sync.Mutex
-	configs []*delivery
+	configs []*appQueue
 }
 
 // useStarted records that d's queue started.
-func useStarted(d *delivery) {
+func useStarted(d *appQueue) {
 	started.Lock()
 	defer started.Unlock()
 	started.configs = append(started.configs, d)
@@ -74,7 +74,7 @@ func useStarted(d *delivery) {
 // releaseStarted forgets d. If d was the newest config (a reload that
 // Caddy rolled back after this app started), it returns the newest config
 // still running, whose settings must be put back; else nil.
-func releaseStarted(d *delivery) *delivery {
+func releaseStarted(d *appQueue) *appQueue {
 	started.Lock()
 	defer started.Unlock()
 	i := slices.Index(started.configs, d)
@@ -90,7 +90,7 @@ func releaseStarted(d *delivery) *delivery {
 }
 
 // Destruct closes the store when no config uses it any more.
-func (s *storeHandle) Destruct() error {
+func (s *pooledStore) Destruct() error {
 	s.Close()
 	return nil
 }
@@ -106,7 +106,7 @@ type destinationStats struct {
 }
 
 // stat returns a copy of destination's counts.
-func (s *storeHandle) stat(destination string) destinationStats {
+func (s *pooledStore) stat(destination string) destinationStats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if st := s.stats[destination]; st != nil {
@@ -116,7 +116,7 @@ func (s *storeHandle) stat(destination string) destinationStats {
 }
 
 // count records an attempt's result.
-func (s *storeHandle) count(a queue.Attempt) {
+func (s *pooledStore) count(a queue.Attempt) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.stats[a.Destination]
@@ -135,12 +135,12 @@ func (s *storeHandle) count(a queue.Attempt) {
 	}
 }
 
-// delivery is the app's provisioned queue: the store and the destinations.
-type delivery struct {
+// appQueue is the app's provisioned queue: the store and the destinations.
+type appQueue struct {
 	cfg          QueueConfig
 	poolKey      string
 	qc           queue.Config
-	handle       atomic.Pointer[storeHandle] // set once the app started
+	handle       atomic.Pointer[pooledStore] // set once the app started
 	opened       chan struct{}               // closed once handle is set
 	openedOnce   sync.Once
 	destinations map[string]queue.Destination
@@ -155,7 +155,7 @@ type delivery struct {
 }
 
 // store is the open store, or nil before the app started.
-func (d *delivery) store() *queue.Store {
+func (d *appQueue) store() *queue.Store {
 	if h := d.handle.Load(); h != nil {
 		return h.Store
 	}
@@ -167,25 +167,25 @@ func (d *delivery) store() *queue.Store {
 // process of its own, which must never open a running Caddy's store.
 // A reload that shares the running store applies its max_bytes,
 // dedupe_window and replicas to the stream.
-func (d *delivery) open() error {
+func (d *appQueue) open() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	val, loaded, err := stores.LoadOrNew(d.poolKey, func() (caddy.Destructor, error) {
+	val, loaded, err := storePool.LoadOrNew(d.poolKey, func() (caddy.Destructor, error) {
 		qc := d.qc
 		qc.HandBacks = ledgerFor(qc)
 		s, err := queue.Open(ctx, qc)
 		if err != nil {
 			return nil, err
 		}
-		return &storeHandle{Store: s, stats: map[string]*destinationStats{}}, nil
+		return &pooledStore{Store: s, stats: map[string]*destinationStats{}}, nil
 	})
 	if err != nil {
 		return fmt.Errorf("mux_webhook: queue: %v", err)
 	}
-	h := val.(*storeHandle)
+	h := val.(*pooledStore)
 	if loaded {
 		if err := h.Reconfigure(ctx, d.qc); err != nil {
-			_, _ = stores.Delete(d.poolKey)
+			_, _ = storePool.Delete(d.poolKey)
 			return fmt.Errorf("mux_webhook: %v", err)
 		}
 	}
@@ -197,7 +197,7 @@ func (d *delivery) open() error {
 
 // start runs the delivery workers, logging each failed attempt at WARN
 // and each dead letter at ERROR (never a secret).
-func (d *delivery) start() error {
+func (d *appQueue) start() error {
 	err := d.open()
 	if err == nil {
 		return d.startWorkers()
@@ -243,7 +243,7 @@ func (d *delivery) start() error {
 
 // addStop registers what stop must do (start's retry may register the
 // workers' while a stop begins).
-func (d *delivery) addStop(f func()) {
+func (d *appQueue) addStop(f func()) {
 	d.stopsMu.Lock()
 	defer d.stopsMu.Unlock()
 	if d.stopped {
@@ -255,7 +255,7 @@ func (d *delivery) addStop(f func()) {
 
 // startWorkers runs each destination's workers on the open store, and the
 // gauges.
-func (d *delivery) startWorkers() error {
+func (d *appQueue) startWorkers() error {
 	var started []func() // undone here if a destination's workers fail to start
 	for name, dest := range d.destinations {
 		key := d.workerKeys[name]
@@ -331,14 +331,14 @@ var workerPool = caddy.NewUsagePool()
 // workers are one destination's running delivery workers.
 type workers struct {
 	stop    func()
-	observe atomic.Pointer[delivery] // the newest config using them logs their attempts
+	observe atomic.Pointer[appQueue] // the newest config using them logs their attempts
 
 	mu    sync.Mutex
-	users []*delivery // the started configs using them, oldest first
+	users []*appQueue // the started configs using them, oldest first
 }
 
 // use makes d, a config that just started, log the workers' attempts.
-func (w *workers) use(d *delivery) {
+func (w *workers) use(d *appQueue) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.users = append(w.users, d)
@@ -347,7 +347,7 @@ func (w *workers) use(d *delivery) {
 
 // release forgets d: the newest config still using the workers logs
 // their attempts (after a reload that Caddy rolled back, the running one).
-func (w *workers) release(d *delivery) {
+func (w *workers) release(d *appQueue) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if i := slices.Index(w.users, d); i >= 0 {
@@ -371,7 +371,7 @@ func (w *workers) Destruct() error {
 // not in turn: each may wait for its attempts in progress (a grace of up
 // to workerStopGrace), and a shutdown must not wait that once per
 // destination.
-func (d *delivery) stop() {
+func (d *appQueue) stop() {
 	d.stopsMu.Lock()
 	stops := d.stops
 	d.stops, d.stopped = nil, true
@@ -383,7 +383,7 @@ func (d *delivery) stop() {
 	wg.Wait()
 }
 
-func (d *delivery) cleanup() {
+func (d *appQueue) cleanup() {
 	d.stop()
 	h := d.handle.Load()
 	if h == nil {
@@ -398,7 +398,7 @@ func (d *delivery) cleanup() {
 			running.restore(h, d)
 		}
 	}
-	_, _ = stores.Delete(d.poolKey)
+	_, _ = storePool.Delete(d.poolKey)
 }
 
 // sameStream reports whether two configs' queues are one stream on
@@ -423,7 +423,7 @@ func sameStream(a, b queue.Config) bool {
 // as it was. The requests go through h, newer's store, which knows the
 // settings newer applied. What newer left as it was costs no request to
 // the queue.
-func (d *delivery) restore(h *storeHandle, newer *delivery) {
+func (d *appQueue) restore(h *pooledStore, newer *appQueue) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := h.Reconfigure(ctx, d.qc); err != nil {

@@ -155,7 +155,7 @@ func TestDeliveryStopsDestinationsAtOnce(t *testing.T) {
 	all := make(chan struct{})
 	go func() { arrived.Wait(); close(all) }()
 	var together atomic.Int32
-	d := &delivery{}
+	d := &appQueue{}
 	for range n {
 		d.stops = append(d.stops, func() {
 			arrived.Done()
@@ -300,9 +300,9 @@ func TestMuxDeliverPoolsCountRight(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := appVal.(*App).delivery
+	d := appVal.(*App).queue
 	keys := []string{d.workerKeys["steady"], d.workerKeys["changing"]}
-	if n, _ := stores.References(d.poolKey); n != 1 {
+	if n, _ := storePool.References(d.poolKey); n != 1 {
 		t.Errorf("the store has %d users, want 1 (the running config)", n)
 	}
 	for _, k := range keys {
@@ -323,7 +323,7 @@ func TestMuxDeliverPoolsCountRight(t *testing.T) {
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	if n, ok := stores.References(d.poolKey); ok {
+	if n, ok := storePool.References(d.poolKey); ok {
 		t.Errorf("after Caddy stopped, the store still has %d users", n)
 	}
 	for _, k := range keys {

@@ -27,7 +27,7 @@ import (
 )
 
 func init() {
-	caddy.RegisterModule(Store{})
+	caddy.RegisterModule(FileStore{})
 }
 
 // Bounds of the store.
@@ -54,7 +54,7 @@ const (
 	ReplayHeader = "Mux-Webhook-Replay"
 )
 
-// Store is a terminal handler that writes the raw body of the event that
+// FileStore is a terminal handler that writes the raw body of the event that
 // mux_webhook verified earlier in the request to a file, and answers 202
 // once the file is durably on disk (503 if it cannot be written, so that
 // Mux retries). It reads the body kept with the verified event, not the
@@ -63,7 +63,7 @@ const (
 // nothing. A delivery made by `caddy mux-webhook replay` (ReplayHeader) is
 // answered 503 without writing, so that replay stops instead of counting
 // an event as delivered that only went back to the spool.
-type Store struct {
+type FileStore struct {
 	// Path is the file to write, with placeholders, e.g.
 	// /var/spool/mux/{http.mux.event.type}/{http.mux.event.id}.json.
 	// Configuration placeholders ({env.*}, {file.*}) are resolved once,
@@ -87,16 +87,16 @@ type Store struct {
 }
 
 // CaddyModule returns the Caddy module information.
-func (Store) CaddyModule() caddy.ModuleInfo {
+func (FileStore) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
 		ID:  "http.handlers.mux_store",
-		New: func() caddy.Module { return new(Store) },
+		New: func() caddy.Module { return new(FileStore) },
 	}
 }
 
 // Provision sets the default status, resolves the configuration
 // placeholders of the path and finds its fixed root.
-func (s *Store) Provision(ctx caddy.Context) error {
+func (s *FileStore) Provision(ctx caddy.Context) error {
 	s.logger = ctx.Logger()
 	if s.Status == 0 {
 		s.Status = http.StatusAccepted
@@ -117,7 +117,7 @@ func (s *Store) Provision(ctx caddy.Context) error {
 }
 
 // Validate checks the configuration.
-func (s *Store) Validate() error {
+func (s *FileStore) Validate() error {
 	if s.Path == "" {
 		return errors.New("mux_store: a path template is required, e.g. mux_store /var/spool/mux/{http.mux.event.type}/{http.mux.event.id}.json")
 	}
@@ -201,7 +201,7 @@ func storeRoot(configured, template string) (string, error) {
 }
 
 // ServeHTTP writes the verified event's body and answers Status.
-func (s *Store) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+func (s *FileStore) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	ev := EventFromRequest(r)
 	if ev == nil {
 		s.logger.Error("mux_store: no verified event in this request; put mux_webhook before it in the route", zap.String("uri", r.RequestURI))
@@ -239,7 +239,7 @@ func (s *Store) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 // resolve fills the template with sanitised placeholder values and checks
 // that the result stays under the store's root. A file name that would end
 // in .sig gets a "_" appended, so that no event is taken for a sidecar.
-func (s *Store) resolve(repl *caddy.Replacer) (string, error) {
+func (s *FileStore) resolve(repl *caddy.Replacer) (string, error) {
 	template := s.template
 	if template == "" {
 		template = s.Path
@@ -473,7 +473,7 @@ func syncDir(dir string) error {
 
 // Interface guards
 var (
-	_ caddyhttp.MiddlewareHandler = (*Store)(nil)
-	_ caddy.Provisioner           = (*Store)(nil)
-	_ caddy.Validator             = (*Store)(nil)
+	_ caddyhttp.MiddlewareHandler = (*FileStore)(nil)
+	_ caddy.Provisioner           = (*FileStore)(nil)
+	_ caddy.Validator             = (*FileStore)(nil)
 )

@@ -40,7 +40,7 @@ func TestSanitizePathValue(t *testing.T) {
 
 func TestStoreResolveStaysUnderRoot(t *testing.T) {
 	root := t.TempDir()
-	s := &Store{Path: root + "/{http.mux.event.type}/{http.mux.event.id}.json"}
+	s := &FileStore{Path: root + "/{http.mux.event.type}/{http.mux.event.id}.json"}
 	var err error
 	if s.root, err = storeRoot(s.Path, s.Path); err != nil || s.root != root {
 		t.Fatalf("root %q, %v; want %q", s.root, err, root)
@@ -59,7 +59,7 @@ func TestStoreResolveStaysUnderRoot(t *testing.T) {
 		}
 	}
 	// A template whose own literal part climbs out is refused.
-	s2 := &Store{Path: root + "/x/{http.mux.event.id}/../../../outside.json", root: root + "/x"}
+	s2 := &FileStore{Path: root + "/x/{http.mux.event.id}/../../../outside.json", root: root + "/x"}
 	repl := caddy.NewReplacer()
 	repl.Map((&Event{ID: "e"}).placeholder)
 	if _, err := s2.resolve(repl); err == nil {
