@@ -1542,3 +1542,43 @@ func blankCodeSpans(text string) string {
 	}
 	return string(b)
 }
+
+// TestLayoutTableNamesEveryFile: the repository layout table of
+// docs/architecture.md, how a newcomer finds things, names every source
+// file of the two packages (a row may name several with a glob, like
+// queue/lock_*.go) and every test file (directly, or as <file>_test.go
+// beside a source file, or by one of the table's globs).
+func TestLayoutTableNamesEveryFile(t *testing.T) {
+	doc, err := os.ReadFile("docs/architecture.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, m := range regexp.MustCompile("`([^`]+)`").FindAllStringSubmatch(string(doc), -1) {
+		names = append(names, m[1])
+	}
+	named := func(file string) bool {
+		for _, n := range names {
+			if ok, _ := filepath.Match(n, file); ok || n == file {
+				return true
+			}
+		}
+		return false
+	}
+	files, _ := filepath.Glob("*.go")
+	queueFiles, _ := filepath.Glob("queue/*.go")
+	for _, f := range append(files, queueFiles...) {
+		src, isTest := strings.CutSuffix(f, "_test.go")
+		if isTest && (named(src+".go") || named("<file>_test.go")) && fileExists(src+".go") {
+			continue // beside the file it tests
+		}
+		if !named(f) {
+			t.Errorf("docs/architecture.md's layout table does not name %s", f)
+		}
+	}
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
