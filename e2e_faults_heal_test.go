@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testfs"
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 )
 
@@ -249,14 +250,15 @@ func TestFaultStalledDestination(t *testing.T) {
 // deleted, the gateway accepts and delivers again by itself, and every
 // event answered 202 before, during and after is delivered.
 func TestFaultEmbeddedDiskFull(t *testing.T) {
-	mnt := smallTmpfs(t, "24m")
+	caddyBinary(t) // skips under -short or without the binary, before mounting
+	mnt := testfs.Small(t, "24m")
 	backend := newRecordingBackend(t, 0, nil)
 	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 4MiB\n\t\t\tdead_max_bytes 2MiB\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t}\n\t}", filepath.Join(mnt, "js"), backend.URL))
 	g.sendAll(t, 10*time.Second, "before")
 	waitDelivered(t, backend, 15*time.Second, g.out, "before")
 
 	filler := filepath.Join(mnt, "filler")
-	fillFile(t, filler)
+	testfs.Fill(t, filler)
 	accepted := []string{}
 	refused := ""
 	for i := 0; i < 200 && refused == ""; i++ {
@@ -298,7 +300,8 @@ func TestFaultEmbeddedDiskFull(t *testing.T) {
 // answers 503 and an ERROR line says why; once the disk has room, the
 // queue opens by itself and delivers what it held and what comes next.
 func TestFaultStartedOnAFullDisk(t *testing.T) {
-	mnt := smallTmpfs(t, "24m")
+	caddyBinary(t) // skips under -short or without the binary, before mounting
+	mnt := testfs.Small(t, "24m")
 	var down atomic.Bool
 	down.Store(true) // the first Caddy queues an event its backend does not take yet, and is killed
 	backend := newRecordingBackend(t, 0, func(string) bool { return down.Load() })
@@ -314,7 +317,7 @@ func TestFaultStartedOnAFullDisk(t *testing.T) {
 	down.Store(false)
 
 	filler := filepath.Join(mnt, "filler")
-	fillFile(t, filler)
+	testfs.Fill(t, filler)
 	port, admin := freePort(t), freePort(t)
 	dir := t.TempDir()
 	out, _ := runCaddyIn(t, caddyBinary(t), queueGatewayConfig(admin, global, port), dir, dir, nil)
@@ -332,42 +335,5 @@ func TestFaultStartedOnAFullDisk(t *testing.T) {
 	waitDelivered(t, backend, 30*time.Second, out, "held", "while-full", "after")
 	if !g.logged("info", "the store opened; delivering") {
 		t.Error("no INFO line said the queue opened")
-	}
-}
-
-// smallTmpfs mounts a tmpfs of size for the test, unmounted after
-// everything the test started has stopped; it skips, saying why, where it
-// cannot.
-func smallTmpfs(t *testing.T, size string) string {
-	t.Helper()
-	caddyBinary(t)
-	mnt := t.TempDir()
-	if os.Geteuid() != 0 {
-		t.Skip("a full disk needs a small filesystem of its own: mounting a tmpfs needs root")
-	}
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", mnt).CombinedOutput(); err != nil {
-		t.Skipf("a full disk needs a small filesystem of its own: mount -t tmpfs failed: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", "-l", mnt).CombinedOutput(); err != nil {
-			t.Errorf("umount: %v: %s", err, out)
-		}
-	})
-	return mnt
-}
-
-// fillFile writes path until its filesystem is full (bounded: 64 MiB).
-func fillFile(t *testing.T, path string) {
-	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	chunk := make([]byte, 1<<20)
-	for range 64 {
-		if _, err := f.Write(chunk); err != nil {
-			return
-		}
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -15,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testfs"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 )
@@ -129,7 +129,7 @@ func TestWorkersRecoverADeletedStream(t *testing.T) {
 // Once the filler is deleted, the store accepts and delivers again, with
 // no restart, and nothing stored before is lost.
 func TestEmbeddedStoreRecoversFromAFullDisk(t *testing.T) {
-	dir := smallFilesystem(t, "24m")
+	dir := testfs.Small(t, "24m")
 	core, logs := observer.New(zap.DebugLevel)
 	s := openTest(t, Config{Dir: filepath.Join(dir, "js"), MaxBytes: 4 << 20, DeadMaxBytes: 2 << 20, Logger: zap.New(core)})
 	defer s.Close()
@@ -142,7 +142,7 @@ func TestEmbeddedStoreRecoversFromAFullDisk(t *testing.T) {
 	put(t, s, "app", "kept", []byte(`{"id":"kept"}`))
 
 	filler := filepath.Join(dir, "filler")
-	fill(t, filler)
+	testfs.Fill(t, filler)
 	var failed error
 	body := []byte(`{"id":"x","pad":"` + strings.Repeat("p", 64<<10) + `"}`)
 	for i := 0; i < 200 && failed == nil; i++ {
@@ -192,43 +192,6 @@ func TestEmbeddedStoreRecoversFromAFullDisk(t *testing.T) {
 	waitUntil(t, "a log line saying the store accepts events again", func() bool {
 		return logs.FilterMessageSnippet("accepts events again").Len() > 0
 	})
-}
-
-// smallFilesystem mounts a tmpfs of size under a temporary directory,
-// unmounted when the test ends; it skips, saying why, where it cannot
-// (not root, no mount).
-func smallFilesystem(t *testing.T, size string) string {
-	t.Helper()
-	dir := t.TempDir()
-	if os.Geteuid() != 0 {
-		t.Skip("a full disk needs a small filesystem of its own: mounting one needs root")
-	}
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("a full disk needs a small filesystem of its own: mount -t tmpfs failed: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", "-l", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", dir, err, out)
-		}
-	})
-	return dir
-}
-
-// fill writes to path until its filesystem is full.
-func fill(t *testing.T, path string) {
-	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	chunk := make([]byte, 1<<20)
-	for range 4096 {
-		if _, err := f.Write(chunk); err != nil {
-			return
-		}
-	}
-	t.Fatal("the filesystem never filled")
 }
 
 // TestCloseWhileHealing: Close while heal starts the embedded JetStream

@@ -180,7 +180,7 @@ func duplicateCause(prev, cur delivery, faults []*faultRec) string {
 	case overlaps(lo, hi, faultDiskFull):
 		return "the disk was full when the ack was to be stored"
 	case overlaps(lo, hi, faultReload):
-		return "a reload while the attempt was in flight (docs/queue.md, "Guarantees and limits": reloads must not repeat events)"
+		return "a reload while the attempt was in flight (docs/queue.md, Guarantees and limits: reloads must not repeat events)"
 	}
 	return "unexplained (no fault around it)"
 }
