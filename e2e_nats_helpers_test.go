@@ -400,11 +400,13 @@ func writeTestPKI(t *testing.T, dir string) {
 var clusterExamplePorts = []int{4222, 4223, 4224, 6222, 6223, 6224, 8222, 8223, 8224, 8081, 8082, 2020, 2021, 9101}
 
 // clusterPortOffset finds an offset that puts every port of the example
-// on a free port of 127.0.0.1.
+// on a free port of 127.0.0.1, below Linux's ephemeral range (32768 and
+// up): a port in it may be taken between this check and the example's
+// bind by the source port of any connection on the machine.
 func clusterPortOffset(t *testing.T) int {
 	t.Helper()
 	for try := range 50 {
-		off := 20000 + (os.Getpid()*7+try*997)%20000
+		off := 10000 + (os.Getpid()*7+try*997)%13000 // the ports: 12020 to 32100
 		free := true
 		for _, p := range clusterExamplePorts {
 			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p+off))
