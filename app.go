@@ -1,13 +1,19 @@
-// The mux_webhook app: server-wide settings of the live log, set with the
-// Caddyfile global option
+// The mux_webhook app: the server-wide settings of the plugin, set with
+// the Caddyfile global option
 //
 //	{
 //		mux_webhook {
 //			log_size 500
 //			log_body 16KiB
+//			queue { ... }
+//			destination <name> <url> { ... }
 //		}
 //	}
 //
+// the live log's size and body cap, and the delivery queue's settings
+// (deliver_config.go) and lifecycle: Provision opens nothing, Start opens
+// the store and starts the workers, Stop stops them, Cleanup closes what
+// this config alone used (deliver_reload.go says what outlives a reload).
 // The app owns no entries: the live log (livelog.go) outlives config
 // reloads; each config's app sets its size and body cap when it loads.
 

@@ -1,10 +1,27 @@
-// Package muxwebhook is a Caddy plugin that verifies Mux webhook
-// deliveries at the edge and routes them by event type.
+// Package muxwebhook is a Caddy plugin that makes Caddy a gateway for Mux
+// webhooks: it verifies every delivery at the edge and routes, stores or
+// queues each authentic event. Its Caddy modules:
 //
-// The mux_webhook handler (this file) buffers the body within a bound,
-// checks the Mux-Signature header against the configured secrets and the
-// timestamp window, decodes the event and publishes it to the rest of the
-// route; the mux_event matcher (matcher.go) routes by its type.
+//   - http.handlers.mux_webhook (Handler, this file): buffers the body
+//     within a bound, checks Mux-Signature against the secrets and the
+//     timestamp window, decodes the event and publishes it to the rest of
+//     the route ({http.mux.*} placeholders, placeholders.go); dedupe.go
+//     suppresses repeated ids.
+//   - http.matchers.mux_event (MatchMuxEvent, matcher.go): routes by type.
+//   - http.handlers.mux_store (FileStore, store.go): the event as a file,
+//     with its signature proof, for `caddy mux-webhook replay`.
+//   - http.handlers.mux_deliver (DeliverHandler, deliver.go): a copy per
+//     destination in the delivery queue (package queue, NATS JetStream),
+//     delivered by its workers; deliver_*.go are its glue.
+//   - mux_webhook (App, app.go): the live log's settings and the queue's
+//     settings and lifecycle.
+//   - admin.api.mux_webhook (admin.go) and http.handlers.mux_webhook_ui
+//     (Console, console.go): Live Logs, the console and the queue's
+//     endpoints.
+//
+// and the `caddy mux-webhook` command (command*.go). The core (verify.go,
+// jsonscan.go, events.go) imports no Caddy. docs/architecture.md maps the
+// files.
 package muxwebhook
 
 import (
