@@ -449,3 +449,38 @@ func TestQueueDirSpellingsShareTheStore(t *testing.T) {
 		t.Errorf("%d events delivered more than once", repeated)
 	}
 }
+
+// TestLedgerPerStream: the glue keeps one hand-back ledger per stream (its
+// name, and where it is: the store directory or the NATS servers), so that
+// a Store a reload opens again, with other credentials or the servers
+// listed in another order, finds the copies its predecessor handed back;
+// and another stream never shares it.
+func TestLedgerPerStream(t *testing.T) {
+	dir := t.TempDir()
+	base := ledgerFor(queue.Config{Dir: dir, Stream: "LEDGER_GLUE"})
+	for name, same := range map[string]queue.Config{
+		"the same stream and dir": {Dir: dir, Stream: "LEDGER_GLUE"},
+		"other credentials":       {Dir: dir, Stream: "LEDGER_GLUE", User: "someone", Password: "else"},
+		"another max_bytes":       {Dir: dir, Stream: "LEDGER_GLUE", MaxBytes: 1 << 20},
+	} {
+		if ledgerFor(same) != base {
+			t.Errorf("%s: another ledger; hand-backs would count as attempts after a reload", name)
+		}
+	}
+	if ledgerFor(queue.Config{Dir: dir}) != ledgerFor(queue.Config{Dir: dir, Stream: queue.DefaultStream}) {
+		t.Error(`stream "" and the default stream have two ledgers`)
+	}
+	urls := ledgerFor(queue.Config{URLs: []string{"nats://a:4222", "nats://b:4222"}, Stream: "LEDGER_GLUE"})
+	if ledgerFor(queue.Config{URLs: []string{"nats://b:4222", "nats://a:4222"}, Stream: "LEDGER_GLUE"}) != urls {
+		t.Error("the NATS servers listed in another order have another ledger")
+	}
+	for name, other := range map[string]queue.Config{
+		"another stream":     {Dir: dir, Stream: "LEDGER_GLUE_2"},
+		"another dir":        {Dir: t.TempDir(), Stream: "LEDGER_GLUE"},
+		"the stream on NATS": {URLs: []string{"nats://a:4222"}, Stream: "LEDGER_GLUE"},
+	} {
+		if l := ledgerFor(other); l == base || l == nil {
+			t.Errorf("%s: shares the ledger (or has none)", name)
+		}
+	}
+}

@@ -77,7 +77,7 @@ http://127.0.0.1:%d {
 			if i%2 == 1 {
 				addr = fmt.Sprintf("127.0.0.1:%d", sitePort)
 			}
-			switch status := stalledStream(t, addr, "/mux-webhook/events/stream"); {
+			switch status := stalledStreamAfterReload(t, addr, "/mux-webhook/events/stream"); {
 			case status == http.StatusServiceUnavailable && round > 1:
 				refused++ // earlier rounds' stalled streams may hold slots until their deadline
 			case status != http.StatusOK:

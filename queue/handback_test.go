@@ -21,7 +21,7 @@ import (
 // same event (the hung attempts, cancelled by the stops, reached it and
 // count).
 func TestStopsDoNotUseUpAttempts(t *testing.T) {
-	s := openTest(t, Config{Dir: t.TempDir(), Stream: "HANDBACK_TEST"}) // a ledger of its own (one per stream name)
+	s := openTest(t, Config{Dir: t.TempDir(), Stream: "HANDBACK_TEST"}) // a ledger of its own (none given: the Store makes one)
 	defer s.Close()
 
 	var mu sync.Mutex

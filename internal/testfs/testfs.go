@@ -29,8 +29,8 @@ func Small(t testing.TB, size string) string {
 	return dir
 }
 
-// Fill writes path until its filesystem is full, or 256 MiB, whichever
-// comes first.
+// Fill writes path until its filesystem is full; it fails the test if
+// 256 MiB did not fill it (not the small filesystem it was meant for).
 func Fill(t testing.TB, path string) {
 	t.Helper()
 	f, err := os.Create(path)
@@ -44,4 +44,5 @@ func Fill(t testing.TB, path string) {
 			return
 		}
 	}
+	t.Fatalf("%s: 256 MiB written and the filesystem is not full", path)
 }
