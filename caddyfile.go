@@ -354,6 +354,7 @@ func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 //		max_age <duration>
 //		concurrency <n>
 //		stall_after <duration>
+//		rate <n>/<s|m|h>
 //		sign <secret>
 //		header <name> <value>
 //	}
@@ -405,6 +406,13 @@ func parseDestination(d *caddyfile.Dispenser) (string, *DestinationConfig, error
 			} else {
 				dc.Concurrency = n
 			}
+		case "rate":
+			if !d.AllArgs(&dc.Rate) {
+				return "", nil, d.Errf("mux_webhook: destination %s rate: want one value, e.g. rate 5/s", name)
+			}
+			if _, _, err := parseRate(dc.Rate); err != nil {
+				return "", nil, d.Errf("mux_webhook: destination %s rate %q: %v", name, dc.Rate, err)
+			}
 		case "sign":
 			if !d.AllArgs(&dc.Sign) {
 				return "", nil, d.ArgErr()
@@ -419,7 +427,7 @@ func parseDestination(d *caddyfile.Dispenser) (string, *DestinationConfig, error
 			}
 			dc.Header[k] = v
 		default:
-			return "", nil, d.Errf("mux_webhook: unknown destination option %q; expected timeout, retry, max_attempts, max_age, concurrency, stall_after, sign or header", opt)
+			return "", nil, d.Errf("mux_webhook: unknown destination option %q; expected timeout, retry, max_attempts, max_age, concurrency, stall_after, rate, sign or header", opt)
 		}
 	}
 	return name, dc, nil

@@ -20,6 +20,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -103,6 +104,11 @@ type DestinationConfig struct {
 	// said by the status, an ERROR line and the
 	// caddy_mux_webhook_queue_stalled metric. Default: 1m.
 	StallAfter caddy.Duration `json:"stall_after,omitempty"`
+	// Rate paces the attempts this Caddy instance makes: "<n>/<s|m|h>",
+	// at most n per second, minute or hour, spaced evenly (a burst of
+	// one second's worth at most). A copy waiting for its turn waits in
+	// the queue and uses no attempt. Default: unlimited.
+	Rate string `json:"rate,omitempty"`
 	// Sign re-signs every attempt with this secret ({env.*} or {file.*}
 	// as for mux_webhook); without it, Mux's original signature is sent.
 	Sign string `json:"sign,omitempty"`
@@ -344,6 +350,13 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, []byte
 			d.Header[k] = value
 		}
 	}
+	if dc.Rate != "" {
+		n, per, err := parseRate(dc.Rate)
+		if err != nil {
+			return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: rate %q: %v", name, dc.Rate, err)
+		}
+		d.Rate, d.RatePer = n, per
+	}
 	for _, r := range dc.Retry {
 		if r <= 0 {
 			return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: retry delays must be greater than 0", name)
@@ -360,4 +373,19 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, []byte
 		return d, secret, nil
 	}
 	return d, nil, nil
+}
+
+// parseRate parses a destination's rate, "<n>/<s|m|h>".
+func parseRate(v string) (int, time.Duration, error) {
+	const want = "want <n>/<s|m|h> with a whole number n above 0, e.g. rate 5/s or rate 100/m"
+	count, unit, ok := strings.Cut(v, "/")
+	n, err := strconv.Atoi(count)
+	if !ok || err != nil || n <= 0 || n > 1_000_000 {
+		return 0, 0, errors.New(want)
+	}
+	per, ok := map[string]time.Duration{"s": time.Second, "m": time.Minute, "h": time.Hour}[unit]
+	if !ok {
+		return 0, 0, errors.New(want)
+	}
+	return n, per, nil
 }

@@ -103,6 +103,11 @@ func TestMuxDeliverConfigErrors(t *testing.T) {
 		{deliverGlobal(dir, "\t\tdestination app ftp://x"), "mux_webhook s\n\tmux_deliver app", "must start with http://"},
 		{deliverGlobal(dir, "\t\tdestination a.b http://127.0.0.1:1"), "mux_webhook s\n\tmux_deliver a.b", "destination name"},
 		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\theader Authorization \"Bearer {env.MUX_TEST_UNSET_TOKEN}\"\n\t\t}"), "mux_webhook s\n\tmux_deliver app", "header Authorization: a placeholder in it is unset or empty"},
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\trate 0/s\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app rate "0/s": want <n>/<s|m|h>`},
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\trate five/s\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app rate "five/s": want <n>/<s|m|h>`},
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\trate 5/d\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app rate "5/d": want <n>/<s|m|h>`},
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\trate 5\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app rate "5": want <n>/<s|m|h>`},
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\trate\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app rate: want one value`},
 	}
 	for _, c := range cases {
 		cfg, _ := gatewayConfigWith(t, "off", c.global, c.site)
@@ -115,5 +120,22 @@ func TestMuxDeliverConfigErrors(t *testing.T) {
 		if !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%q: %v, want %q", c.site, err, c.want)
 		}
+	}
+}
+
+// TestDestinationRateFromJSON: a JSON config's rate is checked as the
+// Caddyfile's is, naming the destination and the option, and a good one
+// reaches the queue.
+func TestDestinationRateFromJSON(t *testing.T) {
+	for _, bad := range []string{"0/s", "five/s", "5/d", "5", "-1/m", "5/"} {
+		dc := &DestinationConfig{URL: "http://127.0.0.1:1", Rate: bad}
+		if _, _, err := dc.destination("app"); err == nil || !strings.Contains(err.Error(), `destination app: rate "`+bad+`"`) {
+			t.Errorf("rate %q: %v", bad, err)
+		}
+	}
+	dc := &DestinationConfig{URL: "http://127.0.0.1:1", Rate: "100/m"}
+	d, _, err := dc.destination("app")
+	if err != nil || d.Rate != 100 || d.RatePer != time.Minute {
+		t.Errorf("rate 100/m: %+v, %v", d, err)
 	}
 }

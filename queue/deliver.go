@@ -56,6 +56,10 @@ type Destination struct {
 	MaxAttempts int             // 0: until MaxAge
 	MaxAge      time.Duration   // then the copy becomes a dead letter
 	Concurrency int             // attempts in flight in this process
+	// Rate and RatePer pace the attempts of this process: at most Rate
+	// per RatePer, spaced evenly (pace.go). 0: unpaced.
+	Rate    int
+	RatePer time.Duration
 	// StallAfter: copies waiting this long past their due time with
 	// nothing attempted make the destination stalled (Watchdog).
 	// Default: DefaultStallAfter.
@@ -95,6 +99,13 @@ type Attempt struct {
 	// or is still not (BuryErr). Number is then the attempts made, Err
 	// the last one's error.
 	NoAttempt bool
+	// RetryAfter is what the answer's Retry-After asked (429 and 503
+	// only, at most MaxRetryAfter): the next attempt waits at least that.
+	RetryAfter time.Duration
+	// NotCounted: the attempt was not charged to the copy (a 429, the
+	// destination's pace): the next one carries the same number, and
+	// only max_age bounds it.
+	NotCounted bool
 	// BuryErr, if set, is why the copy, at its bound, could not be kept
 	// as a dead letter (<stream>_DEAD full or unavailable): it stays
 	// queued, delivered again at the last retry interval, and is buried
@@ -169,6 +180,7 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 		},
 		slots: make(chan struct{}, d.Concurrency),
 		poke:  make(chan struct{}, 1),
+		pace:  newPacer(d.Rate, d.RatePer),
 	}
 	// The sweeper outlives the attempts, for a last sweep of what they
 	// settled.
@@ -244,6 +256,7 @@ type workerRun struct {
 	sw      *sweeper
 	slots   chan struct{}
 	poke    chan struct{} // the subscription reported an error: check now
+	pace    *pacer        // nil: unpaced
 
 	// gen counts the consumers the workers had: one deleted (noticed, or
 	// replaced by one made at another time) makes the copies it
@@ -351,6 +364,14 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 	if stopped {
 		w.s.handBack(msg) // stopping: back to the queue at once, for another worker
 		return
+	}
+	if w.pace != nil {
+		if meta, err := msg.Metadata(); err == nil {
+			if wait := w.pace.admit(meta.Sequence.Stream, time.Now()); wait > 0 {
+				w.s.handBackAfter(msg, wait) // it waits for its token in the queue
+				return
+			}
+		}
 	}
 	select {
 	case w.slots <- struct{}{}:
@@ -484,7 +505,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		return a
 	}
 	start := time.Now()
-	a.Status, a.Err = s.post(ctx, client, d, msg, a.Number)
+	a.Status, a.RetryAfter, a.Err = s.post(ctx, client, d, msg, a.Number)
 	a.Duration = time.Since(start)
 	if ctx.Err() != nil && a.Err != nil {
 		// Stopped mid-attempt (a reload or shutdown): not the
@@ -505,22 +526,30 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		s.handBacks.settled(meta.Sequence.Stream)
 		return a
 	}
-	next := d.delay(a.Number)
-	if (d.MaxAttempts > 0 && a.Number >= d.MaxAttempts) || time.Since(meta.Timestamp)+next > d.MaxAge {
+	next := max(d.delay(a.Number), a.RetryAfter)
+	// A 429 is the destination's pace, not the copy's failure: no
+	// attempt is charged (this delivery goes in the hand-back ledger),
+	// and only max_age bounds it.
+	a.NotCounted = a.Status == http.StatusTooManyRequests
+	if (!a.NotCounted && d.MaxAttempts > 0 && a.Number >= d.MaxAttempts) || time.Since(meta.Timestamp)+next > d.MaxAge {
 		s.settleDead(ctx, d, msg, meta, sw, &a)
 		return a
 	}
 	a.Result = "retry"
+	if a.NotCounted {
+		s.handBacks.add(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+	}
 	_ = msg.NakWithDelay(next)
 	return a
 }
 
-// post sends one attempt; any non-2xx is an error.
-func (s *Store) post(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, n int) (int, error) {
+// post sends one attempt; any non-2xx is an error. It also returns the
+// answer's Retry-After (retryAfter).
+func (s *Store) post(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, n int) (int, time.Duration, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.URL, bytes.NewReader(msg.Data()))
 	if err != nil {
 		// Not err: a *url.Error quotes the URL, password and query included.
-		return 0, fmt.Errorf("%s: the destination's url is not a valid URL", d.Name)
+		return 0, 0, fmt.Errorf("%s: the destination's url is not a valid URL", d.Name)
 	}
 	for k, v := range d.Header {
 		req.Header.Set(k, v)
@@ -549,14 +578,14 @@ func (s *Store) post(ctx context.Context, client *http.Client, d *Destination, m
 		if errors.As(err, &ue) {
 			err = ue.Err
 		}
-		return 0, fmt.Errorf("%s: %v", d.Name, err)
+		return 0, 0, fmt.Errorf("%s: %v", d.Name, err)
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	resp.Body.Close()
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return resp.StatusCode, fmt.Errorf("%s answered %d", d.Name, resp.StatusCode)
+		return resp.StatusCode, retryAfter(resp, time.Now()), fmt.Errorf("%s answered %d", d.Name, resp.StatusCode)
 	}
-	return resp.StatusCode, nil
+	return resp.StatusCode, 0, nil
 }
 
 // errNoLeader is a clustered consumer without a leader, for now.

@@ -48,6 +48,9 @@ func (w *Watchdog) Check(d Destination, st Status, now time.Time) (stalled bool,
 	if st.Pending == 0 {
 		allowed += w.longestRetry
 	}
+	if d.Rate > 0 && d.RatePer > 0 {
+		allowed += d.RatePer / time.Duration(d.Rate) // copies spaced by the pace wait on purpose
+	}
 	return now.Sub(w.progress) > allowed, w.progress
 }
 
