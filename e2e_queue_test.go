@@ -32,7 +32,9 @@ import (
 func lockGateway(t *testing.T, dir, backend string) (base, admin string, out *syncBuffer, cmd *exec.Cmd) {
 	t.Helper()
 	port, adminPort := freePort(t), freePort(t)
-	cfg := queueGatewayConfig(adminPort, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 50ms\n\t\t}\n\t}", dir, backend), port)
+	// timeout 5s: a copy the killed process was attempting (or had handed
+	// back, not yet on disk) is handed out again after timeout + 5s.
+	cfg := queueGatewayConfig(adminPort, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 50ms\n\t\t\ttimeout 5s\n\t\t}\n\t}", dir, backend), port)
 	home := t.TempDir()
 	out, cmd = runCaddyIn(t, caddyBinary(t), cfg, home, home, nil)
 	return fmt.Sprintf("http://127.0.0.1:%d", port), fmt.Sprintf("http://127.0.0.1:%d", adminPort), out, cmd
