@@ -5,6 +5,8 @@
 //	caddy mux-webhook queue dead <destination>
 //	caddy mux-webhook queue redeliver <destination> (<id>... | --all)
 //	caddy mux-webhook queue purge <destination> [--yes]
+//	caddy mux-webhook queue pause <destination>
+//	caddy mux-webhook queue resume <destination>
 
 package muxwebhook
 
@@ -29,8 +31,8 @@ import (
 
 func queueCommand() *cobra.Command {
 	c := &cobra.Command{
-		Use:   "queue [status | dead <destination> | redeliver <destination> (<id>...|--all) | purge <destination> [--yes]]",
-		Short: "Show the delivery queue of a running Caddy; list, redeliver or purge dead letters",
+		Use:   "queue [status | dead <destination> | redeliver <destination> (<id>...|--all) | purge <destination> [--yes] | pause <destination> | resume <destination>]",
+		Short: "Show the delivery queue of a running Caddy; list, redeliver or purge dead letters; pause or resume a destination",
 		Long: `Talks to the admin API of a running Caddy (like 'caddy reload': --address, or
 the admin address of --config, else localhost:2019).
 
@@ -45,6 +47,10 @@ the admin address of --config, else localhost:2019).
                                           "purge N dead letters of <destination>? [y/N]" and drops
                                           those listed (not those buried since); --yes skips the
                                           question (without it, no answer refuses)
+  queue pause <destination>               hold the destination's events, on every gateway sharing
+                                          the stream, until it is resumed: they wait, using no
+                                          attempt, and none becomes a dead letter by max_age
+  queue resume <destination>              deliver them again
 
 A destination no longer configured whose dead letters are kept is shown
 "(not configured)"; its dead letters can be listed and purged.`,
@@ -76,7 +82,7 @@ A destination no longer configured whose dead letters are kept is shown
 				}
 				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(tw, "DESTINATION\tPENDING\tIN FLIGHT\tDELIVERED\tDEAD\tOLDEST PENDING\tLAST ERROR AT\tLAST ERROR")
-				var stalled []QueueStatus
+				var stalled, paused []QueueStatus
 				for _, q := range list {
 					oldest := "-"
 					if q.OldestPendingSeconds > 0 {
@@ -94,9 +100,15 @@ A destination no longer configured whose dead letters are kept is shown
 					if q.Stalled {
 						stalled = append(stalled, q)
 					}
+					if q.State == "paused" {
+						paused = append(paused, q)
+					}
 				}
 				if err := tw.Flush(); err != nil {
 					return err
+				}
+				for _, q := range paused {
+					fmt.Fprintf(out, "PAUSED: %s since %s: its events wait until 'caddy mux-webhook queue resume %s'\n", printable(q.Name), printable(q.StateSince), printable(q.Name))
 				}
 				for _, q := range stalled {
 					fmt.Fprintf(out, "STALLED: %s: events wait and none was attempted since %s; see the ERROR lines 'mux webhook delivery stalled'\n", printable(q.Name), printable(q.StalledSince))
@@ -129,11 +141,21 @@ A destination no longer configured whose dead letters are kept is shown
 				}
 				_, err := fmt.Fprintf(out, "redelivered %d dead letters of %s\n", res.Redelivered, printable(args[0]))
 				return err
+			case (verb == "pause" || verb == "resume") && len(args) == 1:
+				body, _ := json.Marshal(map[string]string{"destination": args[0]})
+				var res struct {
+					State string `json:"state"`
+				}
+				if err := adminJSON(admin, http.MethodPost, "/mux-webhook/queue/"+verb, body, &res); err != nil {
+					return err
+				}
+				_, err := fmt.Fprintf(out, "%s is %s (on every gateway sharing the stream within seconds)\n", printable(args[0]), printable(res.State))
+				return err
 			case verb == "purge" && len(args) == 1:
 				yes, _ := cmd.Flags().GetBool("yes")
 				return purgeDead(admin, args[0], yes, cmd.InOrStdin(), out)
 			}
-			return errors.New("usage: queue | queue dead <destination> | queue redeliver <destination> (<id>...|--all) | queue purge <destination>")
+			return errors.New("usage: queue | queue dead <destination> | queue redeliver <destination> (<id>...|--all) | queue purge <destination> | queue pause <destination> | queue resume <destination>")
 		},
 	}
 	c.Flags().String("address", "", "the admin API's address (default: from --config, else localhost:2019)")

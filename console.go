@@ -42,7 +42,8 @@ const ConsoleHeader = "X-Mux-Webhook-Console"
 
 // Console serves the console's page at "/" (and "/index.html"), the live log's
 // entries at "/events", its event stream at "/events/stream" and the
-// delivery queue at "/queue", "/queue/dead" and "/queue/redeliver",
+// delivery queue at "/queue", "/queue/dead", "/queue/redeliver",
+// "/queue/pause" and "/queue/resume",
 // relative to the route; use it inside handle_path. It answers every
 // request it gets.
 type Console struct {

@@ -3,9 +3,12 @@
 //
 //	GET    /mux-webhook/queue                          per destination: name, url, configured, pending, in_flight,
 //	                                                   delivered, dead, oldest_pending_seconds, last_error,
-//	                                                   last_error_at, instance
+//	                                                   last_error_at, instance, stalled, state (active, paused),
+//	                                                   state_since
 //	GET    /mux-webhook/queue/dead?destination=<name>  dead letters: seq, id, type, attempts, last_error, dead_at
 //	POST   /mux-webhook/queue/redeliver                {"destination":…,"ids":[…]} or {"destination":…,"all":true}
+//	POST   /mux-webhook/queue/pause                    {"destination":…}: hold its events, on every gateway
+//	POST   /mux-webhook/queue/resume                   {"destination":…}: deliver them again
 //	DELETE /mux-webhook/queue/dead?destination=<name>[&up_to=<seq>]
 //	                                                   drop the dead letters (up to a listing's seq)
 //
@@ -34,6 +37,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
 )
@@ -63,6 +67,10 @@ type QueueStatus struct {
 	// due attempt); StalledSince (RFC 3339) is when progress stopped.
 	Stalled      bool   `json:"stalled"`
 	StalledSince string `json:"stalled_since,omitempty"`
+	// State is active, or paused (by an operator, on every gateway
+	// sharing the stream); StateSince (RFC 3339) is when it was paused.
+	State      string `json:"state"`
+	StateSince string `json:"state_since,omitempty"`
 }
 
 // serveQueue serves the queue's admin endpoints; sub is the path after
@@ -104,7 +112,11 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 				return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("queue status of %s: %v", name, err)}
 			}
 			dest, configured := d.destinations[name]
-			qs := QueueStatus{Name: name, Configured: configured, Pending: st.Pending, InFlight: st.InFlight, Dead: st.Dead, Instance: d.instance}
+			qs := QueueStatus{Name: name, Configured: configured, Pending: st.Pending, InFlight: st.InFlight, Dead: st.Dead, Instance: d.instance,
+				State: destinationState(st)}
+			if st.Pause != nil {
+				qs.StateSince = st.Pause.Since.UTC().Format(time.RFC3339)
+			}
 			if configured {
 				qs.URL = redactURL(dest.URL)
 			}
@@ -149,6 +161,32 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: err}
 		}
 		return writeJSON(w, dead)
+	case (sub == "/pause" || sub == "/resume") && r.Method == http.MethodPost:
+		if err := checkJSONChange(r); err != nil {
+			return err
+		}
+		var req struct {
+			Destination string `json:"destination"`
+		}
+		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("want {\"destination\":…}: %v", err)}
+		}
+		if _, ok := d.destinations[req.Destination]; !ok {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("unknown destination %q: name one of the configured destinations", req.Destination)}
+		}
+		pause := sub == "/pause"
+		if err := store.SetPaused(ctx, req.Destination, pause, d.instance); err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: err}
+		}
+		state, did := "active", "resumed"
+		if pause {
+			state, did = "paused", "paused"
+		}
+		d.logger.Info("mux webhook destination "+did+" through the admin API: in effect on every gateway sharing the stream within seconds",
+			zap.String("destination", req.Destination), zap.String("instance", d.instance))
+		return writeJSON(w, map[string]string{"destination": req.Destination, "state": state})
 	case sub == "/redeliver" && r.Method == http.MethodPost:
 		if err := checkJSONChange(r); err != nil {
 			return err

@@ -426,3 +426,67 @@ func TestQueueOperating(t *testing.T) {
 		t.Errorf("a destination never configured: %d", code)
 	}
 }
+
+// TestQueuePauseAndResume: `caddy mux-webhook queue pause app` holds the
+// destination's events (none is attempted), the status, the CLI, the
+// metric and an INFO line say so; resumed through the admin API, every
+// event is delivered on its first attempt. Changes need JSON and a
+// configured destination.
+func TestQueuePauseAndResume(t *testing.T) {
+	app := newAttemptBackend(t, http.StatusOK)
+	dir := filepath.Join(t.TempDir(), "js")
+	g := startGatewayWithAdmin(t, deliverGlobal(dir, "\t\tdestination app "+app.URL+" {\n\t\t\tretry 50ms\n\t\t}"),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	admin := strings.TrimPrefix(g.admin, "http://")
+	if out, err := runCommand(t, "", "queue", "pause", "app", "--address", admin); err != nil || !strings.Contains(out, "app is paused") {
+		t.Fatalf("queue pause: %v\n%s", err, out)
+	}
+	testwait.For(t, func() bool { return strings.Contains(g.rawLog(), "mux webhook destination paused: its events wait") },
+		func() string { return "no INFO line from the workers" })
+	for i := range 3 {
+		if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", fmt.Sprint("paused-", i), ""), time.Now())); status != http.StatusAccepted {
+			t.Fatalf("paused-%d: %d", i, status)
+		}
+	}
+	time.Sleep(1500 * time.Millisecond)
+	if n := app.total(); n != 0 {
+		t.Fatalf("a paused destination got %d requests", n)
+	}
+	st := queueStatus(t, g.admin)["app"]
+	if st.State != "paused" || st.StateSince == "" || st.Pending+st.InFlight != 3 {
+		t.Errorf("status while paused: %+v", st)
+	}
+	if out, err := runCommand(t, "", "queue", "--address", admin); err != nil || !strings.Contains(out, "PAUSED: app since ") {
+		t.Errorf("queue: %v\n%s", err, out)
+	}
+	var m map[string]float64
+	testwait.For(t, func() bool {
+		m = scrape(t, g.admin)
+		return m[`caddy_mux_webhook_destination_state{destination="app",state="paused"}`] == 1 && m[`caddy_mux_webhook_destination_state{destination="app",state="active"}`] == 0
+	}, func() string { return fmt.Sprintf("metrics: %v", m) })
+
+	for _, c := range []struct {
+		body, contentType string
+		want              int
+	}{
+		{`{"destination":"nope"}`, "application/json", http.StatusBadRequest},
+		{`destination=app`, "application/x-www-form-urlencoded", http.StatusUnsupportedMediaType},
+		{`{"destination":"app","extra":1}`, "application/json", http.StatusBadRequest},
+	} {
+		req, _ := http.NewRequest(http.MethodPost, g.admin+"/mux-webhook/queue/resume", strings.NewReader(c.body))
+		req.Header.Set("Content-Type", c.contentType)
+		if code, _, _ := do(t, req); code != c.want {
+			t.Errorf("resume %s (%s): %d, want %d", c.body, c.contentType, code, c.want)
+		}
+	}
+	if code, body := adminDo(t, http.MethodPost, g.admin+"/mux-webhook/queue/resume", `{"destination":"app"}`); code != http.StatusOK || !strings.Contains(body, `"state":"active"`) {
+		t.Fatalf("resume: %d %s", code, body)
+	}
+	testwait.For(t, func() bool { return app.total() == 3 }, func() string { return fmt.Sprintf("%d of 3 delivered after resume", app.total()) })
+	if n := app.maxAttempt.Load(); n != 1 {
+		t.Errorf("an event came as attempt %d, want every one as attempt 1 (the pause used none)", n)
+	}
+	if st := queueStatus(t, g.admin)["app"]; st.State != "active" || st.StateSince != "" {
+		t.Errorf("status after resume: %+v", st)
+	}
+}

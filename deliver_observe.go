@@ -123,6 +123,7 @@ func (d *appQueue) gauges(ctx context.Context) {
 				oldest = time.Since(st.Oldest).Seconds()
 			}
 			muxMetrics.queueOldest.WithLabelValues(name).Set(oldest)
+			setState(name, destinationState(st))
 			d.watchStall(name, st)
 		}
 		if ctx.Err() == nil {
@@ -184,6 +185,9 @@ func (d *appQueue) dropRemovedGauges() {
 			muxMetrics.queueDead.DeleteLabelValues(name)
 			muxMetrics.queueOldest.DeleteLabelValues(name)
 			muxMetrics.queueStalled.DeleteLabelValues(name)
+			for _, s := range destinationStates {
+				muxMetrics.destState.DeleteLabelValues(name, s)
+			}
 			delete(gauged.names, name)
 		}
 	}
@@ -241,5 +245,29 @@ func (d *appQueue) logAttempt(a queue.Attempt) {
 		d.logger.Warn("mux webhook delivery failed; will retry", append(fields, zap.Error(a.Err))...)
 	case "dead":
 		d.logger.Error("mux webhook delivery failed for good; kept as a dead letter", append(fields, zap.Error(a.Err))...)
+	}
+}
+
+// destinationStates are the states a destination can be in (the status's
+// state, the metric caddy_mux_webhook_destination_state).
+var destinationStates = []string{"active", "paused"}
+
+// destinationState is the state its status says a destination is in.
+func destinationState(st queue.Status) string {
+	if st.Pause != nil {
+		return "paused"
+	}
+	return "active"
+}
+
+// setState sets the state metric of a destination: 1 for state, 0 for the
+// others.
+func setState(name, state string) {
+	for _, s := range destinationStates {
+		v := 0.0
+		if s == state {
+			v = 1
+		}
+		muxMetrics.destState.WithLabelValues(name, s).Set(v)
 	}
 }

@@ -283,6 +283,16 @@ func (d *appQueue) startWorkers() error {
 				d.logger.Error("mux webhook delivery: the destination's consumer is gone and cannot be made again; its events wait, trying again every few seconds",
 					zap.String("destination", dest.Name), zap.String("instance", d.instance), zap.Error(err))
 			}
+			dest.OnPause = func(p *queue.Pause) {
+				d := w.observe.Load()
+				if p == nil {
+					d.logger.Info("mux webhook destination resumed: delivering its events again",
+						zap.String("destination", dest.Name), zap.String("instance", d.instance))
+					return
+				}
+				d.logger.Info("mux webhook destination paused: its events wait, using no attempt, until it is resumed (caddy mux-webhook queue resume)",
+					zap.String("destination", dest.Name), zap.Time("since", p.Since), zap.String("by", p.By), zap.String("instance", d.instance))
+			}
 			dest.StopGrace = workerStopGrace
 			stop, err := d.store().StartWorkers(context.Background(), dest, w.observeAttempt)
 			if err != nil {

@@ -24,6 +24,7 @@ var muxMetrics = struct {
 	queueDead    *prometheus.GaugeVec
 	queueOldest  *prometheus.GaugeVec
 	queueStalled *prometheus.GaugeVec
+	destState    *prometheus.GaugeVec
 	deliveries   *prometheus.CounterVec
 	deliveryTime *prometheus.HistogramVec
 	enqueueFails *prometheus.CounterVec
@@ -78,6 +79,10 @@ func registerMetrics(registry *prometheus.Registry) error {
 			Namespace: ns, Subsystem: sub, Name: "queue_stalled",
 			Help: "1 while a destination is stalled: events wait and nothing was attempted for longer than their retry schedule allows (the destination's stall_after, default 1m, past the next due attempt); else 0.",
 		}, []string{"destination"})
+		muxMetrics.destState = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "destination_state",
+			Help: "1 for a destination's current state, 0 for the others: active, or paused by an operator (caddy mux-webhook queue pause).",
+		}, []string{"destination", "state"})
 		muxMetrics.deliveries = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "deliveries_total",
 			Help: "Delivery attempts by this instance, by destination and result: delivered, retry, dead.",
@@ -124,7 +129,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 // muxCollectors are the plugin's metrics, once registerMetrics made them.
 func muxCollectors() []prometheus.Collector {
 	return []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
-		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.queueStalled, muxMetrics.deliveries, muxMetrics.deliveryTime,
+		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.queueStalled, muxMetrics.destState, muxMetrics.deliveries, muxMetrics.deliveryTime,
 		muxMetrics.enqueueFails, muxMetrics.deadLetterFails, muxMetrics.queueDuplicates, muxMetrics.queueUp, muxMetrics.instance}
 }
 

@@ -81,6 +81,10 @@ type Destination struct {
 	// pull again, else with why they cannot yet (they try again every
 	// few seconds).
 	OnRestart func(error)
+	// OnPause, if set, hears of the workers finding their destination
+	// paused by an operator (with the pause) or resumed (with nil):
+	// SetPaused on any gateway sharing the stream.
+	OnPause func(*Pause)
 }
 
 // Attempt is what one delivery attempt did.
@@ -191,12 +195,17 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 		defer close(swept)
 		w.sw.run(swCtx)
 	}()
-	cc, err := w.consume(cons)
-	if err != nil {
-		cancel()
-		swCancel()
-		<-swept
-		return nil, fmt.Errorf("queue: consuming %s: %v", d.Name, err)
+	// A paused destination's workers subscribe only once it is resumed
+	// (supervise reads the pause every second).
+	var cc jetstream.ConsumeContext
+	if w.readPause(ctx) {
+		cc, err = w.consume(cons)
+		if err != nil {
+			cancel()
+			swCancel()
+			<-swept
+			return nil, fmt.Errorf("queue: consuming %s: %v", d.Name, err)
+		}
 	}
 	supCtx, supCancel := context.WithCancel(ctx)
 	supervised := make(chan struct{})
@@ -221,7 +230,9 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 			w.mu.Lock()
 			last := w.cc
 			w.mu.Unlock()
-			last.Drain()
+			if last != nil { // nil: paused since the start, never subscribed
+				last.Drain()
+			}
 			idle := make(chan struct{})
 			go func() { w.wg.Wait(); close(idle) }()
 			grace := time.NewTimer(min(d.Timeout, d.StopGrace))
@@ -257,6 +268,7 @@ type workerRun struct {
 	slots   chan struct{}
 	poke    chan struct{} // the subscription reported an error: check now
 	pace    *pacer        // nil: unpaced
+	paused  atomic.Bool   // by an operator: nothing is attempted
 
 	// gen counts the consumers the workers had: one deleted (noticed, or
 	// replaced by one made at another time) makes the copies it
@@ -361,8 +373,8 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 	w.mu.Lock()
 	stopped := w.stopped
 	w.mu.Unlock()
-	if stopped {
-		w.s.handBack(msg) // stopping: back to the queue at once, for another worker
+	if stopped || w.paused.Load() {
+		w.s.handBack(msg) // stopping or paused: back to the queue at once, unattempted
 		return
 	}
 	if w.pace != nil {
@@ -412,8 +424,13 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc jetstream.ConsumeContext) {
 	t := time.NewTicker(superviseInterval)
 	defer t.Stop()
-	ended := cc.Closed() // nil once cc was stopped here: a closed channel would spin
-	broken := false      // cc was stopped, and no new subscription made yet
+	p := time.NewTicker(pauseCheckInterval)
+	defer p.Stop()
+	var ended <-chan struct{} // nil once cc was stopped here: a closed channel would spin
+	broken := cc == nil       // cc was stopped (or never made: paused), and no new subscription made yet
+	if cc != nil {
+		ended = cc.Closed()
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -423,6 +440,24 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 			broken = true
 		case <-w.poke:
 		case <-t.C:
+		case <-p.C:
+			wasPaused := w.paused.Load()
+			if !w.readPause(ctx) {
+				if !broken {
+					// Paused: pull nothing more; what was fetched goes
+					// back unattempted (handle), attempts in progress end.
+					cc.Drain()
+					ended, broken = nil, true
+				}
+				continue
+			}
+			if !wasPaused {
+				continue // nothing changed
+			}
+			// Resumed: subscribe again, below.
+		}
+		if w.paused.Load() {
+			continue
 		}
 		if !broken {
 			ictx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -608,6 +643,9 @@ type Status struct {
 	// Paused: the destination's consumer is paused in NATS (by hand:
 	// `nats consumer pause`): nothing is handed out until it resumes.
 	Paused bool
+	// Pause is set while an operator has paused the destination
+	// (SetPaused): its copies wait on purpose.
+	Pause *Pause
 }
 
 // Status reports destination's queue, from the stream: the same on every
@@ -623,6 +661,9 @@ func (s *Store) Status(ctx context.Context, destination string) (Status, error) 
 		return st, err
 	}
 	if st.Dead, err = s.deadCount(ctx, destination); err != nil {
+		return st, err
+	}
+	if st.Pause, err = s.Paused(ctx, destination); err != nil {
 		return st, err
 	}
 	cons, err := stream.Consumer(ctx, "deliver_"+destination)
@@ -663,4 +704,23 @@ func (s *Store) firstAfter(ctx context.Context, stream jetstream.Stream, destina
 		return time.Time{}
 	}
 	return m.Time
+}
+
+// readPause reads whether the destination is paused, and tells OnPause of
+// a change; it reports whether the workers may attempt (not paused). A
+// pause that cannot be read keeps the last known state.
+func (w *workerRun) readPause(ctx context.Context) (active bool) {
+	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	pause, err := w.s.Paused(pctx, w.d.Name)
+	cancel()
+	if err != nil {
+		return !w.paused.Load()
+	}
+	if paused := pause != nil; paused != w.paused.Load() {
+		w.paused.Store(paused)
+		if w.d.OnPause != nil {
+			w.d.OnPause(pause)
+		}
+	}
+	return pause == nil
 }

@@ -43,6 +43,10 @@ func (w *Watchdog) Check(d Destination, st Status, now time.Time) (stalled bool,
 		w.longestRetry = 0
 		return false, time.Time{}
 	}
+	if st.Pause != nil {
+		w.progress = now // its copies wait on purpose
+		return false, time.Time{}
+	}
 	w.longestRetry = max(w.longestRetry, slicesMax(d.Retry))
 	allowed := d.Timeout + d.StallAfter
 	if st.Pending == 0 {

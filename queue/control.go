@@ -1,0 +1,107 @@
+// Pause and resume: an operator holds a destination's copies, on every
+// gateway sharing the stream, until told otherwise. The state is kept in
+// JetStream, in the key-value bucket <stream>_CONTROL (one key per paused
+// destination), not in a process and not only as a consumer setting: it
+// survives restarts, reloads and consumers made again. A destination's
+// workers read it every second; while it is paused they pull nothing, and
+// copies they had fetched go back unattempted. Its copies wait: no
+// attempt is used, and none becomes a dead letter by max_age (burial
+// follows a failed attempt only, so a copy past max_age gets one attempt
+// once the destination is resumed).
+
+package queue
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Pause is a destination paused by an operator.
+type Pause struct {
+	Since time.Time `json:"since"`
+	// By names who paused it: the instance whose admin API was asked.
+	By string `json:"by,omitempty"`
+}
+
+// pauseCheckInterval is how often workers read their destination's pause.
+const pauseCheckInterval = time.Second
+
+// controlBucket is the name of the stream's key-value bucket of pauses.
+func (s *Store) controlBucket() string { return s.cfg.Stream + "_CONTROL" }
+
+// control opens the bucket of pauses, making it if it is missing (a first
+// pause, or a bucket deleted by hand).
+func (s *Store) control(ctx context.Context, create bool) (jetstream.KeyValue, error) {
+	kv, err := s.js.KeyValue(ctx, s.controlBucket())
+	if errors.Is(err, jetstream.ErrBucketNotFound) && create {
+		kv, err = s.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:      s.controlBucket(),
+			Description: "caddy-mux-webhook: destinations paused by an operator",
+			History:     1,
+			Storage:     jetstream.FileStorage,
+			Replicas:    s.cfg.Replicas,
+		})
+		if errors.Is(err, jetstream.ErrBucketExists) {
+			kv, err = s.js.KeyValue(ctx, s.controlBucket())
+		}
+	}
+	return kv, err
+}
+
+// SetPaused pauses destination (by names who asked) or resumes it. It is in
+// effect on every gateway sharing the stream within a second or two.
+func (s *Store) SetPaused(ctx context.Context, destination string, paused bool, by string) error {
+	if !ValidDestination(destination) {
+		return fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", destination)
+	}
+	kv, err := s.control(ctx, paused)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return nil // nothing is paused: resumed already
+	}
+	if err != nil {
+		return fmt.Errorf("queue: the pauses' bucket %s: %v", s.controlBucket(), err)
+	}
+	key := "paused." + destination
+	if !paused {
+		if err := kv.Delete(ctx, key); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+			return fmt.Errorf("queue: resuming %s: %v", destination, err)
+		}
+		return nil
+	}
+	if _, err := kv.Get(ctx, key); err == nil {
+		return nil // paused already: keep since when
+	}
+	b, _ := json.Marshal(Pause{Since: time.Now().UTC(), By: by})
+	if _, err := kv.Put(ctx, key, b); err != nil {
+		return fmt.Errorf("queue: pausing %s: %v", destination, err)
+	}
+	return nil
+}
+
+// Paused reports whether destination is paused, and since when.
+func (s *Store) Paused(ctx context.Context, destination string) (*Pause, error) {
+	kv, err := s.control(ctx, false)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	e, err := kv.Get(ctx, "paused."+destination)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var p Pause
+	if err := json.Unmarshal(e.Value(), &p); err != nil || p.Since.IsZero() {
+		p = Pause{Since: e.Created()} // written by hand: paused all the same
+	}
+	return &p, nil
+}
