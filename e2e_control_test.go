@@ -12,6 +12,7 @@ import (
 	"net/http/httptest"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -126,6 +127,121 @@ func TestDeliveryControlRetryAfterAndRate(t *testing.T) {
 	for _, s := range status {
 		if s.Dead != 0 {
 			t.Errorf("%s has %d dead letters", s.Name, s.Dead)
+		}
+	}
+}
+
+// pauseVia pauses or resumes destination through the admin API at admin
+// (http://host:port), as `caddy mux-webhook queue pause|resume` does.
+func pauseVia(t *testing.T, admin, verb, destination string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, admin+"/mux-webhook/queue/"+verb, strings.NewReader(`{"destination":"`+destination+`"}`))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", verb, destination, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s %s: %d", verb, destination, resp.StatusCode)
+	}
+}
+
+// stateOf is destination's state in the queue status at admin.
+func stateOf(t *testing.T, admin, destination string) string {
+	t.Helper()
+	var status []QueueStatus
+	getJSON(t, admin+"/mux-webhook/queue", &status)
+	for _, s := range status {
+		if s.Name == destination {
+			return s.State
+		}
+	}
+	return ""
+}
+
+// TestPauseAcrossARestart: a destination paused, then its Caddy killed
+// (SIGKILL) with events queued and started again on the same store: the
+// pause holds (nothing is attempted, the status says paused); resumed,
+// every event is delivered once, on its first attempt.
+func TestPauseAcrossARestart(t *testing.T) {
+	t.Parallel() // its own processes and ports
+	backend := newRecordingBackend(t, 0, nil)
+	dir := filepath.Join(t.TempDir(), "js")
+	global := fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 100ms\n\t\t\ttimeout 5s\n\t\t}\n\t}", dir, backend.URL)
+	g := startHealGateway(t, global)
+	pauseVia(t, g.admin, "pause", "app")
+	const n = 10
+	ids := ids("held-", n)
+	g.sendAll(t, 10*time.Second, ids...)
+	time.Sleep(1500 * time.Millisecond)
+	if got := len(backend.received()); got != 0 {
+		t.Fatalf("a paused destination got %d events", got)
+	}
+	if err := g.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = g.cmd.Wait()
+
+	g2 := startHealGateway(t, global)
+	if s := stateOf(t, g2.admin, "app"); s != "paused" {
+		t.Fatalf("after the restart, app is %q, want paused", s)
+	}
+	time.Sleep(2 * time.Second)
+	if got := len(backend.received()); got != 0 {
+		t.Fatalf("after the restart, the paused destination got %d events", got)
+	}
+	if !g2.logged("info", "mux webhook destination paused: its events wait") {
+		t.Error("the restarted gateway did not say the destination is paused")
+	}
+	pauseVia(t, g2.admin, "resume", "app")
+	waitDelivered(t, backend, 30*time.Second, g2.out, ids...)
+	for id, times := range backend.received() {
+		if times != 1 {
+			t.Errorf("%s delivered %d times", id, times)
+		}
+	}
+	if s := stateOf(t, g2.admin, "app"); s != "active" {
+		t.Errorf("after resume, app is %q", s)
+	}
+}
+
+// TestPauseSharedByTheGatewaysOfACluster: two gateways on a three-node
+// NATS cluster; a pause asked of the first holds the second too (events
+// sent to either wait, both statuses say paused); resumed through the
+// second, every event is delivered once.
+func TestPauseSharedByTheGatewaysOfACluster(t *testing.T) {
+	t.Parallel() // its own processes and ports
+	c := startNATSCluster(t)
+	backend := newRecordingBackend(t, 0, nil)
+	gs := clusterGateways(t, 2, clusterGlobal(c, "5s", backend.URL, "\t\t\ttimeout 2s\n\t\t\tretry 100ms"))
+	for _, g := range gs {
+		g.start(t)
+	}
+	c.waitPulling("app", len(gs))
+	pauseVia(t, gs[0].adminURL(), "pause", "app")
+	testwait.For(t, func() bool { return stateOf(t, gs[1].adminURL(), "app") == "paused" },
+		func() string { return "the second gateway does not see the pause" })
+	time.Sleep(2 * time.Second) // both gateways' workers have read it
+	client := &http.Client{Timeout: 10 * time.Second}
+	const n = 20
+	for i := range n {
+		g := gs[i%2]
+		if status, err := postEvent(client, g.url(), event("video.asset.ready", fmt.Sprint("held-", i), "")); status != http.StatusAccepted {
+			t.Fatalf("held-%d to %s: %d %v", i, g.name, status, err)
+		}
+	}
+	time.Sleep(2 * time.Second)
+	if got := len(backend.received()); got != 0 {
+		t.Fatalf("a destination paused on the cluster got %d events", got)
+	}
+	pauseVia(t, gs[1].adminURL(), "resume", "app")
+	testwait.Until(t, 30*time.Second, func() bool { return len(backend.received()) == n }, func() string {
+		return fmt.Sprintf("%d of %d delivered after resume", len(backend.received()), n)
+	})
+	for id, times := range backend.received() {
+		if times != 1 {
+			t.Errorf("%s delivered %d times", id, times)
 		}
 	}
 }

@@ -167,6 +167,19 @@ async function main() {
     check(/^analytics\t\S+\t0\t0\t[2-9]\d*\t0\t/.test(analyticsRow), "analytics in the queue view: " + JSON.stringify(analyticsRow));
     await shot(page, "console-queue.png");
 
+    // 4b. Pause and resume analytics (the dialog is accepted above).
+    const analytics = page.locator('tr[data-testid="queue-row"][data-destination="analytics"]');
+    await analytics.getByTestId("queue-pause").click();
+    await until("analytics paused in the queue view", async () => {
+      const t = await analytics.innerText().catch(() => "");
+      return /\tpaused since /.test(t) ? t : false;
+    });
+    await analytics.getByTestId("queue-resume").click();
+    await until("analytics active again", async () => {
+      const t = await analytics.innerText().catch(() => "");
+      return /\tactive\t/.test(t) ? t : false;
+    });
+
     // 5. The dead letters of app.
     await appRow.getByTestId("queue-show-dead").click();
     const deadRow = page.locator(`tr[data-testid="dead-row"][data-id="${asset}"]`);
