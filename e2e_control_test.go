@@ -171,6 +171,9 @@ func TestPauseAcrossARestart(t *testing.T) {
 	global := fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 100ms\n\t\t\ttimeout 5s\n\t\t}\n\t}", dir, backend.URL)
 	g := startHealGateway(t, global)
 	pauseVia(t, g.admin, "pause", "app")
+	// In effect once the workers read it (every second).
+	testwait.For(t, func() bool { return g.logged("info", "mux webhook destination paused: its events wait") },
+		func() string { return "the workers never said the destination is paused\n" + tail(g.out.String(), 4096) })
 	const n = 10
 	ids := ids("held-", n)
 	g.sendAll(t, 10*time.Second, ids...)
