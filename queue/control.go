@@ -59,16 +59,19 @@ func (s *Store) SetPaused(ctx context.Context, destination string, paused bool, 
 	if !ValidDestination(destination) {
 		return fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", destination)
 	}
-	kv, err := s.control(ctx, paused)
-	if errors.Is(err, jetstream.ErrBucketNotFound) {
-		return nil // nothing is paused: resumed already
-	}
+	kv, err := s.control(ctx, true)
 	if err != nil {
 		return fmt.Errorf("queue: the pauses' bucket %s: %v", s.controlBucket(), err)
 	}
 	key := "paused." + destination
 	if !paused {
 		if err := kv.Delete(ctx, key); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+			return fmt.Errorf("queue: resuming %s: %v", destination, err)
+		}
+		// The resume's time: it resets the destination's breaker on
+		// every gateway (resumedAt).
+		b, _ := json.Marshal(Pause{Since: time.Now().UTC(), By: by})
+		if _, err := kv.Put(ctx, "resumed."+destination, b); err != nil {
 			return fmt.Errorf("queue: resuming %s: %v", destination, err)
 		}
 		return nil
@@ -104,4 +107,27 @@ func (s *Store) Paused(ctx context.Context, destination string) (*Pause, error) 
 		p = Pause{Since: e.Created()} // written by hand: paused all the same
 	}
 	return &p, nil
+}
+
+// resumedAt is when destination was last resumed (zero: never).
+func (s *Store) resumedAt(ctx context.Context, destination string) (time.Time, error) {
+	kv, err := s.control(ctx, false)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return time.Time{}, nil
+	}
+	if err != nil {
+		return time.Time{}, err
+	}
+	e, err := kv.Get(ctx, "resumed."+destination)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return time.Time{}, nil
+	}
+	if err != nil {
+		return time.Time{}, err
+	}
+	var p Pause
+	if json.Unmarshal(e.Value(), &p) != nil || p.Since.IsZero() {
+		return e.Created(), nil
+	}
+	return p.Since, nil
 }

@@ -112,7 +112,9 @@ func TestDeadLettersWhenTheStreamIsFull(t *testing.T) {
 	}
 	b := newBackend(t, func(int) int { return http.StatusServiceUnavailable })
 	var log attemptLog
-	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 2}, log.add)
+	// The breaker off: every copy of a destination that always fails is
+	// to become a dead letter here.
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 2, BreakerFailures: BreakerOff}, log.add)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +160,7 @@ func TestDeadStreamFull(t *testing.T) {
 	b := newBackend(t, func(int) int { return http.StatusInternalServerError })
 	// Timeout 1s: a copy whose hand-back was lost with the closed
 	// connection comes back after its ack deadline (timeout + 5s).
-	dest := Destination{Name: "app", URL: b.URL, Timeout: time.Second, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 2}
+	dest := Destination{Name: "app", URL: b.URL, Timeout: time.Second, Retry: []time.Duration{20 * time.Millisecond}, MaxAttempts: 2, BreakerFailures: BreakerOff} // every copy to be a dead letter
 	var log attemptLog
 	stop, err := s.StartWorkers(context.Background(), dest, log.add)
 	if err != nil {

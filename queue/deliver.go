@@ -60,6 +60,12 @@ type Destination struct {
 	// per RatePer, spaced evenly (pace.go). 0: unpaced.
 	Rate    int
 	RatePer time.Duration
+	// BreakerFailures failed attempts in a row, for the destination's
+	// reasons, trip its breaker in this process (breaker.go); then one
+	// copy is attempted every BreakerProbe. Defaults: 10 and 30s;
+	// BreakerOff turns it off.
+	BreakerFailures int
+	BreakerProbe    time.Duration
 	// StallAfter: copies waiting this long past their due time with
 	// nothing attempted make the destination stalled (Watchdog).
 	// Default: DefaultStallAfter.
@@ -85,6 +91,9 @@ type Destination struct {
 	// paused by an operator (with the pause) or resumed (with nil):
 	// SetPaused on any gateway sharing the stream.
 	OnPause func(*Pause)
+	// OnBreaker, if set, hears of the destination's breaker in this
+	// process tripping, being probed again later, or resetting.
+	OnBreaker func(BreakerState)
 }
 
 // Attempt is what one delivery attempt did.
@@ -136,6 +145,12 @@ func (d *Destination) defaults() {
 	if d.StopGrace == 0 {
 		d.StopGrace = DefaultStopGrace
 	}
+	if d.BreakerFailures == 0 {
+		d.BreakerFailures = DefaultBreakerFailures
+	}
+	if d.BreakerProbe == 0 {
+		d.BreakerProbe = DefaultBreakerProbe
+	}
 }
 
 // delay is the wait after attempt n (from 1) failed.
@@ -186,6 +201,7 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 		poke:  make(chan struct{}, 1),
 		pace:  newPacer(d.Rate, d.RatePer),
 	}
+	w.br = newBreaker(w.d)
 	// The sweeper outlives the attempts, for a last sweep of what they
 	// settled.
 	w.sw = newSweeper(s, cons, s.Subject(d.Name))
@@ -269,6 +285,11 @@ type workerRun struct {
 	poke    chan struct{} // the subscription reported an error: check now
 	pace    *pacer        // nil: unpaced
 	paused  atomic.Bool   // by an operator: nothing is attempted
+	br      *breaker      // nil: off
+	// resumed is the latest resume seen (one after it resets the
+	// breaker), once resumeRead; readPause's, one call at a time.
+	resumed    time.Time
+	resumeRead bool
 
 	// gen counts the consumers the workers had: one deleted (noticed, or
 	// replaced by one made at another time) makes the copies it
@@ -373,8 +394,8 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 	w.mu.Lock()
 	stopped := w.stopped
 	w.mu.Unlock()
-	if stopped || w.paused.Load() {
-		w.s.handBack(msg) // stopping or paused: back to the queue at once, unattempted
+	if stopped || w.holding() {
+		w.s.handBack(msg) // stopping, paused or tripped: back to the queue at once, unattempted
 		return
 	}
 	if w.pace != nil {
@@ -407,11 +428,69 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 	go func() {
 		defer w.wg.Done()
 		defer func() { <-w.slots }()
-		a := w.s.attempt(w.ctx, w.client, w.d, msg, w.sw)
+		a := w.s.attempt(w.ctx, w.client, w.d, msg, w.sw, false)
 		if w.observe != nil {
 			w.observe(a)
 		}
+		if w.br != nil && w.ctx.Err() == nil && w.br.record(a, time.Now()) {
+			w.tellBreaker()
+			w.pokeSupervisor() // stop pulling now
+		}
 	}()
+}
+
+// holding reports whether the workers attempt nothing: the destination is
+// paused, or its breaker tripped (then only probes are attempted).
+func (w *workerRun) holding() bool {
+	return w.paused.Load() || (w.br != nil && w.br.tripped())
+}
+
+// tellBreaker tells OnBreaker the breaker's state.
+func (w *workerRun) tellBreaker() {
+	if w.d.OnBreaker != nil {
+		w.d.OnBreaker(w.br.snapshot())
+	}
+}
+
+// pokeSupervisor makes the supervisor look at once.
+func (w *workerRun) pokeSupervisor() {
+	select {
+	case w.poke <- struct{}{}:
+	default:
+	}
+}
+
+// probe attempts the next due copy of a tripped destination, if there is
+// one: a 2xx resets the breaker; a failure for the destination's reasons
+// is not charged to the copy (attempt).
+func (w *workerRun) probe(cons jetstream.Consumer) {
+	ok := false
+	defer func() {
+		if w.br.probed(ok, time.Now()) {
+			w.pokeSupervisor() // pull again
+		}
+		w.tellBreaker()
+	}()
+	w.mu.Lock()
+	if w.stopped {
+		w.mu.Unlock()
+		return
+	}
+	w.wg.Add(1)
+	w.mu.Unlock()
+	defer w.wg.Done()
+	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(2*time.Second))
+	if err != nil {
+		return
+	}
+	gen := w.gen.Load()
+	for msg := range batch.Messages() {
+		a := w.s.attempt(w.ctx, w.client, w.d, &genMsg{Msg: msg, w: w, gen: gen}, w.sw, true)
+		if w.observe != nil {
+			w.observe(a)
+		}
+		ok = a.Err == nil
+	}
 }
 
 // supervise keeps the workers subscribed until ctx ends: when the
@@ -441,22 +520,24 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 		case <-w.poke:
 		case <-t.C:
 		case <-p.C:
-			wasPaused := w.paused.Load()
-			if !w.readPause(ctx) {
-				if !broken {
-					// Paused: pull nothing more; what was fetched goes
-					// back unattempted (handle), attempts in progress end.
-					cc.Drain()
-					ended, broken = nil, true
-				}
-				continue
-			}
-			if !wasPaused {
+			wasHolding := w.holding()
+			w.readPause(ctx)
+			if !wasHolding && !w.holding() {
 				continue // nothing changed
 			}
-			// Resumed: subscribe again, below.
 		}
-		if w.paused.Load() {
+		if w.holding() {
+			// Paused, or the breaker tripped: pull nothing more; what
+			// was fetched goes back unattempted (handle), attempts in
+			// progress end. A tripped destination's next due copy is
+			// attempted as a probe every BreakerProbe.
+			if !broken {
+				cc.Drain()
+				ended, broken = nil, true
+			}
+			if !w.paused.Load() && w.br.probeDue(time.Now()) {
+				go w.probe(cons)
+			}
 			continue
 		}
 		if !broken {
@@ -527,7 +608,7 @@ func (s *Store) RestoreConsumer(ctx context.Context, d Destination) error {
 }
 
 // attempt makes one delivery attempt of msg and settles it.
-func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, sw *sweeper) Attempt {
+func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, sw *sweeper, probe bool) Attempt {
 	a := Attempt{Destination: d.Name, EventID: msg.Headers().Get(HeaderEventID), EventType: msg.Headers().Get(HeaderEventType)}
 	meta, err := msg.Metadata()
 	if err != nil {
@@ -559,6 +640,15 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 			sw.settle(meta.Sequence.Stream)
 		}
 		s.handBacks.settled(meta.Sequence.Stream)
+		return a
+	}
+	if probe && destinationTrouble(a) {
+		// A probe of a tripped destination that failed for the
+		// destination's reasons is not charged to the copy: it waits
+		// for the next probe, or the reset.
+		a.NotCounted, a.Result = true, "retry"
+		s.handBacks.add(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+		_ = msg.NakWithDelay(max(d.BreakerProbe, a.RetryAfter))
 		return a
 	}
 	next := max(d.delay(a.Number), a.RetryAfter)
@@ -720,6 +810,21 @@ func (w *workerRun) readPause(ctx context.Context) (active bool) {
 		w.paused.Store(paused)
 		if w.d.OnPause != nil {
 			w.d.OnPause(pause)
+		}
+	}
+	if w.br != nil {
+		// A resume on any gateway resets the breaker here too.
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		resumed, err := w.s.resumedAt(rctx, w.d.Name)
+		cancel()
+		if err == nil {
+			if w.resumeRead && resumed.After(w.resumed) && w.br.reset(time.Now()) {
+				w.tellBreaker()
+			}
+			if resumed.After(w.resumed) {
+				w.resumed = resumed
+			}
+			w.resumeRead = true // a resume from before the workers started resets nothing
 		}
 	}
 	return pause == nil

@@ -134,7 +134,9 @@ func TestEmbeddedStoreRecoversFromAFullDisk(t *testing.T) {
 	s := openTest(t, Config{Dir: filepath.Join(dir, "js"), MaxBytes: 4 << 20, DeadMaxBytes: 2 << 20, Logger: zap.New(core)})
 	defer s.Close()
 	b := newBackend(t, func(int) int { return http.StatusServiceUnavailable })
-	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{100 * time.Millisecond}}, nil)
+	// The breaker off: the backend is fixed once the disk has room, and
+	// the copies are to come at their 100ms schedule, not a probe's.
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{100 * time.Millisecond}, BreakerFailures: BreakerOff}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
