@@ -6,6 +6,7 @@ package muxwebhook
 
 import (
 	"strconv"
+	"strings"
 
 	"github.com/dustin/go-humanize"
 
@@ -355,6 +356,7 @@ func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 //		concurrency <n>
 //		stall_after <duration>
 //		rate <n>/<s|m|h>
+//		breaker <failures> <probe> | off
 //		sign <secret>
 //		header <name> <value>
 //	}
@@ -406,6 +408,28 @@ func parseDestination(d *caddyfile.Dispenser) (string, *DestinationConfig, error
 			} else {
 				dc.Concurrency = n
 			}
+		case "breaker":
+			args := d.RemainingArgs()
+			b := &BreakerConfig{}
+			switch {
+			case len(args) == 1 && args[0] == "off":
+				b.Off = true
+			case len(args) == 2:
+				n, err := strconv.Atoi(args[0])
+				if err != nil {
+					n = -1
+				}
+				b.Failures = n
+				if dur, err := caddy.ParseDuration(args[1]); err == nil {
+					b.Probe = caddy.Duration(dur)
+				}
+			default:
+				return "", nil, d.Errf("mux_webhook: destination %s breaker: want breaker <failures> <probe>, e.g. breaker 10 30s, or breaker off", name)
+			}
+			if err := b.check(); err != nil {
+				return "", nil, d.Errf("mux_webhook: destination %s breaker %s: %v", name, strings.Join(args, " "), err)
+			}
+			dc.Breaker = b
 		case "rate":
 			if !d.AllArgs(&dc.Rate) {
 				return "", nil, d.Errf("mux_webhook: destination %s rate: want one value, e.g. rate 5/s", name)
@@ -427,7 +451,7 @@ func parseDestination(d *caddyfile.Dispenser) (string, *DestinationConfig, error
 			}
 			dc.Header[k] = v
 		default:
-			return "", nil, d.Errf("mux_webhook: unknown destination option %q; expected timeout, retry, max_attempts, max_age, concurrency, stall_after, rate, sign or header", opt)
+			return "", nil, d.Errf("mux_webhook: unknown destination option %q; expected timeout, retry, max_attempts, max_age, concurrency, stall_after, breaker, rate, sign or header", opt)
 		}
 	}
 	return name, dc, nil

@@ -67,10 +67,13 @@ type QueueStatus struct {
 	// due attempt); StalledSince (RFC 3339) is when progress stopped.
 	Stalled      bool   `json:"stalled"`
 	StalledSince string `json:"stalled_since,omitempty"`
-	// State is active, or paused (by an operator, on every gateway
-	// sharing the stream); StateSince (RFC 3339) is when it was paused.
+	// State is active, paused (by an operator, on every gateway sharing
+	// the stream) or tripped (by its breaker, in this instance);
+	// StateSince (RFC 3339) is when it was paused, tripped or last reset;
+	// NextProbe, while tripped, when the next probe is due.
 	State      string `json:"state"`
 	StateSince string `json:"state_since,omitempty"`
+	NextProbe  string `json:"next_probe,omitempty"`
 }
 
 // serveQueue serves the queue's admin endpoints; sub is the path after
@@ -112,10 +115,19 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 				return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("queue status of %s: %v", name, err)}
 			}
 			dest, configured := d.destinations[name]
+			br := h.stat(name).breaker
 			qs := QueueStatus{Name: name, Configured: configured, Pending: st.Pending, InFlight: st.InFlight, Dead: st.Dead, Instance: d.instance,
-				State: destinationState(st)}
-			if st.Pause != nil {
+				State: destinationState(st, br)}
+			switch qs.State {
+			case "paused":
 				qs.StateSince = st.Pause.Since.UTC().Format(time.RFC3339)
+			case "tripped":
+				qs.StateSince = br.Since.UTC().Format(time.RFC3339)
+				qs.NextProbe = br.NextProbe.UTC().Format(time.RFC3339)
+			default:
+				if !br.Since.IsZero() {
+					qs.StateSince = br.Since.UTC().Format(time.RFC3339) // reset then
+				}
 			}
 			if configured {
 				qs.URL = redactURL(dest.URL)

@@ -152,8 +152,11 @@ func TestDeadStreamFullOperatorSees(t *testing.T) {
 			retry 20ms
 			max_attempts 2
 			timeout 1s
+			breaker off
 		}
 	}`, dir, b.URL), fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	// (breaker off: every copy of the failing backend is to die at
+	// max_attempts, not wait for a probe.)
 	// (timeout 1s: NATS may hold a copy nak'd every 20 ms until its ack
 	// deadline, timeout + 5s, seen once in a few runs.)
 	const n = 8

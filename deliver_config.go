@@ -104,6 +104,13 @@ type DestinationConfig struct {
 	// said by the status, an ERROR line and the
 	// caddy_mux_webhook_queue_stalled metric. Default: 1m.
 	StallAfter caddy.Duration `json:"stall_after,omitempty"`
+	// Breaker trips the destination after Failures failed attempts in a
+	// row for its own reasons (no answer, a timeout, a 5xx or a 429):
+	// its events then wait, using no attempt and not dying of max_age,
+	// and one is attempted as a probe every Probe; the first 2xx resets
+	// it. Per Caddy instance. Default: 10 failures, a 30s probe; Off
+	// turns it off.
+	Breaker *BreakerConfig `json:"breaker,omitempty"`
 	// Rate paces the attempts this Caddy instance makes: "<n>/<s|m|h>",
 	// at most n per second, minute or hour, spaced evenly (a burst of
 	// one second's worth at most). A copy waiting for its turn waits in
@@ -350,6 +357,15 @@ func (dc *DestinationConfig) destination(name string) (queue.Destination, []byte
 			d.Header[k] = value
 		}
 	}
+	if b := dc.Breaker; b != nil {
+		if err := b.check(); err != nil {
+			return queue.Destination{}, nil, fmt.Errorf("mux_webhook: destination %s: breaker: %v", name, err)
+		}
+		d.BreakerFailures, d.BreakerProbe = b.Failures, time.Duration(b.Probe)
+		if b.Off {
+			d.BreakerFailures = queue.BreakerOff
+		}
+	}
 	if dc.Rate != "" {
 		n, per, err := parseRate(dc.Rate)
 		if err != nil {
@@ -388,4 +404,31 @@ func parseRate(v string) (int, time.Duration, error) {
 		return 0, 0, errors.New(want)
 	}
 	return n, per, nil
+}
+
+// BreakerConfig is a destination's circuit breaker.
+type BreakerConfig struct {
+	// Failures is how many failed attempts in a row trip it. Default: 10.
+	Failures int `json:"failures,omitempty"`
+	// Probe is how often a tripped destination is tried. Default: 30s.
+	Probe caddy.Duration `json:"probe,omitempty"`
+	// Off turns the breaker off: every copy keeps its retry schedule.
+	Off bool `json:"off,omitempty"`
+}
+
+// check is the breaker's load-time error, if any.
+func (b *BreakerConfig) check() error {
+	if b.Off {
+		if b.Failures != 0 || b.Probe != 0 {
+			return errors.New("off takes no failures or probe")
+		}
+		return nil
+	}
+	if b.Failures < 1 || b.Failures > 1_000_000 {
+		return errors.New("want breaker <failures> <probe> with a whole number of failures from 1, e.g. breaker 10 30s, or breaker off")
+	}
+	if b.Probe <= 0 {
+		return errors.New("want a probe interval greater than 0, e.g. breaker 10 30s")
+	}
+	return nil
 }

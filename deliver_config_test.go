@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
+	"github.com/caddyserver/caddy/v2"
 )
 
 // sizedEvent is a Mux event of exactly size bytes.
@@ -108,6 +110,10 @@ func TestMuxDeliverConfigErrors(t *testing.T) {
 		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\trate 5/d\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app rate "5/d": want <n>/<s|m|h>`},
 		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\trate 5\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app rate "5": want <n>/<s|m|h>`},
 		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\trate\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app rate: want one value`},
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\tbreaker -1 1s\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app breaker -1 1s: want breaker <failures> <probe>`},
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\tbreaker ten 30s\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app breaker ten 30s: want breaker <failures> <probe>`},
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\tbreaker 10 0s\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app breaker 10 0s: want a probe interval greater than 0`},
+		{deliverGlobal(dir, "\t\tdestination app http://127.0.0.1:1 {\n\t\t\tbreaker 10\n\t\t}"), "mux_webhook s\n\tmux_deliver app", `destination app breaker: want breaker <failures> <probe>`},
 	}
 	for _, c := range cases {
 		cfg, _ := gatewayConfigWith(t, "off", c.global, c.site)
@@ -137,5 +143,24 @@ func TestDestinationRateFromJSON(t *testing.T) {
 	d, _, err := dc.destination("app")
 	if err != nil || d.Rate != 100 || d.RatePer != time.Minute {
 		t.Errorf("rate 100/m: %+v, %v", d, err)
+	}
+}
+
+// TestDestinationBreakerFromJSON: a JSON config's breaker is checked as
+// the Caddyfile's is, and reaches the queue (off included).
+func TestDestinationBreakerFromJSON(t *testing.T) {
+	for _, bad := range []*BreakerConfig{{Failures: -1, Probe: caddy.Duration(time.Second)}, {Failures: 10}, {Off: true, Failures: 3}} {
+		dc := &DestinationConfig{URL: "http://127.0.0.1:1", Breaker: bad}
+		if _, _, err := dc.destination("app"); err == nil || !strings.Contains(err.Error(), "destination app: breaker: ") {
+			t.Errorf("breaker %+v: %v", bad, err)
+		}
+	}
+	dc := &DestinationConfig{URL: "http://127.0.0.1:1", Breaker: &BreakerConfig{Failures: 3, Probe: caddy.Duration(time.Second)}}
+	if d, _, err := dc.destination("app"); err != nil || d.BreakerFailures != 3 || d.BreakerProbe != time.Second {
+		t.Errorf("breaker 3 1s: %+v, %v", d, err)
+	}
+	dc = &DestinationConfig{URL: "http://127.0.0.1:1", Breaker: &BreakerConfig{Off: true}}
+	if d, _, err := dc.destination("app"); err != nil || d.BreakerFailures != queue.BreakerOff {
+		t.Errorf("breaker off: %+v, %v", d, err)
 	}
 }

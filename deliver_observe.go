@@ -37,6 +37,9 @@ func (s *pooledStore) checkStall(dest queue.Destination, st queue.Status, now ti
 		w = &stallWatch{}
 		s.watch[dest.Name] = w
 	}
+	if st.Pause == nil && s.stats[dest.Name] != nil && s.stats[dest.Name].breaker.Tripped {
+		w.Hold(now) // its copies wait on purpose, for the next probe
+	}
 	stalled, since = w.Check(dest, st, now)
 	changed = stalled != w.stalled
 	w.stalled, w.since = stalled, since
@@ -123,7 +126,7 @@ func (d *appQueue) gauges(ctx context.Context) {
 				oldest = time.Since(st.Oldest).Seconds()
 			}
 			muxMetrics.queueOldest.WithLabelValues(name).Set(oldest)
-			setState(name, destinationState(st))
+			setState(name, destinationState(st, d.handle.Load().stat(name).breaker))
 			d.watchStall(name, st)
 		}
 		if ctx.Err() == nil {
@@ -250,12 +253,17 @@ func (d *appQueue) logAttempt(a queue.Attempt) {
 
 // destinationStates are the states a destination can be in (the status's
 // state, the metric caddy_mux_webhook_destination_state).
-var destinationStates = []string{"active", "paused"}
+var destinationStates = []string{"active", "paused", "tripped"}
 
-// destinationState is the state its status says a destination is in.
-func destinationState(st queue.Status) string {
-	if st.Pause != nil {
+// destinationState is the state a destination is in: paused (by an
+// operator, from its status), tripped (its breaker in this process), or
+// active.
+func destinationState(st queue.Status, b queue.BreakerState) string {
+	switch {
+	case st.Pause != nil:
 		return "paused"
+	case b.Tripped:
+		return "tripped"
 	}
 	return "active"
 }

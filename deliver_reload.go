@@ -103,6 +103,8 @@ type destinationStats struct {
 	// when it was; both are cleared by a delivery.
 	lastError   string
 	lastErrorAt time.Time
+	// breaker is the destination's breaker in this process.
+	breaker queue.BreakerState
 }
 
 // stat returns a copy of destination's counts.
@@ -113,6 +115,20 @@ func (s *pooledStore) stat(destination string) destinationStats {
 		return *st
 	}
 	return destinationStats{}
+}
+
+// setBreaker records the destination's breaker state, and returns the
+// one before.
+func (s *pooledStore) setBreaker(destination string, b queue.BreakerState) (was queue.BreakerState) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.stats[destination]
+	if st == nil {
+		st = &destinationStats{}
+		s.stats[destination] = st
+	}
+	was, st.breaker = st.breaker, b
+	return was
 }
 
 // count records an attempt's result.
@@ -292,6 +308,19 @@ func (d *appQueue) startWorkers() error {
 				}
 				d.logger.Info("mux webhook destination paused: its events wait, using no attempt, until it is resumed (caddy mux-webhook queue resume)",
 					zap.String("destination", dest.Name), zap.Time("since", p.Since), zap.String("by", p.By), zap.String("instance", d.instance))
+			}
+			dest.OnBreaker = func(b queue.BreakerState) {
+				d := w.observe.Load()
+				was := d.handle.Load().setBreaker(dest.Name, b)
+				switch {
+				case b.Tripped && !was.Tripped:
+					d.logger.Error("mux webhook destination tripped: it failed again and again; its events wait, using no attempt, and one is attempted as a probe every interval",
+						zap.String("destination", dest.Name), zap.Int("failures", dest.BreakerFailures), zap.Duration("probe", dest.BreakerProbe),
+						zap.Time("next_probe", b.NextProbe), zap.String("instance", d.instance))
+				case !b.Tripped && was.Tripped:
+					d.logger.Info("mux webhook destination reset: a probe was delivered, or the destination resumed; delivering again",
+						zap.String("destination", dest.Name), zap.String("instance", d.instance))
+				}
 			}
 			dest.StopGrace = workerStopGrace
 			stop, err := d.store().StartWorkers(context.Background(), dest, w.observeAttempt)

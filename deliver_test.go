@@ -190,7 +190,7 @@ func TestMuxDeliverQueueFull(t *testing.T) {
 	t.Cleanup(app.Close)
 	dir := filepath.Join(t.TempDir(), "js")
 	cfg, g2 := gatewayConfigWith(t, "off",
-		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 64KiB\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 100ms\n\t\t}\n\t}", dir, app.URL),
+		fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 64KiB\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 100ms\n\t\t\tbreaker 10 200ms\n\t\t}\n\t}", dir, app.URL),
 		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
 	g2.load(cfg)
 	fullCount := muxMetrics.enqueueFails.WithLabelValues("app", "full")

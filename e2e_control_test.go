@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -173,7 +174,9 @@ func TestPauseAcrossARestart(t *testing.T) {
 	pauseVia(t, g.admin, "pause", "app")
 	// In effect once the workers read it (every second).
 	testwait.For(t, func() bool { return g.logged("info", "mux webhook destination paused: its events wait") },
-		func() string { return "the workers never said the destination is paused\n" + tail(g.out.String(), 4096) })
+		func() string {
+			return "the workers never said the destination is paused\n" + tail(g.out.String(), 4096)
+		})
 	const n = 10
 	ids := ids("held-", n)
 	g.sendAll(t, 10*time.Second, ids...)
@@ -247,4 +250,71 @@ func TestPauseSharedByTheGatewaysOfACluster(t *testing.T) {
 			t.Errorf("%s delivered %d times", id, times)
 		}
 	}
+}
+
+// TestFaultWeekendOutageTripsTheBreaker: a backend down for "a weekend"
+// (compressed: retry 100ms, breaker 5 500ms) against the built binary:
+// after 5 failures in a row the destination trips (ERROR line, the status
+// and the metric say so, with the next probe), is then probed about once
+// per interval instead of hammered by every event's retries, and once the
+// backend is back a probe resets it (INFO line) and every event is
+// delivered once, none a dead letter.
+func TestFaultWeekendOutageTripsTheBreaker(t *testing.T) {
+	t.Parallel() // its own processes and ports
+	var down atomic.Bool
+	down.Store(true)
+	var mu sync.Mutex
+	var failed []time.Time
+	backend := newRecordingBackend(t, 0, func(string) bool {
+		if !down.Load() {
+			return false
+		}
+		mu.Lock()
+		failed = append(failed, time.Now())
+		mu.Unlock()
+		return true
+	})
+	global := fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 100ms\n\t\t\ttimeout 2s\n\t\t\tbreaker 5 500ms\n\t\t}\n\t}",
+		filepath.Join(t.TempDir(), "js"), backend.URL)
+	g := startHealGateway(t, global)
+	const n = 20
+	ids := ids("weekend-", n)
+	g.sendAll(t, 10*time.Second, ids...)
+	testwait.For(t, func() bool { return g.logged("error", "mux webhook destination tripped") },
+		func() string { return "no ERROR line: the breaker never tripped\n" + tail(g.out.String(), 4096) })
+	st := g.status(t)
+	if st.State != "tripped" || st.NextProbe == "" {
+		t.Errorf("status while tripped: %+v", st)
+	}
+	mu.Lock()
+	atTrip := len(failed)
+	mu.Unlock()
+	tripped := time.Now()
+	time.Sleep(3 * time.Second) // the weekend
+	mu.Lock()
+	during := len(failed) - atTrip
+	mu.Unlock()
+	// 20 events retried every 100ms would be some 600 requests; a probe
+	// every 500ms (and the attempts in flight at the trip, concurrency 4)
+	// is what a tripped destination gets.
+	if max := 4 + int(time.Since(tripped)/(500*time.Millisecond)) + 1; during > max {
+		t.Errorf("the tripped destination got %d requests in %s, want at most %d", during, time.Since(tripped), max)
+	}
+	testwait.For(t, func() bool { // the gauges are read every 5s
+		return scrape(t, g.admin)[`caddy_mux_webhook_destination_state{destination="app",state="tripped"}`] == 1
+	}, func() string { return "the state metric never said tripped" })
+	down.Store(false)
+	waitDelivered(t, backend, 30*time.Second, g.out, ids...)
+	testwait.For(t, func() bool { return g.logged("info", "mux webhook destination reset") },
+		func() string { return "no INFO line: the breaker never reset" })
+	for _, id := range ids {
+		if got := len(backend.arrivals(id)); got != 1 {
+			t.Errorf("%s delivered %d times", id, got)
+		}
+	}
+	testwait.For(t, func() bool {
+		st = g.status(t)
+		return st.State == "active" && st.Dead == 0 && st.Pending+st.InFlight == 0
+	},
+		func() string { return fmt.Sprintf("after the outage: %+v", st) })
 }

@@ -81,7 +81,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 		}, []string{"destination"})
 		muxMetrics.destState = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "destination_state",
-			Help: "1 for a destination's current state, 0 for the others: active, or paused by an operator (caddy mux-webhook queue pause).",
+			Help: "1 for a destination's current state, 0 for the others: active, paused by an operator (caddy mux-webhook queue pause), or tripped by its breaker in this instance.",
 		}, []string{"destination", "state"})
 		muxMetrics.deliveries = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "deliveries_total",

@@ -473,6 +473,7 @@ BLOCK
 			"<duration>...", "50ms 100ms",
 			"<duration>", "10s",
 			"<n>/<s|m|h>", "100/s",
+			"<failures> <probe>", "10 30s",
 			"<n>", "3",
 			"<secret>", "{env.APP_WEBHOOK_SECRET}",
 		},
@@ -524,12 +525,34 @@ BLOCK
 			},
 		}},
 	},
-	"README.md: A weekend outage: dead letters, redelivered on Monday #1": {
+	"README.md: A weekend outage #1": {
 		replace: []string{
 			"{\n\tmux_webhook {", "{\n\tadmin localhost:<free-port>\n\tmux_webhook {",
 			"retry   1m 5m 30m 1h", "retry   50ms",
-			"max_age 7d", "max_age 1s",
+			"max_age 7d", "max_age 7d\n\t\t\tbreaker 10 300ms", // the probe compressed like the retries
 		},
+		upstreams: []string{"app:8080"},
+		dirs:      []string{"/var/lib/caddy/mux-queue"},
+		queueDirs: []string{"/var/lib/caddy/mux-queue"},
+		runs: []blockRun{
+			{name: "backend up", deliveries: []docDelivery{{typ: "video.asset.ready", status: 202, to: "app:8080"}}},
+			{
+				name: "backend down: the breaker trips, then a probe delivers", down: []string{"app:8080"},
+				deliveries: []docDelivery{
+					{typ: "video.asset.ready", id: "fri", status: 202},
+					{typ: "video.asset.deleted", id: "sat", status: 202},
+				},
+				check: checkWeekendBreaker,
+			},
+		},
+	},
+	"README.md: A weekend outage #2": {
+		replace: []string{
+			"{\n\tmux_webhook {", "{\n\tadmin localhost:<free-port>\n\tmux_webhook {",
+			"retry   1m 5m 30m 1h", "retry   50ms",
+			"max_age 2d", "max_age 1s",
+		},
+		wrap:      wrapGlobalDeliver,
 		upstreams: []string{"app:8080"},
 		dirs:      []string{"/var/lib/caddy/mux-queue"},
 		queueDirs: []string{"/var/lib/caddy/mux-queue"},
@@ -651,6 +674,32 @@ func (s *blockSite) waitDeadLetters(destination string, attempts int, labels ...
 
 // checkMondayRedeliver: the weekend's events became dead letters; the
 // backend comes back, and the recipe's commands redeliver them.
+// checkWeekendBreaker: the backend down, the destination trips (the
+// status says so, with its next probe); once the backend is back, a probe
+// resets it and both weekend events are delivered, none a dead letter.
+func checkWeekendBreaker(t *testing.T, s *blockSite) {
+	admin := "http://" + s.adminAddress()
+	var st QueueStatus
+	testwait.For(t, func() bool {
+		st = queueStatus(t, admin)["app"]
+		return st.State == "tripped"
+	}, func() string { return fmt.Sprintf("app never tripped: %+v", st) })
+	if st.NextProbe == "" || st.StateSince == "" {
+		t.Errorf("a tripped destination's status without next_probe or state_since: %+v", st)
+	}
+	app := newUpstreamAt(t, "app:8080", s.down["app:8080"])
+	testwait.For(t, func() bool { return len(app.requests()) >= 2 }, func() string {
+		return fmt.Sprintf("the backend got %d requests once back, want both weekend events", len(app.requests()))
+	})
+	testwait.For(t, func() bool {
+		st = queueStatus(t, admin)["app"]
+		return st.State == "active" && st.Pending+st.InFlight == 0
+	}, func() string { return fmt.Sprintf("app after the probe: %+v", st) })
+	if st.Dead != 0 {
+		t.Errorf("%d dead letters after the outage, want none", st.Dead)
+	}
+}
+
 func checkMondayRedeliver(t *testing.T, s *blockSite) {
 	s.waitDeadLetters("app", 0, "fri", "sat")
 	app := newUpstreamAt(t, "app:8080", s.down["app:8080"])
@@ -1269,6 +1318,7 @@ func TestReadmeQueueNATSSettings(t *testing.T) {
 		{"<duration>...", "1s 2s"},
 		{"<duration>", "10s"},
 		{"<n>/<s|m|h>", "100/m"},
+		{"<failures> <probe>", "10 30s"},
 		{"<n>", "2"},
 		{"<secret>", "{env.APP_WEBHOOK_SECRET}"},
 		{"<field> <value>", "X-Readme readme-value"},

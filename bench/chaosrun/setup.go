@@ -228,7 +228,9 @@ func (s *setup) caddyfile(g *gateway) string {
 	b.WriteString("\t\t\tenqueue_timeout 2s\n\t\t}\n")
 	for _, name := range destinationNames {
 		st := s.settings[name]
-		fmt.Fprintf(&b, "\t\tdestination %s %s {\n\t\t\ttimeout %s\n\t\t\tretry %s\n\t\t\tmax_attempts %d\n\t\t\tconcurrency %d\n\t\t\tsign {env.CHAOS_SIGN_%s}\n\t\t}\n",
+		// The breaker on, its probe compressed like the retry delays:
+		// a backend's outage trips it, and its end is found within 2s.
+		fmt.Fprintf(&b, "\t\tdestination %s %s {\n\t\t\ttimeout %s\n\t\t\tretry %s\n\t\t\tmax_attempts %d\n\t\t\tconcurrency %d\n\t\t\tbreaker 10 2s\n\t\t\tsign {env.CHAOS_SIGN_%s}\n\t\t}\n",
 			name, s.backend(name).url(), st.Timeout, st.Retry, st.MaxAttempts, st.Concurrency, strings.ToUpper(name))
 	}
 	b.WriteString("\t}\n}\n\n")
