@@ -26,6 +26,7 @@
 package muxwebhook
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"slices"
@@ -315,7 +316,8 @@ func (d *appQueue) startWorkers() error {
 				switch {
 				case b.Tripped && !was.Tripped:
 					d.logger.Error("mux webhook destination tripped: it failed again and again; its events wait, using no attempt, and one is attempted as a probe every interval",
-						zap.String("destination", dest.Name), zap.Int("failures", dest.BreakerFailures), zap.Duration("probe", dest.BreakerProbe),
+						zap.String("destination", dest.Name), zap.Int("failures", cmp.Or(dest.BreakerFailures, queue.DefaultBreakerFailures)),
+						zap.Duration("probe", cmp.Or(dest.BreakerProbe, queue.DefaultBreakerProbe)),
 						zap.Time("next_probe", b.NextProbe), zap.String("instance", d.instance))
 				case !b.Tripped && was.Tripped:
 					d.logger.Info("mux webhook destination reset: a probe was delivered, or the destination resumed; delivering again",
