@@ -493,3 +493,40 @@ func TestQueuePauseAndResume(t *testing.T) {
 		t.Errorf("status after resume: %+v", st)
 	}
 }
+
+// TestPausedDestinationFillingWarns: while a destination is paused, its
+// events fill the stream it shares; at 80 % of max_bytes a WARN line says
+// so (and what to do), before mux_deliver has to answer 503.
+func TestPausedDestinationFillingWarns(t *testing.T) {
+	app := newAttemptBackend(t, http.StatusOK)
+	dir := filepath.Join(t.TempDir(), "js")
+	g := startGatewayWithAdmin(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 64KiB\n\t\t}\n\t\tdestination app %s\n\t}", dir, app.URL),
+		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
+	if code, body := adminDo(t, http.MethodPost, g.admin+"/mux-webhook/queue/pause", `{"destination":"app"}`); code != http.StatusOK {
+		t.Fatalf("pause: %d %s", code, body)
+	}
+	testwait.For(t, func() bool { return strings.Contains(g.rawLog(), "mux webhook destination paused: its events wait") },
+		func() string { return "the workers never noticed the pause" })
+	const warning = "the stream is filling up while destinations are paused"
+	pad := fmt.Sprintf(`{"pad":%q}`, strings.Repeat("p", 4<<10))
+	sent := 0
+	for i := 0; i < 30 && !strings.Contains(g.rawLog(), warning); i++ {
+		status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", fmt.Sprint("fill-", i), pad), time.Now()))
+		if status == http.StatusServiceUnavailable {
+			break // full: the warning had to come before
+		}
+		if status != http.StatusAccepted {
+			t.Fatalf("fill-%d: %d", i, status)
+		}
+		sent++
+		if sent >= 12 { // past 80 % of 64 KiB: wait for the gauges (every 5s)
+			testwait.For(t, func() bool { return strings.Contains(g.rawLog(), warning) }, func() string { return "no WARN line with the stream at 80 %" })
+		}
+	}
+	if !strings.Contains(g.rawLog(), warning) {
+		t.Fatalf("no WARN line after %d events of 4 KiB in a 64 KiB stream", sent)
+	}
+	if app.total() != 0 {
+		t.Errorf("a paused destination got %d requests", app.total())
+	}
+}

@@ -8,6 +8,7 @@ package muxwebhook
 import (
 	"context"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -109,6 +110,7 @@ func (d *appQueue) gauges(ctx context.Context) {
 				continue
 			}
 		}
+		var paused []string
 		for name := range d.destinations {
 			qctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
 			st, err := d.store().Status(qctx, name)
@@ -127,7 +129,13 @@ func (d *appQueue) gauges(ctx context.Context) {
 			}
 			muxMetrics.queueOldest.WithLabelValues(name).Set(oldest)
 			setState(name, destinationState(st, d.handle.Load().stat(name).breaker))
+			if st.Pause != nil {
+				paused = append(paused, name)
+			}
 			d.watchStall(name, st)
+		}
+		if len(paused) > 0 {
+			d.warnFilling(ctx, paused)
 		}
 		if ctx.Err() == nil {
 			muxMetrics.queueUp.Set(up)
@@ -278,4 +286,29 @@ func setState(name, state string) {
 		}
 		muxMetrics.destState.WithLabelValues(name, s).Set(v)
 	}
+}
+
+// fillWarnEvery spaces the WARN lines of a stream filling up behind a
+// paused destination.
+const fillWarnEvery = time.Minute
+
+// warnFilling says, at WARN and at most once a minute, that the stream is
+// at 80 % of max_bytes or more while destinations are paused: their events
+// fill the stream shared with the others, and a full stream makes
+// mux_deliver answer 503.
+func (d *appQueue) warnFilling(ctx context.Context, paused []string) {
+	qctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
+	bytes, maxBytes, err := d.store().Usage(qctx)
+	cancel()
+	if err != nil || maxBytes <= 0 || bytes*5 < uint64(maxBytes)*4 {
+		return
+	}
+	if time.Since(d.lastFillWarn) < fillWarnEvery {
+		return
+	}
+	d.lastFillWarn = time.Now()
+	slices.Sort(paused)
+	d.logger.Warn("mux_webhook queue: the stream is filling up while destinations are paused; when it is full, mux_deliver answers 503: resume them, or raise max_bytes",
+		zap.Strings("paused", paused), zap.Uint64("bytes", bytes), zap.Int64("max_bytes", maxBytes),
+		zap.Float64("used", float64(bytes)/float64(maxBytes)), zap.String("instance", d.instance))
 }

@@ -169,6 +169,9 @@ type appQueue struct {
 	// instance names this Caddy in log lines, the live log, the queue
 	// status and metrics: the nats block's instance, else the host name.
 	instance string
+	// lastFillWarn is when the gauges last warned of a stream filling up
+	// behind paused destinations (the gauges' goroutine's).
+	lastFillWarn time.Time
 }
 
 // store is the open store, or nil before the app started.

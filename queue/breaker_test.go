@@ -150,3 +150,39 @@ func TestBreakerWeekendOutage(t *testing.T) {
 		t.Errorf("%d copies came first as attempt 2; at most concurrency (4) may", skipped)
 	}
 }
+
+// TestResumeResetsTheBreaker: a tripped destination whose next probe is
+// an hour away is reset by a resume (SetPaused false), and delivers at
+// once.
+func TestResumeResetsTheBreaker(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	var up atomic.Bool
+	b := newArrivals(t, func(id string, n int, w http.ResponseWriter) {
+		if !up.Load() {
+			w.WriteHeader(http.StatusBadGateway)
+		}
+	})
+	var tripped, reset atomic.Bool
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Retry: []time.Duration{50 * time.Millisecond},
+		BreakerFailures: 3, BreakerProbe: time.Hour,
+		OnBreaker: func(st BreakerState) {
+			if st.Tripped {
+				tripped.Store(true)
+			} else {
+				reset.Store(true)
+			}
+		}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	put(t, s, "app", "held", []byte(`{"type":"video.asset.ready","id":"held"}`))
+	waitUntil(t, "the breaker tripping", tripped.Load)
+	up.Store(true)
+	if err := s.SetPaused(context.Background(), "app", false, "test"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the resume resetting the breaker", reset.Load)
+	waitUntil(t, "the event delivered (3 failures, then a 2xx)", func() bool { at, _ := b.of("held"); return len(at) == 4 })
+}

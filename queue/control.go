@@ -131,3 +131,17 @@ func (s *Store) resumedAt(ctx context.Context, destination string) (time.Time, e
 	}
 	return p.Since, nil
 }
+
+// Usage is how many bytes the stream holds, and its bound (max_bytes; on a
+// shared stream, the running one's).
+func (s *Store) Usage(ctx context.Context) (bytes uint64, maxBytes int64, err error) {
+	stream, err := s.js.Stream(ctx, s.cfg.Stream)
+	if err != nil {
+		return 0, 0, err
+	}
+	info, err := stream.Info(ctx)
+	if err != nil {
+		return 0, 0, err
+	}
+	return info.State.Bytes, info.Config.MaxBytes, nil
+}
