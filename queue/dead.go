@@ -252,6 +252,7 @@ func (s *Store) settleDead(ctx context.Context, d *Destination, msg jetstream.Ms
 	if msg.Term() == nil {
 		s.dead.forget(seq)
 		sw.settle(seq)
+		s.uncharge(context.WithoutCancel(ctx), meta)
 	} else {
 		// Buried but not settled (its consumer was deleted since, NATS
 		// is away): the copy comes again, maybe counted from 1 by a

@@ -616,7 +616,13 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		_ = msg.NakWithDelay(d.delay(1))
 		return a
 	}
-	a.Number = s.handBacks.attemptNumber(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+	if n, err := s.counted(ctx, meta); err == nil {
+		a.Number = n + 1
+	} else {
+		// The count cannot be read: this process's ledger of
+		// deliveries that were no attempt gives the number.
+		a.Number = s.handBacks.attemptNumber(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+	}
 	if s.buryAgain(ctx, d, msg, meta, sw, &a) {
 		return a
 	}
@@ -625,8 +631,10 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 	a.Duration = time.Since(start)
 	if ctx.Err() != nil && a.Err != nil {
 		// Stopped mid-attempt (a reload or shutdown): not the
-		// destination's failure; the copy goes back to the queue.
+		// destination's failure; the copy goes back to the queue. The
+		// POST may have reached the backend: it counts.
 		a.Result = "retry"
+		_ = s.charge(context.WithoutCancel(ctx), meta, a.Number)
 		_ = msg.Nak()
 		return a
 	}
@@ -638,6 +646,9 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		// was delivered.
 		if msg.DoubleAck(context.WithoutCancel(ctx)) == nil {
 			sw.settle(meta.Sequence.Stream)
+			if a.Number > 1 {
+				s.uncharge(context.WithoutCancel(ctx), meta)
+			}
 		}
 		s.handBacks.settled(meta.Sequence.Stream)
 		return a
@@ -656,6 +667,11 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 	// attempt is charged (this delivery goes in the hand-back ledger),
 	// and only max_age bounds it.
 	a.NotCounted = a.Status == http.StatusTooManyRequests
+	if !a.NotCounted {
+		// Charged to the copy, durably: the next delivery, here or on
+		// another gateway, after a restart too, is attempt a.Number+1.
+		_ = s.charge(context.WithoutCancel(ctx), meta, a.Number)
+	}
 	if (!a.NotCounted && d.MaxAttempts > 0 && a.Number >= d.MaxAttempts) || time.Since(meta.Timestamp)+next > d.MaxAge {
 		s.settleDead(ctx, d, msg, meta, sw, &a)
 		return a

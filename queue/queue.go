@@ -149,6 +149,9 @@ type Store struct {
 	stream jetstream.Stream // the stream's handle: its methods name it, no lookup each time
 
 	handBacks *HandBacks // deliveries handed back without an attempt, per copy of the stream
+
+	attemptsMu sync.Mutex
+	attempts   jetstream.KeyValue // the counted attempts' bucket, once opened (attempts.go)
 	// sweepGrace: a settled copy above the ack floor is deleted on its own
 	// once it waited this long for the floor (sweep.go).
 	sweepGrace time.Duration
