@@ -37,10 +37,7 @@ func TestClusterSharedWork(t *testing.T) {
 	c := startNATSCluster(t)
 	const n, dead = 200, 5
 	backend := newRecordingBackend(t, 20*time.Millisecond, func(id string) bool { return strings.HasPrefix(id, "dead-") })
-	gs := clusterGateways(t, 2, clusterGlobal(c, "5s", backend.URL, "\t\t\ttimeout 2s\n\t\t\tretry 100ms\n\t\t\tmax_attempts 2"))
-	for _, g := range gs {
-		g.start(t)
-	}
+	gs := startClusterGateways(t, 2, clusterGlobal(c, "5s", backend.URL, "\t\t\ttimeout 2s\n\t\t\tretry 100ms\n\t\t\tmax_attempts 2"))
 	c.leaders("app") // replicated
 	c.waitPulling("app", len(gs))
 

@@ -220,10 +220,7 @@ func TestPauseSharedByTheGatewaysOfACluster(t *testing.T) {
 	t.Parallel() // its own processes and ports
 	c := startNATSCluster(t)
 	backend := newRecordingBackend(t, 0, nil)
-	gs := clusterGateways(t, 2, clusterGlobal(c, "5s", backend.URL, "\t\t\ttimeout 2s\n\t\t\tretry 100ms"))
-	for _, g := range gs {
-		g.start(t)
-	}
+	gs := startClusterGateways(t, 2, clusterGlobal(c, "5s", backend.URL, "\t\t\ttimeout 2s\n\t\t\tretry 100ms"))
 	c.waitPulling("app", len(gs))
 	pauseVia(t, gs[0].adminURL(), "pause", "app")
 	testwait.For(t, func() bool { return stateOf(t, gs[1].adminURL(), "app") == "paused" },

@@ -38,11 +38,8 @@ func TestFaultClusterGatewayAndNodeKilled(t *testing.T) {
 	// 50ms per event, 4 at a time per gateway: the events are sent faster
 	// than they are delivered, so that there is work in hand at each kill.
 	backend := newRecordingBackend(t, 50*time.Millisecond, nil)
-	gs := clusterGateways(t, 2, clusterGlobal(c, "2s", backend.URL,
+	gs := startClusterGateways(t, 2, clusterGlobal(c, "2s", backend.URL,
 		fmt.Sprintf("\t\t\ttimeout %s\n\t\t\tretry 100ms 200ms 500ms\n\t\t\tconcurrency %d", timeout, concurrency)))
-	for _, g := range gs {
-		g.start(t)
-	}
 	c.waitPulling("app", len(gs))
 	_, consumerLeader := c.leaders("app")
 	victim := c.node(consumerLeader)
@@ -212,10 +209,7 @@ func TestFaultClusterUnreachable(t *testing.T) {
 	c := startNATSCluster(t)
 	var up atomic.Bool
 	backend := newRecordingBackend(t, 0, func(string) bool { return !up.Load() })
-	gs := clusterGateways(t, 2, clusterGlobal(c, "1s", backend.URL, "\t\t\ttimeout 2s\n\t\t\tretry 200ms"))
-	for _, g := range gs {
-		g.start(t)
-	}
+	gs := startClusterGateways(t, 2, clusterGlobal(c, "1s", backend.URL, "\t\t\ttimeout 2s\n\t\t\tretry 200ms"))
 	c.waitPulling("app", len(gs))
 	client := &http.Client{Timeout: 10 * time.Second}
 	const queued = 10

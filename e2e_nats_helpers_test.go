@@ -285,6 +285,17 @@ func clusterGateways(t *testing.T, n int, global string) []*clusterGateway {
 	return gs
 }
 
+// startClusterGateways starts n gateways with global (clusterGateways) and
+// waits for each to have its queue open.
+func startClusterGateways(t *testing.T, n int, global string) []*clusterGateway {
+	t.Helper()
+	gs := clusterGateways(t, n, global)
+	for _, g := range gs {
+		g.start(t)
+	}
+	return gs
+}
+
 // start (re)starts the gateway until the test ends and waits until its
 // queue is open.
 func (g *clusterGateway) start(t *testing.T) {

@@ -143,10 +143,7 @@ func TestClusterSameIDAtOnce(t *testing.T) {
 	t.Parallel() // its own processes and ports
 	c := startNATSCluster(t)
 	backend := newRecordingBackend(t, 0, nil)
-	gs := clusterGateways(t, 2, clusterGlobal(c, "5s", backend.URL, "\t\t\tretry 100ms"))
-	for _, g := range gs {
-		g.start(t)
-	}
+	gs := startClusterGateways(t, 2, clusterGlobal(c, "5s", backend.URL, "\t\t\tretry 100ms"))
 	c.leaders("app")
 	c.waitPulling("app", len(gs))
 
