@@ -416,11 +416,12 @@ func parseDestination(d *caddyfile.Dispenser) (string, *DestinationConfig, error
 				b.Off = true
 			case len(args) == 2:
 				n, err := strconv.Atoi(args[0])
-				if err != nil {
-					n = -1
+				if err != nil || n < 1 {
+					n = -1 // both are given here: none may be 0
 				}
 				b.Failures = n
-				if dur, err := caddy.ParseDuration(args[1]); err == nil {
+				b.Probe = -1
+				if dur, err := caddy.ParseDuration(args[1]); err == nil && dur > 0 {
 					b.Probe = caddy.Duration(dur)
 				}
 			default:

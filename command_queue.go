@@ -82,7 +82,7 @@ A destination no longer configured whose dead letters are kept is shown
 				}
 				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(tw, "DESTINATION\tPENDING\tIN FLIGHT\tDELIVERED\tDEAD\tOLDEST PENDING\tLAST ERROR AT\tLAST ERROR")
-				var stalled, paused []QueueStatus
+				var stalled, paused, tripped []QueueStatus
 				for _, q := range list {
 					oldest := "-"
 					if q.OldestPendingSeconds > 0 {
@@ -100,8 +100,11 @@ A destination no longer configured whose dead letters are kept is shown
 					if q.Stalled {
 						stalled = append(stalled, q)
 					}
-					if q.State == "paused" {
+					switch q.State {
+					case "paused":
 						paused = append(paused, q)
+					case "tripped":
+						tripped = append(tripped, q)
 					}
 				}
 				if err := tw.Flush(); err != nil {
@@ -109,6 +112,10 @@ A destination no longer configured whose dead letters are kept is shown
 				}
 				for _, q := range paused {
 					fmt.Fprintf(out, "PAUSED: %s since %s: its events wait until 'caddy mux-webhook queue resume %s'\n", printable(q.Name), printable(q.StateSince), printable(q.Name))
+				}
+				for _, q := range tripped {
+					fmt.Fprintf(out, "TRIPPED: %s since %s (this instance's breaker): its events wait; next probe %s; 'caddy mux-webhook queue resume %s' resets it\n",
+						printable(q.Name), printable(q.StateSince), printable(q.NextProbe), printable(q.Name))
 				}
 				for _, q := range stalled {
 					fmt.Fprintf(out, "STALLED: %s: events wait and none was attempted since %s; see the ERROR lines 'mux webhook delivery stalled'\n", printable(q.Name), printable(q.StalledSince))

@@ -408,9 +408,11 @@ func parseRate(v string) (int, time.Duration, error) {
 
 // BreakerConfig is a destination's circuit breaker.
 type BreakerConfig struct {
-	// Failures is how many failed attempts in a row trip it. Default: 10.
+	// Failures is how many failed attempts in a row trip it. Default
+	// (0, with a probe set): 10.
 	Failures int `json:"failures,omitempty"`
-	// Probe is how often a tripped destination is tried. Default: 30s.
+	// Probe is how often a tripped destination is tried. Default (0,
+	// with failures set): 30s.
 	Probe caddy.Duration `json:"probe,omitempty"`
 	// Off turns the breaker off: every copy keeps its retry schedule.
 	Off bool `json:"off,omitempty"`
@@ -424,10 +426,10 @@ func (b *BreakerConfig) check() error {
 		}
 		return nil
 	}
-	if b.Failures < 1 || b.Failures > 1_000_000 {
+	if b.Failures < 0 || b.Failures > 1_000_000 || (b.Failures == 0 && b.Probe == 0) {
 		return errors.New("want breaker <failures> <probe> with a whole number of failures from 1, e.g. breaker 10 30s, or breaker off")
 	}
-	if b.Probe <= 0 {
+	if b.Probe < 0 {
 		return errors.New("want a probe interval greater than 0, e.g. breaker 10 30s")
 	}
 	return nil

@@ -149,7 +149,7 @@ func TestDestinationRateFromJSON(t *testing.T) {
 // TestDestinationBreakerFromJSON: a JSON config's breaker is checked as
 // the Caddyfile's is, and reaches the queue (off included).
 func TestDestinationBreakerFromJSON(t *testing.T) {
-	for _, bad := range []*BreakerConfig{{Failures: -1, Probe: caddy.Duration(time.Second)}, {Failures: 10}, {Off: true, Failures: 3}} {
+	for _, bad := range []*BreakerConfig{{Failures: -1, Probe: caddy.Duration(time.Second)}, {}, {Failures: 10, Probe: -1}, {Off: true, Failures: 3}} {
 		dc := &DestinationConfig{URL: "http://127.0.0.1:1", Breaker: bad}
 		if _, _, err := dc.destination("app"); err == nil || !strings.Contains(err.Error(), "destination app: breaker: ") {
 			t.Errorf("breaker %+v: %v", bad, err)
@@ -158,6 +158,10 @@ func TestDestinationBreakerFromJSON(t *testing.T) {
 	dc := &DestinationConfig{URL: "http://127.0.0.1:1", Breaker: &BreakerConfig{Failures: 3, Probe: caddy.Duration(time.Second)}}
 	if d, _, err := dc.destination("app"); err != nil || d.BreakerFailures != 3 || d.BreakerProbe != time.Second {
 		t.Errorf("breaker 3 1s: %+v, %v", d, err)
+	}
+	dc = &DestinationConfig{URL: "http://127.0.0.1:1", Breaker: &BreakerConfig{Probe: caddy.Duration(time.Minute)}}
+	if d, _, err := dc.destination("app"); err != nil || d.BreakerFailures != 0 || d.BreakerProbe != time.Minute {
+		t.Errorf("breaker with a probe only (failures default): %+v, %v", d, err)
 	}
 	dc = &DestinationConfig{URL: "http://127.0.0.1:1", Breaker: &BreakerConfig{Off: true}}
 	if d, _, err := dc.destination("app"); err != nil || d.BreakerFailures != queue.BreakerOff {

@@ -317,6 +317,8 @@ func (d *appQueue) startWorkers() error {
 				d := w.observe.Load()
 				was := d.handle.Load().setBreaker(dest.Name, b)
 				switch {
+				case !b.Tripped && b.Since.IsZero():
+					// New workers, closed: nothing happened to say.
 				case b.Tripped && !was.Tripped:
 					d.logger.Error("mux webhook destination tripped: it failed again and again; its events wait, using no attempt, and one is attempted as a probe every interval",
 						zap.String("destination", dest.Name), zap.Int("failures", cmp.Or(dest.BreakerFailures, queue.DefaultBreakerFailures)),

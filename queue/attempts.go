@@ -20,11 +20,17 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
 )
 
 // attemptsTTL bounds how long a copy's count is kept (a copy held longer,
 // by a long pause, counts from 1 again).
 const attemptsTTL = 90 * 24 * time.Hour
+
+// attemptsMaxBytes bounds the bucket: a few dozen bytes per copy that
+// failed at least once. When it is full a count cannot be written: the
+// copy is then retried at its first delay, and a WARN says so.
+const attemptsMaxBytes = 64 << 20
 
 // attemptsBucket is the name of the stream's bucket of counted attempts.
 func (s *Store) attemptsBucket() string { return s.cfg.Stream + "_ATTEMPTS" }
@@ -43,6 +49,7 @@ func (s *Store) attemptsKV(ctx context.Context) (jetstream.KeyValue, error) {
 			Description: "caddy-mux-webhook: attempts charged to each queued copy",
 			History:     1,
 			TTL:         attemptsTTL,
+			MaxBytes:    attemptsMaxBytes,
 			Storage:     jetstream.FileStorage,
 			Replicas:    s.cfg.Replicas,
 		})
@@ -62,12 +69,8 @@ func attemptsKey(meta *jetstream.MsgMetadata) string {
 	return fmt.Sprintf("c%d_%d", meta.Sequence.Stream, meta.Timestamp.UnixNano())
 }
 
-// counted is how many attempts were charged to the copy. A first
-// delivery has none, and reads nothing.
+// counted is how many attempts were charged to the copy.
 func (s *Store) counted(ctx context.Context, meta *jetstream.MsgMetadata) (int, error) {
-	if meta.NumDelivered <= 1 {
-		return 0, nil
-	}
 	kv, err := s.attemptsKV(ctx)
 	if err != nil {
 		return 0, err
@@ -119,5 +122,30 @@ func (s *Store) forgetAttemptsKV(err error) {
 		s.attemptsMu.Lock()
 		s.attempts = nil
 		s.attemptsMu.Unlock()
+	}
+}
+
+// chargeOrWarn is charge; a failure is logged (at most once a minute):
+// the copy's count stays behind, so max_attempts and the schedule see
+// fewer attempts than were made.
+func (s *Store) chargeOrWarn(ctx context.Context, meta *jetstream.MsgMetadata, n int) {
+	if err := s.charge(ctx, meta, n); err != nil {
+		s.warnAttempts("write", err)
+	}
+}
+
+// warnAttempts logs, at most once a minute, that the bucket of counted
+// attempts could not be read or written.
+func (s *Store) warnAttempts(what string, err error) {
+	s.attemptsMu.Lock()
+	due := time.Since(s.attemptsWarned) > time.Minute
+	if due {
+		s.attemptsWarned = time.Now()
+	}
+	s.attemptsMu.Unlock()
+	if due && s.log != nil {
+		s.log.Warn("mux_webhook queue: could not "+what+" a copy's counted attempts in "+s.attemptsBucket()+
+			"; reading: the copy is handed back and comes again; writing: its count stays behind",
+			zap.Error(err))
 	}
 }

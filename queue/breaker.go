@@ -64,11 +64,19 @@ func destinationTrouble(a Attempt) bool {
 }
 
 // record counts an attempt that was no probe; it reports whether it
-// tripped the breaker.
-func (b *breaker) record(a Attempt, now time.Time) (tripped bool) {
+// tripped the breaker, or reset it.
+func (b *breaker) record(a Attempt, now time.Time) (changed bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	switch {
+	case a.NoAttempt:
+		return false // no POST: nothing said of the destination
+	case b.state.Tripped && a.Err == nil:
+		// An attempt begun before it tripped was delivered: the first
+		// 2xx resets it.
+		b.run = 0
+		b.state = BreakerState{Since: now}
+		return true
 	case b.state.Tripped:
 		return false // an attempt begun before it tripped
 	case a.Err == nil:

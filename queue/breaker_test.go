@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -30,6 +31,9 @@ func TestBreakerCounts(t *testing.T) {
 	if b.record(fail(502), now) {
 		t.Error("an attempt begun before the trip tripped it again")
 	}
+	if b.record(Attempt{Err: errors.New("x"), NoAttempt: true}, now) {
+		t.Error("a burial without a POST changed it")
+	}
 	if b.probeDue(now.Add(59 * time.Second)) {
 		t.Error("a probe due before the interval")
 	}
@@ -47,6 +51,12 @@ func TestBreakerCounts(t *testing.T) {
 	}
 	if !b.tripped() || !b.reset(now) || b.tripped() || b.reset(now) {
 		t.Error("reset (a resume) does not close a tripped breaker, once")
+	}
+	for range 3 {
+		b.record(fail(503), now)
+	}
+	if !b.record(Attempt{Status: 200}, now) || b.tripped() {
+		t.Error("a 2xx of an attempt begun before the trip did not reset it (the first 2xx resets it)")
 	}
 	if newBreaker(&Destination{BreakerFailures: BreakerOff}) != nil {
 		t.Error("breaker off still breaks")
@@ -84,7 +94,11 @@ func TestBreakerWeekendOutage(t *testing.T) {
 		id := "weekend-" + strconv.Itoa(i)
 		put(t, s, "app", id, []byte(`{"type":"video.asset.ready","id":"`+id+`"}`))
 	}
-	waitUntil(t, "the breaker tripping", func() bool { mu.Lock(); defer mu.Unlock(); return len(states) > 0 && states[0].Tripped })
+	waitUntil(t, "the breaker tripping", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.ContainsFunc(states, func(s BreakerState) bool { return s.Tripped })
+	})
 	tripped := time.Now()
 	b.mu.Lock()
 	atTrip := len(b.all)
@@ -157,8 +171,8 @@ func TestResumeResetsTheBreaker(t *testing.T) {
 		OnBreaker: func(st BreakerState) {
 			if st.Tripped {
 				tripped.Store(true)
-			} else {
-				reset.Store(true)
+			} else if tripped.Load() {
+				reset.Store(true) // not the closed state new workers start with
 			}
 		}}, nil)
 	if err != nil {

@@ -37,6 +37,11 @@ func (s *Store) controlBucket() string { return s.cfg.Stream + "_CONTROL" }
 // control opens the bucket of pauses, making it if it is missing (a first
 // pause, or a bucket deleted by hand).
 func (s *Store) control(ctx context.Context, create bool) (jetstream.KeyValue, error) {
+	s.controlMu.Lock()
+	defer s.controlMu.Unlock()
+	if s.controlKV != nil {
+		return s.controlKV, nil
+	}
 	kv, err := s.js.KeyValue(ctx, s.controlBucket())
 	if errors.Is(err, jetstream.ErrBucketNotFound) && create {
 		kv, err = s.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
@@ -50,7 +55,20 @@ func (s *Store) control(ctx context.Context, create bool) (jetstream.KeyValue, e
 			kv, err = s.js.KeyValue(ctx, s.controlBucket())
 		}
 	}
+	if err == nil {
+		s.controlKV = kv // opened once: the workers read it every second
+	}
 	return kv, err
+}
+
+// forgetControl drops the opened bucket after an error that says it is
+// gone (deleted by hand): the next use opens it again.
+func (s *Store) forgetControl(err error) {
+	if errors.Is(err, jetstream.ErrBucketNotFound) || errors.Is(err, jetstream.ErrStreamNotFound) || errors.Is(err, jetstream.ErrNoStreamResponse) {
+		s.controlMu.Lock()
+		s.controlKV = nil
+		s.controlMu.Unlock()
+	}
 }
 
 // SetPaused pauses destination (by names who asked) or resumes it. It is in
@@ -100,6 +118,7 @@ func (s *Store) Paused(ctx context.Context, destination string) (*Pause, error) 
 		return nil, nil
 	}
 	if err != nil {
+		s.forgetControl(err)
 		return nil, err
 	}
 	var p Pause
@@ -109,27 +128,26 @@ func (s *Store) Paused(ctx context.Context, destination string) (*Pause, error) 
 	return &p, nil
 }
 
-// resumedAt is when destination was last resumed (zero: never).
-func (s *Store) resumedAt(ctx context.Context, destination string) (time.Time, error) {
+// resumed is the revision of destination's latest resume in the bucket
+// (0: never): it only grows, whatever the clocks of the gateways that
+// resumed it.
+func (s *Store) resumed(ctx context.Context, destination string) (uint64, error) {
 	kv, err := s.control(ctx, false)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
-		return time.Time{}, nil
+		return 0, nil
 	}
 	if err != nil {
-		return time.Time{}, err
+		return 0, err
 	}
 	e, err := kv.Get(ctx, "resumed."+destination)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return time.Time{}, nil
+		return 0, nil
 	}
 	if err != nil {
-		return time.Time{}, err
+		s.forgetControl(err)
+		return 0, err
 	}
-	var p Pause
-	if json.Unmarshal(e.Value(), &p) != nil || p.Since.IsZero() {
-		return e.Created(), nil
-	}
-	return p.Since, nil
+	return e.Revision(), nil
 }
 
 // Usage is how many bytes the stream holds, and its bound (max_bytes; on a

@@ -87,3 +87,45 @@ func TestPauseHoldsAcrossARestartAndResumeDelivers(t *testing.T) {
 		t.Errorf("resuming an active destination: %v", err)
 	}
 }
+
+// TestPausedPastMaxAgeGetsOneAttempt: a copy that failed once, then waited
+// paused for longer than max_age, gets one attempt once the destination is
+// resumed (delivered here), instead of being buried without a POST.
+func TestPausedPastMaxAgeGetsOneAttempt(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	var up atomic.Bool
+	b := newArrivals(t, func(id string, n int, w http.ResponseWriter) {
+		if !up.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
+	var paused atomic.Bool
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Timeout: 2 * time.Second, Retry: []time.Duration{300 * time.Millisecond}, MaxAge: 2 * time.Second,
+		OnPause: func(p *Pause) { paused.Store(p != nil) }}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	ctx := context.Background()
+	put(t, s, "app", "old", []byte(`{"type":"video.asset.ready","id":"old"}`))
+	waitUntil(t, "a first failed attempt", func() bool { at, _ := b.of("old"); return len(at) == 1 })
+	if err := s.SetPaused(ctx, "app", true, "test"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the pause noticed", paused.Load)
+	time.Sleep(2500 * time.Millisecond) // past max_age, paused
+	before, _ := b.of("old")
+	up.Store(true)
+	if err := s.SetPaused(ctx, "app", false, "test"); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "one attempt after the resume", func() bool { at, _ := b.of("old"); return len(at) == len(before)+1 })
+	st, err := s.Status(ctx, "app")
+	if err != nil || st.Dead != 0 || st.Pending+st.InFlight != 0 {
+		t.Errorf("after the resume: %+v %v (want it delivered, not a dead letter)", st, err)
+	}
+	if _, numbers := b.of("old"); numbers[len(numbers)-1] != strconv.Itoa(len(before)+1) {
+		t.Errorf("attempts %v: the one after the resume is not the next number", numbers)
+	}
+}

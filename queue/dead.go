@@ -271,20 +271,19 @@ func (s *Store) settleDead(ctx context.Context, d *Destination, msg jetstream.Ms
 func (s *Store) buryAgain(ctx context.Context, d *Destination, msg jetstream.Msg, meta *jetstream.MsgMetadata, sw *sweeper, a *Attempt) bool {
 	prev, known := s.dead.noted(meta.Sequence.Stream, meta.Timestamp)
 	overAttempts := d.MaxAttempts > 0 && a.Number > d.MaxAttempts
-	overAge := a.Number > 1 && time.Since(meta.Timestamp) > d.MaxAge
-	if !known && !overAttempts && !overAge {
+	// A copy past max_age is not buried here: it gets one attempt (a
+	// destination paused or tripped for longer than max_age holds its
+	// copies alive), and is buried after it, if it fails.
+	if !known && !overAttempts {
 		return false
 	}
 	a.NoAttempt = true
 	switch {
 	case known:
 		a.Number, a.Status, a.Err = prev.Number, prev.Status, prev.Err
-	case overAttempts:
+	default:
 		a.Number = d.MaxAttempts
 		a.Err = errors.New("attempted max_attempts times; the last error is not known to this process")
-	default:
-		a.Number--
-		a.Err = errors.New("past max_age; the last error is not known to this process")
 	}
 	s.settleDead(ctx, d, msg, meta, sw, a)
 	return true

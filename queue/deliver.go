@@ -119,6 +119,9 @@ type Attempt struct {
 	// destination's pace): the next one carries the same number, and
 	// only max_age bounds it.
 	NotCounted bool
+	// HandedBack: no attempt was made, the copy went back to the queue
+	// (its count of attempts could not be read): nothing to observe.
+	HandedBack bool
 	// BuryErr, if set, is why the copy, at its bound, could not be kept
 	// as a dead letter (<stream>_DEAD full or unavailable): it stays
 	// queued, delivered again at the last retry interval, and is buried
@@ -211,6 +214,7 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 		defer close(swept)
 		w.sw.run(swCtx)
 	}()
+	w.tellBreaker() // closed: earlier workers' state is not these ones'
 	// A paused destination's workers subscribe only once it is resumed
 	// (supervise reads the pause every second).
 	var cc jetstream.ConsumeContext
@@ -288,7 +292,7 @@ type workerRun struct {
 	br      *breaker      // nil: off
 	// resumed is the latest resume seen (one after it resets the
 	// breaker), once resumeRead; readPause's, one call at a time.
-	resumed    time.Time
+	resumed    uint64
 	resumeRead bool
 
 	// gen counts the consumers the workers had: one deleted (noticed, or
@@ -296,6 +300,12 @@ type workerRun struct {
 	// delivered settle nothing (genMsg).
 	gen     atomic.Uint64
 	created time.Time // when the current consumer was made
+	// createdNano is created for the attempts (UnixNano; 0: unknown): a
+	// copy stored after it and delivered for the first time has no
+	// counted attempts to read.
+	createdNano atomic.Int64
+	// needConsumer: a probe found the consumer gone.
+	needConsumer atomic.Bool
 
 	mu      sync.Mutex // guards stopped, cc and wg.Add against stop
 	stopped bool
@@ -360,6 +370,7 @@ func (w *workerRun) consume(cons jetstream.Consumer) (jetstream.ConsumeContext, 
 			w.gen.Add(1) // another consumer than the one before
 		}
 		w.created = info.Created
+		w.createdNano.Store(info.Created.UnixNano())
 	}
 	gen := w.gen.Load()
 	handle := func(msg jetstream.Msg) { w.handle(&genMsg{Msg: msg, w: w, gen: gen}) }
@@ -394,8 +405,14 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 	w.mu.Lock()
 	stopped := w.stopped
 	w.mu.Unlock()
-	if stopped || w.holding() {
-		w.s.handBack(msg) // stopping, paused or tripped: back to the queue at once, unattempted
+	if stopped {
+		w.s.handBack(msg) // stopping: back to the queue at once, for another worker
+		return
+	}
+	if w.holding() {
+		// Paused or tripped: back unattempted, not at once (the pull
+		// already at the server would hand it straight back here).
+		w.s.handBackAfter(msg, pauseCheckInterval)
 		return
 	}
 	if w.pace != nil {
@@ -428,13 +445,16 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 	go func() {
 		defer w.wg.Done()
 		defer func() { <-w.slots }()
-		a := w.s.attempt(w.ctx, w.client, w.d, msg, w.sw, false)
+		a := w.s.attempt(w.ctx, w.client, w.d, msg, w.sw, false, w.createdNano.Load())
+		if a.HandedBack {
+			return
+		}
 		if w.observe != nil {
 			w.observe(a)
 		}
 		if w.br != nil && w.ctx.Err() == nil && w.br.record(a, time.Now()) {
 			w.tellBreaker()
-			w.pokeSupervisor() // stop pulling now
+			w.pokeSupervisor() // stop, or start again, pulling
 		}
 	}()
 }
@@ -445,11 +465,20 @@ func (w *workerRun) holding() bool {
 	return w.paused.Load() || (w.br != nil && w.br.tripped())
 }
 
-// tellBreaker tells OnBreaker the breaker's state.
+// tellBreaker tells OnBreaker the breaker's state (closed when it is
+// off), unless the workers stopped: newer ones speak for the destination.
 func (w *workerRun) tellBreaker() {
-	if w.d.OnBreaker != nil {
-		w.d.OnBreaker(w.br.snapshot())
+	w.mu.Lock()
+	stopped := w.stopped
+	w.mu.Unlock()
+	if w.d.OnBreaker == nil || stopped {
+		return
 	}
+	var st BreakerState
+	if w.br != nil {
+		st = w.br.snapshot()
+	}
+	w.d.OnBreaker(st)
 }
 
 // pokeSupervisor makes the supervisor look at once.
@@ -465,31 +494,46 @@ func (w *workerRun) pokeSupervisor() {
 // is not charged to the copy (attempt).
 func (w *workerRun) probe(cons jetstream.Consumer) {
 	ok := false
-	defer func() {
-		if w.br.probed(ok, time.Now()) {
-			w.pokeSupervisor() // pull again
-		}
-		w.tellBreaker()
-	}()
 	w.mu.Lock()
 	if w.stopped {
 		w.mu.Unlock()
+		w.br.probed(false, time.Now())
 		return
 	}
 	w.wg.Add(1)
 	w.mu.Unlock()
-	defer w.wg.Done()
+	defer func() { // the outcome is told before a stop can end
+		if w.br.probed(ok, time.Now()) {
+			w.pokeSupervisor() // pull again
+		}
+		w.tellBreaker()
+		w.wg.Done()
+	}()
 	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(2*time.Second))
 	if err != nil {
+		w.noticeGone(err)
 		return
 	}
 	gen := w.gen.Load()
 	for msg := range batch.Messages() {
-		a := w.s.attempt(w.ctx, w.client, w.d, &genMsg{Msg: msg, w: w, gen: gen}, w.sw, true)
+		a := w.s.attempt(w.ctx, w.client, w.d, &genMsg{Msg: msg, w: w, gen: gen}, w.sw, true, w.createdNano.Load())
+		if a.HandedBack {
+			continue
+		}
 		if w.observe != nil {
 			w.observe(a)
 		}
 		ok = a.Err == nil
+	}
+	w.noticeGone(batch.Error())
+}
+
+// noticeGone has the supervisor make the consumer again when err says it,
+// or its stream, is gone.
+func (w *workerRun) noticeGone(err error) {
+	if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrStreamNotFound) {
+		w.needConsumer.Store(true)
+		w.pokeSupervisor()
 	}
 }
 
@@ -505,6 +549,7 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 	defer t.Stop()
 	p := time.NewTicker(pauseCheckInterval)
 	defer p.Stop()
+	var lastCheck time.Time   // of the consumer, while tripped
 	var ended <-chan struct{} // nil once cc was stopped here: a closed channel would spin
 	broken := cc == nil       // cc was stopped (or never made: paused), and no new subscription made yet
 	if cc != nil {
@@ -535,8 +580,15 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 				cc.Drain()
 				ended, broken = nil, true
 			}
-			if !w.paused.Load() && w.br.probeDue(time.Now()) {
-				go w.probe(cons)
+			if !w.paused.Load() {
+				// Tripped: the probes need the consumer; one deleted
+				// by hand (or its stream) is made again meanwhile.
+				if nc := w.healWhileHolding(ctx, cons, &lastCheck); nc != nil {
+					cons = nc
+				}
+				if w.br.probeDue(time.Now()) {
+					go w.probe(cons)
+				}
 			}
 			continue
 		}
@@ -608,7 +660,7 @@ func (s *Store) RestoreConsumer(ctx context.Context, d Destination) error {
 }
 
 // attempt makes one delivery attempt of msg and settles it.
-func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, sw *sweeper, probe bool) Attempt {
+func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, sw *sweeper, probe bool, consumerCreated int64) Attempt {
 	a := Attempt{Destination: d.Name, EventID: msg.Headers().Get(HeaderEventID), EventType: msg.Headers().Get(HeaderEventType)}
 	meta, err := msg.Metadata()
 	if err != nil {
@@ -616,13 +668,22 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		_ = msg.NakWithDelay(d.delay(1))
 		return a
 	}
-	if n, err := s.counted(ctx, meta); err == nil {
-		a.Number = n + 1
-	} else {
-		// The count cannot be read: this process's ledger of
-		// deliveries that were no attempt gives the number.
-		a.Number = s.handBacks.attemptNumber(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+	// A copy stored after its consumer was made, delivered for the
+	// first time, has no count to read.
+	fresh := meta.NumDelivered <= 1 && consumerCreated != 0 && meta.Timestamp.UnixNano() > consumerCreated
+	n, err := 0, error(nil)
+	if !fresh {
+		n, err = s.counted(ctx, meta)
 	}
+	if err != nil {
+		// The count cannot be read (NATS away, the bucket being made
+		// again): no attempt without it; the copy comes again.
+		s.warnAttempts("read", err)
+		a.HandedBack = true
+		s.handBackAfter(msg, time.Second)
+		return a
+	}
+	a.Number = n + 1
 	if s.buryAgain(ctx, d, msg, meta, sw, &a) {
 		return a
 	}
@@ -634,7 +695,9 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		// destination's failure; the copy goes back to the queue. The
 		// POST may have reached the backend: it counts.
 		a.Result = "retry"
-		_ = s.charge(context.WithoutCancel(ctx), meta, a.Number)
+		if !probe {
+			s.chargeOrWarn(context.WithoutCancel(ctx), meta, a.Number)
+		}
 		_ = msg.Nak()
 		return a
 	}
@@ -670,7 +733,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 	if !a.NotCounted {
 		// Charged to the copy, durably: the next delivery, here or on
 		// another gateway, after a restart too, is attempt a.Number+1.
-		_ = s.charge(context.WithoutCancel(ctx), meta, a.Number)
+		s.chargeOrWarn(context.WithoutCancel(ctx), meta, a.Number)
 	}
 	if (!a.NotCounted && d.MaxAttempts > 0 && a.Number >= d.MaxAttempts) || time.Since(meta.Timestamp)+next > d.MaxAge {
 		s.settleDead(ctx, d, msg, meta, sw, &a)
@@ -769,9 +832,9 @@ func (s *Store) Status(ctx context.Context, destination string) (Status, error) 
 	if st.Dead, err = s.deadCount(ctx, destination); err != nil {
 		return st, err
 	}
-	if st.Pause, err = s.Paused(ctx, destination); err != nil {
-		return st, err
-	}
+	// The pause cannot be read (the bucket away): the rest of the
+	// status still can; the workers keep the last state they read.
+	st.Pause, _ = s.Paused(ctx, destination)
 	cons, err := stream.Consumer(ctx, "deliver_"+destination)
 	if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrNotPullConsumer) {
 		// No worker ever ran, or the consumer was deleted, or one made by
@@ -831,17 +894,53 @@ func (w *workerRun) readPause(ctx context.Context) (active bool) {
 	if w.br != nil {
 		// A resume on any gateway resets the breaker here too.
 		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		resumed, err := w.s.resumedAt(rctx, w.d.Name)
+		rev, err := w.s.resumed(rctx, w.d.Name)
 		cancel()
 		if err == nil {
-			if w.resumeRead && resumed.After(w.resumed) && w.br.reset(time.Now()) {
+			if w.resumeRead && rev > w.resumed && w.br.reset(time.Now()) {
 				w.tellBreaker()
 			}
-			if resumed.After(w.resumed) {
-				w.resumed = resumed
-			}
+			w.resumed = max(w.resumed, rev)
 			w.resumeRead = true // a resume from before the workers started resets nothing
 		}
 	}
 	return pause == nil
+}
+
+// healWhileHolding checks, at most every superviseInterval (or at once
+// when a probe found it gone), that the consumer of a tripped destination
+// still exists, and makes it again if not; it returns the new consumer,
+// or nil.
+func (w *workerRun) healWhileHolding(ctx context.Context, cons jetstream.Consumer, lastCheck *time.Time) jetstream.Consumer {
+	if !w.needConsumer.Load() && time.Since(*lastCheck) < superviseInterval {
+		return nil
+	}
+	*lastCheck = time.Now()
+	ictx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	_, err := cons.Info(ictx)
+	cancel()
+	if !errors.Is(err, jetstream.ErrConsumerNotFound) && !errors.Is(err, jetstream.ErrStreamNotFound) {
+		w.needConsumer.Store(false)
+		return nil
+	}
+	mctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	nc, err := w.s.makeConsumer(mctx, *w.d)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil && w.d.OnRestart != nil {
+			w.d.OnRestart(err)
+		}
+		return nil
+	}
+	w.needConsumer.Store(false)
+	w.gen.Add(1) // the copies the old one delivered settle nothing
+	if info := nc.CachedInfo(); info != nil {
+		w.created = info.Created
+		w.createdNano.Store(info.Created.UnixNano())
+	}
+	w.sw.setConsumer(nc)
+	if w.d.OnRestart != nil {
+		w.d.OnRestart(nil)
+	}
+	return nc
 }

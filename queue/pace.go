@@ -94,8 +94,13 @@ func retryAfter(resp *http.Response, now time.Time) time.Duration {
 		return 0
 	}
 	var d time.Duration
-	if secs, err := strconv.ParseUint(v, 10, 32); err == nil {
-		d = time.Duration(secs) * time.Second
+	if secs, err := strconv.ParseUint(v, 10, 64); err == nil {
+		d = MaxRetryAfter
+		if secs < uint64(MaxRetryAfter/time.Second) {
+			d = time.Duration(secs) * time.Second
+		}
+	} else if numErr, ok := err.(*strconv.NumError); ok && numErr.Err == strconv.ErrRange && strings.Trim(v, "0123456789") == "" {
+		d = MaxRetryAfter // more delay-seconds than fit: at most an hour
 	} else if at, err := http.ParseTime(v); err == nil {
 		d = at.Sub(now)
 	}

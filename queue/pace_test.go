@@ -66,6 +66,8 @@ func TestRetryAfterParsing(t *testing.T) {
 		{503, "120", 2 * time.Minute},
 		{429, now.Add(90 * time.Second).Format(http.TimeFormat), 90 * time.Second},
 		{429, "86400", MaxRetryAfter},                           // at most 1h
+		{429, "4294967296", MaxRetryAfter},                      // beyond 32 bits: still at most 1h
+		{429, "99999999999999999999999", MaxRetryAfter},         // beyond 64 bits too
 		{429, now.Add(-time.Minute).Format(http.TimeFormat), 0}, // past
 		{429, "soon", 0},                                        // unreadable
 		{429, "-5", 0},                                          // not delay-seconds

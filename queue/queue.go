@@ -150,8 +150,13 @@ type Store struct {
 
 	handBacks *HandBacks // deliveries handed back without an attempt, per copy of the stream
 
+	controlMu sync.Mutex
+	controlKV jetstream.KeyValue // the pauses' bucket, once opened (control.go)
+
 	attemptsMu sync.Mutex
 	attempts   jetstream.KeyValue // the counted attempts' bucket, once opened (attempts.go)
+	// attemptsWarned is when a failure of that bucket was last logged.
+	attemptsWarned time.Time
 	// sweepGrace: a settled copy above the ack floor is deleted on its own
 	// once it waited this long for the floor (sweep.go).
 	sweepGrace time.Duration
