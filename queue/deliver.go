@@ -374,6 +374,14 @@ func (w *workerRun) consume(cons jetstream.Consumer) (jetstream.ConsumeContext, 
 	}
 	gen := w.gen.Load()
 	handle := func(msg jetstream.Msg) { w.handle(&genMsg{Msg: msg, w: w, gen: gen}) }
+	if w.pace != nil {
+		// Paced: a copy is fetched only when a token is free.
+		pp := w.pacedPull(cons, handle)
+		w.mu.Lock()
+		w.cc = pp
+		w.mu.Unlock()
+		return pp, nil
+	}
 	cc, err := cons.Consume(handle, jetstream.PullMaxMessages(w.d.Concurrency),
 		// A pull waits at the consumer's leader. If that node dies, or
 		// the pull found no leader, the missing heartbeats are what tells:
@@ -414,14 +422,6 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 		// already at the server would hand it straight back here).
 		w.s.handBackAfter(msg, pauseCheckInterval)
 		return
-	}
-	if w.pace != nil {
-		if meta, err := msg.Metadata(); err == nil {
-			if wait := w.pace.admit(meta.Sequence.Stream, time.Now()); wait > 0 {
-				w.s.handBackAfter(msg, wait) // it waits for its token in the queue
-				return
-			}
-		}
 	}
 	select {
 	case w.slots <- struct{}{}:

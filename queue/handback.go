@@ -10,8 +10,8 @@ import (
 // HandBacks counts, per copy (its stream sequence), the deliveries that
 // were handed back without an attempt, or with one not charged to the
 // copy: copies fetched by workers that then stopped (a reload that changed
-// the destination, a shutdown), copies spaced out by the destination's
-// pace, and attempts answered 429. JetStream
+// the destination, a shutdown), copies held while the destination is
+// paused or tripped, and attempts answered 429. JetStream
 // counts every delivery, and its count is the attempt number a backend
 // sees and what max_attempts and the retry schedule go by; without this
 // ledger each reload would use up an attempt of every copy it caught
@@ -53,7 +53,7 @@ func (s *Store) handBack(msg jetstream.Msg) {
 }
 
 // handBackAfter is handBack with a delay before the copy is handed out
-// again (the destination's pace).
+// again (a held destination's copies, a 429).
 func (s *Store) handBackAfter(msg jetstream.Msg, delay time.Duration) {
 	if meta, err := msg.Metadata(); err == nil {
 		s.handBacks.add(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())

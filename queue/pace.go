@@ -1,17 +1,20 @@
 // Delivery control in the worker's path: `rate` (a pace per destination
-// and process, copies waiting in the queue) and `Retry-After` (a 429 or
-// 503 that says when to come back). Neither uses up an attempt: a copy
-// spaced out by the pace, or answered 429, is handed back to the queue
-// with a delay, and that delivery is no attempt (the hand-back ledger).
+// and process: the workers fetch a copy only when a token is free, so the
+// copies that wait stay in the stream) and `Retry-After` (a 429 or 503
+// that says when to come back: the copy is handed back with that delay,
+// and a 429 is charged nothing).
 
 package queue
 
 import (
+	"context"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // MaxRetryAfter bounds how long a Retry-After may put a copy off.
@@ -19,17 +22,16 @@ const MaxRetryAfter = time.Hour
 
 // pacer spaces one destination's attempts in this process: a token bucket
 // that gains one token every interval and holds one second's worth (at
-// least one). A copy that finds no token reserves the next free one and
-// waits for it in the queue; the reservations, by stream sequence, are
-// kept until their copy comes back (or for two hours, then dropped).
+// least one). The paced workers take a token before they fetch a copy
+// (pacedPull), so the copies that wait for their turn wait in the stream,
+// unfetched: nothing is held in memory or handed back for them.
 type pacer struct {
 	interval time.Duration
 	burst    float64
 
-	mu       sync.Mutex
-	tokens   float64
-	last     time.Time
-	reserved map[uint64]time.Time // copy → when its token is due
+	mu     sync.Mutex
+	tokens float64
+	last   time.Time
 }
 
 // newPacer is the pace of n attempts per `per`, or nil for none.
@@ -39,27 +41,14 @@ func newPacer(n int, per time.Duration) *pacer {
 	}
 	interval := per / time.Duration(n)
 	burst := max(1, float64(time.Second/interval))
-	return &pacer{interval: interval, burst: burst, tokens: burst, reserved: map[uint64]time.Time{}}
+	return &pacer{interval: interval, burst: burst, tokens: burst}
 }
 
-// maxPaceWait bounds one hand-back's delay: a copy whose token is due
-// later comes back, finds it not yet due, and waits again.
-const maxPaceWait = 10 * time.Minute
-
-// admit reports whether the copy at seq may be attempted now; if not, how
-// long it should wait in the queue. A copy that comes back for the token
-// it reserved takes it; another takes a token if one is free, else
-// reserves the next one.
-func (p *pacer) admit(seq uint64, now time.Time) (wait time.Duration) {
+// reserve takes the next token and returns how long until it is due (0:
+// now). Tokens are handed out in turn, evenly spaced.
+func (p *pacer) reserve(now time.Time) time.Duration {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if due, ok := p.reserved[seq]; ok {
-		if now.Before(due) {
-			return min(due.Sub(now), maxPaceWait)
-		}
-		delete(p.reserved, seq)
-		return 0
-	}
 	if p.last.IsZero() {
 		p.last = now
 	}
@@ -69,17 +58,91 @@ func (p *pacer) admit(seq uint64, now time.Time) (wait time.Duration) {
 	if p.tokens >= 0 {
 		return 0
 	}
-	// The token this copy takes is due once the deficit has refilled.
-	due := now.Add(time.Duration(-p.tokens * float64(p.interval)))
-	if len(p.reserved) > 0 && len(p.reserved)%1024 == 0 {
-		for k, v := range p.reserved {
-			if now.Sub(v) > 2*time.Hour {
-				delete(p.reserved, k)
-			}
-		}
+	return time.Duration(-p.tokens * float64(p.interval))
+}
+
+// refund gives back a token that found no copy to attempt.
+func (p *pacer) refund() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.tokens = min(p.burst, p.tokens+1)
+}
+
+// take waits for a token; false if ctx ended first (the token is given
+// back).
+func (p *pacer) take(ctx context.Context) bool {
+	wait := p.reserve(time.Now())
+	if wait == 0 {
+		return true
 	}
-	p.reserved[seq] = due
-	return min(due.Sub(now), maxPaceWait)
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		p.refund()
+		return false
+	}
+}
+
+// pacedPull is the subscription of paced workers: it takes a token, then
+// fetches one copy and hands it to handle, again and again. It is a
+// jetstream.ConsumeContext, so the supervisor stops, drains and replaces
+// it as it does a Consume.
+type pacedPull struct {
+	cancel context.CancelFunc
+	closed chan struct{}
+}
+
+func (w *workerRun) pacedPull(cons jetstream.Consumer, handle func(jetstream.Msg)) *pacedPull {
+	ctx, cancel := context.WithCancel(w.ctx)
+	pp := &pacedPull{cancel: cancel, closed: make(chan struct{})}
+	go func() {
+		defer close(pp.closed)
+		for w.pace.take(ctx) {
+			batch, err := cons.Fetch(1, jetstream.FetchMaxWait(2*time.Second))
+			if err != nil {
+				w.pace.refund()
+				w.noticeGone(err)
+				if !sleepCtx(ctx, time.Second) {
+					return
+				}
+				continue
+			}
+			got := false
+			for msg := range batch.Messages() {
+				got = true
+				handle(msg)
+			}
+			if !got {
+				w.pace.refund() // nothing was due: the token is not used
+			}
+			w.noticeGone(batch.Error())
+		}
+	}()
+	return pp
+}
+
+// Stop ends the pull; a copy being handed to the workers is handled.
+func (pp *pacedPull) Stop() { pp.cancel() }
+
+// Drain is Stop: a paced pull fetches one copy at a time, and hands it on.
+func (pp *pacedPull) Drain() { pp.cancel() }
+
+// Closed is closed once the pull ended.
+func (pp *pacedPull) Closed() <-chan struct{} { return pp.closed }
+
+// sleepCtx sleeps d, or until ctx ends (false).
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // retryAfter is how long an answer asks to be left alone: its Retry-After

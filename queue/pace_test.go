@@ -12,40 +12,35 @@ import (
 )
 
 // TestPacerSpacesEvenly: with a fake clock, n/per gives a token every
-// per/n, holds one second's worth at most, and a copy that reserved a
-// token takes it when it comes back, and only then.
+// per/n, in turn, holds one second's worth at most, and takes back a
+// token that found nothing to do.
 func TestPacerSpacesEvenly(t *testing.T) {
 	p := newPacer(5, time.Second) // 200ms apart, a burst of 5
 	now := time.Unix(1000, 0)
-	for seq := uint64(1); seq <= 5; seq++ {
-		if w := p.admit(seq, now); w != 0 {
-			t.Fatalf("copy %d of the first second's burst waits %s", seq, w)
+	for i := range 5 {
+		if w := p.reserve(now); w != 0 {
+			t.Fatalf("token %d of the first second's burst waits %s", i+1, w)
 		}
 	}
-	for seq, want := uint64(6), 200*time.Millisecond; seq <= 8; seq, want = seq+1, want+200*time.Millisecond {
-		if w := p.admit(seq, now); w != want {
-			t.Errorf("copy %d: waits %s, want %s", seq, w, want)
+	for i, want := 6, 200*time.Millisecond; i <= 8; i, want = i+1, want+200*time.Millisecond {
+		if w := p.reserve(now); w != want {
+			t.Errorf("token %d: waits %s, want %s", i, w, want)
 		}
 	}
-	if w := p.admit(6, now.Add(100*time.Millisecond)); w != 100*time.Millisecond {
-		t.Errorf("copy 6 back early: waits %s more, want 100ms", w)
-	}
-	if w := p.admit(6, now.Add(200*time.Millisecond)); w != 0 {
-		t.Errorf("copy 6 back on time: waits %s", w)
-	}
-	if w := p.admit(6, now.Add(200*time.Millisecond)); w == 0 {
-		t.Error("copy 6 took its reserved token twice")
+	p.refund() // the 8th found no copy
+	if w := p.reserve(now); w != 600*time.Millisecond {
+		t.Errorf("after a refund, the next token waits %s, want 600ms", w)
 	}
 	// After a quiet minute, the bucket holds one second's worth, not more.
 	later := now.Add(time.Minute)
 	free := 0
-	for seq := uint64(100); seq < 120; seq++ {
-		if p.admit(seq, later) == 0 {
+	for range 20 {
+		if p.reserve(later) == 0 {
 			free++
 		}
 	}
 	if free != 5 {
-		t.Errorf("after a quiet minute, %d copies went at once, want 5 (one second's worth)", free)
+		t.Errorf("after a quiet minute, %d tokens at once, want 5 (one second's worth)", free)
 	}
 	if newPacer(0, time.Second) != nil {
 		t.Error("rate 0 paces")
@@ -203,15 +198,17 @@ func TestRateSpacesAttempts(t *testing.T) {
 		id := "paced-" + strconv.Itoa(i)
 		put(t, s, "app", id, []byte(`{"type":"video.asset.ready","id":"`+id+`"}`))
 	}
-	// Timeout 2s: a copy handed back with a delay is, now and then, handed
-	// out again only at the ack deadline (timeout + 5s) instead of at its
-	// delay (seen with nats-server 2.15.2; the default timeout would make
-	// that 35s): it comes late, never early, and is never lost.
-	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Timeout: 2 * time.Second, Concurrency: 4, Rate: 5, RatePer: time.Second}, nil)
+	stop, err := s.StartWorkers(context.Background(), Destination{Name: "app", URL: b.URL, Concurrency: 4, Rate: 5, RatePer: time.Second}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer stop()
+	// The copies that wait for their turn wait in the stream, unfetched:
+	// no more are out of it than the attempts the pace lets through.
+	time.Sleep(500 * time.Millisecond)
+	if st, err := s.Status(context.Background(), "app"); err != nil || st.InFlight > 4 || st.Pending == 0 {
+		t.Errorf("while paced: %d in flight, %d pending (%v); want copies waiting, at most the concurrency (4) out of the stream", st.InFlight, st.Pending, err)
+	}
 	waitUntil(t, "every copy delivered", func() bool {
 		b.mu.Lock()
 		defer b.mu.Unlock()
