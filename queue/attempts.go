@@ -8,7 +8,8 @@
 // count: the same on every gateway sharing the stream, and across
 // restarts. A copy's first delivery reads nothing (it has no count yet);
 // its key goes when it is delivered or buried. If the bucket cannot be
-// read, the process's hand-back ledger gives the number instead.
+// read, the process's hand-back ledger gives the number instead (a WARN
+// says so): delivery never waits on the bucket.
 
 package queue
 
@@ -27,11 +28,6 @@ import (
 // by a long pause, counts from 1 again).
 const attemptsTTL = 90 * 24 * time.Hour
 
-// attemptsMaxBytes bounds the bucket: a few dozen bytes per copy that
-// failed at least once. When it is full a count cannot be written: the
-// copy is then retried at its first delay, and a WARN says so.
-const attemptsMaxBytes = 64 << 20
-
 // attemptsBucket is the name of the stream's bucket of counted attempts.
 func (s *Store) attemptsBucket() string { return s.cfg.Stream + "_ATTEMPTS" }
 
@@ -49,7 +45,11 @@ func (s *Store) attemptsKV(ctx context.Context) (jetstream.KeyValue, error) {
 			Description: "caddy-mux-webhook: attempts charged to each queued copy",
 			History:     1,
 			TTL:         attemptsTTL,
-			MaxBytes:    attemptsMaxBytes,
+			// No MaxBytes: a bound is reserved against the embedded
+			// server's storage, which it sizes from the disk's free space
+			// when it starts (small after a full disk): the bucket could
+			// not be made. Its keys go when their copy settles, or after
+			// the TTL.
 			Storage:     jetstream.FileStorage,
 			Replicas:    s.cfg.Replicas,
 		})
@@ -145,7 +145,7 @@ func (s *Store) warnAttempts(what string, err error) {
 	s.attemptsMu.Unlock()
 	if due && s.log != nil {
 		s.log.Warn("mux_webhook queue: could not "+what+" a copy's counted attempts in "+s.attemptsBucket()+
-			"; reading: the copy is handed back and comes again; writing: its count stays behind",
+			"; reading: the attempt number is this process's guess; writing: the copy's count stays behind",
 			zap.Error(err))
 	}
 }

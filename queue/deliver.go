@@ -119,9 +119,6 @@ type Attempt struct {
 	// destination's pace): the next one carries the same number, and
 	// only max_age bounds it.
 	NotCounted bool
-	// HandedBack: no attempt was made, the copy went back to the queue
-	// (its count of attempts could not be read): nothing to observe.
-	HandedBack bool
 	// BuryErr, if set, is why the copy, at its bound, could not be kept
 	// as a dead letter (<stream>_DEAD full or unavailable): it stays
 	// queued, delivered again at the last retry interval, and is buried
@@ -446,9 +443,6 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 		defer w.wg.Done()
 		defer func() { <-w.slots }()
 		a := w.s.attempt(w.ctx, w.client, w.d, msg, w.sw, false, w.createdNano.Load())
-		if a.HandedBack {
-			return
-		}
 		if w.observe != nil {
 			w.observe(a)
 		}
@@ -517,9 +511,6 @@ func (w *workerRun) probe(cons jetstream.Consumer) {
 	gen := w.gen.Load()
 	for msg := range batch.Messages() {
 		a := w.s.attempt(w.ctx, w.client, w.d, &genMsg{Msg: msg, w: w, gen: gen}, w.sw, true, w.createdNano.Load())
-		if a.HandedBack {
-			continue
-		}
 		if w.observe != nil {
 			w.observe(a)
 		}
@@ -675,15 +666,14 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 	if !fresh {
 		n, err = s.counted(ctx, meta)
 	}
-	if err != nil {
-		// The count cannot be read (NATS away, the bucket being made
-		// again): no attempt without it; the copy comes again.
-		s.warnAttempts("read", err)
-		a.HandedBack = true
-		s.handBackAfter(msg, time.Second)
-		return a
-	}
 	a.Number = n + 1
+	if err != nil {
+		// The count cannot be read (the bucket unavailable): this
+		// process's ledger of deliveries that were no attempt gives the
+		// number; delivery never waits on the bucket.
+		s.warnAttempts("read", err)
+		a.Number = s.handBacks.attemptNumber(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+	}
 	if s.buryAgain(ctx, d, msg, meta, sw, &a) {
 		return a
 	}
