@@ -50,8 +50,8 @@ func (s *Store) attemptsKV(ctx context.Context) (jetstream.KeyValue, error) {
 			// when it starts (small after a full disk): the bucket could
 			// not be made. Its keys go when their copy settles, or after
 			// the TTL.
-			Storage:     jetstream.FileStorage,
-			Replicas:    s.cfg.Replicas,
+			Storage:  jetstream.FileStorage,
+			Replicas: s.cfg.Replicas,
 		})
 		if errors.Is(err, jetstream.ErrBucketExists) {
 			kv, err = s.js.KeyValue(ctx, s.attemptsBucket())
