@@ -24,6 +24,7 @@
 package muxwebhook
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -76,6 +77,9 @@ type QueueStatus struct {
 	NextProbe  string `json:"next_probe,omitempty"`
 }
 
+// queueAdminTimeout bounds each of the queue's admin requests.
+const queueAdminTimeout = 30 * time.Second
+
 // serveQueue serves the queue's admin endpoints; sub is the path after
 // /mux-webhook/queue.
 func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) error {
@@ -88,7 +92,11 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: errors.New("the delivery queue is not open yet")}
 	}
 	store := h.Store
-	ctx := r.Context()
+	// Every answer within a bound: a listing that cannot finish (NATS
+	// away, a cluster electing) answers 503 rather than hold the client
+	// (the CLI waits as long as the server does).
+	ctx, cancel := context.WithTimeout(r.Context(), queueAdminTimeout)
+	defer cancel()
 	w.Header().Set("Cache-Control", "no-store")
 	switch {
 	case sub == "" && r.Method == http.MethodGet:
