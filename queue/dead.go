@@ -384,7 +384,7 @@ func (s *Store) eachDead(ctx context.Context, destination string, fn func(DeadLe
 		if done || err == nil {
 			return err
 		}
-		if !noResponders(err) || try == 5 || ctx.Err() != nil {
+		if !noResponders(err) && !errors.Is(err, errDeadStuck) || try == 5 || ctx.Err() != nil {
 			return err
 		}
 		select {
@@ -412,6 +412,7 @@ func (s *Store) eachDeadFrom(ctx context.Context, subject string, from, last uin
 		return false, err
 	}
 	defer it.Stop()
+	stuck := 0 // waits in a row that brought nothing, though letters are left
 	for {
 		wctx, cancel := context.WithTimeout(ctx, deadNextWait)
 		msg, err := it.Next(jetstream.NextContext(wctx))
@@ -429,10 +430,14 @@ func (s *Store) eachDeadFrom(ctx context.Context, subject string, from, last uin
 				if gerr != nil {
 					return false, gerr
 				}
+				if stuck++; stuck >= 3 {
+					return false, errDeadStuck // read again, with a new consumer
+				}
 				continue
 			}
 			return false, err
 		}
+		stuck = 0
 		meta, err := msg.Metadata()
 		if err != nil {
 			continue
@@ -453,6 +458,11 @@ func (s *Store) eachDeadFrom(ctx context.Context, subject string, from, last uin
 		}
 	}
 }
+
+// errDeadStuck: the ordered consumer of a listing brought nothing for
+// several waits though letters are left (seen on a cluster): the listing
+// reads on with a new one, from where it was.
+var errDeadStuck = errors.New("queue: the dead letters' reader got nothing, though letters are left")
 
 // noResponders is a request no server answered yet (a cluster's stream or
 // consumer just after an election), however the client wrapped it.
