@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
 	"github.com/dustin/go-humanize"
 
 	"github.com/caddyserver/caddy/v2"
@@ -252,6 +253,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 //		dead_max_bytes <size>
 //		dedupe_window <duration>
 //		enqueue_timeout <duration>
+//		partitions <n>
 //	}
 func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 	q := new(QueueConfig)
@@ -295,6 +297,16 @@ func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 			} else {
 				q.EnqueueTimeout = dur
 			}
+		case "partitions":
+			var v string
+			if !d.AllArgs(&v) {
+				return nil, d.Errf("mux_webhook: queue partitions: want one number, e.g. partitions 4")
+			}
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > queue.MaxPartitions {
+				return nil, d.Errf("mux_webhook: queue partitions %q: want a number from 1 to %d", v, queue.MaxPartitions)
+			}
+			q.Partitions = n
 		case "nats":
 			n := &NATSConfig{URLs: d.RemainingArgs()}
 			if len(n.URLs) == 0 {
@@ -340,7 +352,7 @@ func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 			}
 			q.NATS = n
 		default:
-			return nil, d.Errf("mux_webhook: unknown queue option %q; expected dir, nats, stream, max_bytes, dead_max_bytes, dedupe_window or enqueue_timeout", opt)
+			return nil, d.Errf("mux_webhook: unknown queue option %q; expected dir, nats, stream, max_bytes, dead_max_bytes, dedupe_window, enqueue_timeout or partitions", opt)
 		}
 	}
 	return q, nil
@@ -357,6 +369,7 @@ func parseQueue(d *caddyfile.Dispenser) (*QueueConfig, error) {
 //		stall_after <duration>
 //		rate <n>/<s|m|h>
 //		breaker <failures> <probe> | off
+//		order object
 //		sign <secret>
 //		header <name> <value>
 //	}
@@ -438,6 +451,10 @@ func parseDestination(d *caddyfile.Dispenser) (string, *DestinationConfig, error
 			if _, _, err := parseRate(dc.Rate); err != nil {
 				return "", nil, d.Errf("mux_webhook: destination %s rate %q: %v", name, dc.Rate, err)
 			}
+		case "order":
+			if !d.AllArgs(&dc.Order) || dc.Order != "object" {
+				return "", nil, d.Errf("mux_webhook: destination %s order: want order object (one object's events one at a time, in order)", name)
+			}
 		case "sign":
 			if !d.AllArgs(&dc.Sign) {
 				return "", nil, d.ArgErr()
@@ -452,7 +469,7 @@ func parseDestination(d *caddyfile.Dispenser) (string, *DestinationConfig, error
 			}
 			dc.Header[k] = v
 		default:
-			return "", nil, d.Errf("mux_webhook: unknown destination option %q; expected timeout, retry, max_attempts, max_age, concurrency, stall_after, breaker, rate, sign or header", opt)
+			return "", nil, d.Errf("mux_webhook: unknown destination option %q; expected timeout, retry, max_attempts, max_age, concurrency, stall_after, breaker, rate, order, sign or header", opt)
 		}
 	}
 	return name, dc, nil

@@ -81,7 +81,7 @@ A destination no longer configured whose dead letters are kept is shown
 					fmt.Fprintf(out, "instance %s: pending, in flight, dead and oldest are the shared queue's; delivered and last error are this instance's\n", printable(list[0].Instance))
 				}
 				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "DESTINATION\tPENDING\tIN FLIGHT\tDELIVERED\tDEAD\tOLDEST PENDING\tLAST ERROR AT\tLAST ERROR")
+				fmt.Fprintln(tw, "DESTINATION\tPENDING\tIN FLIGHT\tHELD\tDELIVERED\tDEAD\tOLDEST PENDING\tLAST ERROR AT\tLAST ERROR")
 				var stalled, paused, tripped []QueueStatus
 				for _, q := range list {
 					oldest := "-"
@@ -96,7 +96,7 @@ A destination no longer configured whose dead letters are kept is shown
 					if q.LastError != "" {
 						at, lastErr = printable(q.LastErrorAt), printable(q.LastError)
 					}
-					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", name, q.Pending, q.InFlight, q.Delivered, q.Dead, oldest, at, lastErr)
+					fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%s\n", name, q.Pending, q.InFlight, q.Held, q.Delivered, q.Dead, oldest, at, lastErr)
 					if q.Stalled {
 						stalled = append(stalled, q)
 					}

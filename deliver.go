@@ -99,7 +99,7 @@ func (h *DeliverHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ cad
 	}
 	for _, name := range h.Destinations {
 		dup, err := store.Enqueue(ctx, queue.Message{
-			Destination: name, EventID: key, ID: ev.ID, Type: ev.Type, Body: ev.Body,
+			Destination: name, EventID: key, ObjectID: ev.ObjectID, Type: ev.Type, ID: ev.ID, Body: ev.Body,
 			Header: map[string]string{queue.HeaderSignature: ev.Signature},
 		})
 		if err != nil {

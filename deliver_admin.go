@@ -52,9 +52,12 @@ type QueueStatus struct {
 	URL  string `json:"url"`
 	// Configured is false for a destination the config no longer has
 	// whose dead letters (or copies) are still kept.
-	Configured           bool    `json:"configured"`
-	Pending              uint64  `json:"pending"`
-	InFlight             uint64  `json:"in_flight"`
+	Configured bool   `json:"configured"`
+	Pending    uint64 `json:"pending"`
+	InFlight   uint64 `json:"in_flight"`
+	// Held, of Pending and InFlight, wait for an earlier event of their
+	// object (order object); it may lag by up to 5s.
+	Held                 uint64  `json:"held"`
 	Delivered            uint64  `json:"delivered"`
 	Dead                 uint64  `json:"dead"`
 	OldestPendingSeconds float64 `json:"oldest_pending_seconds"`
@@ -118,13 +121,13 @@ func serveQueue(w http.ResponseWriter, r *http.Request, sub string, app *App) er
 		sort.Strings(names)
 		out := make([]QueueStatus, 0, len(names))
 		for _, name := range names {
-			st, err := store.Status(ctx, name)
+			dest, configured := d.destinations[name]
+			st, err := store.Status(ctx, name, dest.OrderObject)
 			if err != nil {
 				return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("queue status of %s: %v", name, err)}
 			}
-			dest, configured := d.destinations[name]
 			br := h.stat(name).breaker
-			qs := QueueStatus{Name: name, Configured: configured, Pending: st.Pending, InFlight: st.InFlight, Dead: st.Dead, Instance: d.instance,
+			qs := QueueStatus{Name: name, Configured: configured, Pending: st.Pending, InFlight: st.InFlight, Held: st.Held, Dead: st.Dead, Instance: d.instance,
 				State: destinationState(st, br)}
 			switch qs.State {
 			case "paused":

@@ -500,7 +500,8 @@ func TestQueuePauseAndResume(t *testing.T) {
 func TestPausedDestinationFillingWarns(t *testing.T) {
 	app := newAttemptBackend(t, http.StatusOK)
 	dir := filepath.Join(t.TempDir(), "js")
-	g := startGatewayWithAdmin(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 64KiB\n\t\t}\n\t\tdestination app %s\n\t}", dir, app.URL),
+	// One partition: the test follows one stream filling up.
+	g := startGatewayWithAdmin(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t\tmax_bytes 64KiB\n\t\t\tpartitions 1\n\t\t}\n\t\tdestination app %s\n\t}", dir, app.URL),
 		fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret))
 	if code, body := adminDo(t, http.MethodPost, g.admin+"/mux-webhook/queue/pause", `{"destination":"app"}`); code != http.StatusOK {
 		t.Fatalf("pause: %d %s", code, body)

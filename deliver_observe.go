@@ -113,7 +113,7 @@ func (d *appQueue) gauges(ctx context.Context) {
 		var paused []string
 		for name := range d.destinations {
 			qctx, cancel := context.WithTimeout(ctx, queueGaugeInterval)
-			st, err := d.store().Status(qctx, name)
+			st, err := d.store().Status(qctx, name, d.destinations[name].OrderObject)
 			cancel()
 			if err != nil {
 				if ctx.Err() == nil {
@@ -123,6 +123,7 @@ func (d *appQueue) gauges(ctx context.Context) {
 			}
 			muxMetrics.queuePending.WithLabelValues(name).Set(float64(st.Pending + st.InFlight))
 			muxMetrics.queueDead.WithLabelValues(name).Set(float64(st.Dead))
+			muxMetrics.queueHeld.WithLabelValues(name).Set(float64(st.Held))
 			oldest := 0.0
 			if !st.Oldest.IsZero() {
 				oldest = time.Since(st.Oldest).Seconds()
@@ -194,6 +195,7 @@ func (d *appQueue) dropRemovedGauges() {
 		if _, ok := d.destinations[name]; !ok {
 			muxMetrics.queuePending.DeleteLabelValues(name)
 			muxMetrics.queueDead.DeleteLabelValues(name)
+			muxMetrics.queueHeld.DeleteLabelValues(name)
 			muxMetrics.queueOldest.DeleteLabelValues(name)
 			muxMetrics.queueStalled.DeleteLabelValues(name)
 			for _, s := range destinationStates {

@@ -136,7 +136,7 @@ func TestDemoSendCommand(t *testing.T) {
 		t.Errorf("send with a wrong secret: err %v, printed:\n%s", err, out)
 	}
 	// The README's last command: the queued event shows as delivered.
-	delivered := regexp.MustCompile(`(?m)^analytics\s+0\s+0\s+1\s+0\s+-`)
+	delivered := regexp.MustCompile(`(?m)^analytics\s+0\s+0\s+0\s+1\s+0\s+-`)
 	testwait.For(t, func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()

@@ -22,6 +22,7 @@ var muxMetrics = struct {
 	// The delivery queue's, labelled by configured destination names only.
 	queuePending *prometheus.GaugeVec
 	queueDead    *prometheus.GaugeVec
+	queueHeld    *prometheus.GaugeVec
 	queueOldest  *prometheus.GaugeVec
 	queueStalled *prometheus.GaugeVec
 	destState    *prometheus.GaugeVec
@@ -70,6 +71,10 @@ func registerMetrics(registry *prometheus.Registry) error {
 		muxMetrics.queueDead = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "queue_dead",
 			Help: "Dead letters of a destination.",
+		}, []string{"destination"})
+		muxMetrics.queueHeld = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "queue_held",
+			Help: "Events of a destination with order object that wait for an earlier event of their object to be delivered or dead (part of queue_pending; read every 5s).",
 		}, []string{"destination"})
 		muxMetrics.queueOldest = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "queue_oldest_pending_seconds",
@@ -129,7 +134,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 // muxCollectors are the plugin's metrics, once registerMetrics made them.
 func muxCollectors() []prometheus.Collector {
 	return []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
-		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueOldest, muxMetrics.queueStalled, muxMetrics.destState, muxMetrics.deliveries, muxMetrics.deliveryTime,
+		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueHeld, muxMetrics.queueOldest, muxMetrics.queueStalled, muxMetrics.destState, muxMetrics.deliveries, muxMetrics.deliveryTime,
 		muxMetrics.enqueueFails, muxMetrics.deadLetterFails, muxMetrics.queueDuplicates, muxMetrics.queueUp, muxMetrics.instance}
 }
 

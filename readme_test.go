@@ -724,7 +724,7 @@ func checkMondayRedeliver(t *testing.T, s *blockSite) {
 	}
 	// The backend answered; the queue counts each delivery once its
 	// acknowledgement is stored.
-	done := regexp.MustCompile(`(?m)^app\s+0\s+0\s+2\s+0\s`)
+	done := regexp.MustCompile(`(?m)^app\s+0\s+0\s+0\s+2\s+0\s`)
 	testwait.For(t, func() bool {
 		out, err = runCommand(t, "", "queue", "--address", admin)
 		return err == nil && done.MatchString(out)

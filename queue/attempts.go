@@ -2,7 +2,7 @@
 // (a failure that is the copy's: not a 429, not a failed probe of a
 // tripped destination, not a delivery handed back unattempted or lost on
 // its way to a worker that stopped pulling) is written to the key-value
-// bucket <stream>_ATTEMPTS, keyed by the copy (its stream sequence and the
+// bucket <stream>_ATTEMPTS, keyed by the copy (its stream, sequence and the
 // time it was stored: a stream made again reuses sequences). The attempt
 // number a backend sees, max_attempts and the retry schedule go by that
 // count: the same on every gateway sharing the stream, and across
@@ -64,9 +64,15 @@ func (s *Store) attemptsKV(ctx context.Context) (jetstream.KeyValue, error) {
 	return kv, nil
 }
 
-// attemptsKey names a copy in the bucket.
-func attemptsKey(meta *jetstream.MsgMetadata) string {
-	return fmt.Sprintf("c%d_%d", meta.Sequence.Stream, meta.Timestamp.UnixNano())
+// attemptsKey names a copy in the bucket: its stream (a partition's
+// sequences start at 1 like the others'), its sequence and when it was
+// stored. A copy of the single stream of earlier versions keeps the key
+// they gave it.
+func (s *Store) attemptsKey(meta *jetstream.MsgMetadata) string {
+	if meta.Stream == s.cfg.Stream {
+		return fmt.Sprintf("c%d_%d", meta.Sequence.Stream, meta.Timestamp.UnixNano())
+	}
+	return fmt.Sprintf("%s.c%d_%d", meta.Stream, meta.Sequence.Stream, meta.Timestamp.UnixNano())
 }
 
 // counted is how many attempts were charged to the copy.
@@ -75,7 +81,7 @@ func (s *Store) counted(ctx context.Context, meta *jetstream.MsgMetadata) (int, 
 	if err != nil {
 		return 0, err
 	}
-	e, err := kv.Get(ctx, attemptsKey(meta))
+	e, err := kv.Get(ctx, s.attemptsKey(meta))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return 0, nil
 	}
@@ -96,7 +102,7 @@ func (s *Store) charge(ctx context.Context, meta *jetstream.MsgMetadata, n int) 
 	if err != nil {
 		return err
 	}
-	if _, err := kv.Put(ctx, attemptsKey(meta), []byte(strconv.Itoa(n))); err != nil {
+	if _, err := kv.Put(ctx, s.attemptsKey(meta), []byte(strconv.Itoa(n))); err != nil {
 		s.forgetAttemptsKV(err)
 		return err
 	}
@@ -109,7 +115,7 @@ func (s *Store) uncharge(ctx context.Context, meta *jetstream.MsgMetadata) {
 	if err != nil {
 		return
 	}
-	if err := kv.Purge(ctx, attemptsKey(meta)); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+	if err := kv.Purge(ctx, s.attemptsKey(meta)); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
 		s.forgetAttemptsKV(err)
 	}
 }

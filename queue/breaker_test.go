@@ -135,7 +135,7 @@ func TestBreakerWeekendOutage(t *testing.T) {
 		t.Errorf("the breaker did not reset: %+v", states)
 	}
 	mu.Unlock()
-	st, err := s.Status(context.Background(), "app")
+	st, err := s.Status(context.Background(), "app", false)
 	if err != nil || st.Dead != 0 {
 		t.Errorf("dead letters: %+v %v", st, err)
 	}

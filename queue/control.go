@@ -150,16 +150,19 @@ func (s *Store) resumed(ctx context.Context, destination string) (uint64, error)
 	return e.Revision(), nil
 }
 
-// Usage is how many bytes the stream holds, and its bound (max_bytes; on a
-// shared stream, the running one's).
+// Usage is how many bytes the fullest partition of the queue holds, and
+// its bound (its share of max_bytes; on a shared stream, the running
+// one's): the first to fill up refuses new copies of its objects.
 func (s *Store) Usage(ctx context.Context) (bytes uint64, maxBytes int64, err error) {
-	stream, err := s.js.Stream(ctx, s.cfg.Stream)
-	if err != nil {
-		return 0, 0, err
+	for _, p := range s.configured() {
+		info, err := p.stream.Info(ctx)
+		if err != nil {
+			return 0, 0, err
+		}
+		b, mb := info.State.Bytes, info.Config.MaxBytes
+		if mb > 0 && (maxBytes <= 0 || float64(b)/float64(mb) > float64(bytes)/float64(maxBytes)) {
+			bytes, maxBytes = b, mb
+		}
 	}
-	info, err := stream.Info(ctx)
-	if err != nil {
-		return 0, 0, err
-	}
-	return info.State.Bytes, info.Config.MaxBytes, nil
+	return bytes, maxBytes, nil
 }

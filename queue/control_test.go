@@ -41,7 +41,7 @@ func TestPauseHoldsAcrossARestartAndResumeDelivers(t *testing.T) {
 	if at, _ := b.of("held-0"); len(at) != 0 {
 		t.Fatal("a paused destination got an event")
 	}
-	st, err := s.Status(ctx, "app")
+	st, err := s.Status(ctx, "app", false)
 	if err != nil || st.Pause == nil || st.Pause.By != "gw-test" || time.Since(st.Pause.Since) > time.Minute || st.Pending+st.InFlight != 5 {
 		t.Fatalf("status while paused: %+v, pause %+v, %v", st, st.Pause, err)
 	}
@@ -121,7 +121,7 @@ func TestPausedPastMaxAgeGetsOneAttempt(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitUntil(t, "one attempt after the resume", func() bool { at, _ := b.of("old"); return len(at) == len(before)+1 })
-	st, err := s.Status(ctx, "app")
+	st, err := s.Status(ctx, "app", false)
 	if err != nil || st.Dead != 0 || st.Pending+st.InFlight != 0 {
 		t.Errorf("after the resume: %+v %v (want it delivered, not a dead letter)", st, err)
 	}

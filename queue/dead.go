@@ -40,7 +40,7 @@ type deadLetters struct {
 	stream jetstream.Stream // <stream>_DEAD
 
 	mu       sync.Mutex
-	unburied map[uint64]unburied // by stream sequence: copies at their bound, not yet buried
+	unburied map[copyRef]unburied // by copy: copies at their bound, not yet buried
 }
 
 // unburied is a copy that reached its bound but could not be buried.
@@ -149,8 +149,12 @@ func (s *Store) makeDeadStream(ctx context.Context, cfg Config) (jetstream.Strea
 // message id of its old place, so that a move cut short and done again
 // keeps it once (within the dedupe window).
 func (s *Store) moveOldDead(ctx context.Context) error {
+	if s.legacy == nil {
+		return nil // no stream of an earlier version
+	}
+	stream := s.legacy.stream
 	prefix := s.oldDeadPrefix()
-	info, err := s.stream.Info(ctx, jetstream.WithSubjectFilter(prefix+">"))
+	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(prefix+">"))
 	if err != nil {
 		return fmt.Errorf("queue: looking for dead letters of an earlier version in %s: %v", s.cfg.Stream, err)
 	}
@@ -158,7 +162,7 @@ func (s *Store) moveOldDead(ctx context.Context) error {
 		return nil
 	}
 	for seq := info.State.FirstSeq; ; {
-		m, err := s.stream.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(prefix+">"))
+		m, err := stream.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(prefix+">"))
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			return nil
 		}
@@ -183,7 +187,7 @@ func (s *Store) moveOldDead(ctx context.Context) error {
 			}
 			return fmt.Errorf("queue: moving dead letters of an earlier version to %s: %v", DeadStream(s.cfg.Stream), err)
 		}
-		if err := s.stream.DeleteMsg(ctx, m.Sequence); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+		if err := stream.DeleteMsg(ctx, m.Sequence); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
 			return fmt.Errorf("queue: moving dead letters of an earlier version: deleting %s #%d: %v", s.cfg.Stream, m.Sequence, err)
 		}
 		seq = m.Sequence + 1
@@ -244,13 +248,18 @@ func (s *Store) settleDead(ctx context.Context, d *Destination, msg jetstream.Ms
 	seq := meta.Sequence.Stream
 	if err := s.bury(ctx, d.Name, msg, *a); err != nil {
 		a.BuryErr, a.Result = err, "retry"
-		s.dead.note(seq, meta.Timestamp, *a)
+		s.dead.note(refOf(meta), meta.Timestamp, *a)
 		_ = msg.NakWithDelay(d.Retry[len(d.Retry)-1])
 		return
 	}
 	a.Result = "dead"
-	if msg.Term() == nil {
-		s.dead.forget(seq)
+	if d.OrderObject && sw.remove(context.WithoutCancel(ctx), seq) {
+		// Gone before it is settled: the next copy of its object may go.
+		_ = msg.Term()
+		s.dead.forget(refOf(meta))
+		s.uncharge(context.WithoutCancel(ctx), meta)
+	} else if msg.Term() == nil {
+		s.dead.forget(refOf(meta))
 		sw.settle(seq)
 		s.uncharge(context.WithoutCancel(ctx), meta)
 	} else {
@@ -258,9 +267,9 @@ func (s *Store) settleDead(ctx context.Context, d *Destination, msg jetstream.Ms
 		// is away): the copy comes again, maybe counted from 1 by a
 		// consumer made again, and is buried again (kept once) without
 		// another POST.
-		s.dead.note(seq, meta.Timestamp, *a)
+		s.dead.note(refOf(meta), meta.Timestamp, *a)
 	}
-	s.handBacks.settled(seq)
+	s.handBacks.settled(refOf(meta))
 }
 
 // buryAgain buries, without another attempt, a copy that reached its
@@ -269,7 +278,7 @@ func (s *Store) settleDead(ctx context.Context, d *Destination, msg jetstream.Ms
 // max_age. It reports whether msg was such a copy (then a says what
 // became of it).
 func (s *Store) buryAgain(ctx context.Context, d *Destination, msg jetstream.Msg, meta *jetstream.MsgMetadata, sw *sweeper, a *Attempt) bool {
-	prev, known := s.dead.noted(meta.Sequence.Stream, meta.Timestamp)
+	prev, known := s.dead.noted(refOf(meta), meta.Timestamp)
 	overAttempts := d.MaxAttempts > 0 && a.Number > d.MaxAttempts
 	// A copy past max_age is not buried here: it gets one attempt (a
 	// destination paused or tripped for longer than max_age holds its
@@ -289,11 +298,11 @@ func (s *Store) buryAgain(ctx context.Context, d *Destination, msg jetstream.Msg
 	return true
 }
 
-func (dl *deadLetters) note(seq uint64, stored time.Time, a Attempt) {
+func (dl *deadLetters) note(seq copyRef, stored time.Time, a Attempt) {
 	dl.mu.Lock()
 	defer dl.mu.Unlock()
 	if dl.unburied == nil {
-		dl.unburied = map[uint64]unburied{}
+		dl.unburied = map[copyRef]unburied{}
 	}
 	if _, ok := dl.unburied[seq]; !ok && len(dl.unburied) >= maxUnburied {
 		return
@@ -302,7 +311,7 @@ func (dl *deadLetters) note(seq uint64, stored time.Time, a Attempt) {
 	dl.unburied[seq] = unburied{stored: stored, a: a}
 }
 
-func (dl *deadLetters) noted(seq uint64, stored time.Time) (Attempt, bool) {
+func (dl *deadLetters) noted(seq copyRef, stored time.Time) (Attempt, bool) {
 	dl.mu.Lock()
 	defer dl.mu.Unlock()
 	u, ok := dl.unburied[seq]
@@ -312,7 +321,7 @@ func (dl *deadLetters) noted(seq uint64, stored time.Time) (Attempt, bool) {
 	return u.a, true
 }
 
-func (dl *deadLetters) forget(seq uint64) {
+func (dl *deadLetters) forget(seq copyRef) {
 	dl.mu.Lock()
 	delete(dl.unburied, seq)
 	dl.mu.Unlock()
@@ -515,11 +524,20 @@ func (s *Store) Redeliver(ctx context.Context, destination string, ids []string,
 		if err != nil {
 			return n, err
 		}
-		msg := nats.NewMsg(s.Subject(destination))
+		// Into its object's partition, after the copies stored since: a
+		// dead letter of an earlier version has no key, its event id
+		// gives one.
+		key := dead.Header.Get(HeaderKey)
+		if key == "" {
+			key = Key("", []byte(dead.Header.Get(HeaderEventID)))
+		}
+		parts := s.configured()
+		p := parts[partitionOf(key, len(parts))]
+		msg := nats.NewMsg(p.subject(destination, key))
 		msg.Data = dead.Data
 		for k, vs := range dead.Header {
 			switch k {
-			case headerLastError, headerAttempts, headerDeadAt, jetstream.MsgIDHeader:
+			case headerLastError, headerAttempts, headerDeadAt, jetstream.MsgIDHeader, HeaderKey:
 				continue
 			}
 			for _, v := range vs {
@@ -528,7 +546,12 @@ func (s *Store) Redeliver(ctx context.Context, destination string, ids []string,
 		}
 		// A fresh message id: the dedupe window must not swallow it.
 		msg.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("redeliver:%s:%d:%d", destination, seq, dead.Time.UnixNano()))
-		if _, err := s.js.PublishMsg(ctx, msg); err != nil {
+		msg.Header.Set(HeaderKey, key)
+		_, err = s.js.PublishMsg(ctx, msg)
+		if err != nil && noStream(err) && s.ensurePart(ctx, p) == nil {
+			_, err = s.js.PublishMsg(ctx, msg)
+		}
+		if err != nil {
 			return n, err
 		}
 		if err := s.dead.stream.DeleteMsg(ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {

@@ -13,7 +13,9 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -94,6 +96,9 @@ type Destination struct {
 	// OnBreaker, if set, hears of the destination's breaker in this
 	// process tripping, being probed again later, or resetting.
 	OnBreaker func(BreakerState)
+	// OrderObject delivers the copies of one object one at a time, in
+	// the order they were stored (order.go).
+	OrderObject bool
 }
 
 // Attempt is what one delivery attempt did.
@@ -169,7 +174,11 @@ const superviseInterval = 2 * time.Second
 
 // StartWorkers runs d's workers until ctx ends or stop is called; observe, if
 // set, hears of every attempt. Several processes running StartWorkers for the
-// same destination on one stream share the work (one durable consumer).
+// same destination on one stream share the work (one durable consumer per
+// stream of the queue). The workers drain every stream of the queue: the
+// partitions, others that exist (another gateway's more partitions, or an
+// earlier config's), and the single stream of earlier versions; a stream
+// that appears later is found within partScanInterval.
 //
 // The workers heal themselves: a consumer deleted by hand, a stream made
 // again (restored from a backup) or a subscription ended for good is
@@ -180,17 +189,9 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 		return nil, fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", d.Name)
 	}
 	d.defaults()
-	var cons jetstream.Consumer
-	err = retrySetup(ctx, func(ctx context.Context) (err error) {
-		cons, err = s.makeConsumer(ctx, d)
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("queue: consumer for %s: %v", d.Name, err)
-	}
 	ctx, cancel := context.WithCancel(ctx)
-	w := &workerRun{
-		s: s, d: &d, observe: observe, ctx: ctx,
+	g := &destWorkers{
+		s: s, d: &d, observe: observe, ctx: ctx, cancelAttempts: cancel,
 		client: &http.Client{
 			Timeout: d.Timeout,
 			CheckRedirect: func(*http.Request, []*http.Request) error {
@@ -198,71 +199,41 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 			},
 		},
 		slots: make(chan struct{}, d.Concurrency),
-		poke:  make(chan struct{}, 1),
 		pace:  newPacer(d.Rate, d.RatePer),
+		parts: map[string]*workerRun{},
 	}
-	w.br = newBreaker(w.d)
-	// The sweeper outlives the attempts, for a last sweep of what they
-	// settled.
-	w.sw = newSweeper(s, cons, s.Subject(d.Name))
-	swCtx, swCancel := context.WithCancel(context.WithoutCancel(ctx))
-	swept := make(chan struct{})
-	go func() {
-		defer close(swept)
-		w.sw.run(swCtx)
-	}()
-	w.tellBreaker() // closed: earlier workers' state is not these ones'
+	g.br = newBreaker(g.d)
+	g.tellBreaker() // closed: earlier workers' state is not these ones'
 	// A paused destination's workers subscribe only once it is resumed
 	// (supervise reads the pause every second).
-	var cc jetstream.ConsumeContext
-	if w.readPause(ctx) {
-		cc, err = w.consume(cons)
-		if err != nil {
+	active := g.readPause(ctx)
+	for _, p := range s.drained(ctx) {
+		if err := g.startPart(p, active); err != nil {
+			if p.drainOnly() {
+				// Not this config's: the scan tries again.
+				if d.OnRestart != nil {
+					d.OnRestart(err)
+				}
+				continue
+			}
+			g.stopAll()
 			cancel()
-			swCancel()
-			<-swept
-			return nil, fmt.Errorf("queue: consuming %s: %v", d.Name, err)
+			return nil, err
 		}
 	}
-	supCtx, supCancel := context.WithCancel(ctx)
-	supervised := make(chan struct{})
+	scanCtx, scanCancel := context.WithCancel(ctx)
+	scanned := make(chan struct{})
 	go func() {
-		defer close(supervised)
-		w.supervise(supCtx, cons, cc)
+		defer close(scanned)
+		g.scan(scanCtx)
 	}()
 	var once sync.Once
 	stop = func() {
 		once.Do(func() {
-			w.mu.Lock()
-			w.stopped = true
-			w.mu.Unlock()
-			supCancel()
-			<-supervised // no new subscription from here on: w.cc is the last
-			// Copies fetched but not started go back to the queue at once
-			// (not after AckWait); attempts in progress get a grace
-			// period to finish, so that a stop does not make a backend
-			// see an event twice. Then they are cancelled and retried.
-			// (The callback stores nothing once stopped: it only hands
-			// copies back, noting that those deliveries were no attempts.)
-			w.mu.Lock()
-			last := w.cc
-			w.mu.Unlock()
-			if last != nil { // nil: paused since the start, never subscribed
-				last.Drain()
-			}
-			idle := make(chan struct{})
-			go func() { w.wg.Wait(); close(idle) }()
-			grace := time.NewTimer(min(d.Timeout, d.StopGrace))
-			select {
-			case <-idle:
-			case <-grace.C:
-			case <-ctx.Done():
-			}
-			grace.Stop()
+			scanCancel()
+			<-scanned // no new stream's workers from here on
+			g.stopAll()
 			cancel()
-			<-idle
-			swCancel() // and a last sweep of what the attempts settled
-			<-swept
 		})
 	}
 	go func() {
@@ -272,25 +243,43 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 	return stop, nil
 }
 
-// workerRun is one destination's running workers: their subscription
-// (made again when it is lost), the slots of their attempts in flight,
-// and their sweeper.
-type workerRun struct {
+// destWorkers are one destination's workers, over every stream of the
+// queue: what they share (the slots of their attempts in flight, the
+// pace, the pause and the breaker), and a workerRun per stream.
+type destWorkers struct {
 	s       *Store
 	d       *Destination
 	client  *http.Client
 	observe func(Attempt)
 	ctx     context.Context // the attempts'; cancelled at the end of a stop
-	sw      *sweeper
-	slots   chan struct{}
-	poke    chan struct{} // the subscription reported an error: check now
-	pace    *pacer        // nil: unpaced
-	paused  atomic.Bool   // by an operator: nothing is attempted
-	br      *breaker      // nil: off
-	// resumed is the latest resume seen (one after it resets the
-	// breaker), once resumeRead; readPause's, one call at a time.
+	// cancelAttempts cancels ctx.
+	cancelAttempts context.CancelFunc
+	slots          chan struct{}
+	pace           *pacer      // nil: unpaced
+	paused         atomic.Bool // by an operator: nothing is attempted
+	br             *breaker    // nil: off
+
+	pauseMu sync.Mutex // one reading of the pause at a time, for all streams
+	// pauseRead is when the pause was last read; resumed is the latest
+	// resume seen (one after it resets the breaker), once resumeRead.
+	pauseRead  time.Time
 	resumed    uint64
 	resumeRead bool
+	probes     atomic.Uint64 // rotates the stream a probe starts with
+
+	mu      sync.Mutex // guards stopped, parts, each cc, and wg.Add against stop
+	stopped bool
+	parts   map[string]*workerRun // by stream name
+	wg      sync.WaitGroup        // attempts and probes in progress
+}
+
+// workerRun is a destination's workers on one stream of the queue: their
+// consumer and subscription (made again when lost), and their sweeper.
+type workerRun struct {
+	*destWorkers
+	p    *part
+	sw   *sweeper
+	poke chan struct{} // the subscription reported an error: check now
 
 	// gen counts the consumers the workers had: one deleted (noticed, or
 	// replaced by one made at another time) makes the copies it
@@ -304,22 +293,151 @@ type workerRun struct {
 	// needConsumer: a probe found the consumer gone.
 	needConsumer atomic.Bool
 
-	mu      sync.Mutex // guards stopped, cc and wg.Add against stop
-	stopped bool
-	cc      jetstream.ConsumeContext // the current subscription
-	wg      sync.WaitGroup
+	cc jetstream.ConsumeContext // the current subscription (destWorkers.mu)
+	// supCancel ends the supervisor, supervised is closed once it ended;
+	// swCancel ends the sweeper (after a last sweep), swept likewise.
+	supCancel, swCancel context.CancelFunc
+	supervised, swept   chan struct{}
 }
 
-// makeConsumer creates (or updates) d's durable consumer, and the stream
-// first if it is gone. On a cluster, it waits for the consumer's leader:
-// a pull sent with none would find no one and be tried again only once
-// the heartbeats are missed.
-func (s *Store) makeConsumer(ctx context.Context, d Destination) (jetstream.Consumer, error) {
-	cfg := s.sharedAckWait(ctx, s.consumerConfig(d))
-	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, cfg)
+// startPart starts the destination's workers on p.
+func (g *destWorkers) startPart(p *part, active bool) error {
+	var cons jetstream.Consumer
+	err := retrySetup(g.ctx, func(ctx context.Context) (err error) {
+		cons, err = g.s.makeConsumer(ctx, p, *g.d)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("queue: consumer for %s on %s: %v", g.d.Name, p.name, err)
+	}
+	w := &workerRun{destWorkers: g, p: p, poke: make(chan struct{}, 1)}
+	// The sweeper outlives the attempts, for a last sweep of what they
+	// settled.
+	w.sw = newSweeper(g.s, p.stream, cons, p.filter(g.d.Name))
+	swCtx, swCancel := context.WithCancel(context.WithoutCancel(g.ctx))
+	w.swCancel, w.swept = swCancel, make(chan struct{})
+	go func() {
+		defer close(w.swept)
+		w.sw.run(swCtx)
+	}()
+	var cc jetstream.ConsumeContext
+	if active {
+		if cc, err = w.consume(cons); err != nil {
+			swCancel()
+			<-w.swept
+			return fmt.Errorf("queue: consuming %s on %s: %v", g.d.Name, p.name, err)
+		}
+	}
+	supCtx, supCancel := context.WithCancel(g.ctx)
+	w.supCancel, w.supervised = supCancel, make(chan struct{})
+	g.mu.Lock()
+	if g.stopped {
+		g.mu.Unlock()
+		supCancel()
+		close(w.supervised)
+		if cc != nil {
+			cc.Drain()
+		}
+		swCancel()
+		<-w.swept
+		return nil
+	}
+	g.parts[p.name] = w
+	g.mu.Unlock()
+	go func() {
+		defer close(w.supervised)
+		w.supervise(supCtx, cons, cc)
+	}()
+	return nil
+}
+
+// scan starts workers on the streams of the queue that appear (another
+// gateway's partitions, a stream made by hand), every partScanInterval,
+// until ctx ends.
+func (g *destWorkers) scan(ctx context.Context) {
+	t := time.NewTicker(partScanInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, p := range g.s.drained(ctx) {
+			g.mu.Lock()
+			_, running := g.parts[p.name]
+			g.mu.Unlock()
+			if !running {
+				if err := g.startPart(p, !g.paused.Load()); err != nil && g.d.OnRestart != nil && ctx.Err() == nil {
+					g.d.OnRestart(err)
+				}
+			}
+		}
+	}
+}
+
+// running is the destination's workers, one per stream.
+func (g *destWorkers) running() []*workerRun {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	out := make([]*workerRun, 0, len(g.parts))
+	for _, w := range g.parts {
+		out = append(out, w)
+	}
+	slices.SortFunc(out, func(a, b *workerRun) int { return strings.Compare(a.p.name, b.p.name) })
+	return out
+}
+
+// stopAll stops the workers on every stream. Copies fetched but not
+// started go back to the queue at once (not after AckWait); attempts in
+// progress get a grace period to finish, so that a stop does not make a
+// backend see an event twice. Then they are cancelled and retried. (The
+// callback stores nothing once stopped: it only hands copies back,
+// noting that those deliveries were no attempts.)
+func (g *destWorkers) stopAll() {
+	g.mu.Lock()
+	g.stopped = true
+	g.mu.Unlock()
+	runs := g.running()
+	for _, w := range runs {
+		w.supCancel()
+		<-w.supervised // no new subscription from here on: w.cc is the last
+	}
+	for _, w := range runs {
+		g.mu.Lock()
+		last := w.cc
+		g.mu.Unlock()
+		if last != nil { // nil: paused since the start, never subscribed
+			last.Drain()
+		}
+	}
+	idle := make(chan struct{})
+	go func() { g.wg.Wait(); close(idle) }()
+	grace := time.NewTimer(min(g.d.Timeout, g.d.StopGrace))
+	select {
+	case <-idle:
+	case <-grace.C:
+	case <-g.ctx.Done():
+	}
+	grace.Stop()
+	g.cancelAttempts()
+	<-idle
+	for _, w := range runs {
+		w.swCancel() // and a last sweep of what the attempts settled
+		<-w.swept
+	}
+}
+
+// makeConsumer creates (or updates) d's durable consumer on p, and p's
+// stream first if it is gone (a configured partition's). On a cluster, it
+// waits for the consumer's leader: a pull sent with none would find no
+// one and be tried again only once the heartbeats are missed.
+func (s *Store) makeConsumer(ctx context.Context, p *part, d Destination) (jetstream.Consumer, error) {
+	cfg := s.sharedAckWait(ctx, p, consumerConfig(p, d))
+	cons, err := s.js.CreateOrUpdateConsumer(ctx, p.name, cfg)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		if err = s.ensureStream(ctx); err == nil {
-			cons, err = s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, cfg)
+		if err = s.ensurePart(ctx, p); err == nil {
+			cons, err = s.js.CreateOrUpdateConsumer(ctx, p.name, cfg)
 		}
 	}
 	if err != nil {
@@ -338,11 +456,11 @@ func (s *Store) makeConsumer(ctx context.Context, d Destination) (jetstream.Cons
 // worker while one still attempts it: a duplicate), and two timeouts
 // would flip it at every start. A WARN names the two. The embedded store
 // has one owner, whose timeout is the deadline.
-func (s *Store) sharedAckWait(ctx context.Context, cfg jetstream.ConsumerConfig) jetstream.ConsumerConfig {
+func (s *Store) sharedAckWait(ctx context.Context, p *part, cfg jetstream.ConsumerConfig) jetstream.ConsumerConfig {
 	if s.server != nil {
 		return cfg
 	}
-	cons, err := s.js.Consumer(ctx, s.cfg.Stream, cfg.Durable)
+	cons, err := s.js.Consumer(ctx, p.name, cfg.Durable)
 	if err != nil {
 		return cfg // none yet (or not one of ours: making it says why)
 	}
@@ -350,7 +468,7 @@ func (s *Store) sharedAckWait(ctx context.Context, cfg jetstream.ConsumerConfig)
 	if running == cfg.AckWait {
 		return cfg
 	}
-	fields := []zap.Field{zap.String("consumer", cfg.Durable), zap.Duration("configured", cfg.AckWait), zap.Duration("running", running)}
+	fields := []zap.Field{zap.String("stream", p.name), zap.String("consumer", cfg.Durable), zap.Duration("configured", cfg.AckWait), zap.Duration("running", running)}
 	if running > cfg.AckWait {
 		s.log.Warn("queue: this config's ack deadline (the destination's timeout + 5s) is shorter than the shared consumer's; it keeps its own (a gateway never shortens it): give every gateway the same timeout", fields...)
 		cfg.AckWait = running
@@ -442,37 +560,40 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 	go func() {
 		defer w.wg.Done()
 		defer func() { <-w.slots }()
+		if w.hold(msg) {
+			return // an earlier copy of its object comes first
+		}
 		a := w.s.attempt(w.ctx, w.client, w.d, msg, w.sw, false, w.createdNano.Load())
 		if w.observe != nil {
 			w.observe(a)
 		}
 		if w.br != nil && w.ctx.Err() == nil && w.br.record(a, time.Now()) {
 			w.tellBreaker()
-			w.pokeSupervisor() // stop, or start again, pulling
+			w.pokeAll() // stop, or start again, pulling
 		}
 	}()
 }
 
 // holding reports whether the workers attempt nothing: the destination is
 // paused, or its breaker tripped (then only probes are attempted).
-func (w *workerRun) holding() bool {
-	return w.paused.Load() || (w.br != nil && w.br.tripped())
+func (g *destWorkers) holding() bool {
+	return g.paused.Load() || (g.br != nil && g.br.tripped())
 }
 
 // tellBreaker tells OnBreaker the breaker's state (closed when it is
 // off), unless the workers stopped: newer ones speak for the destination.
-func (w *workerRun) tellBreaker() {
-	w.mu.Lock()
-	stopped := w.stopped
-	w.mu.Unlock()
-	if w.d.OnBreaker == nil || stopped {
+func (g *destWorkers) tellBreaker() {
+	g.mu.Lock()
+	stopped := g.stopped
+	g.mu.Unlock()
+	if g.d.OnBreaker == nil || stopped {
 		return
 	}
 	var st BreakerState
-	if w.br != nil {
-		st = w.br.snapshot()
+	if g.br != nil {
+		st = g.br.snapshot()
 	}
-	w.d.OnBreaker(st)
+	g.d.OnBreaker(st)
 }
 
 // pokeSupervisor makes the supervisor look at once.
@@ -483,40 +604,77 @@ func (w *workerRun) pokeSupervisor() {
 	}
 }
 
+// pokeAll makes the supervisors of every stream look at once.
+func (g *destWorkers) pokeAll() {
+	for _, w := range g.running() {
+		w.pokeSupervisor()
+	}
+}
+
 // probe attempts the next due copy of a tripped destination, if there is
-// one: a 2xx resets the breaker; a failure for the destination's reasons
-// is not charged to the copy (attempt).
-func (w *workerRun) probe(cons jetstream.Consumer) {
+// one, from whichever stream of the queue has one (each probe starts
+// with the next stream): a 2xx resets the breaker; a failure for the
+// destination's reasons is not charged to the copy (attempt).
+func (g *destWorkers) probe() {
 	ok := false
-	w.mu.Lock()
-	if w.stopped {
-		w.mu.Unlock()
-		w.br.probed(false, time.Now())
+	g.mu.Lock()
+	if g.stopped {
+		g.mu.Unlock()
+		g.br.probed(false, time.Now())
 		return
 	}
-	w.wg.Add(1)
-	w.mu.Unlock()
+	g.wg.Add(1)
+	g.mu.Unlock()
 	defer func() { // the outcome is told before a stop can end
-		if w.br.probed(ok, time.Now()) {
-			w.pokeSupervisor() // pull again
+		if g.br.probed(ok, time.Now()) {
+			g.pokeAll() // pull again
 		}
-		w.tellBreaker()
-		w.wg.Done()
+		g.tellBreaker()
+		g.wg.Done()
 	}()
-	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(2*time.Second))
+	runs := g.running()
+	first := int(g.probes.Add(1))
+	for i := range runs {
+		w := runs[(first+i)%len(runs)]
+		got, delivered := w.probeOnce(i == len(runs)-1)
+		if got {
+			ok = delivered
+			return
+		}
+	}
+}
+
+// probeOnce attempts as a probe the next due copy of w's stream, if there
+// is one (waiting a little for it when wait is set): got reports whether
+// there was one (not held behind an earlier copy of its object), ok
+// whether it was delivered.
+func (w *workerRun) probeOnce(wait bool) (got, ok bool) {
+	cons := w.sw.consumer()
+	var batch jetstream.MessageBatch
+	var err error
+	if wait {
+		batch, err = cons.Fetch(1, jetstream.FetchMaxWait(2*time.Second))
+	} else {
+		batch, err = cons.FetchNoWait(1)
+	}
 	if err != nil {
 		w.noticeGone(err)
-		return
+		return false, false
 	}
 	gen := w.gen.Load()
 	for msg := range batch.Messages() {
-		a := w.s.attempt(w.ctx, w.client, w.d, &genMsg{Msg: msg, w: w, gen: gen}, w.sw, true, w.createdNano.Load())
+		m := &genMsg{Msg: msg, w: w, gen: gen}
+		if w.hold(m) {
+			continue
+		}
+		a := w.s.attempt(w.ctx, w.client, w.d, m, w.sw, true, w.createdNano.Load())
 		if w.observe != nil {
 			w.observe(a)
 		}
-		ok = a.Err == nil
+		got, ok = true, a.Err == nil
 	}
 	w.noticeGone(batch.Error())
+	return got, ok
 }
 
 // noticeGone has the supervisor make the consumer again when err says it,
@@ -558,8 +716,9 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 		case <-p.C:
 			wasHolding := w.holding()
 			w.readPause(ctx)
-			if !wasHolding && !w.holding() {
-				continue // nothing changed
+			if !wasHolding && !w.holding() && !broken {
+				continue // nothing changed (a stream's workers not subscribed
+				// while another stream's read the resume go on below)
 			}
 		}
 		if w.holding() {
@@ -578,7 +737,7 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 					cons = nc
 				}
 				if w.br.probeDue(time.Now()) {
-					go w.probe(cons)
+					go w.probe()
 				}
 			}
 			continue
@@ -598,11 +757,14 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 			return
 		}
 		mctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		nc, err := w.s.makeConsumer(mctx, *w.d)
+		nc, err := w.s.makeConsumer(mctx, w.p, *w.d)
 		cancel()
 		var ncc jetstream.ConsumeContext
 		if err == nil {
 			ncc, err = w.consume(nc)
+		}
+		if w.p.drainOnly() && errors.Is(err, jetstream.ErrStreamNotFound) {
+			return // a stream only drained is gone: nothing is left to deliver from it
 		}
 		if err != nil {
 			if ctx.Err() == nil && w.d.OnRestart != nil {
@@ -618,11 +780,11 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 	}
 }
 
-// consumerConfig is the durable consumer that d's workers share.
-func (s *Store) consumerConfig(d Destination) jetstream.ConsumerConfig {
+// consumerConfig is the durable consumer on p that d's workers share.
+func consumerConfig(p *part, d Destination) jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
 		Durable:       "deliver_" + d.Name,
-		FilterSubject: s.Subject(d.Name),
+		FilterSubject: p.filter(d.Name),
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		// An attempt's outcome is known within its timeout; a process that
 		// dies mid-attempt has the copy redelivered after that.
@@ -644,8 +806,13 @@ func (s *Store) RestoreConsumer(ctx context.Context, d Destination) error {
 	}
 	d.defaults()
 	// On external NATS, the shared deadline is never shortened here either.
-	if _, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.sharedAckWait(ctx, s.consumerConfig(d))); err != nil {
-		return fmt.Errorf("queue: consumer for %s: %v", d.Name, err)
+	for _, p := range s.drained(ctx) {
+		if _, err := s.js.CreateOrUpdateConsumer(ctx, p.name, s.sharedAckWait(ctx, p, consumerConfig(p, d))); err != nil {
+			if p.drainOnly() && errors.Is(err, jetstream.ErrStreamNotFound) {
+				continue
+			}
+			return fmt.Errorf("queue: consumer for %s on %s: %v", d.Name, p.name, err)
+		}
 	}
 	return nil
 }
@@ -672,7 +839,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		// process's ledger of deliveries that were no attempt gives the
 		// number; delivery never waits on the bucket.
 		s.warnAttempts("read", err)
-		a.Number = s.handBacks.attemptNumber(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+		a.Number = s.handBacks.attemptNumber(refOf(meta), meta.Timestamp, meta.NumDelivered, time.Now())
 	}
 	if s.buryAgain(ctx, d, msg, meta, sw, &a) {
 		return a
@@ -697,13 +864,20 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		// delivery, which Idempotency-Key lets the backend tell. Then
 		// the copy leaves the stream, which must not fill up with what
 		// was delivered.
-		if msg.DoubleAck(context.WithoutCancel(ctx)) == nil {
+		if d.OrderObject && sw.remove(context.WithoutCancel(ctx), meta.Sequence.Stream) {
+			// Gone before it is acknowledged: the next copy of its object
+			// may go at once, on any gateway (order.go).
+			_ = msg.Ack()
+			if a.Number > 1 {
+				s.uncharge(context.WithoutCancel(ctx), meta)
+			}
+		} else if msg.DoubleAck(context.WithoutCancel(ctx)) == nil {
 			sw.settle(meta.Sequence.Stream)
 			if a.Number > 1 {
 				s.uncharge(context.WithoutCancel(ctx), meta)
 			}
 		}
-		s.handBacks.settled(meta.Sequence.Stream)
+		s.handBacks.settled(refOf(meta))
 		return a
 	}
 	if probe && destinationTrouble(a) {
@@ -711,7 +885,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		// destination's reasons is not charged to the copy: it waits
 		// for the next probe, or the reset.
 		a.NotCounted, a.Result = true, "retry"
-		s.handBacks.add(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+		s.handBacks.add(refOf(meta), meta.Timestamp, meta.NumDelivered, time.Now())
 		_ = msg.NakWithDelay(max(d.BreakerProbe, a.RetryAfter))
 		return a
 	}
@@ -731,7 +905,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 	}
 	a.Result = "retry"
 	if a.NotCounted {
-		s.handBacks.add(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+		s.handBacks.add(refOf(meta), meta.Timestamp, meta.NumDelivered, time.Now())
 	}
 	_ = msg.NakWithDelay(next)
 	return a
@@ -785,7 +959,8 @@ func (s *Store) post(ctx context.Context, client *http.Client, d *Destination, m
 // errNoLeader is a clustered consumer without a leader, for now.
 var errNoLeader = errors.New("the consumer has no leader yet")
 
-// Status is what the queue holds for one destination.
+// Status is what the queue holds for one destination, over every stream
+// of the queue.
 type Status struct {
 	// Pending copies wait for their next attempt; InFlight are being
 	// attempted (or wait for a retry's delay); Dead are dead letters (in
@@ -805,93 +980,125 @@ type Status struct {
 	// Pause is set while an operator has paused the destination
 	// (SetPaused): its copies wait on purpose.
 	Pause *Pause
+	// Held, of Pending and InFlight, wait for an earlier copy of their
+	// object to be delivered or dead (order object; counted only when
+	// Status is asked for an ordered destination).
+	Held uint64
 }
 
-// Status reports destination's queue, from the stream: the same on every
-// instance sharing it.
-func (s *Store) Status(ctx context.Context, destination string) (Status, error) {
+// Status reports destination's queue, from the streams: the same on every
+// instance sharing them. ordered counts the copies held behind an earlier
+// one of their object (Held), which reads every object's subject: only
+// for a destination with order object.
+func (s *Store) Status(ctx context.Context, destination string, ordered bool) (Status, error) {
 	var st Status
-	stream, err := s.js.Stream(ctx, s.cfg.Stream)
-	if err != nil {
-		return st, err
-	}
-	info, err := stream.Info(ctx, jetstream.WithSubjectFilter(s.cfg.Stream+".*."+destination))
-	if err != nil {
-		return st, err
-	}
+	var err error
 	if st.Dead, err = s.deadCount(ctx, destination); err != nil {
 		return st, err
 	}
 	// The pause cannot be read (the bucket away): the rest of the
 	// status still can; the workers keep the last state they read.
 	st.Pause, _ = s.Paused(ctx, destination)
-	cons, err := stream.Consumer(ctx, "deliver_"+destination)
+	for _, p := range s.drained(ctx) {
+		err := s.partStatus(ctx, p, destination, ordered, &st)
+		if p.drainOnly() && errors.Is(err, jetstream.ErrStreamNotFound) {
+			continue // drained and deleted
+		}
+		if err != nil {
+			return st, err
+		}
+	}
+	return st, nil
+}
+
+// partStatus adds what p holds for destination to st.
+func (s *Store) partStatus(ctx context.Context, p *part, destination string, ordered bool, st *Status) error {
+	oldest := func(floor uint64) {
+		m, err := p.stream.GetMsg(ctx, floor+1, jetstream.WithGetMsgSubject(p.filter(destination)))
+		if err == nil && (st.Oldest.IsZero() || m.Time.Before(st.Oldest)) {
+			st.Oldest = m.Time
+		}
+	}
+	if ordered && !p.legacy {
+		_, subjects, err := subjectTotal(ctx, p, p.filter(destination))
+		if err != nil {
+			return err
+		}
+		for subject, n := range subjects {
+			if n > 1 && isObjectSubject(subject) {
+				st.Held += n - 1 // all but the first of the object's
+			}
+		}
+	}
+	cons, err := p.stream.Consumer(ctx, "deliver_"+destination)
 	if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrNotPullConsumer) {
 		// No worker ever ran, or the consumer was deleted, or one made by
 		// hand in its place is no use to the workers: everything stored
 		// is pending.
 		st.NoConsumer = true
-		st.Pending = info.State.Subjects[s.Subject(destination)]
-		if st.Pending > 0 {
-			st.Oldest = s.firstAfter(ctx, stream, destination, 0)
+		n, _, err := subjectTotal(ctx, p, p.filter(destination))
+		if err != nil {
+			return err
 		}
-		return st, nil
+		st.Pending += n
+		if n > 0 {
+			oldest(0)
+		}
+		return nil
 	}
 	if err != nil {
-		return st, err
+		return err
 	}
 	ci, err := cons.Info(ctx)
 	if err != nil {
-		return st, err
+		return err
 	}
-	st.Pending, st.InFlight = ci.NumPending, uint64(ci.NumAckPending)
-	if ci.Delivered.Last != nil {
+	st.Pending += ci.NumPending
+	st.InFlight += uint64(ci.NumAckPending)
+	if ci.Delivered.Last != nil && ci.Delivered.Last.After(st.LastDelivered) {
 		st.LastDelivered = *ci.Delivered.Last
 	}
-	st.Paused = ci.Paused
-	if st.Pending+st.InFlight > 0 {
-		st.Oldest = s.firstAfter(ctx, stream, destination, ci.AckFloor.Stream)
+	st.Paused = st.Paused || ci.Paused
+	if ci.NumPending+uint64(ci.NumAckPending) > 0 {
+		oldest(ci.AckFloor.Stream)
 	}
-	return st, nil
-}
-
-// firstAfter is when the first copy for destination after stream sequence
-// seq was stored.
-func (s *Store) firstAfter(ctx context.Context, stream jetstream.Stream, destination string, seq uint64) time.Time {
-	m, err := stream.GetMsg(ctx, seq+1, jetstream.WithGetMsgSubject(s.Subject(destination)))
-	if err != nil {
-		return time.Time{}
-	}
-	return m.Time
+	return nil
 }
 
 // readPause reads whether the destination is paused, and tells OnPause of
 // a change; it reports whether the workers may attempt (not paused). A
-// pause that cannot be read keeps the last known state.
-func (w *workerRun) readPause(ctx context.Context) (active bool) {
+// pause that cannot be read keeps the last known state. The workers of
+// every stream call it each second: it reads once for them all.
+func (g *destWorkers) readPause(ctx context.Context) (active bool) {
+	g.pauseMu.Lock()
+	defer g.pauseMu.Unlock()
+	if time.Since(g.pauseRead) < pauseCheckInterval/2 {
+		return !g.paused.Load() // just read, for another stream's workers
+	}
+	g.pauseRead = time.Now()
 	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	pause, err := w.s.Paused(pctx, w.d.Name)
+	pause, err := g.s.Paused(pctx, g.d.Name)
 	cancel()
 	if err != nil {
-		return !w.paused.Load()
+		return !g.paused.Load()
 	}
-	if paused := pause != nil; paused != w.paused.Load() {
-		w.paused.Store(paused)
-		if w.d.OnPause != nil {
-			w.d.OnPause(pause)
+	if paused := pause != nil; paused != g.paused.Load() {
+		g.paused.Store(paused)
+		if g.d.OnPause != nil {
+			g.d.OnPause(pause)
 		}
 	}
-	if w.br != nil {
+	if g.br != nil {
 		// A resume on any gateway resets the breaker here too.
 		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		rev, err := w.s.resumed(rctx, w.d.Name)
+		rev, err := g.s.resumed(rctx, g.d.Name)
 		cancel()
 		if err == nil {
-			if w.resumeRead && rev > w.resumed && w.br.reset(time.Now()) {
-				w.tellBreaker()
+			if g.resumeRead && rev > g.resumed && g.br.reset(time.Now()) {
+				g.tellBreaker()
 			}
-			w.resumed = max(w.resumed, rev)
-			w.resumeRead = true // a resume from before the workers started resets nothing
+			g.resumed = max(g.resumed, rev)
+			g.resumeRead = true // a resume from before the workers started resets nothing
 		}
 	}
 	return pause == nil
@@ -914,7 +1121,7 @@ func (w *workerRun) healWhileHolding(ctx context.Context, cons jetstream.Consume
 		return nil
 	}
 	mctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	nc, err := w.s.makeConsumer(mctx, *w.d)
+	nc, err := w.s.makeConsumer(mctx, w.p, *w.d)
 	cancel()
 	if err != nil {
 		if ctx.Err() == nil && w.d.OnRestart != nil {

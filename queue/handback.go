@@ -7,7 +7,19 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// HandBacks counts, per copy (its stream sequence), the deliveries that
+// copyRef names a stored copy in this process's ledgers: its stream (a
+// partition's sequences start at 1 like the others') and sequence.
+type copyRef struct {
+	stream string
+	seq    uint64
+}
+
+// refOf is the copy meta describes.
+func refOf(meta *jetstream.MsgMetadata) copyRef {
+	return copyRef{stream: meta.Stream, seq: meta.Sequence.Stream}
+}
+
+// HandBacks counts, per copy (its stream and sequence), the deliveries that
 // were handed back without an attempt, or with one not charged to the
 // copy: copies fetched by workers that then stopped (a reload that changed
 // the destination, a shutdown), copies held while the destination is
@@ -23,7 +35,7 @@ import (
 // (at most `concurrency` copies per destination and stop).
 type HandBacks struct {
 	mu     sync.Mutex
-	m      map[uint64]handBack
+	m      map[copyRef]handBack
 	pruned time.Time // when entries older than handBackTTL were last dropped
 }
 
@@ -56,7 +68,7 @@ func (s *Store) handBack(msg jetstream.Msg) {
 // again (a held destination's copies, a 429).
 func (s *Store) handBackAfter(msg jetstream.Msg, delay time.Duration) {
 	if meta, err := msg.Metadata(); err == nil {
-		s.handBacks.add(meta.Sequence.Stream, meta.Timestamp, meta.NumDelivered, time.Now())
+		s.handBacks.add(refOf(meta), meta.Timestamp, meta.NumDelivered, time.Now())
 	}
 	if delay > 0 {
 		_ = msg.NakWithDelay(delay)
@@ -65,11 +77,11 @@ func (s *Store) handBackAfter(msg jetstream.Msg, delay time.Duration) {
 	_ = msg.Nak()
 }
 
-func (h *HandBacks) add(seq uint64, stored time.Time, delivered uint64, now time.Time) {
+func (h *HandBacks) add(seq copyRef, stored time.Time, delivered uint64, now time.Time) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.m == nil {
-		h.m = map[uint64]handBack{}
+		h.m = map[copyRef]handBack{}
 	}
 	if now.Sub(h.pruned) > time.Minute {
 		h.pruned = now
@@ -100,7 +112,7 @@ func (e handBack) current(stored time.Time, delivered uint64) bool {
 // deliveries handed back without an attempt do not count. An entry that
 // no longer applies is dropped: the number is then JetStream's count,
 // never lower than it should be.
-func (h *HandBacks) attemptNumber(seq uint64, stored time.Time, delivered uint64, now time.Time) int {
+func (h *HandBacks) attemptNumber(seq copyRef, stored time.Time, delivered uint64, now time.Time) int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	e, ok := h.m[seq]
@@ -120,7 +132,7 @@ func (h *HandBacks) attemptNumber(seq uint64, stored time.Time, delivered uint64
 }
 
 // settled forgets the copy at seq: delivered or kept as a dead letter.
-func (h *HandBacks) settled(seq uint64) {
+func (h *HandBacks) settled(seq copyRef) {
 	h.mu.Lock()
 	delete(h.m, seq)
 	h.mu.Unlock()

@@ -124,19 +124,19 @@ func TestHandBackLedgerBounded(t *testing.T) {
 	var h HandBacks
 	t0 := time.Now()
 	stored := t0.Add(-time.Minute)
-	h.add(1, stored, 1, t0)
-	h.add(1, stored, 2, t0)
-	if got := h.attemptNumber(1, stored, 3, t0); got != 1 {
+	h.add(copyRef{seq: 1}, stored, 1, t0)
+	h.add(copyRef{seq: 1}, stored, 2, t0)
+	if got := h.attemptNumber(copyRef{seq: 1}, stored, 3, t0); got != 1 {
 		t.Errorf("3rd delivery after 2 hand-backs: attempt %d, want 1", got)
 	}
-	if got := h.attemptNumber(2, stored, 4, t0); got != 4 {
+	if got := h.attemptNumber(copyRef{seq: 2}, stored, 4, t0); got != 4 {
 		t.Errorf("no hand-back: attempt %d, want 4", got)
 	}
-	h.add(2, stored, 1, t0.Add(handBackTTL+time.Second))
-	if _, ok := h.m[1]; ok || len(h.m) != 1 {
+	h.add(copyRef{seq: 2}, stored, 1, t0.Add(handBackTTL+time.Second))
+	if _, ok := h.m[copyRef{seq: 1}]; ok || len(h.m) != 1 {
 		t.Errorf("the old entry stayed: %v", h.m)
 	}
-	h.settled(2)
+	h.settled(copyRef{seq: 2})
 	if len(h.m) != 0 {
 		t.Errorf("a settled copy stayed: %v", h.m)
 	}
@@ -149,13 +149,13 @@ func TestHandBackLedgerStale(t *testing.T) {
 	var h HandBacks
 	t0 := time.Now()
 	stored := t0.Add(-time.Minute)
-	h.add(1, stored, 1, t0)
-	h.add(1, stored, 2, t0)
-	if got := h.attemptNumber(1, stored, 1, t0); got != 1 || len(h.m) != 0 {
+	h.add(copyRef{seq: 1}, stored, 1, t0)
+	h.add(copyRef{seq: 1}, stored, 2, t0)
+	if got := h.attemptNumber(copyRef{seq: 1}, stored, 1, t0); got != 1 || len(h.m) != 0 {
 		t.Errorf("a count from 1 again: attempt %d, ledger %v", got, h.m)
 	}
-	h.add(1, stored, 1, t0)
-	if got := h.attemptNumber(1, stored.Add(time.Second), 2, t0); got != 2 || len(h.m) != 0 {
+	h.add(copyRef{seq: 1}, stored, 1, t0)
+	if got := h.attemptNumber(copyRef{seq: 1}, stored.Add(time.Second), 2, t0); got != 2 || len(h.m) != 0 {
 		t.Errorf("another copy at the same sequence: attempt %d, ledger %v", got, h.m)
 	}
 }
@@ -190,7 +190,7 @@ func TestHandBackLedgerOutlivesTheStore(t *testing.T) {
 func TestHandBacksDoNotOutliveTheirCounts(t *testing.T) {
 	for _, reset := range []string{"consumer", "stream"} {
 		t.Run(reset, func(t *testing.T) {
-			s := openTest(t, Config{Dir: t.TempDir()})
+			s := openTest(t, Config{Dir: t.TempDir(), Partitions: 1})
 			defer s.Close()
 			ctx := context.Background()
 			d := Destination{Name: "app", MaxAttempts: 2, Retry: []time.Duration{10 * time.Millisecond}}
@@ -198,7 +198,7 @@ func TestHandBacksDoNotOutliveTheirCounts(t *testing.T) {
 			put(t, s, "app", "first", []byte(`{}`))
 
 			// Workers that stopped twice handed the fetched copy back.
-			cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
+			cons, err := s.js.CreateOrUpdateConsumer(ctx, firstPart(s).name, consumerConfig(firstPart(s), d))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -219,14 +219,14 @@ func TestHandBacksDoNotOutliveTheirCounts(t *testing.T) {
 
 			switch reset {
 			case "consumer": // e.g. `nats consumer rm`, then the next workers make it again
-				if err := s.js.DeleteConsumer(ctx, s.cfg.Stream, "deliver_app"); err != nil {
+				if err := s.js.DeleteConsumer(ctx, firstPart(s).name, "deliver_app"); err != nil {
 					t.Fatal(err)
 				}
 			case "stream": // deleted; another instance's Open makes it again: sequences from 1
-				if err := s.js.DeleteStream(ctx, s.cfg.Stream); err != nil {
+				if err := s.js.DeleteStream(ctx, firstPart(s).name); err != nil {
 					t.Fatal(err)
 				}
-				if _, err := s.js.CreateOrUpdateStream(ctx, streamConfig(s.cfg)); err != nil {
+				if _, err := s.js.CreateOrUpdateStream(ctx, partConfig(s.cfg, 0)); err != nil {
 					t.Fatal(err)
 				}
 				put(t, s, "app", "second", []byte(`{}`))

@@ -57,7 +57,7 @@ func (r *restarts) recovered() int {
 // all stopped when the test ends.
 func healSetup(t *testing.T) (*Store, *backend, *restarts) {
 	t.Helper()
-	s := openTest(t, Config{Dir: t.TempDir()})
+	s := openTest(t, Config{Dir: t.TempDir(), Partitions: 1})
 	t.Cleanup(s.Close)
 	b := newBackend(t, func(int) int { return http.StatusNoContent })
 	rs := &restarts{}
@@ -83,7 +83,7 @@ func TestWorkersRecoverADeletedConsumer(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := s.js.DeleteConsumer(ctx, s.cfg.Stream, "deliver_app"); err != nil {
+	if err := s.js.DeleteConsumer(ctx, firstPart(s).name, "deliver_app"); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 5 {
@@ -113,7 +113,7 @@ func TestWorkersRecoverADeletedStream(t *testing.T) {
 	s, b, rs := healSetup(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := s.js.DeleteStream(ctx, s.cfg.Stream); err != nil {
+	if err := s.js.DeleteStream(ctx, firstPart(s).name); err != nil {
 		t.Fatal(err)
 	}
 	put(t, s, "app", "after-stream", []byte(`{"id":"after-stream"}`))
@@ -246,7 +246,7 @@ func TestDeadStreamDeletedByHand(t *testing.T) {
 // consumer has the same name). Every event answered after the stream was
 // made again is delivered.
 func TestAttemptInFlightWhileTheStreamIsMadeAgain(t *testing.T) {
-	s := openTest(t, Config{Dir: t.TempDir()})
+	s := openTest(t, Config{Dir: t.TempDir(), Partitions: 1})
 	defer s.Close()
 	release := make(chan struct{})
 	var mu sync.Mutex
@@ -284,7 +284,7 @@ func TestAttemptInFlightWhileTheStreamIsMadeAgain(t *testing.T) {
 	waitUntil(t, "the old copy's attempt in flight", func() bool { return count(seen, "old") == 1 })
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := s.js.DeleteStream(ctx, s.cfg.Stream); err != nil {
+	if err := s.js.DeleteStream(ctx, firstPart(s).name); err != nil {
 		t.Fatal(err)
 	}
 	// The stream made again (sequence 1 again), by this Enqueue or by the

@@ -206,7 +206,7 @@ func TestRateSpacesAttempts(t *testing.T) {
 	// The copies that wait for their turn wait in the stream, unfetched:
 	// no more are out of it than the attempts the pace lets through.
 	time.Sleep(500 * time.Millisecond)
-	if st, err := s.Status(context.Background(), "app"); err != nil || st.InFlight > 4 || st.Pending == 0 {
+	if st, err := s.Status(context.Background(), "app", false); err != nil || st.InFlight > 4 || st.Pending == 0 {
 		t.Errorf("while paced: %d in flight, %d pending (%v); want copies waiting, at most the concurrency (4) out of the stream", st.InFlight, st.Pending, err)
 	}
 	waitUntil(t, "every copy delivered", func() bool {

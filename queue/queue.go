@@ -28,6 +28,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -90,8 +91,12 @@ type Config struct {
 	Replicas int
 	// Stream is the JetStream stream's name. Default: MUX_WEBHOOK.
 	Stream string
-	// MaxBytes bounds the stream. Default: 1 GiB.
+	// MaxBytes bounds the queue's streams together (split evenly over the
+	// partitions). Default: 1 GiB.
 	MaxBytes int64
+	// Partitions is how many streams the queue spreads copies over
+	// (partition.go). Default: 4 on the embedded server, 1 with URLs.
+	Partitions int
 	// MaxBody is the largest event body the queue must take (the largest
 	// max_body of the mux_webhook handlers feeding it). An external
 	// server whose max_payload cannot hold it and its headers
@@ -128,6 +133,10 @@ type Message struct {
 	// EventID is the event's id as sent (its JSON); with Destination it
 	// keys the dedupe window.
 	EventID []byte
+	// ObjectID is the event's object.id: the copies of one object land in
+	// one partition, on one subject (Key), in the order they were stored.
+	// Empty: the event id picks the partition.
+	ObjectID string
 	// ID and Type are the event's id and type as text: Idempotency-Key,
 	// logs and dead letters show them.
 	ID, Type string
@@ -146,7 +155,13 @@ type Store struct {
 	lock   *dirLock  // the embedded server's store directory, held
 	conn   *nats.Conn
 	js     jetstream.JetStream
-	stream jetstream.Stream // the stream's handle: its methods name it, no lookup each time
+	// parts are the configured partitions, where new copies go;
+	// Reconfigure replaces them. legacy is the single stream of earlier
+	// versions, drained (nil: none). partsCache lists the other streams
+	// to drain (partition.go).
+	parts      atomic.Pointer[[]*part]
+	legacy     *part
+	partsCache partsCache
 
 	handBacks *HandBacks // deliveries handed back without an attempt, per copy of the stream
 
@@ -211,6 +226,12 @@ func withDefaults(cfg Config) Config {
 	if cfg.MaxBody == 0 {
 		cfg.MaxBody = DefaultMaxBody
 	}
+	if cfg.Partitions == 0 {
+		cfg.Partitions = DefaultPartitions
+		if len(cfg.URLs) > 0 {
+			cfg.Partitions = DefaultExternalPartitions
+		}
+	}
 	return cfg
 }
 
@@ -226,6 +247,9 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	cfg = withDefaults(cfg)
 	if err := ValidStream(cfg.Stream); err != nil {
 		return nil, err
+	}
+	if cfg.Partitions < 1 || cfg.Partitions > MaxPartitions {
+		return nil, fmt.Errorf("queue: partitions %d: use 1 to %d", cfg.Partitions, MaxPartitions)
 	}
 	s := &Store{cfg: cfg, handBacks: cfg.HandBacks, log: cfg.Logger, done: make(chan struct{}), sweepGrace: defaultSweepGrace}
 	if s.handBacks == nil {
@@ -321,17 +345,9 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 		s.Close()
 		return nil, fmt.Errorf("queue: JetStream: %v", err)
 	}
-	err = retrySetup(ctx, func(ctx context.Context) (err error) {
-		if !s.shared() {
-			s.stream, err = s.js.CreateOrUpdateStream(ctx, streamConfig(cfg))
-			return err
-		}
-		s.stream, err = s.applyShared(ctx, cfg)
-		return err
-	})
-	if err != nil {
+	if err := s.openParts(ctx, cfg); err != nil {
 		s.Close()
-		return nil, fmt.Errorf("queue: creating stream %s: %v%s", cfg.Stream, err, roomHint(err))
+		return nil, err
 	}
 	if s.server != nil {
 		s.healed = make(chan struct{})
@@ -343,29 +359,20 @@ func open(ctx context.Context, cfg Config, syncAlways bool) (*Store, error) {
 	return s.openDead(ctx)
 }
 
-// streamConfig is the stream as cfg describes it.
-func streamConfig(cfg Config) jetstream.StreamConfig {
-	return jetstream.StreamConfig{
-		Name:       cfg.Stream,
-		Subjects:   []string{cfg.Stream + ".deliver.>", cfg.Stream + ".dead.>"},
-		Storage:    jetstream.FileStorage,
-		Retention:  jetstream.LimitsPolicy,
-		Discard:    jetstream.DiscardNew, // full: refuse the new, keep the stored
-		MaxBytes:   cfg.MaxBytes,
-		Duplicates: cfg.DedupeWindow,
-		Replicas:   cfg.Replicas,
-	}
-}
-
-// Reconfigure applies a reloaded config's max_bytes, dedupe_window and
-// replicas to the open store's stream (on external NATS, a shared stream:
-// none is lowered, see applyShared). The stream itself (its name, the
-// server or directory) cannot change while events are queued in it:
-// that is an error saying what to do.
+// Reconfigure applies a reloaded config's max_bytes, dedupe_window,
+// replicas and partitions to the open store's streams (on external NATS,
+// shared streams: none is lowered, see applySharedStream). Partitions no
+// longer configured are drained, not deleted; new copies go to the new
+// ones. The stream itself (its name, the server or directory) cannot
+// change while events are queued in it: that is an error saying what to
+// do.
 func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
 	cfg = withDefaults(cfg)
 	if cfg.Stream != s.cfg.Stream {
 		return fmt.Errorf("queue: the stream is %s in the running Caddy; a reload cannot rename it (its queued events would wait forever): keep stream %s, or give the new stream its own dir", s.cfg.Stream, s.cfg.Stream)
+	}
+	if cfg.Partitions < 1 || cfg.Partitions > MaxPartitions {
+		return fmt.Errorf("queue: partitions %d: use 1 to %d", cfg.Partitions, MaxPartitions)
 	}
 	if err := s.checkMaxPayload(cfg); err != nil {
 		return err
@@ -373,21 +380,24 @@ func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
 	if err := s.reconfigureDead(ctx, cfg); err != nil {
 		return err
 	}
-	if cur := s.config(); cfg.MaxBytes == cur.MaxBytes && cfg.DedupeWindow == cur.DedupeWindow && cfg.Replicas == cur.Replicas {
+	if cur := s.config(); cfg.MaxBytes == cur.MaxBytes && cfg.DedupeWindow == cur.DedupeWindow && cfg.Replicas == cur.Replicas && cfg.Partitions == cur.Partitions {
 		return nil
 	}
-	var err error
-	if s.shared() {
-		_, err = s.applyShared(ctx, cfg)
-	} else {
-		_, err = s.js.UpdateStream(ctx, streamConfig(cfg))
-	}
-	if err != nil {
-		return fmt.Errorf("queue: updating stream %s (max_bytes, dedupe_window, replicas): %v", s.cfg.Stream, err)
+	parts := make([]*part, cfg.Partitions)
+	for i := range parts {
+		st, err := s.makePart(ctx, partConfig(cfg, i))
+		if err != nil {
+			return fmt.Errorf("queue: updating stream %s (max_bytes, dedupe_window, replicas, partitions): %v%s", partName(cfg.Stream, i), err, roomHint(err))
+		}
+		parts[i] = &part{name: partName(cfg.Stream, i), stream: st}
 	}
 	s.cfgMu.Lock()
-	s.cfg.MaxBytes, s.cfg.DedupeWindow, s.cfg.Replicas = cfg.MaxBytes, cfg.DedupeWindow, cfg.Replicas
+	s.cfg.MaxBytes, s.cfg.DedupeWindow, s.cfg.Replicas, s.cfg.Partitions = cfg.MaxBytes, cfg.DedupeWindow, cfg.Replicas, cfg.Partitions
 	s.cfgMu.Unlock()
+	s.parts.Store(&parts)
+	s.partsCache.mu.Lock()
+	s.partsCache.at = time.Time{} // fewer partitions: list the others now, to drain them
+	s.partsCache.mu.Unlock()
 	return nil
 }
 
@@ -396,20 +406,15 @@ func (s *Store) Reconfigure(ctx context.Context, cfg Config) error {
 // has one owner (its directory is locked), whose config is the stream's.
 func (s *Store) shared() bool { return len(s.cfg.URLs) > 0 }
 
-// applyShared makes sure the shared stream exists and holds what cfg
-// needs, without taking from other gateways what theirs need: replicas,
+// applySharedStream makes sure a shared stream (a partition, or
+// <stream>_DEAD) exists and holds what want, this gateway's config, needs,
+// without taking from other gateways what theirs need: replicas,
 // max_bytes and dedupe_window are never lowered (the running stream's
-// larger value is kept) and raised if cfg asks for more. Each setting
+// larger value is kept) and raised if want asks for more. Each setting
 // that differs is logged at WARN, configured and running value: the
 // gateways' configs should agree. (Last writer wins would let one
 // gateway started without `replicas 3` scale the stream down to one
 // copy, or one smaller max_bytes make every gateway answer 503.)
-func (s *Store) applyShared(ctx context.Context, cfg Config) (jetstream.Stream, error) {
-	return s.applySharedStream(ctx, streamConfig(cfg))
-}
-
-// applySharedStream is applyShared for any of the shared streams (the
-// main one, or <stream>_DEAD): want is what this gateway's config asks.
 func (s *Store) applySharedStream(ctx context.Context, want jetstream.StreamConfig) (jetstream.Stream, error) {
 	st, err := s.js.Stream(ctx, want.Name)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
@@ -476,11 +481,24 @@ func (s *Store) checkMaxPayload(cfg Config) error {
 // for it (dead letters apart): also for destinations no longer
 // configured, whose copies wait until one is configured again.
 func (s *Store) Queued(ctx context.Context) (map[string]uint64, error) {
-	stream, err := s.js.Stream(ctx, s.cfg.Stream)
-	if err != nil {
-		return nil, err
+	out := map[string]uint64{}
+	for _, p := range s.drained(ctx) {
+		filter := p.name + ".deliver.*.*"
+		if p.legacy {
+			filter = p.name + ".deliver.*"
+		}
+		_, subjects, err := subjectTotal(ctx, p, filter)
+		if err != nil {
+			if p.legacy && errors.Is(err, jetstream.ErrStreamNotFound) {
+				continue // deleted by hand: nothing left to count
+			}
+			return nil, err
+		}
+		for subject, n := range subjects {
+			out[p.destinationOf(subject)] += n
+		}
 	}
-	return subjectCounts(ctx, stream, s.cfg.Stream+".deliver.")
+	return out, nil
 }
 
 // subjectCounts returns, per destination, how many messages stream holds
@@ -538,11 +556,6 @@ func transient(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)
 }
 
-// Subject is where a destination's copies are stored.
-func (s *Store) Subject(destination string) string {
-	return s.cfg.Stream + ".deliver." + destination
-}
-
 // Enqueue stores one copy of an event for one destination and returns once
 // the server acknowledged it as stored (on the embedded server: fsynced).
 // A copy with the same destination and event id within the dedupe window
@@ -558,17 +571,21 @@ func (s *Store) Enqueue(ctx context.Context, m Message) (duplicate bool, err err
 			return false, fmt.Errorf("queue: not stored: %w", down)
 		}
 	}
-	msg := nats.NewMsg(s.Subject(m.Destination))
+	key := Key(m.ObjectID, m.EventID)
+	parts := s.configured()
+	p := parts[partitionOf(key, len(parts))]
+	msg := nats.NewMsg(p.subject(m.Destination, key))
 	msg.Data = m.Body
 	for k, v := range m.Header {
 		msg.Header.Set(k, v)
 	}
 	msg.Header.Set(HeaderEventID, m.ID)
 	msg.Header.Set(HeaderEventType, m.Type)
-	if key := IdempotencyKey(m.ID); key != m.ID {
+	msg.Header.Set(HeaderKey, key)
+	if ik := IdempotencyKey(m.ID); ik != m.ID {
 		// NATS headers turn line breaks into spaces and trim the ends:
 		// the key is kept as delivery sends it.
-		msg.Header.Set(headerIdempotencyKey, key)
+		msg.Header.Set(headerIdempotencyKey, ik)
 	}
 	msg.Header.Set(jetstream.MsgIDHeader, dedupeID(m.Destination, m.EventID))
 	for {
@@ -577,7 +594,7 @@ func (s *Store) Enqueue(ctx context.Context, m Message) (duplicate bool, err err
 			// No stream takes the subject: it was deleted (by hand, or to
 			// restore a backup). It is made again, and the copy stored in
 			// it.
-			if s.ensureStream(ctx) == nil {
+			if s.ensurePart(ctx, p) == nil {
 				ack, err = s.js.PublishMsg(ctx, msg)
 			}
 		}
@@ -624,29 +641,6 @@ func inProcess(err error) bool {
 func noStream(err error) bool {
 	return errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) ||
 		errors.Is(err, jetstream.ErrStreamNotFound)
-}
-
-// ensureStream makes the stream again if it is gone, with the store's
-// settings; one that exists is left as it is.
-func (s *Store) ensureStream(ctx context.Context) error {
-	cfg := s.config()
-	_, err := s.js.Stream(ctx, cfg.Stream)
-	if !errors.Is(err, jetstream.ErrStreamNotFound) {
-		return err
-	}
-	if s.shared() {
-		// Another gateway may make it at the same moment, with settings
-		// of its own: the larger of each is kept, as at Open.
-		_, err = s.applyShared(ctx, cfg)
-	} else if _, err = s.js.CreateStream(ctx, streamConfig(cfg)); errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-		err = nil
-	}
-	if err != nil {
-		s.log.Error("mux_webhook queue: the stream is gone and could not be made again", zap.String("stream", cfg.Stream), zap.Error(err))
-		return err
-	}
-	s.log.Warn("mux_webhook queue: the stream was gone (deleted by hand?); made it again", zap.String("stream", cfg.Stream))
-	return nil
 }
 
 // config is the store's config as the latest Reconfigure left it.
@@ -698,17 +692,21 @@ func dedupeID(destination string, eventID []byte) string {
 	return destination + ":" + hex.EncodeToString(sum[:])
 }
 
-// Pending returns how many copies are stored for destination.
+// Pending returns how many copies are stored for destination, in every
+// stream of the queue.
 func (s *Store) Pending(ctx context.Context, destination string) (uint64, error) {
-	st, err := s.js.Stream(ctx, s.cfg.Stream)
-	if err != nil {
-		return 0, err
+	var total uint64
+	for _, p := range s.drained(ctx) {
+		n, _, err := subjectTotal(ctx, p, p.filter(destination))
+		if err != nil {
+			if p.legacy && errors.Is(err, jetstream.ErrStreamNotFound) {
+				continue
+			}
+			return 0, err
+		}
+		total += n
 	}
-	info, err := st.Info(ctx, jetstream.WithSubjectFilter(s.Subject(destination)))
-	if err != nil {
-		return 0, err
-	}
-	return info.State.Subjects[s.Subject(destination)], nil
+	return total, nil
 }
 
 // Close drains the connection and shuts the embedded server down.

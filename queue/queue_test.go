@@ -192,7 +192,7 @@ func TestSharedAckDeadlineNeverShortened(t *testing.T) {
 	ackWait := func() time.Duration {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		c, err := a.js.Consumer(ctx, a.cfg.Stream, "deliver_app")
+		c, err := a.js.Consumer(ctx, firstPart(a).name, "deliver_app")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -266,8 +266,8 @@ func TestInProcessClassification(t *testing.T) {
 func TestMergeShared(t *testing.T) {
 	core, logs := observer.New(zapcore.WarnLevel)
 	s := &Store{log: zap.New(core)}
-	running := streamConfig(withDefaults(Config{Stream: "S", Replicas: 3, MaxBytes: 64 << 20, DedupeWindow: 24 * time.Hour}))
-	lower := streamConfig(withDefaults(Config{Stream: "S", Replicas: 1, MaxBytes: 32 << 20, DedupeWindow: time.Hour}))
+	running := partConfig(withDefaults(Config{Stream: "S", Partitions: 1, Replicas: 3, MaxBytes: 64 << 20, DedupeWindow: 24 * time.Hour}), 0)
+	lower := partConfig(withDefaults(Config{Stream: "S", Partitions: 1, Replicas: 1, MaxBytes: 32 << 20, DedupeWindow: time.Hour}), 0)
 	merged, changed := s.mergeShared(running, lower)
 	if changed || merged.Replicas != 3 || merged.MaxBytes != 64<<20 || merged.Duplicates != 24*time.Hour {
 		t.Errorf("lower config: merged %d replicas, %d max_bytes, %s dedupe_window, changed %v; want the running stream's, unchanged",
@@ -283,7 +283,7 @@ func TestMergeShared(t *testing.T) {
 			t.Errorf("WARN for %s: %v; want configured %s, running %s", setting, f, want[0], want[1])
 		}
 	}
-	higher := streamConfig(withDefaults(Config{Stream: "S", Replicas: 3, MaxBytes: 128 << 20, DedupeWindow: 24 * time.Hour}))
+	higher := partConfig(withDefaults(Config{Stream: "S", Partitions: 1, Replicas: 3, MaxBytes: 128 << 20, DedupeWindow: 24 * time.Hour}), 0)
 	merged, changed = s.mergeShared(running, higher)
 	if !changed || merged.MaxBytes != 128<<20 || merged.Replicas != 3 {
 		t.Errorf("higher max_bytes: merged %d, changed %v; want raised", merged.MaxBytes, changed)
@@ -293,5 +293,30 @@ func TestMergeShared(t *testing.T) {
 	}
 	if _, changed = s.mergeShared(running, running); changed || logs.Len() != 0 {
 		t.Errorf("the same settings: changed %v, %d log lines; want neither", changed, logs.Len())
+	}
+}
+
+// firstPart is the store's first partition: open the store with
+// Partitions 1 for a test that reads its stream as the only one.
+func firstPart(s *Store) *part { return s.configured()[0] }
+
+// makeLegacyStream makes the single stream of the versions before
+// partitions, as they made it: <stream>.deliver.<destination>, and their
+// dead letters on <stream>.dead.<destination>.
+func makeLegacyStream(t *testing.T, s *Store) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cfg := s.config()
+	if _, err := s.js.CreateStream(ctx, jetstream.StreamConfig{
+		Name:       cfg.Stream,
+		Subjects:   []string{cfg.Stream + ".deliver.>", cfg.Stream + ".dead.>"},
+		Storage:    jetstream.FileStorage,
+		Retention:  jetstream.LimitsPolicy,
+		Discard:    jetstream.DiscardNew,
+		MaxBytes:   cfg.MaxBytes,
+		Duplicates: cfg.DedupeWindow,
+	}); err != nil {
+		t.Fatal(err)
 	}
 }

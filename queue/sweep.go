@@ -33,6 +33,7 @@ const defaultSweepGrace = 5 * time.Second
 // sweeper removes a destination's settled copies from the stream.
 type sweeper struct {
 	s       *Store
+	stream  jetstream.Stream // the stream of the queue it sweeps
 	cons    jetstream.Consumer
 	subject string
 	purged  uint64 // the ack floor of the last purge: copies up to it are gone
@@ -46,10 +47,10 @@ type sweeper struct {
 	settled map[uint64]time.Time // stream sequence: when it was settled
 }
 
-// newSweeper is the sweeper of the subject's workers on cons, with what
-// earlier workers left to sweep.
-func newSweeper(s *Store, cons jetstream.Consumer, subject string) *sweeper {
-	w := &sweeper{s: s, cons: cons, subject: subject, settled: map[uint64]time.Time{}}
+// newSweeper is the sweeper of the subject's workers on cons, a consumer
+// of stream, with what earlier workers left to sweep.
+func newSweeper(s *Store, stream jetstream.Stream, cons jetstream.Consumer, subject string) *sweeper {
+	w := &sweeper{s: s, stream: stream, cons: cons, subject: subject, settled: map[uint64]time.Time{}}
 	if info := cons.CachedInfo(); info != nil {
 		w.created = info.Created
 	}
@@ -131,6 +132,15 @@ func (w *sweeper) consumer() jetstream.Consumer {
 	return w.cons
 }
 
+// remove deletes the copy at seq from the stream now, before it is
+// acknowledged (an ordered destination's: the next copy of its object
+// goes once it is gone). It reports whether the copy is gone; if not,
+// it is acknowledged and swept as any other.
+func (w *sweeper) remove(ctx context.Context, seq uint64) bool {
+	err := w.stream.DeleteMsg(ctx, seq)
+	return err == nil || errors.Is(err, jetstream.ErrMsgNotFound)
+}
+
 // settle records that the copy at stream sequence seq was settled.
 func (w *sweeper) settle(seq uint64) {
 	w.mu.Lock()
@@ -201,7 +211,7 @@ func (w *sweeper) sweep(ctx context.Context, always, last bool) bool {
 		w.purged, w.created = 0, info.Created
 	}
 	if floor := info.AckFloor.Stream; floor > w.purged {
-		if w.s.stream.Purge(ctx, jetstream.WithPurgeSubject(w.subject), jetstream.WithPurgeSequence(floor+1)) == nil {
+		if w.stream.Purge(ctx, jetstream.WithPurgeSubject(w.subject), jetstream.WithPurgeSequence(floor+1)) == nil {
 			w.purged = floor
 		}
 	}
@@ -221,7 +231,7 @@ func (w *sweeper) sweep(ctx context.Context, always, last bool) bool {
 		// An answer (not found: another instance's purge was first; not
 		// allowed) settles it; no answer (NATS went away): noted again,
 		// for a later sweep.
-		if err := w.s.stream.DeleteMsg(ctx, seq); err != nil && !answered(err) {
+		if err := w.stream.DeleteMsg(ctx, seq); err != nil && !answered(err) {
 			w.settle(seq)
 		}
 	}

@@ -25,8 +25,8 @@ func TestSweepLeftForTheNextWorkers(t *testing.T) {
 		t.Fatal(err)
 	}
 	nc.Close()
-	away := &Store{cfg: s.cfg, conn: nc, js: s.js, stream: s.stream, handBacks: s.handBacks, sweepGrace: s.sweepGrace}
-	old := newSweeper(away, cons, subject)
+	away := &Store{cfg: s.cfg, conn: nc, js: s.js, handBacks: s.handBacks, sweepGrace: s.sweepGrace}
+	old := newSweeper(away, firstPart(s).stream, cons, subject)
 	old.settled[2] = time.Now()
 	stopped, cancel := context.WithCancel(ctx)
 	cancel()
@@ -35,20 +35,20 @@ func TestSweepLeftForTheNextWorkers(t *testing.T) {
 	if took := time.Since(start); took >= sweepTimeout {
 		t.Errorf("the last sweep waited %v for NATS", took)
 	}
-	if _, err := s.stream.GetMsg(ctx, 2); err != nil {
+	if _, err := firstPart(s).stream.GetMsg(ctx, 2); err != nil {
 		t.Fatalf("the settled copy is gone, with NATS away: %v", err)
 	}
 
 	// The next workers, NATS back.
-	next := &sweeper{s: s, cons: cons, subject: subject, created: old.created, settled: away.takeUnswept(subject, old.created)}
+	next := &sweeper{s: s, stream: firstPart(s).stream, cons: cons, subject: subject, created: old.created, settled: away.takeUnswept(subject, old.created)}
 	if len(next.settled) != 1 {
 		t.Fatalf("the next workers got %d copies to sweep, want 1", len(next.settled))
 	}
 	next.sweep(ctx, true, true)
-	if _, err := s.stream.GetMsg(ctx, 2); !errors.Is(err, jetstream.ErrMsgNotFound) {
+	if _, err := firstPart(s).stream.GetMsg(ctx, 2); !errors.Is(err, jetstream.ErrMsgNotFound) {
 		t.Errorf("the settled copy is still in the stream: %v", err)
 	}
-	if _, err := s.stream.GetMsg(ctx, 1); err != nil {
+	if _, err := firstPart(s).stream.GetMsg(ctx, 1); err != nil {
 		t.Errorf("the copy waiting for its retry was removed: %v", err)
 	}
 }
@@ -61,7 +61,7 @@ func TestSweepLeftWhileTheNextWorkersRun(t *testing.T) {
 	ctx := context.Background()
 
 	// The new workers' sweeper runs first...
-	next := newSweeper(s, cons, subject)
+	next := newSweeper(s, firstPart(s).stream, cons, subject)
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); next.run(runCtx) }()
@@ -70,10 +70,10 @@ func TestSweepLeftWhileTheNextWorkersRun(t *testing.T) {
 	s.keepUnswept(subject, cons.CachedInfo().Created, map[uint64]time.Time{2: time.Now().Add(-s.sweepGrace)})
 
 	waitUntil(t, "the copy the old workers left to be swept", func() bool {
-		_, err := s.stream.GetMsg(ctx, 2)
+		_, err := firstPart(s).stream.GetMsg(ctx, 2)
 		return errors.Is(err, jetstream.ErrMsgNotFound)
 	})
-	if _, err := s.stream.GetMsg(ctx, 1); err != nil {
+	if _, err := firstPart(s).stream.GetMsg(ctx, 1); err != nil {
 		t.Errorf("the copy waiting for its retry was removed: %v", err)
 	}
 }
@@ -82,7 +82,7 @@ func TestSweepLeftWhileTheNextWorkersRun(t *testing.T) {
 // (or consumer) since deleted and made again are not deleted by their
 // sequence: the new stream reuses sequences, for copies not settled.
 func TestSweepForgetsAStreamMadeAgain(t *testing.T) {
-	s := openTest(t, Config{Dir: t.TempDir()})
+	s := openTest(t, Config{Dir: t.TempDir(), Partitions: 1})
 	defer s.Close()
 	ctx := context.Background()
 	d := Destination{Name: "app"}
@@ -90,38 +90,38 @@ func TestSweepForgetsAStreamMadeAgain(t *testing.T) {
 	for i := range 3 {
 		put(t, s, "app", fmt.Sprint("old-", i), []byte(`{}`))
 	}
-	old, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
+	old, err := s.js.CreateOrUpdateConsumer(ctx, firstPart(s).name, consumerConfig(firstPart(s), d))
 	if err != nil {
 		t.Fatal(err)
 	}
-	subject := s.Subject("app")
+	subject := firstPart(s).filter("app")
 	// Settled on the old stream, left unswept (NATS away); and a running
 	// sweeper that noted one too.
-	running := newSweeper(s, old, subject)
+	running := newSweeper(s, firstPart(s).stream, old, subject)
 	running.settled[2] = time.Now().Add(-s.sweepGrace)
 	s.keepUnswept(subject, old.CachedInfo().Created, map[uint64]time.Time{3: time.Now().Add(-s.sweepGrace)})
 
 	// The stream is deleted and made again; its new copies take the same
 	// sequences, none settled.
-	if err := s.js.DeleteStream(ctx, s.cfg.Stream); err != nil {
+	if err := s.js.DeleteStream(ctx, firstPart(s).name); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(10 * time.Millisecond) // another creation time
-	if _, err := s.js.CreateOrUpdateStream(ctx, streamConfig(s.cfg)); err != nil {
+	if _, err := s.js.CreateOrUpdateStream(ctx, partConfig(s.cfg, 0)); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 3 {
 		put(t, s, "app", fmt.Sprint("new-", i), []byte(`{}`))
 	}
-	cons, err := s.js.CreateOrUpdateConsumer(ctx, s.cfg.Stream, s.consumerConfig(d))
+	cons, err := s.js.CreateOrUpdateConsumer(ctx, firstPart(s).name, consumerConfig(firstPart(s), d))
 	if err != nil {
 		t.Fatal(err)
 	}
 	running.sweep(ctx, true, true)
-	next := newSweeper(s, cons, subject)
+	next := newSweeper(s, firstPart(s).stream, cons, subject)
 	next.sweep(ctx, true, true)
 	for seq := uint64(2); seq <= 3; seq++ {
-		if _, err := s.stream.GetMsg(ctx, seq); err != nil {
+		if _, err := firstPart(s).stream.GetMsg(ctx, seq); err != nil {
 			t.Errorf("the new stream's copy at sequence %d was deleted: %v", seq, err)
 		}
 	}
@@ -132,15 +132,15 @@ func TestSweepForgetsAStreamMadeAgain(t *testing.T) {
 // one settled; and app's consumer.
 func sweepSetup(t *testing.T) (*Store, jetstream.Consumer, string) {
 	t.Helper()
-	s := openTest(t, Config{Dir: t.TempDir()})
+	s := openTest(t, Config{Dir: t.TempDir(), Partitions: 1})
 	t.Cleanup(s.Close)
 	put(t, s, "app", "waits-for-a-retry", []byte(`{}`))
 	put(t, s, "app", "settled", []byte(`{}`))
 	d := Destination{Name: "app"}
 	d.defaults()
-	cons, err := s.js.CreateOrUpdateConsumer(context.Background(), s.cfg.Stream, s.consumerConfig(d))
+	cons, err := s.js.CreateOrUpdateConsumer(context.Background(), firstPart(s).name, consumerConfig(firstPart(s), d))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return s, cons, s.Subject("app")
+	return s, cons, firstPart(s).filter("app")
 }

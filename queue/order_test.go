@@ -1,0 +1,213 @@
+package queue
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"testing"
+	"time"
+)
+
+// objectBackend records, per object, the event ids in the order they
+// arrived, and how many of one object's were in flight at once; fail
+// decides the status of each POST (n: the POSTs of that event so far).
+type objectBackend struct {
+	*httptest.Server
+	mu       sync.Mutex
+	order    map[string][]string // object id: event ids, as they arrived (2xx only)
+	inFlight map[string]int
+	overlap  []string // objects with two POSTs at once
+	posts    map[string]int
+	attempt  map[string][]string // event id: Mux-Webhook-Attempt of each POST
+	at       map[string]time.Time
+}
+
+func newObjectBackend(t *testing.T, hold time.Duration, fail func(id string, n int) int) *objectBackend {
+	b := &objectBackend{order: map[string][]string{}, inFlight: map[string]int{}, posts: map[string]int{},
+		attempt: map[string][]string{}, at: map[string]time.Time{}}
+	b.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		var ev struct {
+			ID     string `json:"id"`
+			Object struct {
+				ID string `json:"id"`
+			} `json:"object"`
+		}
+		_ = json.Unmarshal(body, &ev)
+		b.mu.Lock()
+		b.inFlight[ev.Object.ID]++
+		if b.inFlight[ev.Object.ID] > 1 {
+			b.overlap = append(b.overlap, ev.Object.ID)
+		}
+		b.posts[ev.ID]++
+		n := b.posts[ev.ID]
+		b.attempt[ev.ID] = append(b.attempt[ev.ID], r.Header.Get(HeaderAttempt))
+		b.mu.Unlock()
+		time.Sleep(hold)
+		status := fail(ev.ID, n)
+		b.mu.Lock()
+		b.inFlight[ev.Object.ID]--
+		if status < 300 {
+			b.order[ev.Object.ID] = append(b.order[ev.Object.ID], ev.ID)
+			b.at[ev.ID] = time.Now()
+		}
+		b.mu.Unlock()
+		w.WriteHeader(status)
+	}))
+	t.Cleanup(b.Close)
+	return b
+}
+
+func (b *objectBackend) delivered(object string) []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]string(nil), b.order[object]...)
+}
+
+// TestOrderObjectHoldsOnlyItsObject: with order object and concurrency
+// 4, an object whose first event fails twice holds its 4 later events
+// (the status counts them held) while 20 other objects' events are
+// delivered; then its events arrive in the order they were stored,
+// never two at once, each later one on its first attempt (a held copy is
+// not charged).
+func TestOrderObjectHoldsOnlyItsObject(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	release := make(chan struct{})
+	b := newObjectBackend(t, 10*time.Millisecond, func(id string, n int) int {
+		if id == "a-0" && n <= 2 {
+			if n == 2 {
+				<-release
+			}
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusNoContent
+	})
+	for i := range 5 {
+		putObject(t, s, "app", fmt.Sprintf("a-%d", i), "asset-a")
+	}
+	for i := range 20 {
+		putObject(t, s, "app", fmt.Sprintf("o-%d", i), fmt.Sprintf("asset-%d", i))
+	}
+	d := Destination{Name: "app", URL: b.URL, Concurrency: 4, OrderObject: true, Retry: []time.Duration{300 * time.Millisecond}}
+	stop, err := s.StartWorkers(context.Background(), d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	waitUntil(t, "the other 20 objects delivered while a-0 fails", func() bool {
+		for i := range 20 {
+			if len(b.delivered(fmt.Sprintf("asset-%d", i))) != 1 {
+				return false
+			}
+		}
+		return true
+	})
+	if got := b.delivered("asset-a"); len(got) != 0 {
+		t.Fatalf("asset-a's events delivered before its first: %v", got)
+	}
+	waitUntil(t, "4 held in the status", func() bool {
+		st, err := s.Status(context.Background(), "app", true)
+		return err == nil && st.Held == 4
+	})
+	close(release)
+	waitUntil(t, "asset-a's 5 events delivered", func() bool { return len(b.delivered("asset-a")) == 5 })
+	want := []string{"a-0", "a-1", "a-2", "a-3", "a-4"}
+	if got := b.delivered("asset-a"); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("asset-a's events arrived as %v, want %v", got, want)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.overlap) > 0 {
+		t.Errorf("two events of one object at once: %v", b.overlap)
+	}
+	if fmt.Sprint(b.attempt["a-0"]) != "[1 2 3]" {
+		t.Errorf("a-0's attempts %v, want [1 2 3]", b.attempt["a-0"])
+	}
+	for _, id := range want[1:] {
+		if fmt.Sprint(b.attempt[id]) != "[1]" {
+			t.Errorf("%s, held, came as attempts %v; want one POST, attempt 1", id, b.attempt[id])
+		}
+	}
+}
+
+// TestOrderObjectAfterADeadLetter: an object's first event that becomes
+// a dead letter lets the next ones go, in order; a destination without
+// order object does not wait.
+func TestOrderObjectAfterADeadLetter(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir()})
+	defer s.Close()
+	b := newObjectBackend(t, 0, func(id string, n int) int {
+		if id == "a-0" {
+			return http.StatusInternalServerError
+		}
+		return http.StatusNoContent
+	})
+	for i := range 4 {
+		putObject(t, s, "app", fmt.Sprintf("a-%d", i), "asset-a")
+	}
+	d := Destination{Name: "app", URL: b.URL, Concurrency: 4, OrderObject: true, MaxAttempts: 2, Retry: []time.Duration{100 * time.Millisecond}}
+	stop, err := s.StartWorkers(context.Background(), d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	waitUntil(t, "a-1..a-3 delivered after a-0 died", func() bool { return len(b.delivered("asset-a")) == 3 })
+	if got := b.delivered("asset-a"); fmt.Sprint(got) != "[a-1 a-2 a-3]" {
+		t.Errorf("delivered %v", got)
+	}
+	if st, err := s.Status(context.Background(), "app", true); err != nil || st.Dead != 1 || st.Held != 0 {
+		t.Errorf("status: %+v %v", st, err)
+	}
+}
+
+// TestHeldCopyAfterAStop: workers stopped while an object's first event
+// waits for its retry, and started again, still hold the later events
+// until it is delivered (the hold is read from the stream, not memory).
+func TestHeldCopyAfterAStop(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, Config{Dir: dir})
+	var mu sync.Mutex
+	up := false
+	b := newObjectBackend(t, 0, func(id string, n int) int {
+		mu.Lock()
+		defer mu.Unlock()
+		if id == "a-0" && !up {
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusNoContent
+	})
+	for i := range 3 {
+		putObject(t, s, "app", fmt.Sprintf("a-%d", i), "asset-a")
+	}
+	d := Destination{Name: "app", URL: b.URL, OrderObject: true, Retry: []time.Duration{200 * time.Millisecond}}
+	stop, err := s.StartWorkers(context.Background(), d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "a-0 attempted", func() bool { b.mu.Lock(); defer b.mu.Unlock(); return b.posts["a-0"] > 0 })
+	stop()
+	s.Close()
+	s = openTest(t, Config{Dir: dir})
+	defer s.Close()
+	stop, err = s.StartWorkers(context.Background(), d, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	time.Sleep(time.Second)
+	if got := b.delivered("asset-a"); len(got) != 0 {
+		t.Fatalf("after a restart, delivered %v before a-0", got)
+	}
+	mu.Lock()
+	up = true
+	mu.Unlock()
+	waitUntil(t, "3 delivered", func() bool { return len(b.delivered("asset-a")) == 3 })
+	if got := b.delivered("asset-a"); fmt.Sprint(got) != "[a-0 a-1 a-2]" {
+		t.Errorf("delivered %v", got)
+	}
+}
