@@ -320,14 +320,14 @@ func TestRolledBackCredentialReloadRestoresTheQueue(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	stream, err := js.Stream(ctx, queue.DefaultStream)
+	stream, err := js.Stream(ctx, queue.DefaultStream+"_0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := stream.CachedInfo().Config.MaxBytes; got != 64<<20 {
 		t.Errorf("after rolled-back reloads the stream's max_bytes is %d, want the running config's %d", got, 64<<20)
 	}
-	cons, err := js.Consumer(ctx, queue.DefaultStream, "deliver_app")
+	cons, err := js.Consumer(ctx, queue.DefaultStream+"_0", "deliver_app")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -107,7 +107,7 @@ func TestFaultConsumerAndStreamDeletedByHand(t *testing.T) {
 	// deliver it again.
 	testwait.Until(t, 10*time.Second, func() bool { return g.status(t).Pending+g.status(t).InFlight == 0 }, func() string { return "first never settled" })
 
-	if err := js.DeleteConsumer(ctx, "MUX_WEBHOOK", "deliver_app"); err != nil {
+	if err := js.DeleteConsumer(ctx, "MUX_WEBHOOK_0", "deliver_app"); err != nil {
 		t.Fatal(err)
 	}
 	afterConsumer := ids("after-consumer", 5)
@@ -117,7 +117,7 @@ func TestFaultConsumerAndStreamDeletedByHand(t *testing.T) {
 		t.Error("no WARN line said the consumer was made again")
 	}
 
-	if err := js.DeleteStream(ctx, "MUX_WEBHOOK"); err != nil {
+	if err := js.DeleteStream(ctx, "MUX_WEBHOOK_0"); err != nil {
 		t.Fatal(err)
 	}
 	afterStream := ids("after-stream", 5)
@@ -206,7 +206,7 @@ func TestFaultStalledDestination(t *testing.T) {
 	js := jetStreamOf(t, natsURL)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	if _, err := js.PauseConsumer(ctx, "MUX_WEBHOOK", "deliver_app", time.Now().Add(time.Hour)); err != nil {
+	if _, err := js.PauseConsumer(ctx, "MUX_WEBHOOK_0", "deliver_app", time.Now().Add(time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	stuck := ids("stuck", 3)
@@ -231,7 +231,7 @@ func TestFaultStalledDestination(t *testing.T) {
 		t.Errorf("caddy mux-webhook queue while stalled: %v\n%s", err, out)
 	}
 
-	if _, err := js.ResumeConsumer(ctx, "MUX_WEBHOOK", "deliver_app"); err != nil {
+	if _, err := js.ResumeConsumer(ctx, "MUX_WEBHOOK_0", "deliver_app"); err != nil {
 		t.Fatal(err)
 	}
 	waitDelivered(t, backend, 20*time.Second, g.out, stuck...)

@@ -204,7 +204,7 @@ func (c *natsCluster) consumerInfo(destination string) (*jetstream.StreamInfo, *
 	testwait.Until(t, 30*time.Second, func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		s, err := js.Stream(ctx, "MUX_WEBHOOK")
+		s, err := js.Stream(ctx, "MUX_WEBHOOK_0")
 		if err != nil {
 			lastErr = err
 			return false

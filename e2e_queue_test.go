@@ -247,7 +247,7 @@ func TestQueueSharedStreamNeverLowered(t *testing.T) {
 		js, _ := jetstream.New(nc)
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		st, err := js.Stream(ctx, "MUX_WEBHOOK")
+		st, err := js.Stream(ctx, "MUX_WEBHOOK_0")
 		if err != nil {
 			t.Fatal(err)
 		}

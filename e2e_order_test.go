@@ -1,0 +1,306 @@
+//go:build e2e
+
+package muxwebhook
+
+// Order per object on partitioned streams (issue #21), against the built
+// binary: one object's failing event holds only its own later events;
+// order and "never two at once" through two gateways on a three-node
+// cluster; order kept across a SIGKILL of the gateway holding an attempt.
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
+)
+
+// objectEvent is a signed-able event id of type typ for object.
+func objectEvent(typ, id, object string) []byte {
+	return []byte(fmt.Sprintf(`{"type":%q,"request_id":null,"object":{"type":"asset","id":%q},"id":%q,"environment":{"name":"Production","id":"env-1"},"data":{"id":%q},"created_at":"2024-05-01T10:00:00.000000Z","attempts":[],"accessor_source":null,"accessor":null}`,
+		typ, object, id, object))
+}
+
+// orderBackend is a destination that records, per object, the events it
+// answered 2xx in the order they arrived, every POST's attempt header,
+// and each object that had two POSTs in flight at once. answer decides
+// the status of the n-th POST of event id (it may block).
+type orderBackend struct {
+	*httptest.Server
+	mu        sync.Mutex
+	delivered map[string][]string // object: event ids answered 2xx, in order
+	posts     map[string][]string // event id: Mux-Webhook-Attempt of each POST
+	inFlight  map[string]int
+	overlaps  map[string]int
+	at        map[string]time.Time // event id: when it was answered 2xx
+}
+
+func newOrderBackend(t *testing.T, hold time.Duration, answer func(r *http.Request, id string, n int) int) *orderBackend {
+	b := &orderBackend{delivered: map[string][]string{}, posts: map[string][]string{}, inFlight: map[string]int{},
+		overlaps: map[string]int{}, at: map[string]time.Time{}}
+	b.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		var ev struct {
+			ID     string `json:"id"`
+			Object struct {
+				ID string `json:"id"`
+			} `json:"object"`
+		}
+		_ = json.Unmarshal(body, &ev)
+		obj := ev.Object.ID
+		b.mu.Lock()
+		b.inFlight[obj]++
+		if b.inFlight[obj] > 1 {
+			b.overlaps[obj]++
+		}
+		b.posts[ev.ID] = append(b.posts[ev.ID], r.Header.Get("Mux-Webhook-Attempt"))
+		n := len(b.posts[ev.ID])
+		b.mu.Unlock()
+		time.Sleep(hold)
+		status := http.StatusNoContent
+		if answer != nil {
+			status = answer(r, ev.ID, n)
+		}
+		b.mu.Lock()
+		b.inFlight[obj]--
+		if status < 300 && r.Context().Err() == nil {
+			b.delivered[obj] = append(b.delivered[obj], ev.ID)
+			b.at[ev.ID] = time.Now()
+		}
+		b.mu.Unlock()
+		w.WriteHeader(status)
+	}))
+	t.Cleanup(b.Close)
+	return b
+}
+
+func (b *orderBackend) of(object string) []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.delivered[object])
+}
+
+func (b *orderBackend) attempts(id string) []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.posts[id])
+}
+
+// checkOrder fails t unless every object got exactly want(object), in
+// order, and none had two POSTs at once.
+func (b *orderBackend) checkOrder(t *testing.T, want map[string][]string) {
+	t.Helper()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for obj, ids := range want {
+		if got := b.delivered[obj]; !slices.Equal(got, ids) {
+			t.Errorf("%s: delivered %v, want %v", obj, got, ids)
+		}
+	}
+	for obj, n := range b.overlaps {
+		t.Errorf("%s: %d POSTs while another of its events was in flight", obj, n)
+	}
+}
+
+// sendInOrder posts each event in turn to url, each once the one before
+// it is answered 202 (as Mux sends one object's events), retrying until
+// limit.
+func sendInOrder(t *testing.T, url func(i int) string, limit time.Duration, bodies ...[]byte) {
+	t.Helper()
+	client := &http.Client{Timeout: 10 * time.Second}
+	deadline := time.Now().Add(limit)
+	for i, body := range bodies {
+		for {
+			status, err := postEvent(client, url(i), body)
+			if status == http.StatusAccepted {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("event %d never answered 202: %d %v", i, status, err)
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+}
+
+// TestOrderObjectOneFailingObject: order object on the embedded store's
+// default 4 partitions, concurrency 4. The first of asset-late's 5 events
+// fails twice (the second failure held until the rest is through), while
+// 50 other objects' 2 events each are delivered, each object in order;
+// meanwhile the status, the CLI and the metric count asset-late's 4 later
+// events held. Then asset-late's arrive in order, never two at once, each
+// later one on its first attempt (a held copy is not charged).
+func TestOrderObjectOneFailingObject(t *testing.T) {
+	t.Parallel() // its own processes and ports
+	release := make(chan struct{})
+	b := newOrderBackend(t, 5*time.Millisecond, func(_ *http.Request, id string, n int) int {
+		if id == "late-0" && n <= 2 {
+			if n == 2 {
+				<-release
+			}
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusNoContent
+	})
+	dir := filepath.Join(t.TempDir(), "js")
+	g := startHealGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n\t\tdestination app %s {\n\t\t\tretry 200ms\n\t\t\torder object\n\t\t}\n\t}", dir, b.URL))
+	url := func(int) string { return g.base }
+	var late [][]byte
+	want := map[string][]string{}
+	for i := range 5 {
+		id := fmt.Sprint("late-", i)
+		late = append(late, objectEvent("video.asset.updated", id, "asset-late"))
+		want["asset-late"] = append(want["asset-late"], id)
+	}
+	sendInOrder(t, url, 20*time.Second, late...)
+	var others [][]byte
+	for i := range 50 {
+		for k := range 2 {
+			obj, id := fmt.Sprint("asset-", i), fmt.Sprintf("o%d-%d", i, k)
+			others = append(others, objectEvent("video.asset.updated", id, obj))
+			want[obj] = append(want[obj], id)
+		}
+	}
+	sendInOrder(t, url, 30*time.Second, others...)
+	testwait.Until(t, 60*time.Second, func() bool {
+		for i := range 50 {
+			if len(b.of(fmt.Sprint("asset-", i))) != 2 {
+				return false
+			}
+		}
+		return true
+	}, func() string { return "the other 50 objects were not all delivered while late-0 failed\n" + tail(g.out.String(), 4096) })
+	if got := b.of("asset-late"); len(got) != 0 {
+		t.Fatalf("asset-late's events delivered before its first: %v", got)
+	}
+	testwait.Until(t, 20*time.Second, func() bool { return g.status(t).Held == 4 },
+		func() string { return fmt.Sprintf("the status never counted 4 held: %+v", g.status(t)) })
+	if v := scrape(t, g.admin)[`caddy_mux_webhook_queue_held{destination="app"}`]; v != 4 {
+		t.Errorf("caddy_mux_webhook_queue_held = %v, want 4", v)
+	}
+	out, err := runCommand(t, "", "queue", "--address", strings.TrimPrefix(g.admin, "http://"))
+	if err != nil || !strings.Contains(out, "HELD") {
+		t.Errorf("caddy mux-webhook queue: no HELD column: %v\n%s", err, out)
+	}
+	close(release)
+	testwait.Until(t, 30*time.Second, func() bool { return len(b.of("asset-late")) == 5 },
+		func() string { return fmt.Sprintf("asset-late: %v\n%s", b.of("asset-late"), tail(g.out.String(), 4096)) })
+	b.checkOrder(t, want)
+	if got := b.attempts("late-0"); !slices.Equal(got, []string{"1", "2", "3"}) {
+		t.Errorf("late-0's POSTs carried attempts %v, want 1 2 3", got)
+	}
+	for i := 1; i < 5; i++ {
+		if got := b.attempts(fmt.Sprint("late-", i)); !slices.Equal(got, []string{"1"}) {
+			t.Errorf("late-%d, held meanwhile, came as %v; want one POST, attempt 1", i, got)
+		}
+	}
+	if st := g.status(t); st.Held != 0 || st.Pending+st.InFlight != 0 {
+		t.Errorf("after: %+v", st)
+	}
+}
+
+// TestOrderObjectOnACluster: 10 objects × 20 events, sent through two
+// gateways in turn, on a three-node cluster, to a destination with
+// concurrency 8 and order object: every object's events arrive in the
+// order they were accepted, never two of one object at once, each once.
+func TestOrderObjectOnACluster(t *testing.T) {
+	t.Parallel() // its own processes and ports
+	c := startNATSCluster(t)
+	b := newOrderBackend(t, 10*time.Millisecond, nil)
+	gs := startClusterGateways(t, 2, clusterGlobal(c, "5s", b.URL, "\t\t\ttimeout 2s\n\t\t\tretry 100ms\n\t\t\tconcurrency 8\n\t\t\torder object"))
+	c.waitPulling("app", len(gs))
+	want := map[string][]string{}
+	var wg sync.WaitGroup
+	for o := range 10 {
+		obj := fmt.Sprint("asset-", o)
+		var bodies [][]byte
+		for i := range 20 {
+			id := fmt.Sprintf("%s-e%02d", obj, i)
+			bodies = append(bodies, objectEvent("video.asset.updated", id, obj))
+			want[obj] = append(want[obj], id)
+		}
+		wg.Add(1)
+		go func() { // each object's events in turn, alternating gateways
+			defer wg.Done()
+			sendInOrder(t, func(i int) string { return gs[(o+i)%2].url() }, 60*time.Second, bodies...)
+		}()
+	}
+	wg.Wait()
+	start := time.Now()
+	testwait.Until(t, 120*time.Second, func() bool {
+		for o := range 10 {
+			if len(b.of(fmt.Sprint("asset-", o))) < 20 {
+				return false
+			}
+		}
+		return true
+	}, func() string {
+		var n []int
+		for o := range 10 {
+			n = append(n, len(b.of(fmt.Sprint("asset-", o))))
+		}
+		return fmt.Sprintf("delivered per object: %v\n%s", n, tail(gs[0].out.String(), 2048))
+	})
+	t.Logf("200 events of 10 objects delivered in order %s after the last was accepted", time.Since(start).Round(time.Millisecond))
+	b.checkOrder(t, want)
+}
+
+// TestOrderKeptAcrossASIGKILL: the gateway is killed (SIGKILL) while it
+// attempts the first of an object's 4 events; started again on the same
+// store, the first is attempted again once its ack deadline passes, and
+// only then the 3 others, in order. Another object's events, queued
+// meanwhile, are not held.
+func TestOrderKeptAcrossASIGKILL(t *testing.T) {
+	t.Parallel() // its own processes and ports
+	inAttempt := make(chan struct{}, 1)
+	b := newOrderBackend(t, 0, func(r *http.Request, id string, n int) int {
+		if id == "k-0" && n == 1 {
+			inAttempt <- struct{}{}
+			<-r.Context().Done() // the gateway dies while it waits
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusNoContent
+	})
+	dir := filepath.Join(t.TempDir(), "js")
+	global := fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n\t\tdestination app %s {\n\t\t\ttimeout 2s\n\t\t\tretry 200ms\n\t\t\torder object\n\t\t}\n\t}", dir, b.URL)
+	g := startHealGateway(t, global)
+	var bodies [][]byte
+	for i := range 4 {
+		bodies = append(bodies, objectEvent("video.asset.updated", fmt.Sprint("k-", i), "asset-k"))
+	}
+	sendInOrder(t, func(int) string { return g.base }, 20*time.Second, bodies...)
+	select {
+	case <-inAttempt:
+	case <-time.After(20 * time.Second):
+		t.Fatal("k-0 was never attempted")
+	}
+	if err := g.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = g.cmd.Wait()
+
+	g2 := startHealGateway(t, global)
+	sendInOrder(t, func(int) string { return g2.base }, 20*time.Second, objectEvent("video.asset.ready", "other-0", "asset-other"))
+	testwait.Until(t, 30*time.Second, func() bool { return len(b.of("asset-k")) == 4 && len(b.of("asset-other")) == 1 },
+		func() string { return fmt.Sprintf("asset-k: %v\n%s", b.of("asset-k"), tail(g2.out.String(), 4096)) })
+	b.checkOrder(t, map[string][]string{"asset-k": {"k-0", "k-1", "k-2", "k-3"}, "asset-other": {"other-0"}})
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.at["other-0"].Before(b.at["k-0"]) {
+		t.Errorf("other-0 (another object) waited for asset-k's k-0: delivered at %v, k-0 at %v", b.at["other-0"], b.at["k-0"])
+	}
+	for i := 1; i < 4; i++ {
+		if n := len(b.posts[fmt.Sprint("k-", i)]); n != 1 {
+			t.Errorf("k-%d POSTed %d times, want once", i, n)
+		}
+	}
+}
