@@ -201,7 +201,14 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 		slots: make(chan struct{}, d.Concurrency),
 		pace:  newPacer(d.Rate, d.RatePer),
 		parts: map[string]*workerRun{},
+		room:  newWaitingRoom(),
 	}
+	roomCtx, roomCancel := context.WithCancel(ctx)
+	g.roomCancel, g.roomDone = roomCancel, make(chan struct{})
+	go func() {
+		defer close(g.roomDone)
+		g.runRoom(roomCtx)
+	}()
 	g.br = newBreaker(g.d)
 	g.tellBreaker() // closed: earlier workers' state is not these ones'
 	// A paused destination's workers subscribe only once it is resumed
@@ -266,6 +273,12 @@ type destWorkers struct {
 	resumed    uint64
 	resumeRead bool
 	probes     atomic.Uint64 // rotates the stream a probe starts with
+	// room holds, for every stream, the copies held behind an earlier one
+	// of their object (order.go); roomCancel ends it (it hands back what
+	// it held), roomDone is closed then.
+	room       *waitingRoom
+	roomCancel context.CancelFunc
+	roomDone   chan struct{}
 
 	mu      sync.Mutex // guards stopped, parts, each cc, and wg.Add against stop
 	stopped bool
@@ -295,7 +308,7 @@ type workerRun struct {
 
 	cc jetstream.ConsumeContext // the current subscription (destWorkers.mu)
 	// supCancel ends the supervisor, supervised is closed once it ended;
-	// swCancel ends the sweeper (after a last sweep), swept likewise.
+	// swCancel ends the sweeper (after a last sweep), swept likewise;
 	supCancel, swCancel context.CancelFunc
 	supervised, swept   chan struct{}
 }
@@ -410,6 +423,13 @@ func (g *destWorkers) stopAll() {
 		if last != nil { // nil: paused since the start, never subscribed
 			last.Drain()
 		}
+	}
+	g.roomCancel() // held copies back to the stream
+	<-g.roomDone
+	// The hand-backs are published, not confirmed: on their way before
+	// the connection may close (else they wait for the ack deadline).
+	if g.s.conn.IsConnected() {
+		_ = g.s.conn.FlushTimeout(time.Second)
 	}
 	idle := make(chan struct{})
 	go func() { g.wg.Wait(); close(idle) }()
@@ -566,6 +586,9 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 		a := w.s.attempt(w.ctx, w.client, w.d, msg, w.sw, false, w.createdNano.Load())
 		if w.observe != nil {
 			w.observe(a)
+		}
+		if w.d.OrderObject && a.Result != "retry" {
+			w.room.wake() // the next copy of its object may be waiting here
 		}
 		if w.br != nil && w.ctx.Err() == nil && w.br.record(a, time.Now()) {
 			w.tellBreaker()
