@@ -178,7 +178,9 @@ func TestOrderObjectOneFailingObject(t *testing.T) {
 			}
 		}
 		return true
-	}, func() string { return "the other 50 objects were not all delivered while late-0 failed\n" + tail(g.out.String(), 4096) })
+	}, func() string {
+		return "the other 50 objects were not all delivered while late-0 failed\n" + tail(g.out.String(), 4096)
+	})
 	if got := b.of("asset-late"); len(got) != 0 {
 		t.Fatalf("asset-late's events delivered before its first: %v", got)
 	}
@@ -192,7 +194,9 @@ func TestOrderObjectOneFailingObject(t *testing.T) {
 	}
 	close(release)
 	testwait.Until(t, 30*time.Second, func() bool { return len(b.of("asset-late")) == 5 },
-		func() string { return fmt.Sprintf("asset-late: %v\n%s", b.of("asset-late"), tail(g.out.String(), 4096)) })
+		func() string {
+			return fmt.Sprintf("asset-late: %v\n%s", b.of("asset-late"), tail(g.out.String(), 4096))
+		})
 	b.checkOrder(t, want)
 	if got := b.attempts("late-0"); !slices.Equal(got, []string{"1", "2", "3"}) {
 		t.Errorf("late-0's POSTs carried attempts %v, want 1 2 3", got)
