@@ -13,6 +13,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -305,5 +306,120 @@ func TestOrderKeptAcrossASIGKILL(t *testing.T) {
 		if n := len(b.posts[fmt.Sprint("k-", i)]); n != 1 {
 			t.Errorf("k-%d POSTed %d times, want once", i, n)
 		}
+	}
+}
+
+// singleStreamCommit is the last commit whose queue was one stream
+// (MUX_WEBHOOK, subjects MUX_WEBHOOK.deliver.<destination>).
+const singleStreamCommit = "662db8a"
+
+// singleStreamCaddy is a Caddy built from singleStreamCommit, named by
+// MUX_SINGLE_STREAM_CADDY_BIN (./scripts/test builds it into .tools). On
+// CI the variable must be set.
+func singleStreamCaddy(t *testing.T) string {
+	t.Helper()
+	bin := os.Getenv("MUX_SINGLE_STREAM_CADDY_BIN")
+	if bin == "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal("MUX_SINGLE_STREAM_CADDY_BIN is not set; CI must run the upgrade test (see scripts/test)")
+		}
+		t.Skip("MUX_SINGLE_STREAM_CADDY_BIN not set: the upgrade test needs a Caddy built from " + singleStreamCommit + "; ./scripts/test builds one")
+	}
+	abs, err := filepath.Abs(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return abs
+}
+
+// TestUpgradeFromTheSingleStreamStore: a Caddy of the single-stream
+// layout queues 20 events of 5 objects while the backend is down
+// (attempting some), and is killed (SIGKILL). This version, started on
+// the same store directory, delivers every one of them (the old stream is
+// drained, an INFO line says so) and the events it accepts itself (into
+// the partitions), each once; the status counted the old copies
+// meanwhile. Started again, it deletes the emptied old stream.
+func TestUpgradeFromTheSingleStreamStore(t *testing.T) {
+	t.Parallel() // its own processes and ports
+	old := singleStreamCaddy(t)
+	var mu sync.Mutex
+	up := false
+	b := newOrderBackend(t, 0, func(*http.Request, string, int) int {
+		mu.Lock()
+		defer mu.Unlock()
+		if !up {
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusNoContent
+	})
+	dir := filepath.Join(t.TempDir(), "js")
+	port, admin := freePort(t), freePort(t)
+	adminURL := fmt.Sprintf("http://127.0.0.1:%d", admin)
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	cfg := queueGatewayConfig(admin, fmt.Sprintf("\tmux_webhook {\n\t\tqueue {\n\t\t\tdir %s\n\t\t}\n\t\tdestination app %s {\n\t\t\ttimeout 2s\n\t\t\tretry 500ms\n\t\t\tbreaker off\n\t\t}\n\t}", dir, b.URL), port)
+	home := t.TempDir()
+	out, cmd := runCaddyIn(t, old, cfg, home, home, nil)
+	waitQueueOpen(t, adminURL, out)
+	want := map[string][]string{}
+	var bodies [][]byte
+	for i := range 20 {
+		obj, id := fmt.Sprint("asset-", i%5), fmt.Sprint("old-", i)
+		bodies = append(bodies, objectEvent("video.asset.updated", id, obj))
+		want[obj] = append(want[obj], id)
+	}
+	sendInOrder(t, func(int) string { return base }, 30*time.Second, bodies...)
+	testwait.Until(t, 20*time.Second, func() bool { return len(b.attempts("old-19")) > 0 },
+		func() string { return "the old version attempted nothing\n" + tail(out.String(), 2048) })
+	if err := cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+
+	out, cmd = runCaddyIn(t, caddyBinary(t), cfg, home, home, nil)
+	waitQueueOpen(t, adminURL, out)
+	var st []QueueStatus
+	testwait.Until(t, 20*time.Second, func() bool {
+		return getJSON(t, adminURL+"/mux-webhook/queue", &st) == 200 && len(st) == 1 && st[0].Pending+st[0].InFlight == 20
+	}, func() string { return fmt.Sprintf("the old copies are not counted: %+v", st) })
+	mu.Lock()
+	up = true
+	mu.Unlock()
+	var fresh [][]byte
+	for i := range 10 {
+		obj, id := fmt.Sprint("asset-", i%5), fmt.Sprint("new-", i)
+		fresh = append(fresh, objectEvent("video.asset.updated", id, obj))
+		want[obj] = append(want[obj], id)
+	}
+	sendInOrder(t, func(int) string { return base }, 30*time.Second, fresh...)
+	testwait.Until(t, 60*time.Second, func() bool {
+		n := 0
+		for obj := range want {
+			n += len(b.of(obj))
+		}
+		return n >= 30
+	}, func() string { return "not every event delivered after the upgrade\n" + tail(out.String(), 4096) })
+	if !strings.Contains(out.String(), "the single stream of an earlier version holds copies") {
+		t.Error("no INFO line said the old stream is drained")
+	}
+	b.mu.Lock()
+	for obj, ids := range want {
+		got := b.delivered[obj]
+		if len(got) != len(ids) {
+			t.Errorf("%s: delivered %v, want each of %v once", obj, got, ids)
+		}
+	}
+	b.mu.Unlock()
+	testwait.Until(t, 20*time.Second, func() bool {
+		return getJSON(t, adminURL+"/mux-webhook/queue", &st) == 200 && len(st) == 1 && st[0].Pending+st[0].InFlight == 0
+	}, func() string { return fmt.Sprintf("status after: %+v", st) })
+	time.Sleep(time.Second) // the sweep of the old stream (every 250ms)
+	if err := cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+	out, _ = runCaddyIn(t, caddyBinary(t), cfg, home, home, nil)
+	waitQueueOpen(t, adminURL, out)
+	if !strings.Contains(out.String(), "the single stream of an earlier version is empty; deleted it") {
+		t.Errorf("the emptied old stream was not deleted at the next start\n%s", tail(out.String(), 4096))
 	}
 }
