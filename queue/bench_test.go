@@ -87,9 +87,17 @@ func BenchmarkDeliverEnqueue(b *testing.B) {
 	}
 	for _, n := range []int{1, 4, 16, 64} {
 		// What mux_deliver does per destination: Enqueue through the
-		// embedded JetStream server (SyncAlways), distinct event ids.
+		// embedded JetStream server (SyncAlways, the default 4
+		// partitions), distinct event ids.
 		b.Run(fmt.Sprintf("queue/publishers-%d", n), func(b *testing.B) {
 			s := openBench(b, true)
+			publishers(b, n, func(i int) error { return benchEnqueue(s, i) })
+		})
+	}
+	for _, n := range []int{16, 64} {
+		// The same on one stream (partitions 1), as before #21.
+		b.Run(fmt.Sprintf("queue-partitions-1/publishers-%d", n), func(b *testing.B) {
+			s := openBenchWith(b, true, Config{Partitions: 1})
 			publishers(b, n, func(i int) error { return benchEnqueue(s, i) })
 		})
 	}
@@ -103,31 +111,47 @@ func BenchmarkDeliverEnqueue(b *testing.B) {
 	// Enqueue while the destination's workers deliver what is stored to a
 	// fast backend on 127.0.0.1 (each delivered copy is acknowledged and
 	// deleted from the stream): the store's writes are shared.
-	b.Run("queue+delivering/publishers-16", func(b *testing.B) {
-		backend := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
-		defer backend.Close()
-		s := openBench(b, true)
-		var delivered atomic.Int64
-		stop, err := s.StartWorkers(context.Background(), Destination{Name: "bench", URL: backend.URL}, func(a Attempt) {
-			if a.Result == "delivered" {
-				delivered.Add(1)
-			}
-		})
-		if err != nil {
-			b.Fatal(err)
+	// With order object, every 4 events another object (as bench/run's
+	// pool): the hold's question to the stream and the delete before the
+	// ack are what it adds.
+	for _, order := range []bool{false, true} {
+		name := "queue+delivering/publishers-16"
+		if order {
+			name = "queue+delivering-order-object/publishers-16"
 		}
-		defer stop()
-		start := time.Now()
-		publishers(b, 16, func(i int) error { return benchEnqueue(s, i) })
-		b.ReportMetric(float64(delivered.Load())/time.Since(start).Seconds(), "delivered/s")
-	})
+		b.Run(name, func(b *testing.B) {
+			backend := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+			defer backend.Close()
+			s := openBench(b, true)
+			var delivered atomic.Int64
+			stop, err := s.StartWorkers(context.Background(), Destination{Name: "bench", URL: backend.URL, OrderObject: order}, func(a Attempt) {
+				if a.Result == "delivered" {
+					delivered.Add(1)
+				}
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer stop()
+			start := time.Now()
+			publishers(b, 16, func(i int) error { return benchEnqueueObject(s, i, strconv.Itoa(i/4)) })
+			b.ReportMetric(float64(delivered.Load())/time.Since(start).Seconds(), "delivered/s")
+		})
+	}
 }
 
 func openBench(b *testing.B, syncAlways bool) *Store {
 	b.Helper()
+	return openBenchWith(b, syncAlways, Config{})
+}
+
+// openBenchWith is openBench with cfg (its Dir is the benchmark's).
+func openBenchWith(b *testing.B, syncAlways bool, cfg Config) *Store {
+	b.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	s, err := open(ctx, Config{Dir: b.TempDir()}, syncAlways)
+	cfg.Dir = b.TempDir()
+	s, err := open(ctx, cfg, syncAlways)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -135,12 +159,15 @@ func openBench(b *testing.B, syncAlways bool) *Store {
 	return s
 }
 
-func benchEnqueue(s *Store, i int) error {
+func benchEnqueue(s *Store, i int) error { return benchEnqueueObject(s, i, "") }
+
+// benchEnqueueObject is benchEnqueue of an event of object (none: "").
+func benchEnqueueObject(s *Store, i int, object string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	id := strconv.Itoa(i)
 	dup, err := s.Enqueue(ctx, Message{
-		Destination: "bench", EventID: []byte(`"` + id + `"`), ID: id, Type: "video.asset.ready", Body: benchEvent,
+		Destination: "bench", EventID: []byte(`"` + id + `"`), ObjectID: object, ID: id, Type: "video.asset.ready", Body: benchEvent,
 		Header: map[string]string{HeaderSignature: "t=1700000000,v1=00"},
 	})
 	if err == nil && dup {

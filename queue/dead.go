@@ -222,7 +222,7 @@ func (s *Store) bury(ctx context.Context, destination string, msg jetstream.Msg,
 	dead.Header.Set(headerDeadAt, time.Now().UTC().Format(time.RFC3339))
 	if meta, err := msg.Metadata(); err == nil {
 		// Buried twice (a lost Term, another attempt) is kept once.
-		dead.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("dead:%s:%d:%d", destination, meta.Sequence.Stream, meta.Timestamp.UnixNano()))
+		dead.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("dead:%s:%s:%d:%d", destination, meta.Stream, meta.Sequence.Stream, meta.Timestamp.UnixNano()))
 	}
 	_, err := s.js.PublishMsg(context.WithoutCancel(ctx), dead)
 	if err != nil && noStream(err) && s.Down() == nil {
@@ -253,7 +253,7 @@ func (s *Store) settleDead(ctx context.Context, d *Destination, msg jetstream.Ms
 		return
 	}
 	a.Result = "dead"
-	if d.OrderObject && sw.remove(context.WithoutCancel(ctx), seq) {
+	if d.OrderObject && sw.remove(context.WithoutCancel(ctx), msg, meta) {
 		// Gone before it is settled: the next copy of its object may go.
 		_ = msg.Term()
 		s.dead.forget(refOf(meta))

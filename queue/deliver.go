@@ -198,10 +198,11 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 				return http.ErrUseLastResponse // redirects are answers, not followed
 			},
 		},
-		slots: make(chan struct{}, d.Concurrency),
-		pace:  newPacer(d.Rate, d.RatePer),
-		parts: map[string]*workerRun{},
-		room:  newWaitingRoom(),
+		slots:    make(chan struct{}, d.Concurrency),
+		settling: make(chan struct{}, d.Concurrency),
+		pace:     newPacer(d.Rate, d.RatePer),
+		parts:    map[string]*workerRun{},
+		room:     newWaitingRoom(),
 	}
 	roomCtx, roomCancel := context.WithCancel(ctx)
 	g.roomCancel, g.roomDone = roomCancel, make(chan struct{})
@@ -214,15 +215,11 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 	// A paused destination's workers subscribe only once it is resumed
 	// (supervise reads the pause every second).
 	active := g.readPause(ctx)
-	for _, p := range s.drained(ctx) {
-		if err := g.startPart(p, active); err != nil {
-			if p.drainOnly() {
-				// Not this config's: the scan tries again.
-				if d.OnRestart != nil {
-					d.OnRestart(err)
-				}
-				continue
-			}
+	// The configured partitions now; the streams only drained (others'
+	// partitions, the stream of earlier versions) by the scan, which
+	// starts at once: one that cannot be reached does not hold up a start.
+	for _, p := range s.configured() {
+		if err := g.startPart(ctx, p, active); err != nil {
 			g.stopAll()
 			cancel()
 			return nil, err
@@ -262,9 +259,10 @@ type destWorkers struct {
 	// cancelAttempts cancels ctx.
 	cancelAttempts context.CancelFunc
 	slots          chan struct{}
-	pace           *pacer      // nil: unpaced
-	paused         atomic.Bool // by an operator: nothing is attempted
-	br             *breaker    // nil: off
+	settling       chan struct{} // attempts answered, being settled
+	pace           *pacer        // nil: unpaced
+	paused         atomic.Bool   // by an operator: nothing is attempted
+	br             *breaker      // nil: off
 
 	pauseMu sync.Mutex // one reading of the pause at a time, for all streams
 	// pauseRead is when the pause was last read; resumed is the latest
@@ -313,15 +311,16 @@ type workerRun struct {
 	supervised, swept   chan struct{}
 }
 
-// startPart starts the destination's workers on p.
-func (g *destWorkers) startPart(p *part, active bool) error {
+// startPart starts the destination's workers on p, trying until ctx ends
+// or setupTimeout has passed.
+func (g *destWorkers) startPart(ctx context.Context, p *part, active bool) error {
 	var cons jetstream.Consumer
-	err := retrySetup(g.ctx, func(ctx context.Context) (err error) {
+	err := retrySetup(ctx, func(ctx context.Context) (err error) {
 		cons, err = g.s.makeConsumer(ctx, p, *g.d)
 		return err
 	})
 	if err != nil {
-		return fmt.Errorf("queue: consumer for %s on %s: %v", g.d.Name, p.name, err)
+		return fmt.Errorf("queue: consumer for %s on %s: %w", g.d.Name, p.name, err)
 	}
 	w := &workerRun{destWorkers: g, p: p, poke: make(chan struct{}, 1)}
 	// The sweeper outlives the attempts, for a last sweep of what they
@@ -364,27 +363,32 @@ func (g *destWorkers) startPart(p *part, active bool) error {
 	return nil
 }
 
-// scan starts workers on the streams of the queue that appear (another
-// gateway's partitions, a stream made by hand), every partScanInterval,
-// until ctx ends.
+// scan starts workers on the streams of the queue that are not running:
+// at once, then every partScanInterval until ctx ends (streams that
+// appear: another gateway's partitions, a partition made again by a
+// reload).
 func (g *destWorkers) scan(ctx context.Context) {
 	t := time.NewTicker(partScanInterval)
 	defer t.Stop()
 	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
 		for _, p := range g.s.drained(ctx) {
 			g.mu.Lock()
 			_, running := g.parts[p.name]
 			g.mu.Unlock()
-			if !running {
-				if err := g.startPart(p, !g.paused.Load()); err != nil && g.d.OnRestart != nil && ctx.Err() == nil {
+			if !running && ctx.Err() == nil {
+				err := g.startPart(ctx, p, !g.paused.Load())
+				if p.drainOnly() && errors.Is(err, jetstream.ErrStreamNotFound) {
+					continue // drained and deleted meanwhile
+				}
+				if err != nil && g.d.OnRestart != nil && ctx.Err() == nil {
 					g.d.OnRestart(err)
 				}
 			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
 		}
 	}
 }
@@ -560,9 +564,11 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 	}
 	select {
 	case w.slots <- struct{}{}:
-	case <-w.ctx.Done():
-		w.s.handBack(msg)
-		return
+	default:
+		if !w.waitSlot(msg) {
+			w.s.handBack(msg)
+			return
+		}
 	}
 	w.mu.Lock()
 	if w.stopped {
@@ -579,11 +585,27 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 	_ = msg.InProgress()
 	go func() {
 		defer w.wg.Done()
-		defer func() { <-w.slots }()
+		// Once its POST is answered 2xx, an attempt settles (acknowledged,
+		// confirmed, maybe deleted) in a slot of its own, so that the next
+		// POST need not wait for that: at most concurrency attempts POST,
+		// and as many settle, at once.
+		settling := false
+		posted := func() {
+			w.settling <- struct{}{}
+			<-w.slots
+			settling = true
+		}
+		defer func() {
+			if settling {
+				<-w.settling
+			} else {
+				<-w.slots
+			}
+		}()
 		if w.hold(msg) {
 			return // an earlier copy of its object comes first
 		}
-		a := w.s.attempt(w.ctx, w.client, w.d, msg, w.sw, false, w.createdNano.Load())
+		a := w.s.attempt(w.ctx, w.client, w.d, msg, w.sw, false, w.createdNano.Load(), posted)
 		if w.observe != nil {
 			w.observe(a)
 		}
@@ -595,6 +617,24 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 			w.pokeAll() // stop, or start again, pulling
 		}
 	}()
+}
+
+// waitSlot waits for a slot for msg, pushing its ack deadline back
+// meanwhile: else the server hands it to another worker, and both
+// attempt it. It reports false if the workers stop first.
+func (w *workerRun) waitSlot(msg jetstream.Msg) bool {
+	progress := time.NewTicker(holdProgress)
+	defer progress.Stop()
+	for {
+		select {
+		case w.slots <- struct{}{}:
+			return true
+		case <-progress.C:
+			_ = msg.InProgress()
+		case <-w.ctx.Done():
+			return false
+		}
+	}
 }
 
 // holding reports whether the workers attempt nothing: the destination is
@@ -690,7 +730,7 @@ func (w *workerRun) probeOnce(wait bool) (got, ok bool) {
 		if w.hold(m) {
 			continue
 		}
-		a := w.s.attempt(w.ctx, w.client, w.d, m, w.sw, true, w.createdNano.Load())
+		a := w.s.attempt(w.ctx, w.client, w.d, m, w.sw, true, w.createdNano.Load(), nil)
 		if w.observe != nil {
 			w.observe(a)
 		}
@@ -841,7 +881,7 @@ func (s *Store) RestoreConsumer(ctx context.Context, d Destination) error {
 }
 
 // attempt makes one delivery attempt of msg and settles it.
-func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, sw *sweeper, probe bool, consumerCreated int64) Attempt {
+func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, sw *sweeper, probe bool, consumerCreated int64, posted func()) Attempt {
 	a := Attempt{Destination: d.Name, EventID: msg.Headers().Get(HeaderEventID), EventType: msg.Headers().Get(HeaderEventType)}
 	meta, err := msg.Metadata()
 	if err != nil {
@@ -869,6 +909,12 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 	}
 	start := time.Now()
 	a.Status, a.RetryAfter, a.Err = s.post(ctx, client, d, msg, a.Number)
+	if posted != nil && a.Err == nil {
+		// Delivered: its settling need not hold up the next POST. (A
+		// failure keeps its slot until it is settled: a copy delivered
+		// again meanwhile, its consumer made again, must find it buried.)
+		posted()
+	}
 	a.Duration = time.Since(start)
 	if ctx.Err() != nil && a.Err != nil {
 		// Stopped mid-attempt (a reload or shutdown): not the
@@ -887,7 +933,7 @@ func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination
 		// delivery, which Idempotency-Key lets the backend tell. Then
 		// the copy leaves the stream, which must not fill up with what
 		// was delivered.
-		if d.OrderObject && sw.remove(context.WithoutCancel(ctx), meta.Sequence.Stream) {
+		if d.OrderObject && sw.remove(context.WithoutCancel(ctx), msg, meta) {
 			// Gone before it is acknowledged: the next copy of its object
 			// may go at once, on any gateway (order.go).
 			_ = msg.Ack()
@@ -1023,7 +1069,7 @@ func (s *Store) Status(ctx context.Context, destination string, ordered bool) (S
 	// status still can; the workers keep the last state they read.
 	st.Pause, _ = s.Paused(ctx, destination)
 	for _, p := range s.drained(ctx) {
-		err := s.partStatus(ctx, p, destination, ordered, &st)
+		err := s.partStatus(ctx, p, destination, &st)
 		if p.drainOnly() && errors.Is(err, jetstream.ErrStreamNotFound) {
 			continue // drained and deleted
 		}
@@ -1031,26 +1077,64 @@ func (s *Store) Status(ctx context.Context, destination string, ordered bool) (S
 			return st, err
 		}
 	}
+	if ordered {
+		st.Held = s.held(ctx, destination)
+	}
 	return st, nil
 }
 
+// heldEvery is how often held is counted again; between, the last count
+// is given (SPEC: "it may lag by up to 5 s").
+const heldEvery = 5 * time.Second
+
+// held counts destination's copies held behind an earlier one of their
+// object: on every object subject, all but the first. It reads every such
+// subject of every stream, so at most every heldEvery, within 3s; a
+// count that cannot be made gives the last one (never an error: the rest
+// of the status does not wait for it).
+func (s *Store) held(ctx context.Context, destination string) uint64 {
+	s.heldMu.Lock()
+	defer s.heldMu.Unlock()
+	last := s.heldCount[destination]
+	if !last.at.IsZero() && time.Since(last.at) < heldEvery {
+		return last.n
+	}
+	hctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	var n uint64
+	for _, p := range s.drained(hctx) {
+		if p.legacy {
+			continue
+		}
+		_, subjects, err := subjectTotal(hctx, p, p.filter(destination))
+		if err != nil {
+			return last.n
+		}
+		for subject, c := range subjects {
+			if c > 1 && isObjectSubject(subject) {
+				n += c - 1 // all but the first of the object's
+			}
+		}
+	}
+	if s.heldCount == nil {
+		s.heldCount = map[string]heldCount{}
+	}
+	s.heldCount[destination] = heldCount{n: n, at: time.Now()}
+	return n
+}
+
+// heldCount is a count of held copies, and when it was made.
+type heldCount struct {
+	n  uint64
+	at time.Time
+}
+
 // partStatus adds what p holds for destination to st.
-func (s *Store) partStatus(ctx context.Context, p *part, destination string, ordered bool, st *Status) error {
+func (s *Store) partStatus(ctx context.Context, p *part, destination string, st *Status) error {
 	oldest := func(floor uint64) {
 		m, err := p.stream.GetMsg(ctx, floor+1, jetstream.WithGetMsgSubject(p.filter(destination)))
 		if err == nil && (st.Oldest.IsZero() || m.Time.Before(st.Oldest)) {
 			st.Oldest = m.Time
-		}
-	}
-	if ordered && !p.legacy {
-		_, subjects, err := subjectTotal(ctx, p, p.filter(destination))
-		if err != nil {
-			return err
-		}
-		for subject, n := range subjects {
-			if n > 1 && isObjectSubject(subject) {
-				st.Held += n - 1 // all but the first of the object's
-			}
 		}
 	}
 	cons, err := p.stream.Consumer(ctx, "deliver_"+destination)

@@ -2,11 +2,13 @@
 // only once every earlier copy of its object for the destination is
 // delivered or a dead letter. An object's copies share one subject of one
 // partition (partition.go), so the hold is one question to the stream:
-// is the first copy still stored on this subject an earlier one? A
-// settled copy of an ordered destination leaves the stream before it is
-// acknowledged (settle), so the answer holds across gateways, restarts
-// and a SIGKILL at any moment. A held copy goes back unattempted and
-// uncharged, and is looked at again after holdDelay.
+// is this copy the first one still stored on its subject? A settled copy
+// of an ordered destination leaves the stream before it is acknowledged
+// (sweeper.remove), so the answer holds across gateways and restarts; a
+// settled copy left behind (its delete failed, then the process died)
+// is known by the consumer's ack floor once it is below it. A held copy
+// is not attempted and not charged: it waits in the workers' memory (the
+// waiting room) or, past its bounds, in the stream.
 
 package queue
 
@@ -23,19 +25,24 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// A held copy waits in the workers' memory (the waiting room), looked at
-// again every holdPoll, and at once when this process settles a copy of
-// an ordered destination, its ack deadline kept alive every holdProgress.
-// The room is bounded by copies and bytes; a copy held past those goes
-// back to the stream, to be handed out again after holdDelay: holdFirst,
-// doubling with each delivery up to holdMax.
+// A held copy waits in the waiting room, looked at again every holdPoll
+// (and at once when this process settles a copy of an ordered
+// destination), its ack deadline pushed back every holdProgress. The room
+// keeps at most holdRoomPerObject copies of one object (a failing object
+// does not take the room from the others), holdRoomCopies and
+// holdRoomBytes in all; a copy past those goes back to the stream, to be
+// handed out again after holdDelay: holdFirst, doubling with each
+// delivery up to holdMax.
 const (
-	holdPoll       = 200 * time.Millisecond
-	holdProgress   = 2 * time.Second
-	holdRoomCopies = 256
-	holdRoomBytes  = 32 << 20
-	holdFirst      = 250 * time.Millisecond
-	holdMax        = 5 * time.Second
+	holdPoll          = 200 * time.Millisecond
+	holdProgress      = time.Second
+	holdRoomPerObject = 8
+	holdRoomCopies    = 1024
+	holdRoomBytes     = 32 << 20
+	holdFirst         = 250 * time.Millisecond
+	holdMax           = 5 * time.Second
+	// holdAsk bounds one question to the stream about a held subject.
+	holdAsk = 2 * time.Second
 )
 
 // holdDelay is how long a copy held for the delivered-th time waits.
@@ -61,7 +68,7 @@ type held struct {
 // waitingRoom is a destination's held copies, by subject (a stream's).
 type waitingRoom struct {
 	mu        sync.Mutex
-	bySubject map[string][]held // in stream order
+	bySubject map[string][]held // in stream order, one per sequence
 	copies    int
 	bytes     int
 	poke      chan struct{}
@@ -71,16 +78,24 @@ func newWaitingRoom() *waitingRoom {
 	return &waitingRoom{bySubject: map[string][]held{}, poke: make(chan struct{}, 1)}
 }
 
-// add keeps msg, unless the room is full.
+// add keeps msg, unless the room is full (for its object, or in all). A
+// copy already held (delivered again: its deadline passed) is replaced
+// by the newer delivery, which is the one the server now waits for.
 func (r *waitingRoom) add(w *workerRun, msg jetstream.Msg, seq uint64) bool {
-	size := len(msg.Data()) + 512
+	size := len(msg.Data()) + len(msg.Subject()) + 512
+	subject := msg.Subject()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.copies >= holdRoomCopies || r.bytes+size > holdRoomBytes {
+	list := r.bySubject[subject]
+	if i := slices.IndexFunc(list, func(h held) bool { return h.seq == seq }); i >= 0 {
+		r.bytes += size - list[i].size
+		list[i] = held{w: w, msg: msg, seq: seq, size: size, progress: time.Now()}
+		return true
+	}
+	if len(list) >= holdRoomPerObject || r.copies >= holdRoomCopies || r.bytes+size > holdRoomBytes {
 		return false
 	}
-	subject := msg.Subject()
-	list := append(r.bySubject[subject], held{w: w, msg: msg, seq: seq, size: size, progress: time.Now()})
+	list = append(list, held{w: w, msg: msg, seq: seq, size: size, progress: time.Now()})
 	slices.SortFunc(list, func(a, b held) int { return cmp.Compare(a.seq, b.seq) })
 	r.bySubject[subject] = list
 	r.copies++
@@ -109,14 +124,24 @@ func (r *waitingRoom) take(subject string, upTo uint64) []held {
 	return out
 }
 
-// subjects lists the subjects with copies held, and pushes back the ack
-// deadline of those due.
-func (r *waitingRoom) subjects(now time.Time) []string {
+// subjects lists the subjects with copies held, with the workers of
+// their stream.
+func (r *waitingRoom) subjects() map[string]*workerRun {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	out := make([]string, 0, len(r.bySubject))
+	out := make(map[string]*workerRun, len(r.bySubject))
 	for subject, list := range r.bySubject {
-		out = append(out, subject)
+		out[subject] = list[0].w
+	}
+	return out
+}
+
+// renew pushes back the ack deadline of the copies due: on a ticker of
+// its own, so that slow questions to the stream never let one pass.
+func (r *waitingRoom) renew(now time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, list := range r.bySubject {
 		for i := range list {
 			if now.Sub(list[i].progress) >= holdProgress {
 				_ = list[i].msg.InProgress()
@@ -124,7 +149,6 @@ func (r *waitingRoom) subjects(now time.Time) []string {
 			}
 		}
 	}
-	return out
 }
 
 // wake has the room look at its copies now.
@@ -136,10 +160,12 @@ func (r *waitingRoom) wake() {
 }
 
 // hold keeps msg back, unattempted and not charged, when the destination
-// orders by object and an earlier copy of msg's object is still stored;
-// it reports whether it did. The copy waits in the room (or, the room
-// full, in the stream). A stream that cannot answer holds the copy too:
-// order before progress.
+// orders by object and msg is not the first copy of its object still
+// stored; it reports whether it did. An earlier copy waits for its turn:
+// msg waits in the room (or, the room full, in the stream). A copy no
+// longer stored was settled meanwhile (this delivery is a stale one: its
+// deadline passed while it waited): it is acknowledged, never attempted.
+// A stream that cannot answer holds the copy too: order before progress.
 func (w *workerRun) hold(msg jetstream.Msg) bool {
 	if !w.d.OrderObject || w.p.legacy || !isObjectSubject(msg.Subject()) {
 		return false
@@ -148,32 +174,59 @@ func (w *workerRun) hold(msg jetstream.Msg) bool {
 	if err != nil {
 		return false
 	}
-	first, err := w.firstOf(msg.Subject())
-	if err == nil && first >= meta.Sequence.Stream {
-		return false // the first of its object still stored
+	seq := meta.Sequence.Stream
+	first, err := w.firstOf(msg.Subject(), seq)
+	switch {
+	case err == nil && first == seq:
+		return false // the first of its object still stored: its turn
+	case errors.Is(err, jetstream.ErrMsgNotFound), err == nil && first > seq:
+		_ = msg.Ack() // settled by another delivery of it: nothing to do
+		w.s.handBacks.settled(refOf(meta))
+		return true
 	}
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return false // itself deleted meanwhile: the attempt finds out
+	if w.pace != nil {
+		w.pace.refund() // the token was for an attempt
 	}
 	w.mu.Lock()
 	stopped := w.stopped
 	w.mu.Unlock()
-	if stopped || !w.room.add(w, msg, meta.Sequence.Stream) {
+	if stopped || !w.room.add(w, msg, seq) {
 		w.s.handBackAfter(msg, holdDelay(meta.NumDelivered))
 	}
 	return true
 }
 
 // firstOf is the sequence of the first copy stored on subject, in w's
-// stream.
-func (w *workerRun) firstOf(subject string) (uint64, error) {
-	ctx, cancel := context.WithTimeout(w.ctx, 5*time.Second)
+// stream, up to seq. A first copy at or below the consumer's ack floor
+// is settled (its delete failed, and the process that settled it died
+// before its sweep): it is deleted now, and the next one looked at.
+func (w *workerRun) firstOf(subject string, seq uint64) (uint64, error) {
+	ctx, cancel := context.WithTimeout(w.ctx, holdAsk)
 	defer cancel()
-	m, err := w.p.stream.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(subject))
-	if err != nil {
-		return 0, err
+	var floor uint64
+	floorRead := false
+	from := uint64(1)
+	for {
+		m, err := w.p.stream.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subject))
+		if err != nil {
+			return 0, err
+		}
+		if m.Sequence >= seq {
+			return m.Sequence, nil
+		}
+		if !floorRead {
+			info, err := w.sw.consumer().Info(ctx)
+			if err != nil {
+				return m.Sequence, nil // not known: it waits
+			}
+			floor, floorRead = info.AckFloor.Stream, true
+		}
+		if m.Sequence > floor {
+			return m.Sequence, nil // an earlier copy not settled
+		}
+		_ = w.p.stream.DeleteMsg(ctx, m.Sequence) // settled, left behind
+		from = m.Sequence + 1
 	}
-	return m.Sequence, nil
 }
 
 // runRoom looks at the held copies every holdPoll (and when woken) until
@@ -182,10 +235,25 @@ func (w *workerRun) firstOf(subject string) (uint64, error) {
 func (g *destWorkers) runRoom(ctx context.Context) {
 	t := time.NewTicker(holdPoll)
 	defer t.Stop()
+	renewed := make(chan struct{})
+	go func() {
+		defer close(renewed)
+		rt := time.NewTicker(holdProgress / 2)
+		defer rt.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-rt.C:
+				g.room.renew(now)
+			}
+		}
+	}()
+	defer func() { <-renewed }()
 	for {
 		select {
 		case <-ctx.Done():
-			for _, subject := range g.room.subjects(time.Now()) {
+			for subject := range g.room.subjects() {
 				for _, h := range g.room.take(subject, 0) {
 					// With a delay, not a plain Nak: a delay is kept in the
 					// consumer's stored state, so a copy handed back by a
@@ -199,30 +267,29 @@ func (g *destWorkers) runRoom(ctx context.Context) {
 		case <-t.C:
 		case <-g.room.poke:
 		}
-		for _, subject := range g.room.subjects(time.Now()) {
-			w := g.room.workersOf(subject)
-			if w == nil {
-				continue
+		for subject, w := range g.room.subjects() {
+			if ctx.Err() != nil {
+				break
 			}
-			first, err := w.firstOf(subject)
+			first, err := w.firstOf(subject, math.MaxUint64)
 			if errors.Is(err, jetstream.ErrMsgNotFound) {
 				first = math.MaxUint64 // none stored: all were settled meanwhile
 			} else if err != nil {
 				continue
 			}
 			for _, h := range g.room.take(subject, first) {
-				go h.w.handle(h.msg) // attempted if still first; held again if not
+				go h.w.release(ctx, h.msg) // attempted if still first; held again if not
 			}
 		}
 	}
 }
 
-// workersOf is the workers of the stream whose copies of subject are held.
-func (r *waitingRoom) workersOf(subject string) *workerRun {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if list := r.bySubject[subject]; len(list) > 0 {
-		return list[0].w
+// release hands a copy the room let go to the workers, after a token of
+// the destination's pace.
+func (w *workerRun) release(ctx context.Context, msg jetstream.Msg) {
+	if w.pace != nil && !w.pace.take(ctx) {
+		w.s.handBackAfter(msg, holdFirst)
+		return
 	}
-	return nil
+	w.handle(msg)
 }

@@ -163,8 +163,8 @@ func (s *Store) openParts(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("queue: looking for the stream %s of earlier versions: %v", cfg.Stream, err)
 	}
-	if legacy == nil {
-		return nil
+	if legacy == nil || !slices.Contains(legacy.CachedInfo().Config.Subjects, cfg.Stream+".deliver.>") {
+		return nil // none, or not the queue of an earlier version
 	}
 	if st := legacy.CachedInfo().State; st.Msgs == 0 && !s.shared() {
 		// Drained: its reserved bytes go back to the store.
@@ -253,8 +253,8 @@ func (s *Store) listExtra(ctx context.Context) ([]*part, error) {
 	var extra []*part
 	for _, name := range found {
 		st, err := s.js.Stream(lctx, name)
-		if err != nil {
-			continue
+		if err != nil || !slices.Equal(st.CachedInfo().Config.Subjects, []string{name + ".deliver.>"}) {
+			continue // not one of ours (another deployment's stream)
 		}
 		extra = append(extra, &part{name: name, extra: true, stream: st})
 		if s.partsCache.warned == nil {

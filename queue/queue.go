@@ -186,9 +186,15 @@ type Store struct {
 	unswept   map[string]unswept // per subject: settled copies stopped workers could not delete
 
 	dead deadLetters // <stream>_DEAD and the copies that could not be buried (dead.go)
+
+	heldMu    sync.Mutex
+	heldCount map[string]heldCount // per destination, the latest count of held copies
 }
 
 var streamName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+
+// partitionSuffix matches a partition's stream name (partName).
+var partitionSuffix = regexp.MustCompile(`^(.+)_[0-9]+$`)
 
 // destinationName is what a destination's name may be: it becomes a
 // subject token.
@@ -202,6 +208,9 @@ func ValidStream(name string) error {
 	}
 	if strings.HasSuffix(name, "_DEAD") {
 		return fmt.Errorf("queue: stream name %q: a name ending in _DEAD is the dead letters' stream of %s: choose another", name, strings.TrimSuffix(name, "_DEAD"))
+	}
+	if m := partitionSuffix.FindStringSubmatch(name); m != nil {
+		return fmt.Errorf("queue: stream name %q: a name ending in _<digits> is a partition of the stream %s: choose another", name, m[1])
 	}
 	return nil
 }

@@ -125,6 +125,12 @@ func TestOpenErrors(t *testing.T) {
 	if _, err := Open(context.Background(), Config{Dir: t.TempDir(), Stream: "MUX_WEBHOOK_DEAD"}); err == nil || !strings.Contains(err.Error(), "dead letters' stream of MUX_WEBHOOK") {
 		t.Errorf("a stream named like another's dead letters: %v", err)
 	}
+	if _, err := Open(context.Background(), Config{Dir: t.TempDir(), Stream: "MUX_2"}); err == nil || !strings.Contains(err.Error(), "partition of the stream MUX") {
+		t.Errorf("a stream named like another's partition: %v", err)
+	}
+	if _, err := Open(context.Background(), Config{Dir: t.TempDir(), Partitions: MaxPartitions + 1}); err == nil || !strings.Contains(err.Error(), "partitions") {
+		t.Errorf("too many partitions: %v", err)
+	}
 }
 
 // TestTransient: what Open and StartWorkers try again while a cluster elects a

@@ -132,13 +132,34 @@ func (w *sweeper) consumer() jetstream.Consumer {
 	return w.cons
 }
 
-// remove deletes the copy at seq from the stream now, before it is
+// remove deletes msg's copy from the stream now, before it is
 // acknowledged (an ordered destination's: the next copy of its object
 // goes once it is gone). It reports whether the copy is gone; if not,
-// it is acknowledged and swept as any other.
-func (w *sweeper) remove(ctx context.Context, seq uint64) bool {
-	err := w.stream.DeleteMsg(ctx, seq)
-	return err == nil || errors.Is(err, jetstream.ErrMsgNotFound)
+// it is acknowledged and swept as any other. A copy of a consumer since
+// deleted, or whose sequence now holds another message (the stream was
+// made again: sequences are reused), is not touched.
+func (w *sweeper) remove(ctx context.Context, msg jetstream.Msg, meta *jetstream.MsgMetadata) bool {
+	if g, ok := msg.(*genMsg); ok && g.stale() {
+		return false
+	}
+	seq := meta.Sequence.Stream
+	m, err := w.stream.GetMsg(ctx, seq)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return true // gone already
+	}
+	if err != nil || !m.Time.Equal(meta.Timestamp) {
+		return false
+	}
+	for range 3 {
+		err = w.stream.DeleteMsg(ctx, seq)
+		if err == nil || errors.Is(err, jetstream.ErrMsgNotFound) {
+			return true
+		}
+		if answered(err) {
+			return false
+		}
+	}
+	return false
 }
 
 // settle records that the copy at stream sequence seq was settled.
