@@ -525,6 +525,16 @@ BLOCK
 			},
 		}},
 	},
+	"README.md: Keep an asset's state right #1": {
+		upstreams: []string{"app:8080"},
+		runs: []blockRun{{
+			deliveries: []docDelivery{
+				{typ: "video.asset.created", id: "k1", status: 202, to: "app:8080", signedWith: readmeSecret},
+				{typ: "video.asset.ready", id: "k2", status: 202, to: "app:8080", signedWith: readmeSecret},
+				{typ: "video.asset.ready", id: "k2", status: 202}, // Mux's retry: absorbed
+			},
+		}},
+	},
 	"README.md: A weekend outage #1": {
 		replace: []string{
 			"{\n\tmux_webhook {", "{\n\tadmin localhost:<free-port>\n\tmux_webhook {",
