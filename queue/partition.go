@@ -131,6 +131,12 @@ func partConfig(cfg Config, i int) jetstream.StreamConfig {
 		MaxBytes:   cfg.MaxBytes / int64(cfg.Partitions),
 		Duplicates: cfg.DedupeWindow,
 		Replicas:   cfg.Replicas,
+		// order object asks the stream about a copy before each attempt:
+		// a direct get skips JetStream's API (JSON, base64), and with one
+		// replica it is answered by the one server that holds the stream,
+		// never stale. (With more, a follower could answer before it has
+		// the copy: the API's answer, from the leader, is used then.)
+		AllowDirect: cfg.Replicas == 1,
 	}
 }
 
