@@ -230,8 +230,13 @@ func (s *setup) caddyfile(g *gateway) string {
 		st := s.settings[name]
 		// The breaker on, its probe compressed like the retry delays:
 		// a backend's outage trips it, and its end is found within 2s.
-		fmt.Fprintf(&b, "\t\tdestination %s %s {\n\t\t\ttimeout %s\n\t\t\tretry %s\n\t\t\tmax_attempts %d\n\t\t\tconcurrency %d\n\t\t\tbreaker 10 2s\n\t\t\tsign {env.CHAOS_SIGN_%s}\n\t\t}\n",
-			name, s.backend(name).url(), st.Timeout, st.Retry, st.MaxAttempts, st.Concurrency, strings.ToUpper(name))
+		// app orders by object: every fault meets held copies too.
+		order := ""
+		if name == "app" {
+			order = "\t\t\torder object\n"
+		}
+		fmt.Fprintf(&b, "\t\tdestination %s %s {\n\t\t\ttimeout %s\n\t\t\tretry %s\n\t\t\tmax_attempts %d\n\t\t\tconcurrency %d\n\t\t\tbreaker 10 2s\n%s\t\t\tsign {env.CHAOS_SIGN_%s}\n\t\t}\n",
+			name, s.backend(name).url(), st.Timeout, st.Retry, st.MaxAttempts, st.Concurrency, order, strings.ToUpper(name))
 	}
 	b.WriteString("\t}\n}\n\n")
 	fmt.Fprintf(&b, "http://127.0.0.1:%d {\n\tmux_webhook /mux {env.CHAOS_MUX_SECRET}\n\tmux_deliver %s\n}\n", g.port, strings.Join(destinationNames, " "))
@@ -425,7 +430,7 @@ func (s *setup) deleteConsumer(dest string) string {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := js.DeleteConsumer(ctx, "MUX_WEBHOOK", "deliver_"+dest); err != nil {
+	if err := js.DeleteConsumer(ctx, "MUX_WEBHOOK_0", "deliver_"+dest); err != nil {
 		return "deleting deliver_" + dest + ": " + err.Error()
 	}
 	return "deleted deliver_" + dest

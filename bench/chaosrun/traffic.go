@@ -177,7 +177,9 @@ func muxEvent(id, typ string, at time.Time, rng *mrand.Rand) []byte {
 	case strings.HasPrefix(typ, "video.upload."):
 		objType = "upload"
 	}
-	obj := uuid()
+	// One of 50 objects: an object's events come one after another, as
+	// an asset's do, and order object (on app) holds some of them.
+	obj := fmt.Sprintf("chaos-%s-%02d", objType, rng.Intn(50))
 	created := at.UTC().Format("2006-01-02T15:04:05.000000Z")
 	return fmt.Appendf(nil, `{"type":%q,"request_id":null,"object":{"type":%q,"id":%q},"id":%q,"environment":{"name":"Production","id":"j0863n"},`+
 		`"data":{"upload_id":%q,"tracks":[{"type":"video","max_width":1920,"max_height":1080,"max_frame_rate":29.97,"id":%q,"duration":%.3f},`+
