@@ -8,11 +8,8 @@ package muxwebhook
 // cluster; order kept across a SIGKILL of the gateway holding an attempt.
 
 import (
-	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -21,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testorder"
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 )
 
@@ -28,87 +26,6 @@ import (
 func objectEvent(typ, id, object string) []byte {
 	return []byte(fmt.Sprintf(`{"type":%q,"request_id":null,"object":{"type":"asset","id":%q},"id":%q,"environment":{"name":"Production","id":"env-1"},"data":{"id":%q},"created_at":"2024-05-01T10:00:00.000000Z","attempts":[],"accessor_source":null,"accessor":null}`,
 		typ, object, id, object))
-}
-
-// orderBackend is a destination that records, per object, the events it
-// answered 2xx in the order they arrived, every POST's attempt header,
-// and each object that had two POSTs in flight at once. answer decides
-// the status of the n-th POST of event id (it may block).
-type orderBackend struct {
-	*httptest.Server
-	mu        sync.Mutex
-	delivered map[string][]string // object: event ids answered 2xx, in order
-	posts     map[string][]string // event id: Mux-Webhook-Attempt of each POST
-	inFlight  map[string]int
-	overlaps  map[string]int
-	at        map[string]time.Time // event id: when it was answered 2xx
-}
-
-func newOrderBackend(t *testing.T, hold time.Duration, answer func(r *http.Request, id string, n int) int) *orderBackend {
-	b := &orderBackend{delivered: map[string][]string{}, posts: map[string][]string{}, inFlight: map[string]int{},
-		overlaps: map[string]int{}, at: map[string]time.Time{}}
-	b.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		var ev struct {
-			ID     string `json:"id"`
-			Object struct {
-				ID string `json:"id"`
-			} `json:"object"`
-		}
-		_ = json.Unmarshal(body, &ev)
-		obj := ev.Object.ID
-		b.mu.Lock()
-		b.inFlight[obj]++
-		if b.inFlight[obj] > 1 {
-			b.overlaps[obj]++
-		}
-		b.posts[ev.ID] = append(b.posts[ev.ID], r.Header.Get("Mux-Webhook-Attempt"))
-		n := len(b.posts[ev.ID])
-		b.mu.Unlock()
-		time.Sleep(hold)
-		status := http.StatusNoContent
-		if answer != nil {
-			status = answer(r, ev.ID, n)
-		}
-		b.mu.Lock()
-		b.inFlight[obj]--
-		if status < 300 && r.Context().Err() == nil {
-			b.delivered[obj] = append(b.delivered[obj], ev.ID)
-			b.at[ev.ID] = time.Now()
-		}
-		b.mu.Unlock()
-		w.WriteHeader(status)
-	}))
-	t.Cleanup(b.Close)
-	return b
-}
-
-func (b *orderBackend) of(object string) []string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return slices.Clone(b.delivered[object])
-}
-
-func (b *orderBackend) attempts(id string) []string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return slices.Clone(b.posts[id])
-}
-
-// checkOrder fails t unless every object got exactly want(object), in
-// order, and none had two POSTs at once.
-func (b *orderBackend) checkOrder(t *testing.T, want map[string][]string) {
-	t.Helper()
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for obj, ids := range want {
-		if got := b.delivered[obj]; !slices.Equal(got, ids) {
-			t.Errorf("%s: delivered %v, want %v", obj, got, ids)
-		}
-	}
-	for obj, n := range b.overlaps {
-		t.Errorf("%s: %d POSTs while another of its events was in flight", obj, n)
-	}
 }
 
 // sendInOrder posts each event in turn to url, each once the one before
@@ -143,7 +60,7 @@ func sendInOrder(t *testing.T, url func(i int) string, limit time.Duration, bodi
 func TestOrderObjectOneFailingObject(t *testing.T) {
 	t.Parallel() // its own processes and ports
 	release := make(chan struct{})
-	b := newOrderBackend(t, 5*time.Millisecond, func(_ *http.Request, id string, n int) int {
+	b := testorder.New(t, 5*time.Millisecond, func(_ *http.Request, id string, n int) int {
 		if id == "late-0" && n <= 2 {
 			if n == 2 {
 				<-release
@@ -174,7 +91,7 @@ func TestOrderObjectOneFailingObject(t *testing.T) {
 	sendInOrder(t, url, 30*time.Second, others...)
 	testwait.Until(t, 60*time.Second, func() bool {
 		for i := range 50 {
-			if len(b.of(fmt.Sprint("asset-", i))) != 2 {
+			if len(b.Of(fmt.Sprint("asset-", i))) != 2 {
 				return false
 			}
 		}
@@ -182,7 +99,7 @@ func TestOrderObjectOneFailingObject(t *testing.T) {
 	}, func() string {
 		return "the other 50 objects were not all delivered while late-0 failed\n" + tail(g.out.String(), 4096)
 	})
-	if got := b.of("asset-late"); len(got) != 0 {
+	if got := b.Of("asset-late"); len(got) != 0 {
 		t.Fatalf("asset-late's events delivered before its first: %v", got)
 	}
 	testwait.Until(t, 20*time.Second, func() bool { return g.status(t).Held == 4 },
@@ -194,16 +111,16 @@ func TestOrderObjectOneFailingObject(t *testing.T) {
 		t.Errorf("caddy mux-webhook queue: no HELD column: %v\n%s", err, out)
 	}
 	close(release)
-	testwait.Until(t, 30*time.Second, func() bool { return len(b.of("asset-late")) == 5 },
+	testwait.Until(t, 30*time.Second, func() bool { return len(b.Of("asset-late")) == 5 },
 		func() string {
-			return fmt.Sprintf("asset-late: %v\n%s", b.of("asset-late"), tail(g.out.String(), 4096))
+			return fmt.Sprintf("asset-late: %v\n%s", b.Of("asset-late"), tail(g.out.String(), 4096))
 		})
-	b.checkOrder(t, want)
-	if got := b.attempts("late-0"); !slices.Equal(got, []string{"1", "2", "3"}) {
+	b.CheckOrder(t, want)
+	if got := b.Attempts("late-0"); !slices.Equal(got, []string{"1", "2", "3"}) {
 		t.Errorf("late-0's POSTs carried attempts %v, want 1 2 3", got)
 	}
 	for i := 1; i < 5; i++ {
-		if got := b.attempts(fmt.Sprint("late-", i)); !slices.Equal(got, []string{"1"}) {
+		if got := b.Attempts(fmt.Sprint("late-", i)); !slices.Equal(got, []string{"1"}) {
 			t.Errorf("late-%d, held meanwhile, came as %v; want one POST, attempt 1", i, got)
 		}
 	}
@@ -219,7 +136,7 @@ func TestOrderObjectOneFailingObject(t *testing.T) {
 func TestOrderObjectOnACluster(t *testing.T) {
 	t.Parallel() // its own processes and ports
 	c := startNATSCluster(t)
-	b := newOrderBackend(t, 10*time.Millisecond, nil)
+	b := testorder.New(t, 10*time.Millisecond, nil)
 	gs := startClusterGateways(t, 2, clusterGlobal(c, "5s", b.URL, "\t\t\ttimeout 2s\n\t\t\tretry 100ms\n\t\t\tconcurrency 8\n\t\t\torder object"))
 	c.waitPulling("app", len(gs))
 	want := map[string][]string{}
@@ -242,7 +159,7 @@ func TestOrderObjectOnACluster(t *testing.T) {
 	start := time.Now()
 	testwait.Until(t, 120*time.Second, func() bool {
 		for o := range 10 {
-			if len(b.of(fmt.Sprint("asset-", o))) < 20 {
+			if len(b.Of(fmt.Sprint("asset-", o))) < 20 {
 				return false
 			}
 		}
@@ -250,12 +167,12 @@ func TestOrderObjectOnACluster(t *testing.T) {
 	}, func() string {
 		var n []int
 		for o := range 10 {
-			n = append(n, len(b.of(fmt.Sprint("asset-", o))))
+			n = append(n, len(b.Of(fmt.Sprint("asset-", o))))
 		}
 		return fmt.Sprintf("delivered per object: %v\n%s", n, tail(gs[0].out.String(), 2048))
 	})
 	t.Logf("200 events of 10 objects delivered in order %s after the last was accepted", time.Since(start).Round(time.Millisecond))
-	b.checkOrder(t, want)
+	b.CheckOrder(t, want)
 }
 
 // TestOrderKeptAcrossASIGKILL: the gateway is killed (SIGKILL) while it
@@ -266,7 +183,7 @@ func TestOrderObjectOnACluster(t *testing.T) {
 func TestOrderKeptAcrossASIGKILL(t *testing.T) {
 	t.Parallel() // its own processes and ports
 	inAttempt := make(chan struct{}, 1)
-	b := newOrderBackend(t, 0, func(r *http.Request, id string, n int) int {
+	b := testorder.New(t, 0, func(r *http.Request, id string, n int) int {
 		if id == "k-0" && n == 1 {
 			inAttempt <- struct{}{}
 			<-r.Context().Done() // the gateway dies while it waits
@@ -294,16 +211,14 @@ func TestOrderKeptAcrossASIGKILL(t *testing.T) {
 
 	g2 := startHealGateway(t, global)
 	sendInOrder(t, func(int) string { return g2.base }, 20*time.Second, objectEvent("video.asset.ready", "other-0", "asset-other"))
-	testwait.Until(t, 30*time.Second, func() bool { return len(b.of("asset-k")) == 4 && len(b.of("asset-other")) == 1 },
-		func() string { return fmt.Sprintf("asset-k: %v\n%s", b.of("asset-k"), tail(g2.out.String(), 4096)) })
-	b.checkOrder(t, map[string][]string{"asset-k": {"k-0", "k-1", "k-2", "k-3"}, "asset-other": {"other-0"}})
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if !b.at["other-0"].Before(b.at["k-0"]) {
-		t.Errorf("other-0 (another object) waited for asset-k's k-0: delivered at %v, k-0 at %v", b.at["other-0"], b.at["k-0"])
+	testwait.Until(t, 30*time.Second, func() bool { return len(b.Of("asset-k")) == 4 && len(b.Of("asset-other")) == 1 },
+		func() string { return fmt.Sprintf("asset-k: %v\n%s", b.Of("asset-k"), tail(g2.out.String(), 4096)) })
+	b.CheckOrder(t, map[string][]string{"asset-k": {"k-0", "k-1", "k-2", "k-3"}, "asset-other": {"other-0"}})
+	if !b.At("other-0").Before(b.At("k-0")) {
+		t.Errorf("other-0 (another object) waited for asset-k's k-0: delivered at %v, k-0 at %v", b.At("other-0"), b.At("k-0"))
 	}
 	for i := 1; i < 4; i++ {
-		if n := len(b.posts[fmt.Sprint("k-", i)]); n != 1 {
+		if n := len(b.Attempts(fmt.Sprint("k-", i))); n != 1 {
 			t.Errorf("k-%d POSTed %d times, want once", i, n)
 		}
 	}
@@ -344,7 +259,7 @@ func TestUpgradeFromTheSingleStreamStore(t *testing.T) {
 	old := singleStreamCaddy(t)
 	var mu sync.Mutex
 	up := false
-	b := newOrderBackend(t, 0, func(*http.Request, string, int) int {
+	b := testorder.New(t, 0, func(*http.Request, string, int) int {
 		mu.Lock()
 		defer mu.Unlock()
 		if !up {
@@ -368,7 +283,7 @@ func TestUpgradeFromTheSingleStreamStore(t *testing.T) {
 		want[obj] = append(want[obj], id)
 	}
 	sendInOrder(t, func(int) string { return base }, 30*time.Second, bodies...)
-	testwait.Until(t, 20*time.Second, func() bool { return len(b.attempts("old-19")) > 0 },
+	testwait.Until(t, 20*time.Second, func() bool { return len(b.Attempts("old-19")) > 0 },
 		func() string { return "the old version attempted nothing\n" + tail(out.String(), 2048) })
 	if err := cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
@@ -394,21 +309,18 @@ func TestUpgradeFromTheSingleStreamStore(t *testing.T) {
 	testwait.Until(t, 60*time.Second, func() bool {
 		n := 0
 		for obj := range want {
-			n += len(b.of(obj))
+			n += len(b.Of(obj))
 		}
 		return n >= 30
 	}, func() string { return "not every event delivered after the upgrade\n" + tail(out.String(), 4096) })
 	if !strings.Contains(out.String(), "the single stream of an earlier version holds copies") {
 		t.Error("no INFO line said the old stream is drained")
 	}
-	b.mu.Lock()
 	for obj, ids := range want {
-		got := b.delivered[obj]
-		if len(got) != len(ids) {
+		if got := b.Of(obj); len(got) != len(ids) {
 			t.Errorf("%s: delivered %v, want each of %v once", obj, got, ids)
 		}
 	}
-	b.mu.Unlock()
 	testwait.Until(t, 20*time.Second, func() bool {
 		return getJSON(t, adminURL+"/mux-webhook/queue", &st) == 200 && len(st) == 1 && st[0].Pending+st[0].InFlight == 0
 	}, func() string { return fmt.Sprintf("status after: %+v", st) })

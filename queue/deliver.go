@@ -610,7 +610,7 @@ func (w *workerRun) handle(msg jetstream.Msg) {
 			w.observe(a)
 		}
 		if w.d.OrderObject && a.Result != "retry" {
-			w.room.wake() // the next copy of its object may be waiting here
+			w.room.settle(msg.Subject()) // the next copy of its object may be waiting here
 		}
 		if w.br != nil && w.ctx.Err() == nil && w.br.record(a, time.Now()) {
 			w.tellBreaker()

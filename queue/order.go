@@ -25,19 +25,23 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// A held copy waits in the waiting room, looked at again every holdPoll
-// (and at once when this process settles a copy of an ordered
-// destination), its ack deadline pushed back every holdProgress. The room
-// keeps at most holdRoomPerObject copies of one object (a failing object
-// does not take the room from the others), holdRoomCopies and
-// holdRoomBytes in all; a copy past those goes back to the stream, to be
-// handed out again after holdDelay: holdFirst, doubling with each
-// delivery up to holdMax.
+// A held copy waits in the waiting room, looked at again at once when
+// this process settles the copy of its object before it, and by a scan of
+// every held object (for copies settled by other gateways) every
+// holdPoll, or holdScan once more than holdScanMany objects are held (a
+// scan asks the stream once per object). Its ack deadline is pushed back
+// every holdProgress. The room keeps at most holdRoomPerObject copies of
+// one object (a failing object does not take the room from the others),
+// holdRoomCopies and holdRoomBytes in all; a copy past those goes back to
+// the stream, to be handed out again after holdDelay: holdFirst, doubling
+// with each delivery up to holdMax.
 const (
 	holdPoll          = 200 * time.Millisecond
+	holdScan          = time.Second
+	holdScanMany      = 64
 	holdProgress      = time.Second
 	holdRoomPerObject = 8
-	holdRoomCopies    = 1024
+	holdRoomCopies    = 4096
 	holdRoomBytes     = 32 << 20
 	holdFirst         = 250 * time.Millisecond
 	holdMax           = 5 * time.Second
@@ -72,6 +76,8 @@ type waitingRoom struct {
 	copies    int
 	bytes     int
 	poke      chan struct{}
+	settled   map[string]bool // subjects whose copy before the held ones was settled here
+	scanned   time.Time       // when every subject was last looked at
 }
 
 func newWaitingRoom() *waitingRoom {
@@ -151,12 +157,49 @@ func (r *waitingRoom) renew(now time.Time) {
 	}
 }
 
-// wake has the room look at its copies now.
-func (r *waitingRoom) wake() {
+// settle has the room look now at the copies of subject, whose copy
+// this process just settled.
+func (r *waitingRoom) settle(subject string) {
+	r.mu.Lock()
+	if _, ok := r.bySubject[subject]; !ok {
+		r.mu.Unlock()
+		return
+	}
+	if r.settled == nil {
+		r.settled = map[string]bool{}
+	}
+	r.settled[subject] = true
+	r.mu.Unlock()
 	select {
 	case r.poke <- struct{}{}:
 	default:
 	}
+}
+
+// due returns the subjects to look at now: those settle named, or all of
+// them when a scan is due.
+func (r *waitingRoom) due(now time.Time) map[string]*workerRun {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	every := holdPoll
+	if len(r.bySubject) > holdScanMany {
+		every = holdScan
+	}
+	out := map[string]*workerRun{}
+	if now.Sub(r.scanned) >= every {
+		r.scanned = now
+		for subject, list := range r.bySubject {
+			out[subject] = list[0].w
+		}
+	} else {
+		for subject := range r.settled {
+			if list := r.bySubject[subject]; len(list) > 0 {
+				out[subject] = list[0].w
+			}
+		}
+	}
+	clear(r.settled)
+	return out
 }
 
 // hold keeps msg back, unattempted and not charged, when the destination
@@ -267,7 +310,7 @@ func (g *destWorkers) runRoom(ctx context.Context) {
 		case <-t.C:
 		case <-g.room.poke:
 		}
-		for subject, w := range g.room.subjects() {
+		for subject, w := range g.room.due(time.Now()) {
 			if ctx.Err() != nil {
 				break
 			}

@@ -2,71 +2,14 @@ package queue
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
-	"net/http/httptest"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testorder"
 )
-
-// objectBackend records, per object, the event ids in the order they
-// arrived, and how many of one object's were in flight at once; fail
-// decides the status of each POST (n: the POSTs of that event so far).
-type objectBackend struct {
-	*httptest.Server
-	mu       sync.Mutex
-	order    map[string][]string // object id: event ids, as they arrived (2xx only)
-	inFlight map[string]int
-	overlap  []string // objects with two POSTs at once
-	posts    map[string]int
-	attempt  map[string][]string // event id: Mux-Webhook-Attempt of each POST
-	at       map[string]time.Time
-}
-
-func newObjectBackend(t *testing.T, hold time.Duration, fail func(id string, n int) int) *objectBackend {
-	b := &objectBackend{order: map[string][]string{}, inFlight: map[string]int{}, posts: map[string]int{},
-		attempt: map[string][]string{}, at: map[string]time.Time{}}
-	b.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		var ev struct {
-			ID     string `json:"id"`
-			Object struct {
-				ID string `json:"id"`
-			} `json:"object"`
-		}
-		_ = json.Unmarshal(body, &ev)
-		b.mu.Lock()
-		b.inFlight[ev.Object.ID]++
-		if b.inFlight[ev.Object.ID] > 1 {
-			b.overlap = append(b.overlap, ev.Object.ID)
-		}
-		b.posts[ev.ID]++
-		n := b.posts[ev.ID]
-		b.attempt[ev.ID] = append(b.attempt[ev.ID], r.Header.Get(HeaderAttempt))
-		b.mu.Unlock()
-		time.Sleep(hold)
-		status := fail(ev.ID, n)
-		b.mu.Lock()
-		b.inFlight[ev.Object.ID]--
-		if status < 300 {
-			b.order[ev.Object.ID] = append(b.order[ev.Object.ID], ev.ID)
-			b.at[ev.ID] = time.Now()
-		}
-		b.mu.Unlock()
-		w.WriteHeader(status)
-	}))
-	t.Cleanup(b.Close)
-	return b
-}
-
-func (b *objectBackend) delivered(object string) []string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return append([]string(nil), b.order[object]...)
-}
 
 // TestOrderObjectHoldsOnlyItsObject: with order object and concurrency
 // 4, an object whose first event fails twice holds its 4 later events
@@ -78,7 +21,7 @@ func TestOrderObjectHoldsOnlyItsObject(t *testing.T) {
 	s := openTest(t, Config{Dir: t.TempDir()})
 	defer s.Close()
 	release := make(chan struct{})
-	b := newObjectBackend(t, 10*time.Millisecond, func(id string, n int) int {
+	b := testorder.New(t, 10*time.Millisecond, func(_ *http.Request, id string, n int) int {
 		if id == "a-0" && n <= 2 {
 			if n == 2 {
 				<-release
@@ -101,13 +44,13 @@ func TestOrderObjectHoldsOnlyItsObject(t *testing.T) {
 	defer stop()
 	waitUntil(t, "the other 20 objects delivered while a-0 fails", func() bool {
 		for i := range 20 {
-			if len(b.delivered(fmt.Sprintf("asset-%d", i))) != 1 {
+			if len(b.Of(fmt.Sprintf("asset-%d", i))) != 1 {
 				return false
 			}
 		}
 		return true
 	})
-	if got := b.delivered("asset-a"); len(got) != 0 {
+	if got := b.Of("asset-a"); len(got) != 0 {
 		t.Fatalf("asset-a's events delivered before its first: %v", got)
 	}
 	waitUntil(t, "4 held in the status", func() bool {
@@ -115,22 +58,15 @@ func TestOrderObjectHoldsOnlyItsObject(t *testing.T) {
 		return err == nil && st.Held == 4
 	})
 	close(release)
-	waitUntil(t, "asset-a's 5 events delivered", func() bool { return len(b.delivered("asset-a")) == 5 })
+	waitUntil(t, "asset-a's 5 events delivered", func() bool { return len(b.Of("asset-a")) == 5 })
 	want := []string{"a-0", "a-1", "a-2", "a-3", "a-4"}
-	if got := b.delivered("asset-a"); fmt.Sprint(got) != fmt.Sprint(want) {
-		t.Errorf("asset-a's events arrived as %v, want %v", got, want)
-	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if len(b.overlap) > 0 {
-		t.Errorf("two events of one object at once: %v", b.overlap)
-	}
-	if fmt.Sprint(b.attempt["a-0"]) != "[1 2 3]" {
-		t.Errorf("a-0's attempts %v, want [1 2 3]", b.attempt["a-0"])
+	b.CheckOrder(t, map[string][]string{"asset-a": want})
+	if got := b.Attempts("a-0"); fmt.Sprint(got) != "[1 2 3]" {
+		t.Errorf("a-0's attempts %v, want [1 2 3]", got)
 	}
 	for _, id := range want[1:] {
-		if fmt.Sprint(b.attempt[id]) != "[1]" {
-			t.Errorf("%s, held, came as attempts %v; want one POST, attempt 1", id, b.attempt[id])
+		if got := b.Attempts(id); fmt.Sprint(got) != "[1]" {
+			t.Errorf("%s, held, came as attempts %v; want one POST, attempt 1", id, got)
 		}
 	}
 }
@@ -141,7 +77,7 @@ func TestOrderObjectHoldsOnlyItsObject(t *testing.T) {
 func TestOrderObjectAfterADeadLetter(t *testing.T) {
 	s := openTest(t, Config{Dir: t.TempDir()})
 	defer s.Close()
-	b := newObjectBackend(t, 0, func(id string, n int) int {
+	b := testorder.New(t, 0, func(_ *http.Request, id string, n int) int {
 		if id == "a-0" {
 			return http.StatusInternalServerError
 		}
@@ -156,8 +92,8 @@ func TestOrderObjectAfterADeadLetter(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer stop()
-	waitUntil(t, "a-1..a-3 delivered after a-0 died", func() bool { return len(b.delivered("asset-a")) == 3 })
-	if got := b.delivered("asset-a"); fmt.Sprint(got) != "[a-1 a-2 a-3]" {
+	waitUntil(t, "a-1..a-3 delivered after a-0 died", func() bool { return len(b.Of("asset-a")) == 3 })
+	if got := b.Of("asset-a"); fmt.Sprint(got) != "[a-1 a-2 a-3]" {
 		t.Errorf("delivered %v", got)
 	}
 	if st, err := s.Status(context.Background(), "app", true); err != nil || st.Dead != 1 || st.Held != 0 {
@@ -173,7 +109,7 @@ func TestHeldCopyAfterAStop(t *testing.T) {
 	s := openTest(t, Config{Dir: dir})
 	var mu sync.Mutex
 	up := false
-	b := newObjectBackend(t, 0, func(id string, n int) int {
+	b := testorder.New(t, 0, func(_ *http.Request, id string, n int) int {
 		mu.Lock()
 		defer mu.Unlock()
 		if id == "a-0" && !up {
@@ -189,7 +125,7 @@ func TestHeldCopyAfterAStop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "a-0 attempted", func() bool { b.mu.Lock(); defer b.mu.Unlock(); return b.posts["a-0"] > 0 })
+	waitUntil(t, "a-0 attempted", func() bool { return len(b.Attempts("a-0")) > 0 })
 	stop()
 	s.Close()
 	s = openTest(t, Config{Dir: dir})
@@ -200,14 +136,14 @@ func TestHeldCopyAfterAStop(t *testing.T) {
 	}
 	defer stop()
 	time.Sleep(time.Second)
-	if got := b.delivered("asset-a"); len(got) != 0 {
+	if got := b.Of("asset-a"); len(got) != 0 {
 		t.Fatalf("after a restart, delivered %v before a-0", got)
 	}
 	mu.Lock()
 	up = true
 	mu.Unlock()
-	waitUntil(t, "3 delivered", func() bool { return len(b.delivered("asset-a")) == 3 })
-	if got := b.delivered("asset-a"); fmt.Sprint(got) != "[a-0 a-1 a-2]" {
+	waitUntil(t, "3 delivered", func() bool { return len(b.Of("asset-a")) == 3 })
+	if got := b.Of("asset-a"); fmt.Sprint(got) != "[a-0 a-1 a-2]" {
 		t.Errorf("delivered %v", got)
 	}
 }
