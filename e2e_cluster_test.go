@@ -105,7 +105,7 @@ func TestClusterSharedWork(t *testing.T) {
 		if err != nil || !strings.Contains(out, "instance "+g.name+":") {
 			t.Errorf("%s: queue: %v\n%s", g.name, err, out)
 		}
-		if row := queueRow(out, "app"); len(row) < 5 || row[1] != "0" || row[4] != strconv.Itoa(dead) || row[3] != strconv.Itoa(int(st.Delivered)) {
+		if row := queueRow(out, "app"); len(row) < 6 || row[1] != "0" || row[5] != strconv.Itoa(dead) || row[4] != strconv.Itoa(int(st.Delivered)) {
 			t.Errorf("%s: queue printed %q, want 0 pending, %d delivered, %d dead", g.name, row, st.Delivered, dead)
 		}
 		out, err = runCommand(t, "", "queue", "dead", "app", "--address", fmt.Sprintf("127.0.0.1:%d", g.admin))

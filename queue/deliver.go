@@ -189,6 +189,16 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 		return nil, fmt.Errorf("queue: destination name %q: use letters, digits, _ and - only", d.Name)
 	}
 	d.defaults()
+	// Each stream's workers, and the scan, tell of restarts: one call at a
+	// time, as for one stream.
+	if f := d.OnRestart; f != nil {
+		var mu sync.Mutex
+		d.OnRestart = func(err error) {
+			mu.Lock()
+			defer mu.Unlock()
+			f(err)
+		}
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	g := &destWorkers{
 		s: s, d: &d, observe: observe, ctx: ctx, cancelAttempts: cancel,
@@ -764,6 +774,9 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 	var lastCheck time.Time   // of the consumer, while tripped
 	var ended <-chan struct{} // nil once cc was stopped here: a closed channel would spin
 	broken := cc == nil       // cc was stopped (or never made: paused), and no new subscription made yet
+	// held: cc was stopped (or never made) on purpose, for a pause or a
+	// trip: subscribing again is no restart to tell of.
+	held := cc == nil
 	if cc != nil {
 		ended = cc.Closed()
 	}
@@ -791,7 +804,7 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 			// attempted as a probe every BreakerProbe.
 			if !broken {
 				cc.Drain()
-				ended, broken = nil, true
+				ended, broken, held = nil, true, true
 			}
 			if !w.paused.Load() {
 				// Tripped: the probes need the consumer; one deleted
@@ -837,9 +850,10 @@ func (w *workerRun) supervise(ctx context.Context, cons jetstream.Consumer, cc j
 		}
 		w.sw.setConsumer(nc)
 		cons, cc, ended, broken = nc, ncc, ncc.Closed(), false
-		if w.d.OnRestart != nil {
+		if w.d.OnRestart != nil && !held {
 			w.d.OnRestart(nil)
 		}
+		held = false
 	}
 }
 

@@ -164,7 +164,7 @@ async function main() {
       return /\t1\t\S+\tapp answered 500/.test(t) ? t : false; // dead 1, oldest, last error
     });
     const analyticsRow = await page.locator('tr[data-testid="queue-row"][data-destination="analytics"]').innerText();
-    check(/^analytics\t\S+\t0\t0\t[2-9]\d*\t0\t/.test(analyticsRow), "analytics in the queue view: " + JSON.stringify(analyticsRow));
+    check(/^analytics\t\S+\t0\t0\t0\t[2-9]\d*\t0\t/.test(analyticsRow), "analytics in the queue view: " + JSON.stringify(analyticsRow)); // pending, in flight, held, delivered, dead
     await shot(page, "console-queue.png");
 
     // 4b. Pause and resume analytics (the dialog is accepted above).
