@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
 )
 
 // A held copy waits in the waiting room, looked at again at once when
@@ -222,9 +223,16 @@ func (w *workerRun) hold(msg jetstream.Msg) bool {
 	switch {
 	case err == nil && first == seq:
 		return false // the first of its object still stored: its turn
-	case errors.Is(err, jetstream.ErrMsgNotFound), err == nil && first > seq:
-		_ = msg.Ack() // settled by another delivery of it: nothing to do
+	case err == nil && first > seq, errors.Is(err, jetstream.ErrMsgNotFound) && w.applied(seq):
+		// Settled by another delivery of it: nothing to do. (Not found
+		// alone does not say so: on a cluster, the consumer's node may
+		// hand out a copy before the stream's leader, which answers,
+		// has stored it; the leader's last sequence tells.)
+		_ = msg.Ack()
 		w.s.handBacks.settled(refOf(meta))
+		w.s.log.Info("mux_webhook queue: a delivery of an ordered copy already settled was acknowledged, not attempted",
+			zap.String("destination", w.d.Name), zap.String("stream", w.p.name), zap.Uint64("seq", seq),
+			zap.Uint64("first", first), zap.String("id", msg.Headers().Get(HeaderEventID)), zap.Error(err))
 		return true
 	}
 	if w.pace != nil {
@@ -237,6 +245,16 @@ func (w *workerRun) hold(msg jetstream.Msg) bool {
 		w.s.handBackAfter(msg, holdDelay(meta.NumDelivered))
 	}
 	return true
+}
+
+// applied reports whether w's stream (its leader, on a cluster) has
+// stored its message seq, whether or not it is still there; false when
+// that cannot be read.
+func (w *workerRun) applied(seq uint64) bool {
+	ctx, cancel := context.WithTimeout(w.ctx, holdAsk)
+	defer cancel()
+	info, err := w.p.stream.Info(ctx)
+	return err == nil && info.State.LastSeq >= seq
 }
 
 // firstOf is the sequence of the first copy stored on subject, in w's
@@ -268,6 +286,9 @@ func (w *workerRun) firstOf(subject string, seq uint64) (uint64, error) {
 			return m.Sequence, nil // an earlier copy not settled
 		}
 		_ = w.p.stream.DeleteMsg(ctx, m.Sequence) // settled, left behind
+		w.s.log.Info("mux_webhook queue: an ordered copy left behind below the ack floor was deleted",
+			zap.String("destination", w.d.Name), zap.String("stream", w.p.name), zap.Uint64("seq", m.Sequence),
+			zap.Uint64("ack_floor", floor), zap.String("id", m.Header.Get(HeaderEventID)))
 		from = m.Sequence + 1
 	}
 }

@@ -143,9 +143,24 @@ func (w *sweeper) remove(ctx context.Context, msg jetstream.Msg, meta *jetstream
 		return false
 	}
 	seq := meta.Sequence.Stream
-	m, err := w.stream.GetMsg(ctx, seq)
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return true // gone already
+	var m *jetstream.RawStreamMsg
+	var err error
+	for try := 0; ; try++ {
+		m, err = w.stream.GetMsg(ctx, seq)
+		if !errors.Is(err, jetstream.ErrMsgNotFound) {
+			break
+		}
+		// Not found: gone already, once the stream (its leader, on a
+		// cluster) has stored it; the consumer's node may have handed it
+		// out first.
+		info, ierr := w.stream.Info(ctx)
+		if ierr == nil && info.State.LastSeq >= seq {
+			return true
+		}
+		if try == 20 {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	if err != nil || !m.Time.Equal(meta.Timestamp) {
 		return false
