@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testorder"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // TestOrderObjectHoldsOnlyItsObject: with order object and concurrency
@@ -145,5 +146,60 @@ func TestHeldCopyAfterAStop(t *testing.T) {
 	waitUntil(t, "3 delivered", func() bool { return len(b.Of("asset-a")) == 3 })
 	if got := b.Of("asset-a"); fmt.Sprint(got) != "[a-0 a-1 a-2]" {
 		t.Errorf("delivered %v", got)
+	}
+}
+
+// TestHoldAcknowledgesASettledCopy: a delivery of an ordered copy that
+// is no longer stored (delivered by another delivery of it, whose ack
+// deadline had passed) is acknowledged, never attempted; the copy behind
+// it is held while the earlier one is stored, and goes once it is not.
+func TestHoldAcknowledgesASettledCopy(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir(), Partitions: 1})
+	defer s.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	putObject(t, s, "app", "a", "asset-x")
+	putObject(t, s, "app", "b", "asset-x")
+	p := firstPart(s)
+	d := Destination{Name: "app", OrderObject: true}
+	d.defaults()
+	cons, err := s.makeConsumer(ctx, p, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch, err := cons.Fetch(2, jetstream.FetchMaxWait(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var msgs []jetstream.Msg
+	for m := range batch.Messages() {
+		msgs = append(msgs, m)
+	}
+	if len(msgs) != 2 {
+		t.Fatalf("fetched %d copies, want 2", len(msgs))
+	}
+	g := &destWorkers{s: s, d: &d, ctx: ctx, room: newWaitingRoom()}
+	w := &workerRun{destWorkers: g, p: p}
+	w.sw = newSweeper(s, p.stream, cons, p.filter("app"))
+	a, b := msgs[0], msgs[1]
+	if w.hold(a) {
+		t.Fatal("the first copy of its object was held")
+	}
+	if !w.hold(b) {
+		t.Fatal("the second copy was not held while the first is stored")
+	}
+	metaA, _ := a.Metadata()
+	if err := p.stream.DeleteMsg(ctx, metaA.Sequence.Stream); err != nil { // delivered by another delivery of it
+		t.Fatal(err)
+	}
+	if !w.hold(a) {
+		t.Fatal("a delivery of a copy no longer stored was attempted")
+	}
+	waitUntil(t, "the settled copy's delivery acknowledged (1 ack pending, the second copy's)", func() bool {
+		info, err := cons.Info(ctx)
+		return err == nil && info.NumAckPending == 1
+	})
+	if held := g.room.take(b.Subject(), 0); len(held) != 1 || w.hold(held[0].msg) {
+		t.Errorf("the second copy, now first, is held still (room: %d)", len(held))
 	}
 }
