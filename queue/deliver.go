@@ -1205,6 +1205,10 @@ func (g *destWorkers) readPause(ctx context.Context) (active bool) {
 	}
 	if paused := pause != nil; paused != g.paused.Load() {
 		g.paused.Store(paused)
+		// Every stream's workers stop (or start) pulling now, not at
+		// their next look: a stream still pulling would fetch copies
+		// only to hand them back.
+		g.pokeAll()
 		if g.d.OnPause != nil {
 			g.d.OnPause(pause)
 		}
