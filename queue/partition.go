@@ -275,16 +275,6 @@ func (s *Store) listExtra(ctx context.Context) ([]*part, error) {
 	return extra, nil
 }
 
-// partOf is the drained stream named name, if any.
-func (s *Store) partOf(ctx context.Context, name string) *part {
-	for _, p := range s.drained(ctx) {
-		if p.name == name {
-			return p
-		}
-	}
-	return nil
-}
-
 // ensurePart makes a configured partition's stream again if it is gone
 // (deleted by hand, or to restore a backup); one that exists is left as
 // it is.
