@@ -206,10 +206,11 @@ const partScanInterval = 10 * time.Second
 
 // partsCache is the streams to drain, as last listed.
 type partsCache struct {
-	mu     sync.Mutex
-	at     time.Time
-	extra  []*part // partitions beyond the configured ones
-	warned map[string]bool
+	mu      sync.Mutex
+	at      time.Time
+	listing bool    // a listing is under way (not under mu: callers do not wait for it)
+	extra   []*part // partitions beyond the configured ones
+	warned  map[string]bool
 }
 
 // partitionName matches a partition's stream of stream base b.
@@ -226,14 +227,25 @@ func (s *Store) drained(ctx context.Context) []*part {
 	if s.legacy != nil {
 		out = append(out, s.legacy)
 	}
+	// One caller lists, the others take the last listing meanwhile: a
+	// listing waits for NATS (up to 5s), which a stop must not. NATS
+	// away: nobody lists (it would wait out its timeout for nothing).
 	s.partsCache.mu.Lock()
-	defer s.partsCache.mu.Unlock()
-	if time.Since(s.partsCache.at) >= partScanInterval {
-		if extra, err := s.listExtra(ctx); err == nil {
-			s.partsCache.extra, s.partsCache.at = extra, time.Now()
+	extra := s.partsCache.extra
+	due := time.Since(s.partsCache.at) >= partScanInterval && !s.partsCache.listing && s.conn.IsConnected()
+	s.partsCache.listing = s.partsCache.listing || due
+	s.partsCache.mu.Unlock()
+	if due {
+		listed, err := s.listExtra(ctx)
+		s.partsCache.mu.Lock()
+		s.partsCache.listing = false
+		if err == nil {
+			s.partsCache.extra, s.partsCache.at = listed, time.Now()
+			extra = listed
 		}
+		s.partsCache.mu.Unlock()
 	}
-	return append(out, s.partsCache.extra...)
+	return append(out, extra...)
 }
 
 // listExtra lists the partition streams beyond the configured ones, and
@@ -263,11 +275,14 @@ func (s *Store) listExtra(ctx context.Context) ([]*part, error) {
 			continue // not one of ours (another deployment's stream)
 		}
 		extra = append(extra, &part{name: name, extra: true, stream: st})
+		s.partsCache.mu.Lock()
 		if s.partsCache.warned == nil {
 			s.partsCache.warned = map[string]bool{}
 		}
-		if !s.partsCache.warned[name] {
-			s.partsCache.warned[name] = true
+		warn := !s.partsCache.warned[name]
+		s.partsCache.warned[name] = true
+		s.partsCache.mu.Unlock()
+		if warn {
 			s.log.Warn("mux_webhook queue: a partition stream beyond this config's partitions exists (another gateway's partitions, or an earlier config's): its copies are delivered, new ones go to this config's partitions; give every gateway the same partitions",
 				zap.String("stream", name), zap.Int("partitions", n))
 		}
