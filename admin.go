@@ -83,6 +83,9 @@ func (a *adminAPI) route(w http.ResponseWriter, r *http.Request) error {
 	if sub, ok := strings.CutPrefix(path, "/queue"); ok && (sub == "" || strings.HasPrefix(sub, "/")) {
 		return serveQueue(w, r, sub, runningApp())
 	}
+	if sub, ok := strings.CutPrefix(path, "/history"); ok && (sub == "" || strings.HasPrefix(sub, "/")) {
+		return serveHistory(w, r, sub, runningApp())
+	}
 	return serveLiveLog(w, r, path, a.ctx.Done())
 }
 

@@ -49,6 +49,17 @@ type App struct {
 	// Destinations are where mux_deliver delivers, by name.
 	Destinations map[string]*DestinationConfig `json:"destinations,omitempty"`
 
+	// History keeps every verified event and delivery attempt for this
+	// long, searchable and replayable (history.go): a duration such as
+	// "7d", or "off". Default: 7d where a queue is configured (a
+	// destination or a queue block), else off. On a gateway without
+	// destinations, turning it on opens the queue's store.
+	History string `json:"history,omitempty"`
+
+	// HistoryMaxBytes bounds the history's stream; the oldest records go
+	// first. Default: 1 GiB.
+	HistoryMaxBytes int64 `json:"history_max_bytes,omitempty"`
+
 	queue *appQueue
 
 	// maxBody is the largest max_body of the config's mux_webhook
@@ -101,6 +112,12 @@ func (a *App) Validate() error {
 	}
 	if a.LogBody != nil && (*a.LogBody < 0 || *a.LogBody > 1<<20) {
 		return fmt.Errorf("mux_webhook: log_body must be between 0 and 1MiB, got %d", *a.LogBody)
+	}
+	if _, _, err := a.historyAge(); err != nil {
+		return err
+	}
+	if a.HistoryMaxBytes < 0 || a.HistoryMaxBytes > 1<<50 {
+		return fmt.Errorf("mux_webhook: history_max_bytes must be a positive size, e.g. 1GiB; got %d", a.HistoryMaxBytes)
 	}
 	return nil
 }

@@ -178,6 +178,8 @@ func parseDedupe(d *caddyfile.Dispenser) (*Dedupe, error) {
 //	mux_webhook {
 //		log_size <n>
 //		log_body <size>
+//		history <duration>|off
+//		history_max_bytes <size>
 //		queue { ... }
 //		destination <name> <url> { ... }
 //	}
@@ -215,6 +217,23 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 				return nil, err
 			}
 			app.Queue = q
+		case "history":
+			if !d.AllArgs(&s) {
+				return nil, d.ArgErr()
+			}
+			app.History = s
+			if _, _, err := app.historyAge(); err != nil {
+				return nil, d.Err(err.Error())
+			}
+		case "history_max_bytes":
+			if !d.AllArgs(&s) {
+				return nil, d.ArgErr()
+			}
+			n, err := humanize.ParseBytes(s)
+			if err != nil || n == 0 || n > 1<<50 {
+				return nil, d.Errf("mux_webhook: history_max_bytes %q: want a size, e.g. 1GiB", s)
+			}
+			app.HistoryMaxBytes = int64(n)
 		case "destination":
 			name, dc, err := parseDestination(d)
 			if err != nil {
@@ -228,7 +247,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, _ any) (any, error) {
 			}
 			app.Destinations[name] = dc
 		default:
-			return nil, d.Errf("mux_webhook: unknown global option %q; expected log_size, log_body, queue or destination", d.Val())
+			return nil, d.Errf("mux_webhook: unknown global option %q; expected log_size, log_body, history, history_max_bytes, queue or destination", d.Val())
 		}
 	}
 	if err := app.Validate(); err != nil {

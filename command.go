@@ -38,7 +38,7 @@ const maxSendCount = 10000
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "mux-webhook",
-		Usage: "<events|sign|verify|send|replay|queue> [flags]",
+		Usage: "<events|sign|verify|send|replay|queue|history> [flags]",
 		Short: "Lists Mux event types and signs, verifies or sends test webhooks",
 		Long: `
 Tools for testing a mux_webhook gateway without Mux:
@@ -54,6 +54,8 @@ Tools for testing a mux_webhook gateway without Mux:
                                      deliver what mux_store kept, oldest first,
                                      if its stored signature still proves it
   queue  [dead|redeliver|purge] …     the delivery queue of a running Caddy (admin API)
+  history [replay --to D] [filters]  search the history of events and attempts, replay
+                                     what a filter finds (admin API)
 
 The secret defaults to the MUX_WEBHOOK_SECRET environment variable.
 Run 'caddy mux-webhook <command> --help' for each command's flags.
@@ -72,7 +74,7 @@ func newCommand() *cobra.Command {
 }
 
 func addSubcommands(cmd *cobra.Command) {
-	cmd.AddCommand(eventsCommand(), signCommand(), verifyCommand(), sendCommand(), replayCommand(), queueCommand())
+	cmd.AddCommand(eventsCommand(), signCommand(), verifyCommand(), sendCommand(), replayCommand(), queueCommand(), historyCommand())
 }
 
 func eventsCommand() *cobra.Command {

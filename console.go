@@ -93,6 +93,8 @@ func (u *Console) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		err = caddy.APIError{HTTPStatus: http.StatusForbidden, Err: refused}
 	} else if sub, ok := strings.CutPrefix(path, "/queue"); ok && (sub == "" || strings.HasPrefix(sub, "/")) {
 		err = serveQueue(w, r, sub, u.app)
+	} else if sub, ok := strings.CutPrefix(path, "/history"); ok && (sub == "" || strings.HasPrefix(sub, "/")) {
+		err = serveHistory(w, r, sub, u.app)
 	} else {
 		err = serveLiveLog(w, r, path, u.ctx.Done())
 	}

@@ -140,7 +140,8 @@ type DestinationConfig struct {
 // provisionQueue opens (or shares) the store and checks the
 // destinations. It returns nil when neither is configured.
 func (a *App) provisionQueue(ctx caddy.Context) (*appQueue, error) {
-	if a.Queue == nil && len(a.Destinations) == 0 {
+	historyOnly := a.Queue == nil && len(a.Destinations) == 0
+	if historyOnly && !a.historyExplicit() {
 		return nil, nil
 	}
 	cfg := QueueConfig{}
@@ -177,7 +178,7 @@ func (a *App) provisionQueue(ctx caddy.Context) (*appQueue, error) {
 	}
 	d := &appQueue{
 		cfg: cfg, destinations: map[string]queue.Destination{}, workerKeys: map[string]string{}, logger: ctx.Logger(),
-		instance: hostname(), opened: make(chan struct{}),
+		instance: hostname(), opened: make(chan struct{}), historyOnly: historyOnly,
 	}
 	for name, dc := range a.Destinations {
 		dest, signSecret, err := dc.destination(name)
@@ -234,6 +235,8 @@ func (a *App) provisionQueue(ctx caddy.Context) (*appQueue, error) {
 			"." + saltedHash([]byte(n.Creds), credsContent(n.Creds), []byte(n.User), []byte(password), []byte(token))
 	}
 	d.qc = qc
+	d.historyCfg, d.historyOn = a.historyConfig(d.instance)
+	d.historyCfg.MaxBytes = a.HistoryMaxBytes
 	for name, cfgJSON := range d.workerKeys {
 		d.workerKeys[name] = d.poolKey + ".destination." + name + "." + cfgJSON
 	}

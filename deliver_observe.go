@@ -220,6 +220,9 @@ func (d *appQueue) logAttempt(a queue.Attempt) {
 		muxMetrics.deadLetterFails.WithLabelValues(a.Destination).Inc()
 	}
 	d.handle.Load().count(a)
+	if a.Result != "" {
+		d.history().RecordAttempt(a)
+	}
 
 	fields := []zap.Field{
 		zap.String("destination", a.Destination), zap.String("id", a.EventID), zap.String("type", a.EventType),

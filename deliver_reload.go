@@ -54,6 +54,8 @@ type pooledStore struct {
 	mu    sync.Mutex
 	stats map[string]*destinationStats // by destination name
 	watch map[string]*stallWatch       // by destination name
+
+	history storeHistory // the store's history, once a config with history on started (history.go)
 }
 
 // started are the configs whose queue started, oldest first, whatever
@@ -92,6 +94,9 @@ func releaseStarted(d *appQueue) *appQueue {
 
 // Destruct closes the store when no config uses it any more.
 func (s *pooledStore) Destruct() error {
+	s.history.mu.Lock()
+	s.history.hist.Close()
+	s.history.mu.Unlock()
 	s.Close()
 	return nil
 }
@@ -172,6 +177,12 @@ type appQueue struct {
 	// lastFillWarn is when the gauges last warned of a stream filling up
 	// behind paused destinations (the gauges' goroutine's).
 	lastFillWarn time.Time
+	// historyOn: this config keeps history (history.go), with historyCfg.
+	historyOn  bool
+	historyCfg queue.HistoryConfig
+	// historyOnly: the store is opened for history alone (no queue block,
+	// no destination): failing to open it turns history off, nothing more.
+	historyOnly bool
 }
 
 // store is the open store, or nil before the app started.
@@ -220,7 +231,15 @@ func (d *appQueue) open() error {
 func (d *appQueue) start() error {
 	err := d.open()
 	if err == nil {
+		d.openHistory(d.handle.Load())
 		return d.startWorkers()
+	}
+	if d.historyOnly {
+		// Opened for history alone (`history 7d` without a queue):
+		// never a load error; the gateway runs without it.
+		d.logger.Warn("mux_webhook history: history is off: the queue's store could not be opened (another process may hold its directory: give this one its own `queue { dir }`)", zap.Error(err))
+		d.historyOn = false
+		return nil
 	}
 	if !queue.NoRoom(err) {
 		return err
@@ -246,6 +265,7 @@ func (d *appQueue) start() error {
 			err := d.open()
 			if err == nil {
 				d.logger.Info("mux_webhook queue: the store opened; delivering", zap.String("dir", d.qc.Dir))
+				d.openHistory(d.handle.Load())
 				if err := d.startWorkers(); err != nil {
 					d.logger.Error("mux_webhook queue: the store opened, but the delivery workers did not start; restart Caddy", zap.Error(err))
 				}

@@ -40,6 +40,8 @@ var muxMetrics = struct {
 	// labels each scrape with its target (instance="host:port"); joined
 	// on that, deliveries_total reads by instance name.
 	instance *prometheus.GaugeVec
+	// historyDropped counts history records that could not be written.
+	historyDropped prometheus.Counter
 }{}
 
 // registerMetrics creates the collectors once per process and registers
@@ -117,6 +119,10 @@ func registerMetrics(registry *prometheus.Registry) error {
 			Namespace: ns, Subsystem: sub, Name: "instance",
 			Help: "1, labelled with this instance's name (the queue's nats instance, else the host name): what deliveries_total counts is this instance's.",
 		}, []string{"name"})
+		muxMetrics.historyDropped = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "history_dropped_total",
+			Help: "History records (verified events, delivery attempts, minute summaries) that could not be written: the writer's buffer was full, or the store was unavailable or refused them. The events themselves were answered as without history.",
+		})
 	})
 	if registry == nil {
 		return nil
@@ -135,7 +141,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 func muxCollectors() []prometheus.Collector {
 	return []prometheus.Collector{muxMetrics.requests, muxMetrics.events, muxMetrics.responses, muxMetrics.verify,
 		muxMetrics.queuePending, muxMetrics.queueDead, muxMetrics.queueHeld, muxMetrics.queueOldest, muxMetrics.queueStalled, muxMetrics.destState, muxMetrics.deliveries, muxMetrics.deliveryTime,
-		muxMetrics.enqueueFails, muxMetrics.deadLetterFails, muxMetrics.queueDuplicates, muxMetrics.queueUp, muxMetrics.instance}
+		muxMetrics.enqueueFails, muxMetrics.deadLetterFails, muxMetrics.queueDuplicates, muxMetrics.queueUp, muxMetrics.instance, muxMetrics.historyDropped}
 }
 
 // families are the event families the responses metric names.

@@ -92,6 +92,7 @@ type Handler struct {
 	dedupe   *deduper
 	now      func() time.Time
 	logger   *zap.Logger
+	app      *App // the config's mux_webhook app, if configured: its history
 }
 
 // CaddyModule returns the Caddy module information.
@@ -135,6 +136,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if app, ok := app.(*App); ok {
 		app.takesBody(h.MaxBody) // the queue must hold such an event
+		h.app = app              // its history keeps the verified events
 	}
 	secrets, err := resolveSecrets(h.Secrets)
 	if err != nil {

@@ -131,6 +131,7 @@ func (h *Handler) observe(r *http.Request, res *result) {
 	if limit := liveLog.bodyCap(); limit >= 0 {
 		liveLog.add(newLogEntry(r, res, duration, limit))
 	}
+	h.app.recordEvent(res)
 }
 
 // newLogEntry builds the live log's view of a request. The body is kept

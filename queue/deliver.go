@@ -129,6 +129,8 @@ type Attempt struct {
 	// queued, delivered again at the last retry interval, and is buried
 	// then without another attempt.
 	BuryErr error
+	// Replay is the replay job that queued the copy (replay.go), if any.
+	Replay string
 }
 
 func (d *Destination) defaults() {
@@ -896,7 +898,8 @@ func (s *Store) RestoreConsumer(ctx context.Context, d Destination) error {
 
 // attempt makes one delivery attempt of msg and settles it.
 func (s *Store) attempt(ctx context.Context, client *http.Client, d *Destination, msg jetstream.Msg, sw *sweeper, probe bool, consumerCreated int64, posted func()) Attempt {
-	a := Attempt{Destination: d.Name, EventID: msg.Headers().Get(HeaderEventID), EventType: msg.Headers().Get(HeaderEventType)}
+	a := Attempt{Destination: d.Name, EventID: msg.Headers().Get(HeaderEventID), EventType: msg.Headers().Get(HeaderEventType),
+		Replay: msg.Headers().Get(HeaderReplay)}
 	meta, err := msg.Metadata()
 	if err != nil {
 		a.Err, a.Result = err, "retry"
@@ -1013,6 +1016,9 @@ func (s *Store) post(ctx context.Context, client *http.Client, d *Destination, m
 	req.Header.Set(HeaderSignature, sig)
 	req.Header.Set(HeaderAttempt, strconv.Itoa(n))
 	req.Header.Set(HeaderDestination, d.Name)
+	if job := msg.Headers().Get(HeaderReplay); job != "" {
+		req.Header.Set(HeaderReplay, job)
+	}
 	// The key as Enqueue kept it when the id needed encoding; else the
 	// id, which is then its own key (a copy stored before keys were kept
 	// is encoded here).

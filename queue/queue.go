@@ -209,6 +209,9 @@ func ValidStream(name string) error {
 	if strings.HasSuffix(name, "_DEAD") {
 		return fmt.Errorf("queue: stream name %q: a name ending in _DEAD is the dead letters' stream of %s: choose another", name, strings.TrimSuffix(name, "_DEAD"))
 	}
+	if strings.HasSuffix(name, "_HISTORY") {
+		return fmt.Errorf("queue: stream name %q: a name ending in _HISTORY is the history's stream of %s: choose another", name, strings.TrimSuffix(name, "_HISTORY"))
+	}
 	if m := partitionSuffix.FindStringSubmatch(name); m != nil {
 		return fmt.Errorf("queue: stream name %q: a name ending in _<digits> is a partition of the stream %s: choose another", name, m[1])
 	}

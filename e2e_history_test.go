@@ -1,0 +1,447 @@
+//go:build e2e
+
+package muxwebhook
+
+// Real processes for history (#22): kept across a SIGKILL and a restart,
+// each search filter's subset, the same history from both gateways of a
+// cluster, a replay of 1 000 events delivered once each, marked and
+// signed, a dry run that queues nothing, a forged flood that writes
+// nothing, and a store that goes away: events answered as without
+// history, the counter moving.
+
+import (
+	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
+)
+
+// historyPage is GET /mux-webhook/history's answer.
+type historyPage struct {
+	Events     []queue.HistoryEvent `json:"events"`
+	NextBefore *uint64              `json:"next_before"`
+}
+
+// searchHistory asks admin's history with query q.
+func searchHistory(t *testing.T, admin string, q url.Values) historyPage {
+	t.Helper()
+	var page historyPage
+	if status := getJSON(t, admin+"/mux-webhook/history?"+q.Encode(), &page); status != http.StatusOK {
+		t.Fatalf("history?%s: %d", q.Encode(), status)
+	}
+	return page
+}
+
+// waitHistory waits until admin's history holds n events for q.
+func waitHistory(t *testing.T, admin string, q url.Values, n int, out *syncBuffer) historyPage {
+	t.Helper()
+	var page historyPage
+	testwait.Until(t, 20*time.Second, func() bool {
+		page = searchHistory(t, admin, q)
+		return len(page.Events) == n
+	}, func() string {
+		return fmt.Sprintf("history?%s: %d events, want %d\n%s", q.Encode(), len(page.Events), n, tail(out.String(), 2048))
+	})
+	return page
+}
+
+// historyGateway runs a gateway process with its store in dir (kept
+// across restarts), the destination app at backend (signing with
+// signSecret), and its site queuing for app.
+type historyGateway struct {
+	t               *testing.T
+	dir             string
+	port, adminPort int
+	global          string
+	cmd             *exec.Cmd
+	out             *syncBuffer
+	admin, base     string
+	bin             string
+}
+
+func newHistoryGateway(t *testing.T, global string) *historyGateway {
+	g := &historyGateway{t: t, dir: t.TempDir(), port: freePort(t), adminPort: freePort(t), global: global, bin: caddyBinary(t)}
+	g.admin = fmt.Sprintf("http://127.0.0.1:%d", g.adminPort)
+	g.base = fmt.Sprintf("http://127.0.0.1:%d", g.port)
+	return g
+}
+
+func (g *historyGateway) start(site string) {
+	g.t.Helper()
+	cfg := fmt.Sprintf("%s\nhttp://127.0.0.1:%d {\n%s\n}\n",
+		testGlobals{admin: fmt.Sprintf("127.0.0.1:%d", g.adminPort), storage: filepath.Join(g.dir, "storage"), extra: g.global}, g.port, site)
+	runDir := g.t.TempDir()
+	g.out, g.cmd = runCaddyIn(g.t, g.bin, cfg, runDir, g.dir, nil)
+	waitForHTTP(g.t, g.admin+"/config/", g.out)
+}
+
+// TestHistoryAcrossARestart: 40 verified events and their duplicates are
+// kept; each search filter returns its subset; a forged flood writes
+// nothing; after a SIGKILL and a restart on the same store, the same
+// history is listed.
+func TestHistoryAcrossARestart(t *testing.T) {
+	t.Parallel()
+	backend := newRecordingBackend(t, 0, nil)
+	g := newHistoryGateway(t, fmt.Sprintf(`	mux_webhook {
+		destination app %s {
+			sign signing-secret-of-app
+		}
+	}`, backend.URL))
+	site := fmt.Sprintf("\tmux_webhook %s {\n\t\tdedupe\n\t}\n\tmux_deliver app", testSecret)
+	g.start(site)
+	waitQueueOpen(t, g.admin, g.out)
+	client := &http.Client{Timeout: 10 * time.Second}
+	types := []string{"video.asset.created", "video.asset.ready", "video.live_stream.active", "video.upload.created"}
+	var sent []string
+	for i := range 40 {
+		id := fmt.Sprintf("ev-%02d", i)
+		body := objectEvent(types[i%4], id, fmt.Sprintf("obj-%d", i%5))
+		if status, err := postEvent(client, g.base, body); err != nil || status != http.StatusAccepted {
+			t.Fatalf("event %d: %d %v", i, status, err)
+		}
+		sent = append(sent, id)
+	}
+	waitDelivered(t, backend, 30*time.Second, g.out, sent...)
+	// Mux's retries of 5 of them: duplicates (dedupe answers 200).
+	for i := range 5 {
+		body := objectEvent(types[i%4], fmt.Sprintf("ev-%02d", i), fmt.Sprintf("obj-%d", i%5))
+		if status, err := postEvent(client, g.base, body); err != nil || status != http.StatusOK {
+			t.Fatalf("duplicate %d: %d %v", i, status, err)
+		}
+	}
+	all := waitHistory(t, g.admin, url.Values{"limit": {"1000"}}, 45, g.out)
+	if all.Events[0].Outcome != "duplicate" || all.Events[0].ID != "ev-04" {
+		t.Fatalf("newest: %+v", all.Events[0])
+	}
+
+	// Forged requests (a wrong secret, a stale timestamp): none is kept.
+	for i := range 200 {
+		body := objectEvent("video.asset.ready", fmt.Sprintf("forged-%d", i), "obj-0")
+		ts := strconv.FormatInt(time.Now().Unix(), 10)
+		if i%2 == 1 {
+			ts = strconv.FormatInt(time.Now().Add(-time.Hour).Unix(), 10)
+		}
+		req, _ := http.NewRequest(http.MethodPost, g.base, bytes.NewReader(body))
+		secret := "not-" + testSecret
+		if i%2 == 1 {
+			secret = testSecret
+		}
+		req.Header.Set("Mux-Signature", "t="+ts+",v1="+macHex(secret, ts, string(body)))
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("forged %d: %d", i, resp.StatusCode)
+		}
+	}
+
+	// Each filter's subset, checked against what was sent.
+	check := func(q url.Values, keep func(i int, dup bool) bool) {
+		t.Helper()
+		want := 0
+		for i := range 40 {
+			if keep(i, false) {
+				want++
+			}
+		}
+		for i := range 5 {
+			if keep(i, true) {
+				want++
+			}
+		}
+		page := waitHistory(t, g.admin, q, want, g.out)
+		for _, e := range page.Events {
+			if strings.HasPrefix(e.ID, "forged") {
+				t.Fatalf("a forged request is in history: %+v", e)
+			}
+		}
+	}
+	check(url.Values{"type": {"video.asset.*"}}, func(i int, _ bool) bool { return i%4 < 2 })
+	check(url.Values{"type": {"*.created"}}, func(i int, _ bool) bool { return i%4 == 0 || i%4 == 3 })
+	check(url.Values{"type": {"video.live_stream.active"}}, func(i int, _ bool) bool { return i%4 == 2 })
+	check(url.Values{"object": {"obj-3"}}, func(i int, _ bool) bool { return i%5 == 3 })
+	check(url.Values{"id": {"ev-02"}}, func(i int, _ bool) bool { return i == 2 })
+	check(url.Values{"outcome": {"duplicate"}}, func(_ int, dup bool) bool { return dup })
+	check(url.Values{"outcome": {"verified"}, "type": {"video.upload.*"}}, func(i int, dup bool) bool { return !dup && i%4 == 3 })
+	check(url.Values{"since": {time.Now().Add(time.Minute).UTC().Format(time.RFC3339)}}, func(int, bool) bool { return false })
+	check(url.Values{"until": {"1h"}}, func(int, bool) bool { return false })
+	// A page of 10, then the next one from next_before.
+	first := searchHistory(t, g.admin, url.Values{"limit": {"10"}})
+	if len(first.Events) != 10 || first.NextBefore == nil {
+		t.Fatalf("first page: %d events, next %v", len(first.Events), first.NextBefore)
+	}
+	second := searchHistory(t, g.admin, url.Values{"limit": {"10"}, "before": {fmt.Sprint(*first.NextBefore)}})
+	if len(second.Events) != 10 || second.Events[0].Seq >= first.Events[9].Seq {
+		t.Fatalf("second page: %+v", second.Events)
+	}
+	// One event: its body, byte for byte, and its delivery attempt.
+	ev07 := searchHistory(t, g.admin, url.Values{"id": {"ev-07"}}).Events[0]
+	var detail queue.HistoryEvent
+	if status := getJSON(t, fmt.Sprintf("%s/mux-webhook/history/%d", g.admin, ev07.Seq), &detail); status != http.StatusOK {
+		t.Fatalf("history/%d: %d", ev07.Seq, status)
+	}
+	if detail.Body != string(objectEvent(types[3], "ev-07", "obj-2")) || len(detail.Attempts) != 1 || detail.Outcome != "verified" ||
+		detail.Attempts[0].Destination != "app" || detail.Attempts[0].Result != "delivered" || detail.Status != http.StatusAccepted {
+		t.Fatalf("detail of ev-07: %+v", detail)
+	}
+	m := scrape(t, g.admin)
+	if m[`caddy_mux_webhook_requests_total{outcome="mismatch"}`] != 100 || m[`caddy_mux_webhook_requests_total{outcome="expired"}`] != 100 {
+		t.Fatalf("the forged requests were not counted as rejected: %v", m)
+	}
+	if m["caddy_mux_webhook_history_dropped_total"] != 0 {
+		t.Fatalf("history dropped %v records", m["caddy_mux_webhook_history_dropped_total"])
+	}
+
+	// SIGKILL, then the same store again.
+	if err := g.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = g.cmd.Wait()
+	g.start(site)
+	waitQueueOpen(t, g.admin, g.out)
+	again := waitHistory(t, g.admin, url.Values{"limit": {"1000"}}, 45, g.out)
+	for i := range all.Events {
+		a, b := all.Events[i], again.Events[i]
+		if a.Seq != b.Seq || a.ID != b.ID || a.Outcome != b.Outcome || a.Type != b.Type {
+			t.Fatalf("after the restart, event %d: %+v, before %+v", i, b, a)
+		}
+	}
+}
+
+// TestHistoryReplayThousand: a replay job of 1 000 matching events (of 1
+// 100 kept) to a destination: each delivered once more, with
+// Mux-Webhook-Replay: <job> and a valid signature of the destination's
+// sign; a dry run first queues nothing; the job's state says done, and a
+// second dry run counts the same.
+func TestHistoryReplayThousand(t *testing.T) {
+	t.Parallel()
+	const signSecret = "signing-secret-of-app"
+	var mu sync.Mutex
+	got := map[string][]string{} // id → the Mux-Webhook-Replay of each delivery
+	var bad []string
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		sig := r.Header.Get("Mux-Signature")
+		ts, v1, _ := strings.Cut(strings.TrimPrefix(sig, "t="), ",v1=")
+		mac := hmac.New(sha256.New, []byte(signSecret))
+		mac.Write([]byte(ts + "." + string(body)))
+		mu.Lock()
+		defer mu.Unlock()
+		if !hmac.Equal([]byte(hex.EncodeToString(mac.Sum(nil))), []byte(v1)) {
+			bad = append(bad, r.Header.Get("Idempotency-Key"))
+		}
+		id := r.Header.Get("Idempotency-Key")
+		got[id] = append(got[id], r.Header.Get("Mux-Webhook-Replay"))
+	}))
+	t.Cleanup(backend.Close)
+	g := newHistoryGateway(t, fmt.Sprintf(`	mux_webhook {
+		destination app %s {
+			sign %s
+			concurrency 16
+		}
+	}`, backend.URL, signSecret))
+	g.start(fmt.Sprintf("\tmux_webhook %s\n\tmux_deliver app", testSecret))
+	waitQueueOpen(t, g.admin, g.out)
+	client := &http.Client{Timeout: 10 * time.Second}
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 8)
+	for i := range 1100 {
+		typ, id := "video.asset.ready", fmt.Sprintf("a-%04d", i)
+		if i >= 1000 {
+			typ, id = "video.live_stream.idle", fmt.Sprintf("l-%04d", i)
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if status, err := postEvent(client, g.base, objectEvent(typ, id, "obj-"+strconv.Itoa(i%50))); err != nil || status != http.StatusAccepted {
+				t.Errorf("event %s: %d %v", id, status, err)
+			}
+		}()
+	}
+	wg.Wait()
+	delivered := func() (n int) {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, d := range got {
+			n += len(d)
+		}
+		return n
+	}
+	testwait.Until(t, 60*time.Second, func() bool { return delivered() >= 1100 }, func() string {
+		return fmt.Sprintf("%d of 1100 delivered", delivered())
+	})
+	waitHistory(t, g.admin, url.Values{"type": {"video.asset.*"}, "limit": {"1000"}}, 1000, g.out)
+
+	post := func(req map[string]any, out any) int {
+		t.Helper()
+		body, _ := json.Marshal(req)
+		resp, err := http.Post(g.admin+"/mux-webhook/history/replay", "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if err := json.Unmarshal(b, out); err != nil {
+			t.Fatalf("replay: %d %s", resp.StatusCode, b)
+		}
+		return resp.StatusCode
+	}
+	var dry struct {
+		Matched uint64 `json:"matched"`
+		DryRun  bool   `json:"dry_run"`
+	}
+	if status := post(map[string]any{"destination": "app", "type": "video.asset.*", "dry_run": true}, &dry); status != http.StatusOK || dry.Matched != 1000 || !dry.DryRun {
+		t.Fatalf("dry run: %d %+v", status, dry)
+	}
+	time.Sleep(time.Second) // what a dry run would have queued would arrive by now
+	if n := delivered(); n != 1100 {
+		t.Fatalf("the dry run queued: %d deliveries, want 1100", n)
+	}
+	var list []QueueStatus
+	getJSON(t, g.admin+"/mux-webhook/queue", &list)
+	if len(list) != 1 || list[0].Pending != 0 {
+		t.Fatalf("queue after the dry run: %+v", list)
+	}
+	var job queue.ReplayJob
+	if status := post(map[string]any{"destination": "app", "type": "video.asset.*"}, &job); status != http.StatusAccepted || job.Job == "" || job.Matched != 1000 {
+		t.Fatalf("replay: %d %+v", status, job)
+	}
+	testwait.Until(t, 60*time.Second, func() bool {
+		var st queue.ReplayJob
+		getJSON(t, g.admin+"/mux-webhook/history/replay/"+job.Job, &st)
+		return st.Done && delivered() >= 2100
+	}, func() string { return fmt.Sprintf("%d of 2100 delivered\n%s", delivered(), tail(g.out.String(), 2048)) })
+	var st queue.ReplayJob
+	getJSON(t, g.admin+"/mux-webhook/history/replay/"+job.Job, &st)
+	if st.State != "done" || st.Queued != 1000 || st.Expired != 0 || st.Matched != 1000 {
+		t.Fatalf("job: %+v", st)
+	}
+	time.Sleep(time.Second) // a copy queued twice would arrive by now
+	mu.Lock()
+	defer mu.Unlock()
+	if len(bad) > 0 {
+		t.Fatalf("%d deliveries with a signature that is not the destination's: %v", len(bad), bad[:min(5, len(bad))])
+	}
+	for i := range 1100 {
+		id := fmt.Sprintf("a-%04d", i)
+		want := []string{"", job.Job}
+		if i >= 1000 {
+			id, want = fmt.Sprintf("l-%04d", i), []string{""}
+		}
+		if fmt.Sprint(got[id]) != fmt.Sprint(want) {
+			t.Fatalf("%s delivered with replay marks %q, want %q", id, got[id], want)
+		}
+	}
+}
+
+// TestHistoryStoreUnavailable: with history on a NATS server that dies,
+// the gateway answers as without history, at once, and
+// caddy_mux_webhook_history_dropped_total counts what was not recorded;
+// once NATS is back, history records again.
+func TestHistoryStoreUnavailable(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	conf := fmt.Sprintf("listen: %s\njetstream { store_dir: %q }\n", addr, filepath.Join(dir, "js"))
+	nats := natsServerWithConfig(t, dir, addr, conf)
+	g := newHistoryGateway(t, fmt.Sprintf(`	mux_webhook {
+		history 1d
+		queue {
+			nats nats://%s
+		}
+	}`, addr))
+	g.start(fmt.Sprintf("\tmux_webhook %s\n\trespond 204", testSecret))
+	client := &http.Client{Timeout: 10 * time.Second}
+	testwait.Until(t, 30*time.Second, func() bool {
+		_, err := postEvent(client, g.base, objectEvent("video.asset.ready", "first", "o"))
+		return err == nil && len(searchHistory(t, g.admin, url.Values{"id": {"first"}}).Events) > 0
+	}, func() string { return tail(g.out.String(), 2048) })
+
+	if err := nats.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = nats.Wait()
+	for i := range 20 {
+		start := time.Now()
+		status, err := postEvent(client, g.base, objectEvent("video.asset.ready", fmt.Sprintf("while-down-%d", i), "o"))
+		if err != nil || status != http.StatusNoContent {
+			t.Fatalf("event %d with the store down: %d %v", i, status, err)
+		}
+		if d := time.Since(start); d > 2*time.Second {
+			t.Fatalf("event %d waited %v for history", i, d)
+		}
+	}
+	testwait.Until(t, 30*time.Second, func() bool {
+		return scrape(t, g.admin)["caddy_mux_webhook_history_dropped_total"] >= 20
+	}, func() string {
+		return fmt.Sprintf("dropped: %v\n%s", scrape(t, g.admin)["caddy_mux_webhook_history_dropped_total"], tail(g.out.String(), 2048))
+	})
+	// Back: recorded again.
+	natsServerWithConfig(t, dir, addr, conf)
+	testwait.Until(t, 60*time.Second, func() bool {
+		_, err := postEvent(client, g.base, objectEvent("video.asset.ready", "after", "o"))
+		if err != nil {
+			return false
+		}
+		resp, err := http.Get(g.admin + "/mux-webhook/history?id=after")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		var page historyPage
+		return resp.StatusCode == 200 && json.NewDecoder(resp.Body).Decode(&page) == nil && len(page.Events) > 0
+	}, func() string { return tail(g.out.String(), 2048) })
+}
+
+// TestHistoryOnACluster: two gateways on a three-node cluster see the
+// same history: events sent to either are listed by both, with the
+// attempts of whichever gateway delivered them.
+func TestHistoryOnACluster(t *testing.T) {
+	t.Parallel()
+	c := startNATSCluster(t)
+	backend := newRecordingBackend(t, 0, nil)
+	gs := startClusterGateways(t, 2, clusterGlobal(c, "5s", backend.URL, "\t\t\ttimeout 2s"))
+	client := &http.Client{Timeout: 10 * time.Second}
+	var sent []string
+	for i := range 20 {
+		id := fmt.Sprintf("c-%02d", i)
+		if status, err := postEvent(client, gs[i%2].url(), objectEvent("video.asset.ready", id, "obj")); err != nil || status != http.StatusAccepted {
+			t.Fatalf("event %s: %d %v", id, status, err)
+		}
+		sent = append(sent, id)
+	}
+	waitDelivered(t, backend, 60*time.Second, gs[0].out, sent...)
+	for _, g := range gs {
+		page := waitHistory(t, g.adminURL(), url.Values{}, 20, g.out)
+		testwait.Until(t, 20*time.Second, func() bool {
+			page = searchHistory(t, g.adminURL(), url.Values{})
+			for _, e := range page.Events {
+				if len(e.Attempts) == 0 {
+					return false
+				}
+			}
+			return true
+		}, func() string { return fmt.Sprintf("%s: events without attempts: %+v", g.name, page.Events) })
+	}
+}

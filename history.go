@@ -1,0 +1,133 @@
+// History's glue: the settings (`history`, `history_max_bytes`), the
+// history's lifetime (one queue.History per open store, in the store's
+// pool entry: it outlives reloads with the store), and what is recorded:
+// each verified event once its request is over (observe.go) and each
+// delivery attempt (deliver_observe.go). The history itself, its search
+// and replay are queue/history*.go and queue/replay.go; the endpoints
+// history_admin.go; the command command_history.go.
+
+package muxwebhook
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
+)
+
+// historyAge reads the history setting: its age, and whether it is on
+// (the default where a queue is configured).
+func (a *App) historyAge() (time.Duration, bool, error) {
+	switch a.History {
+	case "":
+		return queue.DefaultHistoryAge, a.Queue != nil || len(a.Destinations) > 0, nil
+	case "off":
+		return 0, false, nil
+	}
+	d, err := caddy.ParseDuration(a.History)
+	if err != nil || d < time.Minute || d > 10*365*24*time.Hour {
+		return 0, false, fmt.Errorf("mux_webhook: history %q: want a duration of at least 1m, e.g. 7d, or off", a.History)
+	}
+	return d, true, nil
+}
+
+// historyExplicit reports whether history is turned on by its own
+// setting (it then opens the store on a gateway without destinations).
+func (a *App) historyExplicit() bool { return a.History != "" && a.History != "off" }
+
+// storeHistory is the history of one open store: opened by the first
+// config with history on that starts on it, closed with the store.
+type storeHistory struct {
+	mu   sync.Mutex
+	hist *queue.History
+}
+
+// openHistory opens (or reconfigures) h's history for d's settings. A
+// failure never stops Caddy: the gateway runs without history, and says
+// so.
+func (d *appQueue) openHistory(h *pooledStore) {
+	if !d.historyOn {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	h.history.mu.Lock()
+	defer h.history.mu.Unlock()
+	if h.history.hist != nil {
+		if err := h.history.hist.Reconfigure(ctx, d.historyCfg); err != nil {
+			d.logger.Warn("mux_webhook history: the history keeps its earlier history and history_max_bytes", zap.Error(err))
+		}
+		return
+	}
+	hist, err := h.OpenHistory(ctx, d.historyCfg)
+	if err != nil {
+		d.logger.Warn("mux_webhook history: history is off: its stream could not be made (events are answered as without history)", zap.Error(err))
+		return
+	}
+	h.history.hist = hist
+}
+
+// history is the history d records to, or nil: off, or not open.
+func (d *appQueue) history() *queue.History {
+	if d == nil || !d.historyOn {
+		return nil
+	}
+	h := d.handle.Load()
+	if h == nil {
+		return nil
+	}
+	h.history.mu.Lock()
+	defer h.history.mu.Unlock()
+	return h.history.hist
+}
+
+// historyConfig is the queue's history settings for a.
+func (a *App) historyConfig(instance string) (queue.HistoryConfig, bool) {
+	age, on, _ := a.historyAge()
+	return queue.HistoryConfig{MaxAge: age, MaxBytes: a.HistoryMaxBytes, Instance: instance,
+		TypeMatcher: func(pattern string) func(string) bool {
+			return func(typ string) bool { return globMatch(pattern, typ) }
+		},
+		OnDrop: func() {
+			if muxMetrics.historyDropped != nil {
+				muxMetrics.historyDropped.Inc()
+			}
+		},
+	}, on
+}
+
+// recordEvent keeps a verified event (or a duplicate of one) in history,
+// once its request is over; rejected requests are never kept.
+func (a *App) recordEvent(res *result) {
+	if a == nil || a.queue == nil || res.event == nil || res.body == nil || res.outcome == nil {
+		return
+	}
+	if res.outcome != OutcomeVerified && res.outcome != OutcomeDuplicate {
+		return
+	}
+	if !a.queue.historyOn {
+		return
+	}
+	hist := a.queue.history()
+	if hist == nil {
+		// On, but not open (the store is not open yet, or could not
+		// make the stream): not recorded, and counted.
+		if muxMetrics.historyDropped != nil {
+			muxMetrics.historyDropped.Inc()
+		}
+		return
+	}
+	ev := res.event
+	hist.RecordEvent(queue.EventRecord{Time: res.start, Outcome: res.outcome.Name, Type: ev.Type, ID: ev.ID,
+		ObjectType: ev.ObjectType, ObjectID: ev.ObjectID, Status: res.status, Body: res.body})
+}
+
+// errHistoryOff answers the history's endpoints when it is off.
+var errHistoryOff = errors.New("history is off: set `history 7d` in the mux_webhook global option, or configure a destination")

@@ -1,0 +1,267 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// prefixMatch is a stand-in for mux_event's glob in these tests: a
+// trailing '*' only.
+func prefixMatch(pattern string) func(string) bool {
+	return func(typ string) bool {
+		if p, ok := strings.CutSuffix(pattern, "*"); ok {
+			return strings.HasPrefix(typ, p)
+		}
+		return typ == pattern
+	}
+}
+
+func openHistoryTest(t *testing.T) (*Store, *History) {
+	t.Helper()
+	s := openTest(t, Config{Dir: t.TempDir()})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	h, err := s.OpenHistory(ctx, HistoryConfig{Instance: "test", TypeMatcher: prefixMatch})
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close(); s.Close() })
+	return s, h
+}
+
+// search runs f until it returns want events (the writes are async), at
+// most 5s.
+func search(t *testing.T, h *History, f HistoryFilter, want int) ([]HistoryEvent, uint64) {
+	t.Helper()
+	if f.Type != "" {
+		f.Match = prefixMatch(f.Type)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got, next, err := h.Search(context.Background(), f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) == want || time.Now().After(deadline) {
+			if len(got) != want {
+				t.Fatalf("search %+v: %d events, want %d", f, len(got), want)
+			}
+			return got, next
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestHistorySearchFilters: each filter returns its subset, newest first,
+// from the subject index; paging with next_before walks the rest; the
+// body and the attempts come with Get.
+func TestHistorySearchFilters(t *testing.T) {
+	_, h := openHistoryTest(t)
+	start := time.Now()
+	types := []string{"video.asset.created", "video.asset.ready", "video.live_stream.active"}
+	for i := range 30 {
+		outcome := "verified"
+		if i%5 == 4 {
+			outcome = "duplicate"
+		}
+		h.RecordEvent(EventRecord{Time: time.Now(), Outcome: outcome, Type: types[i%3], ID: fmt.Sprintf("ev-%d", i),
+			ObjectType: "asset", ObjectID: fmt.Sprintf("obj-%d", i%4), Status: 202, Body: fmt.Appendf(nil, `{"id":"ev-%d"}`, i)})
+	}
+	h.RecordAttempt(Attempt{Destination: "app", EventID: "ev-7", Number: 1, Status: 500, Err: errors.New("HTTP 500"), Result: "retry", Duration: 3 * time.Millisecond})
+	h.RecordAttempt(Attempt{Destination: "app", EventID: "ev-7", Number: 2, Status: 200, Result: "delivered", Duration: 2 * time.Millisecond})
+	all, _ := search(t, h, HistoryFilter{}, 30)
+	for i := 1; i < len(all); i++ {
+		if all[i].Seq >= all[i-1].Seq {
+			t.Fatalf("not newest first: %d then %d", all[i-1].Seq, all[i].Seq)
+		}
+	}
+	if all[0].ID != "ev-29" || all[0].Type != types[29%3] || all[0].ObjectID != "obj-1" || all[0].Status != 202 || all[0].Outcome != "duplicate" {
+		t.Fatalf("newest: %+v", all[0])
+	}
+	got, _ := search(t, h, HistoryFilter{Type: "video.asset.*"}, 20)
+	for _, e := range got {
+		if !strings.HasPrefix(e.Type, "video.asset.") {
+			t.Fatalf("type filter let %s through", e.Type)
+		}
+	}
+	search(t, h, HistoryFilter{Type: "video.asset.ready"}, 10)
+	got, _ = search(t, h, HistoryFilter{Object: "obj-2"}, 7)
+	for _, e := range got {
+		if e.ObjectID != "obj-2" {
+			t.Fatalf("object filter let %s through", e.ObjectID)
+		}
+	}
+	got, _ = search(t, h, HistoryFilter{ID: "ev-7"}, 1)
+	if len(got[0].Attempts) != 2 || got[0].Attempts[0].Status != 500 || got[0].Attempts[1].Result != "delivered" {
+		t.Fatalf("ev-7's attempts: %+v", got[0].Attempts)
+	}
+	search(t, h, HistoryFilter{Outcome: "duplicate"}, 6)
+	search(t, h, HistoryFilter{Since: time.Now().Add(time.Hour)}, 0)
+	search(t, h, HistoryFilter{Since: start.Add(-time.Second), Until: start.Add(-time.Millisecond)}, 0)
+	search(t, h, HistoryFilter{Until: time.Now().Add(time.Hour), Outcome: "verified", Type: "video.live_stream.*"}, 8)
+
+	// Paging: 30 events by 12.
+	var seen []uint64
+	before := uint64(0)
+	for page := 0; ; page++ {
+		got, next, err := h.Search(context.Background(), HistoryFilter{Limit: 12, Before: before})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range got {
+			seen = append(seen, e.Seq)
+		}
+		if next == 0 {
+			break
+		}
+		if page > 5 {
+			t.Fatal("paging does not end")
+		}
+		before = next
+	}
+	if len(seen) != 30 {
+		t.Fatalf("paging saw %d events, want 30", len(seen))
+	}
+
+	ev, err := h.Get(context.Background(), got[0].Seq)
+	if err != nil || ev.Body != fmt.Sprintf(`{"id":%q}`, ev.ID) {
+		t.Fatalf("Get: %+v, %v", ev, err)
+	}
+	if _, err := h.Get(context.Background(), 1<<40); !errors.Is(err, ErrHistoryNotFound) {
+		t.Fatalf("Get of nothing: %v", err)
+	}
+}
+
+// TestHistoryReplay: a job queues one copy per matching event id (its
+// latest record), oldest first, marked with the job; a dry run only
+// counts; the job's state says done.
+func TestHistoryReplay(t *testing.T) {
+	s, h := openHistoryTest(t)
+	for i := range 20 {
+		typ := "video.asset.ready"
+		if i%2 == 1 {
+			typ = "video.live_stream.idle"
+		}
+		h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: typ, ID: fmt.Sprintf("ev-%d", i), ObjectID: "obj", Status: 202, Body: fmt.Appendf(nil, `{"id":"ev-%d"}`, i)})
+	}
+	// A duplicate of ev-0: replayed once.
+	h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "duplicate", Type: "video.asset.ready", ID: "ev-0", ObjectID: "obj", Status: 200, Body: []byte(`{"id":"ev-0"}`)})
+	search(t, h, HistoryFilter{}, 21)
+	f := HistoryFilter{Type: "video.asset.*", Match: prefixMatch("video.asset.*")}
+	dry, err := h.Replay(context.Background(), "app", f, true)
+	if err != nil || dry.Matched != 10 || dry.Job != "" {
+		t.Fatalf("dry run: %+v, %v", dry, err)
+	}
+	if n := pending(t, s, "app"); n != 0 {
+		t.Fatalf("a dry run queued %d", n)
+	}
+	job, err := h.Replay(context.Background(), "app", f, false)
+	if err != nil || job.Matched != 10 || job.Job == "" {
+		t.Fatalf("replay: %+v, %v", job, err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st, err := h.ReplayStatus(context.Background(), job.Job)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Done {
+			if st.State != "done" || st.Queued != 10 || st.Expired != 0 {
+				t.Fatalf("job: %+v", st)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("job not done: %+v", st)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n := pending(t, s, "app"); n != 10 {
+		t.Fatalf("queued %d copies, want 10", n)
+	}
+	// Oldest first, each marked with the job, on the object's subject.
+	p := s.configured()[partitionOf(Key("obj", nil), len(s.configured()))]
+	cons, err := p.stream.OrderedConsumer(context.Background(), jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for range 10 {
+		m, err := cons.Next(jetstream.FetchMaxWait(2 * time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.Headers().Get(HeaderReplay) != job.Job {
+			t.Fatalf("copy without the job's mark: %v", m.Headers())
+		}
+		ids = append(ids, m.Headers().Get(HeaderEventID))
+	}
+	if want := "ev-2 ev-4 ev-6 ev-8 ev-10 ev-12 ev-14 ev-16 ev-18 ev-0"; strings.Join(ids, " ") != want {
+		t.Fatalf("order: %v, want %s (ev-0's latest record is the duplicate)", ids, want)
+	}
+	// A second job queues them again (the dedupe window is bypassed).
+	job2, err := h.Replay(context.Background(), "app", HistoryFilter{ID: "ev-4"}, false)
+	if err != nil || job2.Matched != 1 {
+		t.Fatalf("second job: %+v, %v", job2, err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); pending(t, s, "app") != 11; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the second job's copy: %d queued, want 11", pending(t, s, "app"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, err := h.ReplayStatus(context.Background(), "nope"); !errors.Is(err, ErrReplayNotFound) {
+		t.Fatalf("unknown job: %v", err)
+	}
+}
+
+// TestHistoryStats: the minutes' summaries sum events by outcome and
+// attempts by destination, with quantiles of their durations.
+func TestHistoryStats(t *testing.T) {
+	_, h := openHistoryTest(t)
+	now := time.Now()
+	for i := range 10 {
+		h.RecordEvent(EventRecord{Time: now, Outcome: "verified", Type: "video.asset.ready", ID: fmt.Sprint(i), Status: 202, Body: []byte("{}")})
+		h.RecordAttempt(Attempt{Destination: "app", EventID: fmt.Sprint(i), Number: 1, Status: 200, Result: "delivered", Duration: time.Duration(i+1) * time.Millisecond})
+	}
+	h.RecordAttempt(Attempt{Destination: "app", EventID: "x", Number: 1, Status: 500, Result: "retry", Duration: time.Second})
+	h.flushMinute(true) // written now, not at the minute's end
+	st, err := h.Stats(context.Background(), now.Add(-time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var events uint64
+	for _, m := range st.Minutes {
+		events += m.Outcomes["verified"]
+	}
+	var delivered, retry uint64
+	var p99 float64
+	for _, m := range st.Destinations["app"] {
+		delivered += m.Delivered
+		retry += m.Retry
+		p99 = max(p99, m.P99MS)
+	}
+	if events != 10 || delivered != 10 || retry != 1 || p99 < 1000 {
+		t.Fatalf("stats: %d events, %d delivered, %d retry, p99 %.1f ms: %+v", events, delivered, retry, p99, st)
+	}
+}
+
+// TestHistoryNeverBlocks: with the writer's buffer full, records are
+// dropped and counted, not waited for.
+func TestHistoryNeverBlocks(t *testing.T) {
+	_, h := openHistoryTest(t)
+	body := make([]byte, 1<<20)
+	for range 200 { // 200 MiB offered, more than the buffer's 64 MiB
+		h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: "video.asset.ready", ID: "x", Status: 202, Body: body})
+	}
+	if h.Dropped() == 0 {
+		t.Fatal("nothing dropped with 200 MiB offered at once")
+	}
+}

@@ -1,0 +1,465 @@
+// Replay by filter: a background job that queues a fresh copy of every
+// event id history holds in a fixed range (its latest record there),
+// oldest first, for one destination. The copies bypass the dedupe window
+// (their dedupe key is the job's and the id), carry Mux-Webhook-Replay:
+// <job>, and are signed by the destination's sign at delivery.
+//
+// The job's state is a key of the bucket <stream>_REPLAY: its range and
+// filter, fixed when it starts, and how far it got. A job whose gateway
+// stopped or died is taken up by a gateway that opens history (or checks,
+// every 30 s) once its state has not moved for replayOrphaned: it starts
+// again after the last id it queued, and an id queued twice for a job is
+// stored once (its dedupe key, within the queue's dedupe window).
+
+package queue
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+)
+
+// Replay's bounds.
+const (
+	// MaxReplay bounds the event ids one job may queue: narrow the filter
+	// beyond that.
+	MaxReplay = 1_000_000
+	// replayFill: above this share of max_bytes, a job waits.
+	replayFill = 0.80
+	// replaySave: a running job's state is written at least this often
+	// (its heartbeat).
+	replaySave = 5 * time.Second
+	// replayOrphaned: a running job whose state has not moved for this
+	// long is taken up by another gateway.
+	replayOrphaned = 30 * time.Second
+)
+
+// ReplayJob is a replay job's state, as the bucket keeps it and the API
+// shows it.
+type ReplayJob struct {
+	Job         string `json:"job"`
+	Destination string `json:"destination"`
+	// Matched is how many event ids the job's range and filter hold;
+	// Queued how many it queued; Expired how many aged out of history
+	// before their turn.
+	Matched uint64 `json:"matched"`
+	Queued  uint64 `json:"queued"`
+	Expired uint64 `json:"expired"`
+	Done    bool   `json:"done"`
+	// State is "running", "done" or "failed" (Error says why).
+	State   string    `json:"state"`
+	Error   string    `json:"error,omitempty"`
+	Created time.Time `json:"created"`
+	Updated time.Time `json:"updated"`
+	// The fixed range and filter, and the last sequence queued.
+	FromSeq uint64       `json:"from_seq"`
+	ToSeq   uint64       `json:"to_seq"`
+	Cursor  uint64       `json:"cursor"`
+	Filter  ReplayFilter `json:"filter"`
+}
+
+// ReplayFilter is a job's filter, kept with it.
+type ReplayFilter struct {
+	Type    string `json:"type,omitempty"`
+	Object  string `json:"object,omitempty"`
+	ID      string `json:"id,omitempty"`
+	Outcome string `json:"outcome,omitempty"`
+}
+
+// ErrReplayNotFound: no such job.
+var ErrReplayNotFound = errors.New("no such replay job")
+
+// replays are the jobs this process runs.
+type replays struct {
+	mu      sync.Mutex
+	running map[string]context.CancelFunc
+	wg      sync.WaitGroup
+}
+
+func (r *replays) stopAll() {
+	r.mu.Lock()
+	for _, cancel := range r.running {
+		cancel()
+	}
+	r.mu.Unlock()
+	r.wg.Wait()
+}
+
+func (h *History) replayBucket() string { return h.s.cfg.Stream + "_REPLAY" }
+
+// replayKV opens (or makes) the jobs' bucket.
+func (h *History) replayKV(ctx context.Context) (jetstream.KeyValue, error) {
+	kv, err := h.s.js.KeyValue(ctx, h.replayBucket())
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		kv, err = h.s.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:      h.replayBucket(),
+			Description: "caddy-mux-webhook: replay jobs",
+			History:     1,
+			TTL:         h.config().MaxAge, // a job outlives its events by no more than history does
+			Storage:     jetstream.FileStorage,
+			Replicas:    h.s.cfg.Replicas,
+		})
+		if errors.Is(err, jetstream.ErrBucketExists) {
+			kv, err = h.s.js.KeyValue(ctx, h.replayBucket())
+		}
+	}
+	return kv, err
+}
+
+// Replay counts the event ids f matches and, unless dryRun, starts a job
+// queuing a copy of each for destination.
+func (h *History) Replay(ctx context.Context, destination string, f HistoryFilter, dryRun bool) (ReplayJob, error) {
+	if !ValidDestination(destination) {
+		return ReplayJob{}, fmt.Errorf("destination name %q: use letters, digits, _ and - only", destination)
+	}
+	job := ReplayJob{Destination: destination, State: "running", Created: time.Now().UTC(),
+		Filter: ReplayFilter{Type: f.Type, Object: f.Object, ID: f.ID, Outcome: f.Outcome}}
+	lower, upper, ok, err := h.seqRange(ctx, f)
+	if err != nil {
+		return ReplayJob{}, err
+	}
+	if ok {
+		job.FromSeq, job.ToSeq = lower, upper
+		seqs, err := h.latest(ctx, job, f)
+		if err != nil {
+			return ReplayJob{}, err
+		}
+		job.Matched = uint64(len(seqs))
+	}
+	if dryRun {
+		job.State, job.Done = "dry_run", true
+		return job, nil
+	}
+	var id [6]byte
+	_, _ = rand.Read(id[:])
+	job.Job = "r" + hex.EncodeToString(id[:])
+	job.Updated = time.Now().UTC()
+	if !ok || job.Matched == 0 {
+		job.State, job.Done = "done", true
+	}
+	kv, err := h.replayKV(ctx)
+	if err != nil {
+		return ReplayJob{}, fmt.Errorf("replay: the jobs' bucket: %w", err)
+	}
+	data, _ := json.Marshal(job)
+	rev, err := kv.Create(ctx, job.Job, data)
+	if err != nil {
+		return ReplayJob{}, fmt.Errorf("replay: saving the job: %w", err)
+	}
+	if !job.Done {
+		h.runReplay(job, rev, f.Match)
+	}
+	return job, nil
+}
+
+// ReplayStatus returns a job's state.
+func (h *History) ReplayStatus(ctx context.Context, job string) (ReplayJob, error) {
+	kv, err := h.replayKV(ctx)
+	if err != nil {
+		return ReplayJob{}, err
+	}
+	e, err := kv.Get(ctx, job)
+	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrInvalidKey) {
+		return ReplayJob{}, ErrReplayNotFound
+	}
+	if err != nil {
+		return ReplayJob{}, err
+	}
+	var j ReplayJob
+	if err := json.Unmarshal(e.Value(), &j); err != nil {
+		return ReplayJob{}, err
+	}
+	return j, nil
+}
+
+// latest returns, oldest first, the sequence of each event id's latest
+// record in the job's range that f matches.
+func (h *History) latest(ctx context.Context, job ReplayJob, f HistoryFilter) ([]uint64, error) {
+	last := map[[8]byte]uint64{}
+	var tooMany bool
+	err := h.scan(ctx, scanRequest{seq: job.FromSeq, filter: h.subjectFilter(f), upTo: job.ToSeq}, func(r rawRecord) bool {
+		if !f.matches(r) {
+			return true
+		}
+		var k [8]byte
+		copy(k[:], hashBytes(r.header.Get(hdrHistID)))
+		if _, seen := last[k]; !seen && len(last) >= MaxReplay {
+			tooMany = true
+			return false
+		}
+		last[k] = r.seq
+		return true
+	})
+	if err != nil {
+		return nil, err
+	}
+	if tooMany {
+		return nil, fmt.Errorf("replay: the filter matches more than %d events; narrow it (type, object, since, until)", MaxReplay)
+	}
+	seqs := make([]uint64, 0, len(last))
+	for _, seq := range last {
+		seqs = append(seqs, seq)
+	}
+	slices.Sort(seqs)
+	return seqs, nil
+}
+
+func hashBytes(s string) []byte {
+	b, _ := hex.DecodeString(hash16(s))
+	return b
+}
+
+// runReplay runs job in the background, in this process.
+func (h *History) runReplay(job ReplayJob, rev uint64, match func(string) bool) {
+	ctx, cancel := context.WithCancel(context.Background())
+	h.replays.mu.Lock()
+	select {
+	case <-h.stop: // closing: a gateway takes the job up later
+		h.replays.mu.Unlock()
+		cancel()
+		return
+	default:
+	}
+	if h.replays.running == nil {
+		h.replays.running = map[string]context.CancelFunc{}
+	}
+	if _, dup := h.replays.running[job.Job]; dup {
+		h.replays.mu.Unlock()
+		cancel()
+		return
+	}
+	h.replays.running[job.Job] = cancel
+	h.replays.wg.Add(1)
+	h.replays.mu.Unlock()
+	go func() {
+		defer h.replays.wg.Done()
+		defer func() {
+			h.replays.mu.Lock()
+			delete(h.replays.running, job.Job)
+			h.replays.mu.Unlock()
+			cancel()
+		}()
+		h.replay(ctx, job, rev, match)
+	}()
+}
+
+// replay queues job's copies after its cursor, saving its state as it
+// goes; it returns when done, failed, or ctx ends (the state then stays
+// "running", for a gateway to take up).
+func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match func(string) bool) {
+	kv, err := h.replayKV(ctx)
+	if err != nil {
+		return
+	}
+	save := func() bool {
+		job.Updated = time.Now().UTC()
+		data, _ := json.Marshal(job)
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		r, err := kv.Update(sctx, job.Job, data, rev)
+		if err != nil {
+			h.log.Warn("mux_webhook history: a replay job's state could not be saved; another gateway may have taken it up",
+				zap.String("job", job.Job), zap.Error(err))
+			return false
+		}
+		rev = r
+		return true
+	}
+	fail := func(err error) {
+		job.State, job.Error, job.Done = "failed", err.Error(), true
+		save()
+		h.log.Error("mux_webhook history: a replay job failed", zap.String("job", job.Job), zap.String("destination", job.Destination), zap.Error(err))
+	}
+	f := HistoryFilter{Type: job.Filter.Type, Object: job.Filter.Object, ID: job.Filter.ID, Outcome: job.Filter.Outcome, Match: match}
+	seqs, err := h.latest(ctx, job, f)
+	if err != nil {
+		if ctx.Err() == nil {
+			fail(err)
+		}
+		return
+	}
+	todo := seqs[:0]
+	for _, seq := range seqs {
+		if seq > job.Cursor {
+			todo = append(todo, seq)
+		}
+	}
+	// What matched when the job started and is neither queued nor still
+	// held has aged out.
+	job.Expired = job.Matched - min(job.Matched, job.Queued+uint64(len(todo)))
+	h.log.Info("mux_webhook history: replaying", zap.String("job", job.Job), zap.String("destination", job.Destination),
+		zap.Uint64("matched", job.Matched), zap.Int("to_queue", len(todo)))
+	lastSave := time.Now()
+	for i, seq := range todo {
+		if i%64 == 0 {
+			beat := func() bool {
+				if time.Since(lastSave) < replaySave {
+					return true
+				}
+				lastSave = time.Now()
+				return save()
+			}
+			if err := h.waitForRoom(ctx, beat); err != nil {
+				return
+			}
+		}
+		var rec *rawRecord
+		err := h.scan(ctx, scanRequest{seq: seq, filter: h.name + ".e.>", max: 1}, func(r rawRecord) bool {
+			if r.seq == seq {
+				rec = &r
+			}
+			return false
+		})
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			fail(err)
+			return
+		}
+		if rec == nil {
+			job.Expired++ // aged out meanwhile
+		} else if err := h.enqueueReplay(ctx, job, *rec); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			fail(err)
+			return
+		} else {
+			job.Queued++
+		}
+		job.Cursor = seq
+		if time.Since(lastSave) >= replaySave || i%256 == 255 {
+			if !save() {
+				return
+			}
+			lastSave = time.Now()
+		}
+	}
+	job.State, job.Done = "done", true
+	save()
+	h.log.Info("mux_webhook history: replay done", zap.String("job", job.Job), zap.String("destination", job.Destination),
+		zap.Uint64("queued", job.Queued), zap.Uint64("expired", job.Expired))
+}
+
+// enqueueReplay queues one record's copy for the job, retrying a store
+// that is briefly unavailable.
+func (h *History) enqueueReplay(ctx context.Context, job ReplayJob, r rawRecord) error {
+	id := r.header.Get(hdrHistID)
+	m := Message{Destination: job.Destination, EventID: []byte("replay:" + job.Job + ":" + id),
+		ObjectID: r.header.Get(hdrHistObjectID), ID: id, Type: r.header.Get(hdrHistType), Body: r.data,
+		Header: map[string]string{HeaderReplay: job.Job}}
+	for try := 0; ; try++ {
+		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := h.s.Enqueue(ectx, m)
+		cancel()
+		if err == nil || try >= 20 || ctx.Err() != nil {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// waitForRoom waits while the queue holds more than replayFill of its
+// max_bytes, keeping the job's state moving with beat.
+func (h *History) waitForRoom(ctx context.Context, beat func() bool) error {
+	for {
+		if h.s.fill(ctx) <= replayFill {
+			return nil
+		}
+		if !beat() {
+			return errors.New("replay: the job was taken up elsewhere")
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// fill is the share of max_bytes the queue's partitions hold (0 when it
+// cannot tell).
+func (s *Store) fill(ctx context.Context) float64 {
+	var used int64
+	for _, p := range s.configured() {
+		info, err := p.stream.Info(ctx)
+		if err != nil {
+			return 0
+		}
+		used += int64(info.State.Bytes)
+	}
+	if total := s.config().MaxBytes; total > 0 {
+		return float64(used) / float64(total)
+	}
+	return 0
+}
+
+// adoptReplays takes up the running jobs whose state has not moved for
+// replayOrphaned (their gateway stopped or died), at open and every 30s.
+func (h *History) adoptReplays() {
+	defer h.wg.Done()
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-h.stop:
+			return
+		case <-t.C:
+		}
+		h.adoptOnce()
+		t.Reset(replayOrphaned)
+	}
+}
+
+func (h *History) adoptOnce() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kv, err := h.s.js.KeyValue(ctx, h.replayBucket())
+	if err != nil {
+		return // no job ever
+	}
+	keys, err := kv.ListKeys(ctx)
+	if err != nil {
+		return
+	}
+	for key := range keys.Keys() {
+		e, err := kv.Get(ctx, key)
+		if err != nil {
+			continue
+		}
+		var j ReplayJob
+		if json.Unmarshal(e.Value(), &j) != nil || j.Done || time.Since(j.Updated) < replayOrphaned {
+			continue
+		}
+		h.replays.mu.Lock()
+		_, mine := h.replays.running[j.Job]
+		h.replays.mu.Unlock()
+		if mine {
+			continue
+		}
+		// Claimed by updating the revision read: another gateway taking
+		// it up at the same moment fails here.
+		j.Updated = time.Now().UTC()
+		data, _ := json.Marshal(j)
+		rev, err := kv.Update(ctx, key, data, e.Revision())
+		if err != nil {
+			continue
+		}
+		h.log.Info("mux_webhook history: taking up a replay job whose gateway stopped", zap.String("job", j.Job), zap.Uint64("cursor", j.Cursor))
+		h.runReplay(j, rev, h.matcher(j.Filter.Type))
+	}
+}
