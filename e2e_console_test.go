@@ -76,7 +76,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		mux_deliver @assets app analytics
 		mux_deliver analytics
 	}
-	handle_path /mux-webhook/* {
+	handle_path /mux-webhook* {
 		mux_webhook_ui
 	}`, testSecret))
 	g.load(cfg)

@@ -15,7 +15,12 @@
 // body and every delivery attempt; the failing destination's event shows
 // up as a dead letter (Queue and Dead letters views); requests from
 // another site cannot redeliver it; the console's Redeliver button does,
-// and the fixed backend receives it.
+// and the fixed backend receives it. At a laptop's width (1400 x 900, the
+// screenshots' size): the console opens without its URL's slash, the
+// Events table shows every column without a horizontal scrollbar, with
+// or without the detail pane, times have their date, the detail pane
+// never shows a row the search hides, and "Redeliver all" and "Purge…"
+// are disabled while there is nothing to act on.
 const crypto = require("node:crypto");
 const path = require("node:path");
 const { chromium } = require("playwright-core");
@@ -72,6 +77,33 @@ async function shot(page, name) {
   console.log("screenshot " + name);
 }
 
+// fits checks that the Events table needs no horizontal scrollbar and
+// that its status and duration columns end inside the window.
+async function fits(page, when) {
+  const m = await page.evaluate(() => {
+    const list = document.getElementById("list");
+    const heads = [...list.querySelectorAll("thead th")];
+    return {
+      scroll: list.scrollWidth, client: list.clientWidth, window: window.innerWidth,
+      listRight: list.getBoundingClientRect().right,
+      cols: heads.slice(-2).map((th) => [th.textContent, th.getBoundingClientRect().right]),
+    };
+  });
+  check(m.scroll <= m.client, `${when}: the Events table scrolls sideways (${m.scroll} px in ${m.client})`);
+  for (const [name, right] of m.cols) {
+    check(right <= m.listRight + 0.5 && right <= m.window, `${when}: the ${name} column ends at ${right} px, outside the table (${m.listRight}) or the window (${m.window})`);
+  }
+}
+
+// deadButtons checks that "Redeliver all" and "Purge…" are enabled
+// exactly when there are dead letters to act on.
+async function deadButtons(page, enabled, when) {
+  for (const id of ["dead-redeliver-all", "dead-purge"]) {
+    const b = page.getByTestId(id);
+    await until(`${id} ${enabled ? "enabled" : "disabled"} (${when})`, async () => (await b.isEnabled()) === enabled);
+  }
+}
+
 async function main() {
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -80,12 +112,15 @@ async function main() {
       "--disable-background-networking", "--disable-component-update", "--disable-sync"],
   });
   try {
-    const context = await browser.newContext({ viewport: { width: 1400, height: 800 }, locale: "en-GB", timezoneId: "UTC" });
+    const context = await browser.newContext({ viewport: { width: 1400, height: 900 }, locale: "en-GB", timezoneId: "UTC" });
     const page = await context.newPage();
     const errors = [];
     page.on("pageerror", (e) => errors.push(String(e)));
     page.on("dialog", (d) => d.accept());
-    await page.goto(pageURL);
+    // The URL without its slash leads to the console.
+    const noSlash = pageURL.replace(/\/$/, "");
+    await page.goto(noSlash);
+    check(page.url() === pageURL, `${noSlash} led to ${page.url()}, want ${pageURL}`);
     await page.getByTestId("state").filter({ hasText: /^live$/ }).waitFor({ timeout: 15000 });
 
     // 1. Events arrive live.
@@ -115,6 +150,14 @@ async function main() {
     await page.locator(`tr[data-testid="row"][data-outcome="dead"][data-id="${asset}"]`).waitFor({ timeout: 15000 });
     await page.locator(`tr[data-testid="row"][data-outcome="delivered"][data-id="${live}"]`).waitFor({ timeout: 15000 });
 
+    // 1b. At 1400 px, nothing selected: no detail pane, the table has the
+    // width and shows its last columns without scrolling; times have a date.
+    await fits(page, "with nothing selected");
+    const listWidth = await page.locator("#list").evaluate((n) => n.getBoundingClientRect().width);
+    check(listWidth >= 1300, `with nothing selected the table is ${listWidth} px wide of 1400: the empty detail pane takes the rest`);
+    const time = await page.locator('tr[data-testid="row"] td').first().innerText();
+    check(/^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$/.test(time), "a time without its date: " + JSON.stringify(time));
+
     // 2. The search: outcome, type glob, event id, object id.
     const shown = (attr) => page.locator('tr[data-testid="row"]').evaluateAll((rows, a) => rows.map((r) => r.dataset[a]), attr);
     await page.getByTestId("filter-outcome").selectOption("verified");
@@ -141,7 +184,14 @@ async function main() {
     // 3. The events view and an event's detail: headers with the
     // signature redacted, the body pretty-printed, every delivery attempt.
     await page.locator(`tr[data-testid="row"][data-outcome="verified"][data-id="${live}"]`).click();
+    await fits(page, "with the detail pane open");
     await shot(page, "console-events.png");
+    // A search that hides the selected row empties the detail pane.
+    await page.getByTestId("filter-type").fill("video.asset.*");
+    await until("the detail pane emptied by the search", async () => !(await page.getByTestId("detail").isVisible()));
+    check(await page.locator('tr[data-testid="row"].selected').count() === 0, "a hidden row stays selected");
+    await page.getByTestId("filter-clear").click();
+    await until("the cleared search", async () => (await shown("id")).length >= 7);
     await page.locator(`tr[data-testid="row"][data-outcome="verified"][data-id="${asset}"]`).click();
     const headers = await page.getByTestId("headers").innerText();
     check(/Mux-Signature: \[redacted\]/i.test(headers), "signature not redacted in the detail: " + headers);
@@ -188,7 +238,17 @@ async function main() {
     check(deadText.includes("video.asset.ready") && /\t2\t/.test(deadText) && deadText.includes("app answered 500"),
       "dead letter row: " + JSON.stringify(deadText));
     check(page.url().endsWith("#dead/app"), "dead letters view URL: " + page.url());
+    await deadButtons(page, true, "app, with its dead letter");
+    const deadTime = await deadRow.locator("td").nth(4).innerText();
+    check(/^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$/.test(deadTime), "dead at without its date: " + JSON.stringify(deadTime));
     await shot(page, "console-dead-letters.png");
+    // analytics has none: nothing to redeliver or purge.
+    await page.getByTestId("dead-destination").selectOption("analytics");
+    await page.getByText("No dead letters for analytics.").waitFor({ timeout: 10000 });
+    await deadButtons(page, false, "analytics, without dead letters");
+    await page.getByTestId("dead-destination").selectOption("app");
+    await deadRow.waitFor({ timeout: 10000 });
+    await deadButtons(page, true, "app again");
 
     // 6. Cross-site requests cannot change anything. A page on another
     // site posts a form to the console (the browser adds Origin and
@@ -235,6 +295,7 @@ async function main() {
     await page.getByTestId("dead-notice").filter({ hasText: "Redelivered 1 to app." }).waitFor({ timeout: 10000 });
     await until("the backend to receive the redelivered event", async () => (await received()).includes(asset));
     await deadRow.waitFor({ state: "detached", timeout: 10000 });
+    await deadButtons(page, false, "app, once its dead letter is redelivered");
     // The Events view shows the new attempt, live.
     await page.getByTestId("tab-events").click();
     await page.locator(`tr[data-testid="row"][data-outcome="delivered"][data-destination="app"][data-id="${asset}"]`).waitFor({ timeout: 10000 });
