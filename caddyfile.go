@@ -586,7 +586,7 @@ func (m *MatchMuxEvent) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 func (u *Console) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next()
 	if d.NextArg() || d.NextBlock(0) {
-		return d.Err("mux_webhook_ui takes no arguments; mount it with handle_path /mux-webhook/* { mux_webhook_ui }")
+		return d.Err("mux_webhook_ui takes no arguments; mount it with handle_path /mux-webhook* { mux_webhook_ui }")
 	}
 	return nil
 }

@@ -4,10 +4,14 @@
 // Protect the route (basic_auth, a private bind address): the page shows
 // verified event bodies and can redeliver and purge dead letters.
 //
-//	handle_path /mux-webhook/* {
+//	handle_path /mux-webhook* {
 //		basic_auth { ... }
 //		mux_webhook_ui
 //	}
+//
+// (/mux-webhook*, not /mux-webhook/*, so that /mux-webhook itself reaches
+// the handler, which redirects it to /mux-webhook/: the page's requests
+// are relative to its own URL.)
 //
 // A site route has none of the admin API's cross-site defences, and
 // basic_auth credentials are sent by the browser whoever asks for the
@@ -83,6 +87,13 @@ func (u *Console) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if !strings.HasPrefix(path, "/") {
 		path = "/" + path
 	}
+	if (path == "/") && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
+		if to, ok := slashRedirect(r); ok {
+			w.Header().Set("Location", to)
+			w.WriteHeader(http.StatusTemporaryRedirect)
+			return nil
+		}
+	}
 	var err error
 	if refused := consoleChange(r); refused != nil {
 		u.logger.Warn("mux_webhook_ui: refused a change that did not come from the console's page",
@@ -106,6 +117,28 @@ func (u *Console) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		return json.NewEncoder(w).Encode(map[string]string{"error": apiErr.Err.Error()})
 	}
 	return err
+}
+
+// slashRedirect says where to send a request for the page whose URL, as
+// the client sent it, does not end in a slash (/mux-webhook, mounted with
+// handle_path /mux-webhook*): the page's requests ("events", "queue") are
+// relative to its URL, so it must be served at /mux-webhook/. The
+// Location is relative ("./mux-webhook/"), so that it stays on this site
+// whatever the path holds.
+func slashRedirect(r *http.Request) (string, bool) {
+	orig, ok := r.Context().Value(caddyhttp.OriginalRequestCtxKey).(http.Request)
+	if !ok || orig.URL == nil {
+		return "", false
+	}
+	p := orig.URL.EscapedPath()
+	if p == "" || strings.HasSuffix(p, "/") {
+		return "", false
+	}
+	to := "./" + p[strings.LastIndex(p, "/")+1:] + "/"
+	if orig.URL.RawQuery != "" {
+		to += "?" + orig.URL.RawQuery
+	}
+	return to, true
 }
 
 // consoleChange refuses a change that may come from another site: any

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -172,5 +173,62 @@ func TestConsoleQueueOnSiteRoute(t *testing.T) {
 	// Errors say what is wrong, as JSON.
 	if code, text := post(map[string]string{ConsoleHeader: "1"}, "application/json", `{"destination":"nope","all":true}`); code != http.StatusBadRequest || !strings.Contains(text, `unknown destination \"nope\"`) {
 		t.Errorf("unknown destination: %d %s", code, text)
+	}
+}
+
+// TestConsoleWithoutSlash: /mux-webhook, without its slash, leads to the
+// console. On Caddy's admin API its ServeMux redirects the pattern
+// "/mux-webhook/"'s root; on a site route mounted with handle_path
+// /mux-webhook* (as examples/Caddyfile does: handle_path /mux-webhook/*
+// never sees /mux-webhook, which a catch-all answered 404),
+// mux_webhook_ui redirects to the slash form, whose relative requests
+// (events, queue) resolve under /mux-webhook/, keeping the query; the
+// slash form, and the endpoints, are served as they were.
+func TestConsoleWithoutSlash(t *testing.T) {
+	g := startGatewayWithAdmin(t, liveLogGlobal, fmt.Sprintf(`
+	mux_webhook /mux %s
+	handle_path /mux-webhook* {
+		mux_webhook_ui
+	}
+	handle {
+		respond 404
+	}`, testSecret))
+	client := &http.Client{
+		Timeout:       10 * time.Second,
+		Transport:     &http.Transport{DisableKeepAlives: true},
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	get := func(url string) (int, string) {
+		t.Helper()
+		resp, err := client.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		return resp.StatusCode, resp.Header.Get("Location")
+	}
+	for _, c := range []struct{ url, want string }{
+		{g.admin + "/mux-webhook", "/mux-webhook/"},
+		{g.url + "/mux-webhook", "./mux-webhook/"},
+		{g.url + "/mux-webhook?x=1", "./mux-webhook/?x=1"},
+	} {
+		code, loc := get(c.url)
+		if code < 300 || code > 399 || loc != c.want {
+			t.Errorf("GET %s: %d Location %q, want a redirect to %q", c.url, code, loc, c.want)
+			continue
+		}
+		u, _ := url.Parse(c.url)
+		to, _ := u.Parse(loc)
+		if code, _ := get(to.String()); code != http.StatusOK {
+			t.Errorf("GET %s (the redirect of %s): %d, want 200", to, c.url, code)
+		}
+	}
+	for _, u := range []string{g.url + "/mux-webhook/", g.url + "/mux-webhook/index.html", g.url + "/mux-webhook/events"} {
+		if code, loc := get(u); code != http.StatusOK {
+			t.Errorf("GET %s: %d %q, want 200", u, code, loc)
+		}
+	}
+	if code, _ := get(g.url + "/mux-webhookx"); code != http.StatusNotFound {
+		t.Errorf("GET /mux-webhookx: %d, want 404", code)
 	}
 }

@@ -25,7 +25,10 @@ import (
 // route with mux_webhook_ui; Caddy's admin API refuses browser
 // navigations), watches events and their delivery attempts arrive, finds
 // the dead letter of a failing destination, sees cross-site requests
-// refused, and redelivers it with a click once the backend is fixed.
+// refused, and redelivers it with a click once the backend is fixed; then
+// the History view (history is on by default with a queue) lists, searches
+// and shows the events, replays the live stream event to analytics after
+// confirming its count, and the Charts view draws the last 24 h.
 // Set MUX_SCREENSHOTS=docs to save a screenshot of each view there.
 func TestConsoleInBrowser(t *testing.T) {
 	chromium := os.Getenv("CHROMIUM")
@@ -68,7 +71,8 @@ func TestConsoleInBrowser(t *testing.T) {
 	analytics := newUpstream(t, "analytics")
 	cfg, g := gatewayConfigWith(t, "off", deliverGlobal(filepath.Join(t.TempDir(), "js"),
 		fmt.Sprintf("\t\tdestination app %s/hook {\n\t\t\tretry 100ms\n\t\t\tmax_attempts 2\n\t\t}", app.URL),
-		fmt.Sprintf("\t\tdestination analytics %s {\n\t\t\tretry 100ms\n\t\t}", analytics.URL),
+		// sign: a replay from the history is signed with it (refused without).
+		fmt.Sprintf("\t\tdestination analytics %s {\n\t\t\tretry 100ms\n\t\t\tsign analytics-secret\n\t\t}", analytics.URL),
 	), fmt.Sprintf(`
 	mux_webhook /mux %s
 	@assets mux_event video.asset.*
@@ -76,7 +80,7 @@ func TestConsoleInBrowser(t *testing.T) {
 		mux_deliver @assets app analytics
 		mux_deliver analytics
 	}
-	handle_path /mux-webhook/* {
+	handle_path /mux-webhook* {
 		mux_webhook_ui
 	}`, testSecret))
 	g.load(cfg)
@@ -101,5 +105,18 @@ func TestConsoleInBrowser(t *testing.T) {
 	defer mu.Unlock()
 	if len(received) != 1 || !strings.HasPrefix(received[0], "br-a-") {
 		t.Errorf("the app backend received %q, want the one redelivered event", received)
+	}
+	// The console's replay reached analytics: a fresh copy of the live
+	// stream event, marked with its job, once.
+	analytics.mu.Lock()
+	defer analytics.mu.Unlock()
+	var replayed []string
+	for _, r := range analytics.reqs {
+		if job := r.Header.Get("Mux-Webhook-Replay"); job != "" {
+			replayed = append(replayed, job+" "+r.Header.Get("Idempotency-Key")+" "+string(r.Body))
+		}
+	}
+	if len(replayed) != 1 || !strings.Contains(replayed[0], `"br-l-`) {
+		t.Errorf("analytics received %d replayed copies %q, want the live stream event once", len(replayed), replayed)
 	}
 }
