@@ -52,8 +52,9 @@ type App struct {
 	// History keeps every verified event and delivery attempt for this
 	// long, searchable and replayable (history.go): a duration such as
 	// "7d", or "off". Default: 7d where a queue is configured (a
-	// destination or a queue block), else off. On a gateway without
-	// destinations, turning it on opens the queue's store.
+	// destination exists), else off. On a gateway without destinations,
+	// turning it on opens the queue's store (if another process holds
+	// it, history stays off, with a WARN).
 	History string `json:"history,omitempty"`
 
 	// HistoryMaxBytes bounds the history's stream; the oldest records go

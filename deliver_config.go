@@ -140,10 +140,12 @@ type DestinationConfig struct {
 // provisionQueue opens (or shares) the store and checks the
 // destinations. It returns nil when neither is configured.
 func (a *App) provisionQueue(ctx caddy.Context) (*appQueue, error) {
-	historyOnly := a.Queue == nil && len(a.Destinations) == 0
-	if historyOnly && !a.historyExplicit() {
+	if a.Queue == nil && len(a.Destinations) == 0 && !a.historyExplicit() {
 		return nil, nil
 	}
+	// Neither a queue nor a destination: the store is opened for history
+	// alone, and failing to open it is no load error.
+	historyOnly := a.Queue == nil && len(a.Destinations) == 0
 	cfg := QueueConfig{}
 	if a.Queue != nil {
 		cfg = *a.Queue

@@ -94,9 +94,7 @@ func releaseStarted(d *appQueue) *appQueue {
 
 // Destruct closes the store when no config uses it any more.
 func (s *pooledStore) Destruct() error {
-	s.history.mu.Lock()
-	s.history.hist.Close()
-	s.history.mu.Unlock()
+	s.history.close()
 	s.Close()
 	return nil
 }

@@ -49,15 +49,31 @@ func searchHistory(t *testing.T, admin string, q url.Values) historyPage {
 	return page
 }
 
+// tryHistory asks admin's history with query q: the page and the status
+// (503 while history is opening).
+func tryHistory(admin string, q url.Values) (historyPage, int) {
+	var page historyPage
+	resp, err := http.Get(admin + "/mux-webhook/history?" + q.Encode())
+	if err != nil {
+		return page, 0
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusOK {
+		_ = json.NewDecoder(resp.Body).Decode(&page)
+	}
+	return page, resp.StatusCode
+}
+
 // waitHistory waits until admin's history holds n events for q.
 func waitHistory(t *testing.T, admin string, q url.Values, n int, out *syncBuffer) historyPage {
 	t.Helper()
 	var page historyPage
+	var status int
 	testwait.Until(t, 20*time.Second, func() bool {
-		page = searchHistory(t, admin, q)
-		return len(page.Events) == n
+		page, status = tryHistory(admin, q)
+		return status == http.StatusOK && len(page.Events) == n
 	}, func() string {
-		return fmt.Sprintf("history?%s: %d events, want %d\n%s", q.Encode(), len(page.Events), n, tail(out.String(), 2048))
+		return fmt.Sprintf("history?%s: %d, %d events, want %d\n%s", q.Encode(), status, len(page.Events), n, tail(out.String(), 2048))
 	})
 	return page
 }
@@ -374,8 +390,12 @@ func TestHistoryStoreUnavailable(t *testing.T) {
 	g.start(fmt.Sprintf("\tmux_webhook %s\n\trespond 204", testSecret))
 	client := &http.Client{Timeout: 10 * time.Second}
 	testwait.Until(t, 30*time.Second, func() bool {
+		if _, status := tryHistory(g.admin, url.Values{}); status != http.StatusOK {
+			return false // opening
+		}
 		_, err := postEvent(client, g.base, objectEvent("video.asset.ready", "first", "o"))
-		return err == nil && len(searchHistory(t, g.admin, url.Values{"id": {"first"}}).Events) > 0
+		page, _ := tryHistory(g.admin, url.Values{"id": {"first"}})
+		return err == nil && len(page.Events) > 0
 	}, func() string { return tail(g.out.String(), 2048) })
 
 	if err := nats.Process.Signal(syscall.SIGKILL); err != nil {
@@ -400,17 +420,11 @@ func TestHistoryStoreUnavailable(t *testing.T) {
 	// Back: recorded again.
 	natsServerWithConfig(t, dir, addr, conf)
 	testwait.Until(t, 60*time.Second, func() bool {
-		_, err := postEvent(client, g.base, objectEvent("video.asset.ready", "after", "o"))
-		if err != nil {
+		if _, err := postEvent(client, g.base, objectEvent("video.asset.ready", "after", "o")); err != nil {
 			return false
 		}
-		resp, err := http.Get(g.admin + "/mux-webhook/history?id=after")
-		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		var page historyPage
-		return resp.StatusCode == 200 && json.NewDecoder(resp.Body).Decode(&page) == nil && len(page.Events) > 0
+		page, _ := tryHistory(g.admin, url.Values{"id": {"after"}})
+		return len(page.Events) > 0
 	}, func() string { return tail(g.out.String(), 2048) })
 }
 

@@ -23,11 +23,11 @@ import (
 )
 
 // historyAge reads the history setting: its age, and whether it is on
-// (the default where a queue is configured).
+// (the default where a queue is configured: a destination exists).
 func (a *App) historyAge() (time.Duration, bool, error) {
 	switch a.History {
 	case "":
-		return queue.DefaultHistoryAge, a.Queue != nil || len(a.Destinations) > 0, nil
+		return queue.DefaultHistoryAge, len(a.Destinations) > 0, nil
 	case "off":
 		return 0, false, nil
 	}
@@ -43,35 +43,120 @@ func (a *App) historyAge() (time.Duration, bool, error) {
 func (a *App) historyExplicit() bool { return a.History != "" && a.History != "off" }
 
 // storeHistory is the history of one open store: opened by the first
-// config with history on that starts on it, closed with the store.
+// config with history on that starts on it, in the background (a start
+// or a reload never waits for it: NATS may be away), closed with the
+// store.
 type storeHistory struct {
-	mu   sync.Mutex
-	hist *queue.History
+	mu      sync.Mutex
+	hist    *queue.History
+	opening bool
+	cfg     queue.HistoryConfig // the latest config's settings
+	done    chan struct{}       // closed by close: ends the opener
+	wg      sync.WaitGroup
 }
 
-// openHistory opens (or reconfigures) h's history for d's settings. A
-// failure never stops Caddy: the gateway runs without history, and says
-// so.
+// historyRetry is how often an opener tries again while the history's
+// stream cannot be made (NATS away, no room on the disk).
+const historyRetry = 5 * time.Second
+
+// openHistory opens (or reconfigures) h's history for d's settings, in
+// the background. A failure never stops Caddy: events are answered as
+// without history (and counted as dropped) until it opens; the first
+// failure is logged.
 func (d *appQueue) openHistory(h *pooledStore) {
-	if !d.historyOn {
+	if !d.historyOn || h == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	h.history.mu.Lock()
-	defer h.history.mu.Unlock()
-	if h.history.hist != nil {
-		if err := h.history.hist.Reconfigure(ctx, d.historyCfg); err != nil {
-			d.logger.Warn("mux_webhook history: the history keeps its earlier history and history_max_bytes", zap.Error(err))
+	sh := &h.history
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	sh.cfg = d.historyCfg
+	if sh.done == nil {
+		sh.done = make(chan struct{})
+	}
+	select {
+	case <-sh.done:
+		return // the store is closing
+	default:
+	}
+	if sh.opening {
+		return // the opener takes the latest settings
+	}
+	sh.opening = true
+	hist, logger := sh.hist, d.logger
+	sh.wg.Go(func() {
+		defer func() {
+			sh.mu.Lock()
+			sh.opening = false
+			sh.mu.Unlock()
+		}()
+		warned := false
+		for {
+			sh.mu.Lock()
+			cfg := sh.cfg
+			sh.mu.Unlock()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			go func() {
+				select {
+				case <-sh.done:
+					cancel()
+				case <-ctx.Done():
+				}
+			}()
+			var err error
+			if hist != nil {
+				err = hist.Reconfigure(ctx, cfg)
+			} else {
+				var opened *queue.History
+				if opened, err = h.OpenHistory(ctx, cfg); err == nil {
+					sh.mu.Lock()
+					sh.hist, hist = opened, opened
+					sh.mu.Unlock()
+					if warned {
+						logger.Info("mux_webhook history: the history's stream is open; recording")
+					}
+				}
+			}
+			cancel()
+			if err == nil {
+				sh.mu.Lock()
+				latest := sh.cfg
+				sh.mu.Unlock()
+				if latest.MaxAge == cfg.MaxAge && latest.MaxBytes == cfg.MaxBytes {
+					return
+				}
+				continue // a reload changed the settings meanwhile
+			}
+			if !warned {
+				logger.Warn("mux_webhook history: the history's stream cannot be opened or updated yet; events are answered as without history (counted in caddy_mux_webhook_history_dropped_total), tried again every 5s", zap.Error(err))
+				warned = true
+			}
+			select {
+			case <-sh.done:
+				return
+			case <-time.After(historyRetry):
+			}
 		}
-		return
+	})
+}
+
+// close stops the opener and closes the history.
+func (sh *storeHistory) close() {
+	sh.mu.Lock()
+	if sh.done == nil {
+		sh.done = make(chan struct{})
 	}
-	hist, err := h.OpenHistory(ctx, d.historyCfg)
-	if err != nil {
-		d.logger.Warn("mux_webhook history: history is off: its stream could not be made (events are answered as without history)", zap.Error(err))
-		return
+	select {
+	case <-sh.done:
+	default:
+		close(sh.done)
 	}
-	h.history.hist = hist
+	sh.mu.Unlock()
+	sh.wg.Wait()
+	sh.mu.Lock()
+	hist := sh.hist
+	sh.mu.Unlock()
+	hist.Close()
 }
 
 // history is the history d records to, or nil: off, or not open.

@@ -32,7 +32,8 @@ func TestHistorySettings(t *testing.T) {
 	}{
 		{App{}, false, queue.DefaultHistoryAge},
 		{App{Destinations: map[string]*DestinationConfig{"app": {}}}, true, queue.DefaultHistoryAge},
-		{App{Queue: &QueueConfig{}}, true, queue.DefaultHistoryAge},
+		{App{Queue: &QueueConfig{}}, false, queue.DefaultHistoryAge},
+		{App{Queue: &QueueConfig{}, History: "1d"}, true, 24 * time.Hour},
 		{App{Destinations: map[string]*DestinationConfig{"app": {}}, History: "off"}, false, 0},
 		{App{History: "36h"}, true, 36 * time.Hour},
 		{App{History: "7d"}, true, 7 * 24 * time.Hour},

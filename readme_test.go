@@ -470,6 +470,7 @@ BLOCK
 			"destination <name> <url>", "destination app http://app:8080/mux",
 			"<name>", "MUX_README",
 			"<size>", "64MiB",
+			"<duration>|off", "7d",
 			"<duration>...", "50ms 100ms",
 			"<duration>", "10s",
 			"<n>/<s|m|h>", "100/s",
@@ -556,7 +557,7 @@ BLOCK
 			},
 		},
 	},
-	"README.md: A weekend outage #2": {
+	"docs/queue.md: When a destination is down #1": {
 		replace: []string{
 			"{\n\tmux_webhook {", "{\n\tadmin localhost:<free-port>\n\tmux_webhook {",
 			"retry   1m 5m 30m 1h", "retry   50ms",
@@ -1325,6 +1326,7 @@ func TestReadmeQueueNATSSettings(t *testing.T) {
 		{"destination <name> <url>", "destination app http://127.0.0.1:8080/mux"},
 		{"<name>", "MUX_README"},
 		{"<size>", "64MiB"},
+		{"<duration>|off", "7d"},
 		{"<duration>...", "1s 2s"},
 		{"<duration>", "10s"},
 		{"<n>/<s|m|h>", "100/m"},

@@ -113,6 +113,13 @@ const maxSearchWindow = 1 << 20
 
 // Search returns the newest records matching f, newest first, and the
 // sequence to page on from (0: none older).
+//
+// A filter by object or id matches few records: one forward pass over
+// the range reads only those (the server skips the blocks and records
+// whose subjects do not match), keeping the newest. Other filters match
+// many: the newest window of sequences is read first, widening until the
+// page is full; if the first window finds few, the filter is rare, and
+// one forward pass over the rest does.
 func (h *History) Search(ctx context.Context, f HistoryFilter) ([]HistoryEvent, uint64, error) {
 	if f.Limit <= 0 {
 		f.Limit = 100
@@ -124,14 +131,8 @@ func (h *History) Search(ctx context.Context, f HistoryFilter) ([]HistoryEvent, 
 	filter := h.subjectFilter(f)
 	var found []rawRecord // oldest first
 	more := false
-	window := uint64(max(4*f.Limit, 256))
-	hi := upper
-	for {
-		lo := lower
-		if hi >= lower+window {
-			lo = hi - window + 1
-		}
-		room := f.Limit - len(found)
+	// newest reads [lo, hi] and keeps its newest room matches.
+	newest := func(lo, hi uint64, room int) ([]rawRecord, error) {
 		var win []rawRecord
 		err := h.scan(ctx, scanRequest{seq: lo, filter: filter, upTo: hi}, func(r rawRecord) bool {
 			if !f.matches(r) {
@@ -140,21 +141,43 @@ func (h *History) Search(ctx context.Context, f HistoryFilter) ([]HistoryEvent, 
 			r.data = nil // a list does not keep bodies
 			win = append(win, r)
 			if len(win) > room {
-				win = win[1:] // the newest are kept
+				win = win[1:]
 				more = true
 			}
 			return true
 		})
-		if err != nil {
-			return nil, 0, err
+		return win, err
+	}
+	if f.Object != "" || f.ID != "" {
+		found, err = newest(lower, upper, f.Limit)
+	} else {
+		window := uint64(max(4*f.Limit, 256))
+		for hi := upper; ; {
+			lo := lower
+			if hi >= lower+window {
+				lo = hi - window + 1
+			}
+			var win []rawRecord
+			if win, err = newest(lo, hi, f.Limit-len(found)); err != nil {
+				break
+			}
+			found = append(win, found...)
+			if len(found) >= f.Limit || lo == lower {
+				more = more || lo > lower
+				break
+			}
+			hi = lo - 1
+			if len(found) < f.Limit/4 {
+				// Rare: the rest in one pass.
+				win, err = newest(lower, hi, f.Limit-len(found))
+				found = append(win, found...)
+				break
+			}
+			window = min(window*2, maxSearchWindow)
 		}
-		found = append(win, found...)
-		if len(found) >= f.Limit || lo == lower {
-			more = more || lo > lower
-			break
-		}
-		hi = lo - 1
-		window = min(window*2, maxSearchWindow)
+	}
+	if err != nil {
+		return nil, 0, err
 	}
 	out := make([]HistoryEvent, 0, len(found))
 	for i := len(found) - 1; i >= 0; i-- {
@@ -231,7 +254,7 @@ const attemptEarly = 10 * time.Second
 // time on (at most 256).
 func (h *History) attemptsOf(ctx context.Context, id string, at time.Time) ([]AttemptRecord, error) {
 	out := []AttemptRecord{}
-	err := h.scan(ctx, scanRequest{startTime: at.Add(-attemptEarly), filter: h.name + ".a." + idToken(id) + ".*", max: 256}, func(r rawRecord) bool {
+	err := h.scan(ctx, scanRequest{startTime: at.Add(-attemptEarly), filter: h.name + ".a." + idToken(id), max: 256}, func(r rawRecord) bool {
 		var a AttemptRecord
 		if json.Unmarshal(r.data, &a) == nil {
 			out = append(out, a)

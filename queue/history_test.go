@@ -3,6 +3,7 @@ package queue
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"strings"
 	"testing"
@@ -264,4 +265,90 @@ func TestHistoryNeverBlocks(t *testing.T) {
 	if h.Dropped() == 0 {
 		t.Fatal("nothing dropped with 200 MiB offered at once")
 	}
+}
+
+// BenchmarkHistorySearch: searches over 100 000 stored events (2 KiB
+// bodies, 1 000 objects, 4 types, one attempt each), each filter as the
+// admin API asks it: what one search takes. With -benchtime=1x (the
+// test suite's smoke run) the store holds 2 000 events.
+func BenchmarkHistorySearch(b *testing.B) {
+	n := 100_000
+	if testing.Short() || benchSmoke() {
+		n = 2_000
+	}
+	s, err := Open(context.Background(), Config{Dir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	h, err := s.OpenHistory(context.Background(), HistoryConfig{Instance: "bench", TypeMatcher: prefixMatch})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer h.Close()
+	types := []string{"video.asset.created", "video.asset.ready", "video.live_stream.active", "video.upload.created"}
+	body := make([]byte, 2048)
+	start := time.Now()
+	for i := range n {
+		for h.queued.Load() > historyBufferBytes/2 || len(h.queue) > historyBufferRecords/2 { // the writer's pace, not a drop
+			time.Sleep(time.Millisecond)
+		}
+		id := fmt.Sprintf("ev-%06d", i)
+		h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: types[i%4], ID: id,
+			ObjectType: "asset", ObjectID: fmt.Sprintf("obj-%d", i%1000), Status: 202, Body: body})
+		h.RecordAttempt(Attempt{Destination: "app", EventID: id, Number: 1, Status: 200, Result: "delivered", Duration: time.Millisecond})
+	}
+	for deadline := time.Now().Add(2 * time.Minute); ; {
+		st, _ := s.js.Stream(context.Background(), h.name)
+		if st != nil && st.CachedInfo().State.Msgs >= uint64(2*n) {
+			break
+		}
+		if time.Now().After(deadline) || h.Dropped() > 0 {
+			var msgs uint64
+			if st != nil {
+				msgs = st.CachedInfo().State.Msgs
+			}
+			b.Fatalf("the store holds %d records of %d written (%d dropped)", msgs, 2*n, h.Dropped())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if h.Dropped() > 0 {
+		b.Fatalf("%d records dropped while filling", h.Dropped())
+	}
+	b.Logf("%d events and %d attempts written in %v", n, n, time.Since(start).Round(time.Millisecond))
+	middle := time.Now().Add(-time.Since(start) / 2)
+	for _, bc := range []struct {
+		name string
+		f    HistoryFilter
+	}{
+		{"newest-100", HistoryFilter{}},
+		{"type-glob", HistoryFilter{Type: "video.live_stream.*"}},
+		{"object", HistoryFilter{Object: "obj-7"}},
+		{"id", HistoryFilter{ID: "ev-000042"}},
+		{"object-since-half", HistoryFilter{Object: "obj-7", Since: middle}},
+		{"nothing-matches", HistoryFilter{ID: "no-such-event"}},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			f := bc.f
+			if f.Type != "" {
+				f.Match = prefixMatch(f.Type)
+			}
+			var got int
+			for b.Loop() {
+				events, _, err := h.Search(context.Background(), f)
+				if err != nil {
+					b.Fatal(err)
+				}
+				got = len(events)
+			}
+			b.ReportMetric(float64(got), "events")
+		})
+	}
+}
+
+// benchSmoke reports whether benchmarks run once each (-benchtime=1x, the
+// test suite's smoke run): then a small store will do.
+func benchSmoke() bool {
+	f := flag.Lookup("test.benchtime")
+	return f != nil && f.Value.String() == "1x"
 }
