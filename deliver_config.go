@@ -237,7 +237,10 @@ func (a *App) provisionQueue(ctx caddy.Context) (*appQueue, error) {
 			"." + saltedHash([]byte(n.Creds), credsContent(n.Creds), []byte(n.User), []byte(password), []byte(token))
 	}
 	d.qc = qc
-	d.historyCfg, d.historyOn = a.historyConfig(d.instance)
+	var historyOn bool
+	d.historyCfg, historyOn = a.historyConfig(d.instance)
+	d.historyOn.Store(historyOn)
+	d.historyCfg.Destination = d.replayable
 	d.historyCfg.MaxBytes = a.HistoryMaxBytes
 	for name, cfgJSON := range d.workerKeys {
 		d.workerKeys[name] = d.poolKey + ".destination." + name + "." + cfgJSON

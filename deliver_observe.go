@@ -221,7 +221,7 @@ func (d *appQueue) logAttempt(a queue.Attempt) {
 	}
 	d.handle.Load().count(a)
 	if a.Result != "" {
-		d.history().RecordAttempt(a)
+		d.recordAttempt(a)
 	}
 
 	fields := []zap.Field{

@@ -175,8 +175,10 @@ type appQueue struct {
 	// lastFillWarn is when the gauges last warned of a stream filling up
 	// behind paused destinations (the gauges' goroutine's).
 	lastFillWarn time.Time
-	// historyOn: this config keeps history (history.go), with historyCfg.
-	historyOn  bool
+	// historyOn: this config keeps history (history.go), with historyCfg
+	// (atomic: a start that cannot open the store turns it off while
+	// requests read it).
+	historyOn  atomic.Bool
 	historyCfg queue.HistoryConfig
 	// historyOnly: the store is opened for history alone (no queue block,
 	// no destination): failing to open it turns history off, nothing more.
@@ -236,7 +238,7 @@ func (d *appQueue) start() error {
 		// Opened for history alone (`history 7d` without a queue):
 		// never a load error; the gateway runs without it.
 		d.logger.Warn("mux_webhook history: history is off: the queue's store could not be opened (another process may hold its directory: give this one its own `queue { dir }`)", zap.Error(err))
-		d.historyOn = false
+		d.historyOn.Store(false)
 		return nil
 	}
 	if !queue.NoRoom(err) {

@@ -459,3 +459,114 @@ func TestHistoryOnACluster(t *testing.T) {
 		}, func() string { return fmt.Sprintf("%s: events without attempts: %+v", g.name, page.Events) })
 	}
 }
+
+// TestReplayJobSurvivesASIGKILL: a replay job of 3 000 events whose
+// gateway is killed (SIGKILL) while it queues is taken up after the
+// restart, once its state has not moved for 30 s: it ends done, every
+// event delivered once with the job's mark, none twice.
+func TestReplayJobSurvivesASIGKILL(t *testing.T) {
+	t.Parallel()
+	const n = 3000
+	var mu sync.Mutex
+	marks := map[string]int{} // id → deliveries marked with a replay job
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Mux-Webhook-Replay") != "" {
+			mu.Lock()
+			marks[r.Header.Get("Idempotency-Key")]++
+			mu.Unlock()
+		}
+	}))
+	t.Cleanup(backend.Close)
+	g := newHistoryGateway(t, fmt.Sprintf(`	mux_webhook {
+		destination app %s {
+			sign signing-secret-of-app
+			concurrency 16
+		}
+	}`, backend.URL))
+	site := fmt.Sprintf("\tmux_webhook %s\n\tmux_deliver app", testSecret)
+	g.start(site)
+	waitQueueOpen(t, g.admin, g.out)
+	client := &http.Client{Timeout: 10 * time.Second}
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 8)
+	for i := range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			id := fmt.Sprintf("k-%04d", i)
+			if status, err := postEvent(client, g.base, objectEvent("video.asset.ready", id, "obj-"+strconv.Itoa(i%100))); err != nil || status != http.StatusAccepted {
+				t.Errorf("event %s: %d %v", id, status, err)
+			}
+		}()
+	}
+	wg.Wait()
+	waitHistory(t, g.admin, url.Values{"limit": {"1"}, "id": {fmt.Sprintf("k-%04d", n-1)}}, 1, g.out)
+	resp, err := http.Post(g.admin+"/mux-webhook/history/replay", "application/json", strings.NewReader(`{"destination":"app","since":"1h"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var job queue.ReplayJob
+	_ = json.NewDecoder(resp.Body).Decode(&job)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted || job.Matched != n {
+		t.Fatalf("replay: %d %+v", resp.StatusCode, job)
+	}
+	// Killed while it queues.
+	testwait.Until(t, 30*time.Second, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(marks) > 0
+	}, func() string { return "no replayed copy delivered" })
+	if err := g.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = g.cmd.Wait()
+	mu.Lock()
+	before := len(marks)
+	inHand := map[string]bool{} // delivered before the kill: may come again (at least once)
+	for id := range marks {
+		inHand[id] = true
+	}
+	mu.Unlock()
+	if before >= n {
+		t.Fatalf("the job was done before the kill (%d delivered): make it longer", before)
+	}
+	g.start(site)
+	waitQueueOpen(t, g.admin, g.out)
+	var st queue.ReplayJob
+	testwait.Until(t, 120*time.Second, func() bool {
+		st = queue.ReplayJob{}
+		getJSON(t, g.admin+"/mux-webhook/history/replay/"+job.Job, &st)
+		mu.Lock()
+		defer mu.Unlock()
+		return st.Done && len(marks) >= n
+	}, func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		return fmt.Sprintf("job %+v; %d of %d delivered (%d before the kill)\n%s", st, len(marks), n, before, tail(g.out.String(), 2048))
+	})
+	if st.State != "done" || st.Queued+st.Expired < n || st.Expired != 0 {
+		t.Fatalf("job after the restart: %+v", st)
+	}
+	time.Sleep(time.Second) // a copy queued twice would arrive by now
+	mu.Lock()
+	defer mu.Unlock()
+	repeats := 0
+	for id, k := range marks {
+		if k > 1 && !inHand[id] {
+			t.Errorf("%s: delivered %d times for the job: queued twice", id, k)
+		}
+		repeats += k - 1
+	}
+	// A copy whose attempt was in hand at the kill is delivered again
+	// (at least once): at most concurrency of them.
+	if repeats > 16 {
+		t.Errorf("%d repeated deliveries, more than the attempts in hand at the kill (16)", repeats)
+	}
+	t.Logf("killed with %d of %d replayed copies delivered; the job was taken up and finished; %d delivered twice (in hand at the kill)", before, n, repeats)
+	if lines := strings.Count(g.out.String(), "taking up a replay job"); lines != 1 {
+		t.Errorf("%d log lines of a replay job taken up, want 1", lines)
+	}
+}

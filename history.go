@@ -47,12 +47,13 @@ func (a *App) historyExplicit() bool { return a.History != "" && a.History != "o
 // or a reload never waits for it: NATS may be away), closed with the
 // store.
 type storeHistory struct {
-	mu      sync.Mutex
-	hist    *queue.History
-	opening bool
-	cfg     queue.HistoryConfig // the latest config's settings
-	done    chan struct{}       // closed by close: ends the opener
-	wg      sync.WaitGroup
+	mu       sync.Mutex
+	hist     *queue.History
+	opening  bool
+	disabled bool                // the newest config turned history off
+	cfg      queue.HistoryConfig // the latest config's settings
+	done     chan struct{}       // closed by close: ends the opener
+	wg       sync.WaitGroup
 }
 
 // historyRetry is how often an opener tries again while the history's
@@ -64,12 +65,17 @@ const historyRetry = 5 * time.Second
 // without history (and counted as dropped) until it opens; the first
 // failure is logged.
 func (d *appQueue) openHistory(h *pooledStore) {
-	if !d.historyOn || h == nil {
+	if h == nil {
 		return
 	}
 	sh := &h.history
+	if !d.historyOn.Load() {
+		sh.off()
+		return
+	}
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
+	sh.disabled = false
 	sh.cfg = d.historyCfg
 	if sh.done == nil {
 		sh.done = make(chan struct{})
@@ -83,17 +89,22 @@ func (d *appQueue) openHistory(h *pooledStore) {
 		return // the opener takes the latest settings
 	}
 	sh.opening = true
-	hist, logger := sh.hist, d.logger
+	logger := d.logger
+	// stop ends the opener: opening is cleared under the same lock as the
+	// last look at the settings, so that a reload's are never lost.
+	stop := func() {
+		sh.opening = false
+		sh.mu.Unlock()
+	}
 	sh.wg.Go(func() {
-		defer func() {
-			sh.mu.Lock()
-			sh.opening = false
-			sh.mu.Unlock()
-		}()
 		warned := false
 		for {
 			sh.mu.Lock()
-			cfg := sh.cfg
+			if sh.disabled {
+				stop()
+				return
+			}
+			cfg, hist := sh.cfg, sh.hist
 			sh.mu.Unlock()
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			go func() {
@@ -104,40 +115,61 @@ func (d *appQueue) openHistory(h *pooledStore) {
 				}
 			}()
 			var err error
+			var opened *queue.History
 			if hist != nil {
 				err = hist.Reconfigure(ctx, cfg)
 			} else {
-				var opened *queue.History
-				if opened, err = h.OpenHistory(ctx, cfg); err == nil {
-					sh.mu.Lock()
-					sh.hist, hist = opened, opened
-					sh.mu.Unlock()
-					if warned {
-						logger.Info("mux_webhook history: the history's stream is open; recording")
-					}
-				}
+				opened, err = h.OpenHistory(ctx, cfg)
 			}
 			cancel()
-			if err == nil {
-				sh.mu.Lock()
-				latest := sh.cfg
-				sh.mu.Unlock()
-				if latest.MaxAge == cfg.MaxAge && latest.MaxBytes == cfg.MaxBytes {
+			sh.mu.Lock()
+			if opened != nil {
+				if sh.disabled {
+					sh.mu.Unlock()
+					opened.Close() // turned off meanwhile
+					sh.mu.Lock()
+					stop()
 					return
 				}
+				sh.hist = opened
+				if warned {
+					logger.Info("mux_webhook history: the history's stream is open; recording")
+				}
+			}
+			if err == nil {
+				if sh.disabled || sh.cfg.MaxAge == cfg.MaxAge && sh.cfg.MaxBytes == cfg.MaxBytes {
+					stop()
+					return
+				}
+				sh.mu.Unlock()
 				continue // a reload changed the settings meanwhile
 			}
+			sh.mu.Unlock()
 			if !warned {
 				logger.Warn("mux_webhook history: the history's stream cannot be opened or updated yet; events are answered as without history (counted in caddy_mux_webhook_history_dropped_total), tried again every 5s", zap.Error(err))
 				warned = true
 			}
 			select {
 			case <-sh.done:
+				sh.mu.Lock()
+				stop()
 				return
 			case <-time.After(historyRetry):
 			}
 		}
 	})
+}
+
+// off closes the history of a store whose newest config turned it off
+// (`history off` by a reload): its writer and replay jobs stop; a later
+// config with history on opens it again.
+func (sh *storeHistory) off() {
+	sh.mu.Lock()
+	sh.disabled = true
+	hist := sh.hist
+	sh.hist = nil
+	sh.mu.Unlock()
+	hist.Close()
 }
 
 // close stops the opener and closes the history.
@@ -161,7 +193,7 @@ func (sh *storeHistory) close() {
 
 // history is the history d records to, or nil: off, or not open.
 func (d *appQueue) history() *queue.History {
-	if d == nil || !d.historyOn {
+	if d == nil || !d.historyOn.Load() {
 		return nil
 	}
 	h := d.handle.Load()
@@ -197,7 +229,7 @@ func (a *App) recordEvent(res *result) {
 	if res.outcome != OutcomeVerified && res.outcome != OutcomeDuplicate {
 		return
 	}
-	if !a.queue.historyOn {
+	if !a.queue.historyOn.Load() {
 		return
 	}
 	hist := a.queue.history()
@@ -212,6 +244,34 @@ func (a *App) recordEvent(res *result) {
 	ev := res.event
 	hist.RecordEvent(queue.EventRecord{Time: res.start, Outcome: res.outcome.Name, Type: ev.Type, ID: ev.ID,
 		ObjectType: ev.ObjectType, ObjectID: ev.ObjectID, Status: res.status, Body: res.body})
+}
+
+// recordAttempt keeps a delivery attempt in history; while history is on
+// but not open, it is counted as dropped.
+func (d *appQueue) recordAttempt(a queue.Attempt) {
+	if !d.historyOn.Load() {
+		return
+	}
+	if hist := d.history(); hist != nil {
+		hist.RecordAttempt(a)
+	} else if muxMetrics.historyDropped != nil {
+		muxMetrics.historyDropped.Inc()
+	}
+}
+
+// replayable says whether a replay job may queue for destination in
+// this config: it exists, and signs (a replayed event carries no valid
+// signature of Mux's). Jobs check it when they start, and when a gateway
+// takes one up.
+func (d *appQueue) replayable(destination string) error {
+	dest, ok := d.destinations[destination]
+	if !ok {
+		return fmt.Errorf("replay: unknown destination %q: name a configured destination", destination)
+	}
+	if dest.Sign == nil {
+		return fmt.Errorf("replay: destination %q has no sign: a replayed event would carry Mux's stale signature; give it `sign {env.…}`", destination)
+	}
+	return nil
 }
 
 // errHistoryOff answers the history's endpoints when it is off.

@@ -42,7 +42,7 @@ func serveHistory(w http.ResponseWriter, r *http.Request, sub string, app *App) 
 	if app != nil {
 		d = app.queue
 	}
-	if d == nil || !d.historyOn {
+	if d == nil || !d.historyOn.Load() {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errHistoryOff}
 	}
 	hist := d.history()
@@ -109,12 +109,8 @@ func serveHistory(w http.ResponseWriter, r *http.Request, sub string, app *App) 
 		if err := dec.Decode(&req); err != nil {
 			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("replay: a JSON object with destination and filters: %v", err)}
 		}
-		dest, ok := d.destinations[req.Destination]
-		if !ok {
-			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("replay: unknown destination %q: name a configured destination", req.Destination)}
-		}
-		if dest.Sign == nil {
-			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("replay: destination %q has no sign: a replayed event would carry Mux's stale signature; give it `sign {env.…}`", req.Destination)}
+		if err := d.replayable(req.Destination); err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
 		}
 		q := url.Values{}
 		for k, v := range map[string]string{"type": req.Type, "object": req.Object, "id": req.ID, "outcome": req.Outcome, "since": req.Since, "until": req.Until} {
@@ -127,6 +123,9 @@ func serveHistory(w http.ResponseWriter, r *http.Request, sub string, app *App) 
 			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("replay: %v", err)}
 		}
 		job, err := hist.Replay(ctx, req.Destination, f, req.DryRun)
+		if errors.Is(err, queue.ErrReplayTooLarge) {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+		}
 		if err != nil {
 			return unavailable(err)
 		}
@@ -175,8 +174,9 @@ func onlyGet(w http.ResponseWriter, r *http.Request) error {
 	return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed", r.Method)}
 }
 
-// historyFilter reads a search's (or a replay's) filters; a search gets
-// since's default and a limit.
+// historyFilter reads a search's (or a replay's) filters: since defaults
+// to 24h for both (a replay queues what the same search lists); a search
+// gets a limit.
 func historyFilter(q url.Values, search bool) (queue.HistoryFilter, error) {
 	f := queue.HistoryFilter{Type: q.Get("type"), Object: q.Get("object"), ID: q.Get("id"), Outcome: q.Get("outcome")}
 	if f.Type != "" {
@@ -192,11 +192,7 @@ func historyFilter(q url.Values, search bool) (queue.HistoryFilter, error) {
 		return f, fmt.Errorf("outcome %q: history keeps verified and duplicate (rejected requests are never kept)", f.Outcome)
 	}
 	var err error
-	defaultSince := time.Time{}
-	if search {
-		defaultSince = time.Now().Add(-historyDefaultSince)
-	}
-	if f.Since, err = timeParam(q.Get("since"), defaultSince); err != nil {
+	if f.Since, err = timeParam(q.Get("since"), time.Now().Add(-historyDefaultSince)); err != nil {
 		return f, fmt.Errorf("since: %v", err)
 	}
 	if f.Until, err = timeParam(q.Get("until"), time.Time{}); err != nil {

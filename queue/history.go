@@ -56,8 +56,10 @@ const (
 const (
 	historyBufferRecords = 8192
 	historyBufferBytes   = 64 << 20
-	// historyInFlight bounds the writes sent and not yet acknowledged.
-	historyInFlight = 1024
+	// historyInFlight bounds the writes sent and not yet acknowledged, in
+	// number and in bytes.
+	historyInFlight      = 1024
+	historyInFlightBytes = 64 << 20
 	// historyAckWait: a write not acknowledged by then is counted dropped.
 	historyAckWait = 5 * time.Second
 )
@@ -96,6 +98,10 @@ type HistoryConfig struct {
 	TypeMatcher func(pattern string) func(typ string) bool
 	// OnDrop, if set, hears of each record that could not be written.
 	OnDrop func()
+	// Destination, if set, says why a replay job may not queue for a
+	// destination (unknown, or without sign), or nil: checked when a job
+	// starts and when a gateway takes one up.
+	Destination func(name string) error
 }
 
 func (c HistoryConfig) withDefaults() HistoryConfig {
@@ -132,6 +138,7 @@ type History struct {
 
 	queue    chan *nats.Msg
 	queued   atomic.Int64 // bytes waiting in queue
+	inFlight atomic.Int64 // bytes sent and not yet acknowledged
 	dropped  atomic.Uint64
 	written  atomic.Uint64
 	ensuring atomic.Bool // a missing stream is being made again
@@ -154,11 +161,15 @@ func (s *Store) OpenHistory(ctx context.Context, cfg HistoryConfig) (*History, e
 	h.js, err = jetstream.New(s.conn,
 		jetstream.WithPublishAsyncMaxPending(historyInFlight),
 		jetstream.WithPublishAsyncTimeout(historyAckWait),
-		jetstream.WithPublishAsyncErrHandler(func(_ jetstream.JetStream, _ *nats.Msg, err error) {
+		jetstream.WithPublishAsyncErrHandler(func(_ jetstream.JetStream, msg *nats.Msg, err error) {
+			h.inFlight.Add(-recordSize(msg))
 			h.drop()
 			if noStream(err) {
 				h.ensureLater()
 			}
+		}),
+		jetstream.WithPublishAsyncAckHandler(func(_ jetstream.JetStream, msg *nats.Msg, _ *jetstream.PubAck) {
+			h.inFlight.Add(-recordSize(msg))
 		}))
 	if err != nil {
 		return nil, fmt.Errorf("queue: history: %v", err)
@@ -341,9 +352,28 @@ func (h *History) RecordAttempt(a Attempt) {
 	h.enqueue(msg)
 }
 
-// enqueue hands msg to the writer, or drops it.
+// recordSize is what a record holds in memory: the buffer its body
+// shares (a chunked body's may be larger than the body), its subject and
+// headers.
+func recordSize(msg *nats.Msg) int64 {
+	n := cap(msg.Data) + len(msg.Subject) + 64
+	for k, vs := range msg.Header {
+		for _, v := range vs {
+			n += len(k) + len(v) + 4
+		}
+	}
+	return int64(n)
+}
+
+// enqueue hands msg to the writer, or drops it (and after Close).
 func (h *History) enqueue(msg *nats.Msg) {
-	size := int64(len(msg.Data) + len(msg.Subject) + 256)
+	select {
+	case <-h.stop:
+		h.drop()
+		return
+	default:
+	}
+	size := recordSize(msg)
 	if h.queued.Add(size) > historyBufferBytes {
 		h.queued.Add(-size)
 		h.drop()
@@ -367,12 +397,25 @@ func (h *History) write() {
 		case <-h.stop:
 			return
 		case msg := <-h.queue:
-			h.queued.Add(-int64(len(msg.Data) + len(msg.Subject) + 256))
+			size := recordSize(msg)
+			h.queued.Add(-size)
 			if h.s.server != nil && h.s.Down() != nil {
 				h.drop() // the embedded store refuses writes (a full disk)
 				continue
 			}
+			// Writes in flight are bounded by bytes too: each is held
+			// until its acknowledgement.
+			for h.inFlight.Load() > historyInFlightBytes {
+				select {
+				case <-h.stop:
+					h.drop()
+					return
+				case <-time.After(time.Millisecond):
+				}
+			}
+			h.inFlight.Add(size)
 			if _, err := h.js.PublishMsgAsync(msg); err != nil {
+				h.inFlight.Add(-size)
 				h.drop()
 				continue
 			}
@@ -381,8 +424,9 @@ func (h *History) write() {
 	}
 }
 
-// Close stops the writer (what waits in its buffer is not written) and
-// the replay jobs of this process, after a last minute's summary.
+// Close stops the writer (what waits in its buffer is not written, and
+// counted as dropped) and the replay jobs of this process, after a last
+// minute's summary.
 func (h *History) Close() {
 	if h == nil {
 		return
@@ -391,6 +435,10 @@ func (h *History) Close() {
 		close(h.stop)
 		h.replays.stopAll()
 		h.wg.Wait()
+		for range len(h.queue) { // not written: counted
+			<-h.queue
+			h.drop()
+		}
 		h.flushMinute(true)
 		select {
 		case <-h.js.PublishAsyncComplete():
@@ -420,11 +468,11 @@ func objectToken(objectID string) string {
 	if objectID == "" {
 		return "-"
 	}
-	return "o" + hash16(objectID)
+	return "o" + hash16(headerSafe(objectID))
 }
 
-// idToken is an event id's subject token.
-func idToken(id string) string { return "i" + hash16(id) }
+// idToken is an event id's subject token (of the id as a header keeps it).
+func idToken(id string) string { return "i" + hash16(headerSafe(id)) }
 
 func hash16(s string) string {
 	sum := sha256.Sum256([]byte(s))
@@ -435,26 +483,31 @@ func hash16(s string) string {
 // it is; a type with another token stands as "x" and a hash.
 var typeToken = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
-// typeTokens is a type's subject tokens.
+// typeTokens is a type's subject tokens: its own where they can stand in
+// a subject, "x" and a hash of the token where one cannot (an empty one,
+// a space, a wildcard), and beyond 16 tokens "x" and a hash of the rest:
+// a glob's literal leading tokens stay a prefix of the subject.
 func typeTokens(typ string) string {
 	tokens := strings.Split(typ, ".")
 	if len(tokens) > 16 {
-		return "x" + hash16(typ)
+		tokens = append(tokens[:15], "x"+hash16(strings.Join(tokens[15:], ".")))
 	}
-	for _, t := range tokens {
+	for i, t := range tokens {
 		if !typeToken.MatchString(t) {
-			return "x" + hash16(typ)
+			tokens[i] = "x" + hash16(t)
 		}
 	}
-	return typ
+	return strings.Join(tokens, ".")
 }
 
-// headerSafe keeps a value a NATS header holds as it is: no line breaks.
+// headerSafe is a value as a NATS header keeps it: line breaks become
+// spaces, and the ends are trimmed. Ids are hashed in this form, so that
+// an attempt (whose id went through a copy's header) finds its event.
 func headerSafe(v string) string {
 	if strings.ContainsAny(v, "\r\n") {
-		return strings.NewReplacer("\r", " ", "\n", " ").Replace(v)
+		v = strings.NewReplacer("\r", " ", "\n", " ").Replace(v)
 	}
-	return v
+	return strings.TrimSpace(v)
 }
 
 func truncateText(s string, n int) string {

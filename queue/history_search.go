@@ -99,10 +99,10 @@ func (f HistoryFilter) matches(r rawRecord) bool {
 	if f.Type != "" && f.Match != nil && !f.Match(r.header.Get(hdrHistType)) {
 		return false
 	}
-	if f.ID != "" && r.header.Get(hdrHistID) != headerSafe(f.ID) {
+	if f.ID != "" && headerSafe(r.header.Get(hdrHistID)) != headerSafe(f.ID) {
 		return false
 	}
-	if f.Object != "" && r.header.Get(hdrHistObjectID) != headerSafe(f.Object) {
+	if f.Object != "" && headerSafe(r.header.Get(hdrHistObjectID)) != headerSafe(f.Object) {
 		return false
 	}
 	return true

@@ -352,3 +352,24 @@ func benchSmoke() bool {
 	f := flag.Lookup("test.benchtime")
 	return f != nil && f.Value.String() == "1x"
 }
+
+// TestHistoryOddTypesAndIDs: a type with tokens a subject cannot hold
+// keeps its valid leading tokens, so a glob's prefix still finds it; an id
+// with spaces and line breaks at its ends is found by id, with the
+// attempts its copy's (trimmed) header reported.
+func TestHistoryOddTypesAndIDs(t *testing.T) {
+	_, h := openHistoryTest(t)
+	for i, typ := range []string{"video.asset.", "video.asset.a b", "video..ready", "video.asset.*", "video.asset.>", strings.Repeat("video.", 20) + "x"} {
+		h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: typ, ID: fmt.Sprint("odd-", i), Status: 202, Body: []byte("{}")})
+	}
+	h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: "video.asset.ready", ID: " X\n", ObjectID: "\tobj ", Status: 202, Body: []byte("{}")})
+	h.RecordAttempt(Attempt{Destination: "app", EventID: "X", Number: 1, Status: 200, Result: "delivered"})
+	search(t, h, HistoryFilter{Type: "video.*"}, 7)
+	search(t, h, HistoryFilter{Type: "video.asset.*"}, 5)
+	got, _ := search(t, h, HistoryFilter{ID: " X\n"}, 1)
+	if len(got[0].Attempts) != 1 {
+		t.Fatalf("attempts of the id with odd ends: %+v", got[0])
+	}
+	search(t, h, HistoryFilter{ID: "X"}, 1)
+	search(t, h, HistoryFilter{Object: "obj"}, 1)
+}

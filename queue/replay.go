@@ -78,6 +78,9 @@ type ReplayFilter struct {
 // ErrReplayNotFound: no such job.
 var ErrReplayNotFound = errors.New("no such replay job")
 
+// ErrReplayTooLarge: the filter matches more than MaxReplay events.
+var ErrReplayTooLarge = fmt.Errorf("replay: the filter matches more than %d events; narrow it (type, object, since, until)", MaxReplay)
+
 // replays are the jobs this process runs.
 type replays struct {
 	mu      sync.Mutex
@@ -120,6 +123,11 @@ func (h *History) replayKV(ctx context.Context) (jetstream.KeyValue, error) {
 func (h *History) Replay(ctx context.Context, destination string, f HistoryFilter, dryRun bool) (ReplayJob, error) {
 	if !ValidDestination(destination) {
 		return ReplayJob{}, fmt.Errorf("destination name %q: use letters, digits, _ and - only", destination)
+	}
+	if check := h.config().Destination; check != nil {
+		if err := check(destination); err != nil {
+			return ReplayJob{}, err
+		}
 	}
 	job := ReplayJob{Destination: destination, State: "running", Created: time.Now().UTC(),
 		Filter: ReplayFilter{Type: f.Type, Object: f.Object, ID: f.ID, Outcome: f.Outcome}}
@@ -191,7 +199,13 @@ func (h *History) latest(ctx context.Context, job ReplayJob, f HistoryFilter) ([
 			return true
 		}
 		var k [8]byte
-		copy(k[:], hashBytes(r.header.Get(hdrHistID)))
+		if id := r.header.Get(hdrHistID); id != "" {
+			copy(k[:], hashBytes(headerSafe(id)))
+		} else {
+			// No id: each record is an event of its own (only the same
+			// bytes would be the same event).
+			k = [8]byte{0xff, byte(r.seq >> 48), byte(r.seq >> 40), byte(r.seq >> 32), byte(r.seq >> 24), byte(r.seq >> 16), byte(r.seq >> 8), byte(r.seq)}
+		}
 		if _, seen := last[k]; !seen && len(last) >= MaxReplay {
 			tooMany = true
 			return false
@@ -203,7 +217,7 @@ func (h *History) latest(ctx context.Context, job ReplayJob, f HistoryFilter) ([
 		return nil, err
 	}
 	if tooMany {
-		return nil, fmt.Errorf("replay: the filter matches more than %d events; narrow it (type, object, since, until)", MaxReplay)
+		return nil, ErrReplayTooLarge
 	}
 	seqs := make([]uint64, 0, len(last))
 	for _, seq := range last {
@@ -279,6 +293,12 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 		save()
 		h.log.Error("mux_webhook history: a replay job failed", zap.String("job", job.Job), zap.String("destination", job.Destination), zap.Error(err))
 	}
+	if check := h.config().Destination; check != nil {
+		if err := check(job.Destination); err != nil {
+			fail(fmt.Errorf("%v (in this gateway's config)", err))
+			return
+		}
+	}
 	f := HistoryFilter{Type: job.Filter.Type, Object: job.Filter.Object, ID: job.Filter.ID, Outcome: job.Filter.Outcome, Match: match}
 	seqs, err := h.latest(ctx, job, f)
 	if err != nil {
@@ -299,15 +319,15 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 	h.log.Info("mux_webhook history: replaying", zap.String("job", job.Job), zap.String("destination", job.Destination),
 		zap.Uint64("matched", job.Matched), zap.Int("to_queue", len(todo)))
 	lastSave := time.Now()
+	beat := func() bool {
+		if time.Since(lastSave) < replaySave {
+			return true
+		}
+		lastSave = time.Now()
+		return save()
+	}
 	for i, seq := range todo {
-		if i%64 == 0 {
-			beat := func() bool {
-				if time.Since(lastSave) < replaySave {
-					return true
-				}
-				lastSave = time.Now()
-				return save()
-			}
+		if i%16 == 0 {
 			if err := h.waitForRoom(ctx, beat); err != nil {
 				return
 			}
@@ -328,7 +348,7 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 		}
 		if rec == nil {
 			job.Expired++ // aged out meanwhile
-		} else if err := h.enqueueReplay(ctx, job, *rec); err != nil {
+		} else if err := h.enqueueReplay(ctx, job, *rec, beat); err != nil {
 			if ctx.Err() != nil {
 				return
 			}
@@ -351,25 +371,46 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 		zap.Uint64("queued", job.Queued), zap.Uint64("expired", job.Expired))
 }
 
-// enqueueReplay queues one record's copy for the job, retrying a store
-// that is briefly unavailable.
-func (h *History) enqueueReplay(ctx context.Context, job ReplayJob, r rawRecord) error {
+// enqueueReplay queues one record's copy for the job. A full partition
+// or a store that is away is waited for (beat keeps the job's state
+// moving meanwhile); other errors are tried 20 times.
+func (h *History) enqueueReplay(ctx context.Context, job ReplayJob, r rawRecord, beat func() bool) error {
 	id := r.header.Get(hdrHistID)
-	m := Message{Destination: job.Destination, EventID: []byte("replay:" + job.Job + ":" + id),
+	eventID := id
+	if id == "" {
+		eventID = "seq:" + fmt.Sprint(r.seq)
+	}
+	m := Message{Destination: job.Destination, EventID: []byte("replay:" + job.Job + ":" + eventID),
 		ObjectID: r.header.Get(hdrHistObjectID), ID: id, Type: r.header.Get(hdrHistType), Body: r.data,
 		Header: map[string]string{HeaderReplay: job.Job}}
-	for try := 0; ; try++ {
+	for try := 0; ; {
 		ectx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		_, err := h.s.Enqueue(ectx, m)
 		cancel()
-		if err == nil || try >= 20 || ctx.Err() != nil {
+		if err == nil || ctx.Err() != nil {
 			return err
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Second):
+		if waitable := errors.Is(err, ErrFull) || h.s.Down() != nil || !h.s.conn.IsConnected(); !waitable {
+			if try++; try >= 20 {
+				return err
+			}
 		}
+		if err := wait(ctx, beat); err != nil {
+			return err
+		}
+	}
+}
+
+// wait waits a second, keeping the job's state moving with beat.
+func wait(ctx context.Context, beat func() bool) error {
+	if !beat() {
+		return errors.New("replay: the job was taken up elsewhere")
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(time.Second):
+		return nil
 	}
 }
 
@@ -380,32 +421,26 @@ func (h *History) waitForRoom(ctx context.Context, beat func() bool) error {
 		if h.s.fill(ctx) <= replayFill {
 			return nil
 		}
-		if !beat() {
-			return errors.New("replay: the job was taken up elsewhere")
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Second):
+		if err := wait(ctx, beat); err != nil {
+			return err
 		}
 	}
 }
 
-// fill is the share of max_bytes the queue's partitions hold (0 when it
-// cannot tell).
+// fill is the share of its bound the fullest partition holds (0 when it
+// cannot tell): an object's copies all go to one partition.
 func (s *Store) fill(ctx context.Context) float64 {
-	var used int64
+	var most float64
 	for _, p := range s.configured() {
 		info, err := p.stream.Info(ctx)
 		if err != nil {
 			return 0
 		}
-		used += int64(info.State.Bytes)
+		if limit := info.Config.MaxBytes; limit > 0 {
+			most = max(most, float64(info.State.Bytes)/float64(limit))
+		}
 	}
-	if total := s.config().MaxBytes; total > 0 {
-		return float64(used) / float64(total)
-	}
-	return 0
+	return most
 }
 
 // adoptReplays takes up the running jobs whose state has not moved for
@@ -428,6 +463,13 @@ func (h *History) adoptReplays() {
 func (h *History) adoptOnce() {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	go func() {
+		select {
+		case <-h.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	kv, err := h.s.js.KeyValue(ctx, h.replayBucket())
 	if err != nil {
 		return // no job ever
@@ -442,7 +484,9 @@ func (h *History) adoptOnce() {
 			continue
 		}
 		var j ReplayJob
-		if json.Unmarshal(e.Value(), &j) != nil || j.Done || time.Since(j.Updated) < replayOrphaned {
+		// Staleness by the server's time of the last save, not by the
+		// saving gateway's clock.
+		if json.Unmarshal(e.Value(), &j) != nil || j.Done || time.Since(e.Created()) < replayOrphaned {
 			continue
 		}
 		h.replays.mu.Lock()
