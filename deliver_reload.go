@@ -19,6 +19,7 @@
 //	ledgers      (here)               copies handed back unattempted, per stream the process (entries pruned after 48h):
 //	                                  (queue.HandBacks, given to each Store)     outlives a Store a reload reopens
 //	workerStopGrace (here)            a stop's grace for attempts in progress    the process (a test knob)
+//	storeHistory (history.go)         the store's queue.History (writer, jobs)   the store's (in its storePool entry)
 //
 // The queue package holds no state of its own: what must outlive one
 // Store or one config is given to it from here.

@@ -137,7 +137,7 @@ func (h *History) Replay(ctx context.Context, destination string, f HistoryFilte
 	}
 	if ok {
 		job.FromSeq, job.ToSeq = lower, upper
-		seqs, err := h.latest(ctx, job, f)
+		seqs, err := h.latest(ctx, job, f, nil)
 		if err != nil {
 			return ReplayJob{}, err
 		}
@@ -190,11 +190,17 @@ func (h *History) ReplayStatus(ctx context.Context, job string) (ReplayJob, erro
 }
 
 // latest returns, oldest first, the sequence of each event id's latest
-// record in the job's range that f matches.
-func (h *History) latest(ctx context.Context, job ReplayJob, f HistoryFilter) ([]uint64, error) {
+// record in the job's range that f matches. beat, if set, keeps a running
+// job's state moving while it reads.
+func (h *History) latest(ctx context.Context, job ReplayJob, f HistoryFilter, beat func() bool) ([]uint64, error) {
 	last := map[[8]byte]uint64{}
-	var tooMany bool
+	var tooMany, takenUp bool
+	read := 0
 	err := h.scan(ctx, scanRequest{seq: job.FromSeq, filter: h.subjectFilter(f), upTo: job.ToSeq}, func(r rawRecord) bool {
+		if read++; beat != nil && read%4096 == 0 && !beat() {
+			takenUp = true
+			return false
+		}
 		if !f.matches(r) {
 			return true
 		}
@@ -218,6 +224,9 @@ func (h *History) latest(ctx context.Context, job ReplayJob, f HistoryFilter) ([
 	}
 	if tooMany {
 		return nil, ErrReplayTooLarge
+	}
+	if takenUp {
+		return nil, errTakenUp
 	}
 	seqs := make([]uint64, 0, len(last))
 	for _, seq := range last {
@@ -299,10 +308,18 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 			return
 		}
 	}
+	lastSave := time.Now()
+	beat := func() bool {
+		if time.Since(lastSave) < replaySave {
+			return true
+		}
+		lastSave = time.Now()
+		return save()
+	}
 	f := HistoryFilter{Type: job.Filter.Type, Object: job.Filter.Object, ID: job.Filter.ID, Outcome: job.Filter.Outcome, Match: match}
-	seqs, err := h.latest(ctx, job, f)
+	seqs, err := h.latest(ctx, job, f, beat)
 	if err != nil {
-		if ctx.Err() == nil {
+		if ctx.Err() == nil && !errors.Is(err, errTakenUp) {
 			fail(err)
 		}
 		return
@@ -318,14 +335,6 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 	job.Expired = job.Matched - min(job.Matched, job.Queued+uint64(len(todo)))
 	h.log.Info("mux_webhook history: replaying", zap.String("job", job.Job), zap.String("destination", job.Destination),
 		zap.Uint64("matched", job.Matched), zap.Int("to_queue", len(todo)))
-	lastSave := time.Now()
-	beat := func() bool {
-		if time.Since(lastSave) < replaySave {
-			return true
-		}
-		lastSave = time.Now()
-		return save()
-	}
 	for i, seq := range todo {
 		if i%16 == 0 {
 			if err := h.waitForRoom(ctx, beat); err != nil {
@@ -349,7 +358,7 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 		if rec == nil {
 			job.Expired++ // aged out meanwhile
 		} else if err := h.enqueueReplay(ctx, job, *rec, beat); err != nil {
-			if ctx.Err() != nil {
+			if ctx.Err() != nil || errors.Is(err, errTakenUp) {
 				return
 			}
 			fail(err)
@@ -401,10 +410,14 @@ func (h *History) enqueueReplay(ctx context.Context, job ReplayJob, r rawRecord,
 	}
 }
 
+// errTakenUp: a job's state could not be saved (another gateway took it
+// up, or the bucket is away): this process leaves it.
+var errTakenUp = errors.New("replay: the job's state could not be saved: left to the gateway that took it up")
+
 // wait waits a second, keeping the job's state moving with beat.
 func wait(ctx context.Context, beat func() bool) error {
 	if !beat() {
-		return errors.New("replay: the job was taken up elsewhere")
+		return errTakenUp
 	}
 	select {
 	case <-ctx.Done():
