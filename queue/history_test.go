@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -372,4 +373,57 @@ func TestHistoryOddTypesAndIDs(t *testing.T) {
 	}
 	search(t, h, HistoryFilter{ID: "X"}, 1)
 	search(t, h, HistoryFilter{Object: "obj"}, 1)
+}
+
+// TestHistoryRetention: records older than MaxAge go, and beyond MaxBytes
+// the oldest go first; a reopened store keeps what is left.
+func TestHistoryRetention(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, Config{Dir: dir})
+	ctx := context.Background()
+	h, err := s.OpenHistory(ctx, HistoryConfig{Instance: "test", MaxBytes: 64 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := make([]byte, 1024)
+	for i := range 200 { // 200 KiB offered to 64 KiB
+		h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: "video.asset.ready", ID: fmt.Sprint("b-", i), Status: 202, Body: body})
+	}
+	var got []HistoryEvent
+	testwait.For(t, func() bool {
+		got, _, err = h.Search(ctx, HistoryFilter{Limit: 1000})
+		return err == nil && len(got) > 0 && got[0].ID == "b-199"
+	}, func() string { return fmt.Sprintf("%d events, %v", len(got), err) })
+	if len(got) >= 64 || got[len(got)-1].ID == "b-0" {
+		t.Fatalf("max_bytes 64 KiB keeps %d events of 1 KiB, the oldest %s", len(got), got[len(got)-1].ID)
+	}
+	// By age: a reconfigured history of 1s lets them all go.
+	if err := h.Reconfigure(ctx, HistoryConfig{Instance: "test", MaxAge: time.Second, MaxBytes: 64 << 10}); err != nil {
+		t.Fatal(err)
+	}
+	testwait.For(t, func() bool {
+		got, _, err = h.Search(ctx, HistoryFilter{Limit: 1000})
+		return err == nil && len(got) == 0
+	}, func() string { return fmt.Sprintf("%d events after max_age 1s, %v", len(got), err) })
+	h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: "video.asset.ready", ID: "kept", Status: 202, Body: body})
+	if err := h.Reconfigure(ctx, HistoryConfig{Instance: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	testwait.For(t, func() bool {
+		got, _, err = h.Search(ctx, HistoryFilter{Limit: 1000})
+		return err == nil && len(got) == 1
+	}, func() string { return fmt.Sprintf("%d events, %v", len(got), err) })
+	h.Close()
+	s.Close()
+	// Reopened: still there.
+	s = openTest(t, Config{Dir: dir})
+	defer s.Close()
+	h, err = s.OpenHistory(ctx, HistoryConfig{Instance: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if got, _, err = h.Search(ctx, HistoryFilter{}); err != nil || len(got) != 1 || got[0].ID != "kept" {
+		t.Fatalf("after reopening: %+v, %v", got, err)
+	}
 }
