@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -426,4 +427,75 @@ func TestHistoryRetention(t *testing.T) {
 	if got, _, err = h.Search(ctx, HistoryFilter{}); err != nil || len(got) != 1 || got[0].ID != "kept" {
 		t.Fatalf("after reopening: %+v, %v", got, err)
 	}
+}
+
+// BenchmarkHistoryWrite: what one history record (2 KiB, the event's
+// headers) costs to write on the embedded server: through the writer
+// (async publishes, each acknowledged), and, for comparison, as core NATS
+// publishes without acknowledgements (which the writer does not use: a
+// record the store refused could not be counted).
+func BenchmarkHistoryWrite(b *testing.B) {
+	body := make([]byte, 2048)
+	open := func(b *testing.B) (*Store, *History) {
+		s, err := Open(context.Background(), Config{Dir: b.TempDir()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		h, err := s.OpenHistory(context.Background(), HistoryConfig{Instance: "bench"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return s, h
+	}
+	stored := func(b *testing.B, s *Store, h *History, n uint64) {
+		for deadline := time.Now().Add(time.Minute); ; {
+			st, err := s.js.Stream(context.Background(), h.name)
+			if err == nil && st.CachedInfo().State.Msgs >= n {
+				return
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("not all %d records stored", n)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	b.Run("writer", func(b *testing.B) {
+		s, h := open(b)
+		defer s.Close()
+		defer h.Close()
+		n := 0
+		for b.Loop() {
+			for len(h.queue) > historyBufferRecords/2 {
+				time.Sleep(50 * time.Microsecond)
+			}
+			h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: "video.asset.ready", ID: fmt.Sprint("w-", n),
+				ObjectType: "asset", ObjectID: "obj", Status: 202, Body: body})
+			n++
+		}
+		stored(b, s, h, uint64(n))
+		if h.Dropped() > 0 {
+			b.Fatalf("%d dropped", h.Dropped())
+		}
+	})
+	b.Run("core-publish", func(b *testing.B) {
+		s, h := open(b)
+		defer s.Close()
+		defer h.Close()
+		n := 0
+		for b.Loop() {
+			msg := nats.NewMsg(h.eventSubject(EventRecord{Outcome: "verified", Type: "video.asset.ready", ID: fmt.Sprint("c-", n), ObjectID: "obj"}))
+			msg.Data = body
+			msg.Header.Set(hdrHistOutcome, "verified")
+			msg.Header.Set(hdrHistType, "video.asset.ready")
+			msg.Header.Set(hdrHistID, fmt.Sprint("c-", n))
+			msg.Header.Set(hdrHistObjectType, "asset")
+			msg.Header.Set(hdrHistObjectID, "obj")
+			msg.Header.Set(hdrHistStatus, "202")
+			if err := s.conn.PublishMsg(msg); err != nil {
+				b.Fatal(err)
+			}
+			n++
+		}
+		stored(b, s, h, uint64(n))
+	})
 }
