@@ -3,6 +3,7 @@
 //
 //	caddy mux-webhook history [--type G] [--object ID] [--id ID] [--outcome O] [--since T] [--until T] [--limit N]
 //	caddy mux-webhook history replay --to <destination> [filters] [--dry-run]
+//	caddy mux-webhook history cancel <job>
 
 package muxwebhook
 
@@ -27,7 +28,7 @@ import (
 
 func historyCommand() *cobra.Command {
 	c := &cobra.Command{
-		Use:   "history [replay --to <destination>] [--type G] [--object ID] [--id ID] [--outcome O] [--since T] [--until T] [--limit N]",
+		Use:   "history [replay --to <destination> | cancel <job>] [--type G] [--object ID] [--id ID] [--outcome O] [--since T] [--until T] [--limit N]",
 		Short: "Search a running Caddy's history of events and attempts; replay what a filter finds",
 		Long: `Talks to the admin API of a running Caddy (like 'caddy reload': --address, or
 the admin address of --config, else localhost:2019).
@@ -39,6 +40,7 @@ the admin address of --config, else localhost:2019).
                                            latest record) for the destination, oldest first,
                                            as a background job; shows its progress until done
                                            (Ctrl-C stops watching, not the job)
+  history cancel <job>                     stop a replay job (what it queued stays queued)
 
 Filters: --type (a mux_event pattern, '*' spans dots), --object, --id,
 --outcome (verified or duplicate), --since and --until (RFC 3339, or a
@@ -97,6 +99,13 @@ duration back from now: 2h, 7d; a search's since defaults to 24h),
 				}
 				fmt.Fprintf(out, "replay job %s: %d events to %s\n", job.Job, job.Matched, printable(to))
 				return watchReplay(admin, job, out, time.Second)
+			case len(args) == 2 && args[0] == "cancel":
+				var job queue.ReplayJob
+				if err := adminJSON(admin, http.MethodDelete, "/mux-webhook/history/replay/"+url.PathEscape(args[1]), nil, &job); err != nil {
+					return err
+				}
+				_, err := fmt.Fprintf(out, "replay job %s: %s; %d of %d queued\n", printable(job.Job), job.State, job.Queued, job.Matched)
+				return err
 			default:
 				return fmt.Errorf("history: unknown arguments %q; see caddy mux-webhook history --help", strings.Join(args, " "))
 			}

@@ -5,6 +5,7 @@
 //	GET  history/<seq>                                                       one event: its body and attempts
 //	POST history/replay   {"destination": …, filters…, "dry_run": bool}    count, or start a replay job
 //	GET  history/replay/<job>                                                a job's progress
+//	DELETE history/replay/<job>                                              cancel it
 //	GET  history/stats?since=24h                                             the charts' per-minute data
 
 package muxwebhook
@@ -136,10 +137,18 @@ func serveHistory(w http.ResponseWriter, r *http.Request, sub string, app *App) 
 		w.WriteHeader(http.StatusAccepted)
 		return json.NewEncoder(w).Encode(job)
 	case strings.HasPrefix(sub, "/replay/"):
-		if err := onlyGet(w, r); err != nil {
-			return err
+		id := strings.TrimPrefix(sub, "/replay/")
+		var job queue.ReplayJob
+		var err error
+		switch r.Method {
+		case http.MethodGet, http.MethodHead:
+			job, err = hist.ReplayStatus(ctx, id)
+		case http.MethodDelete:
+			job, err = hist.CancelReplay(ctx, id)
+		default:
+			w.Header().Set("Allow", "GET, HEAD, DELETE")
+			return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed: GET a job's progress, DELETE to cancel it", r.Method)}
 		}
-		job, err := hist.ReplayStatus(ctx, strings.TrimPrefix(sub, "/replay/"))
 		if errors.Is(err, queue.ErrReplayNotFound) {
 			return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: err}
 		}

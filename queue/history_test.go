@@ -499,3 +499,55 @@ func BenchmarkHistoryWrite(b *testing.B) {
 		stored(b, s, h, uint64(n))
 	})
 }
+
+// TestReplayCancel: a job waiting for room in a queue above 80 % of its
+// bytes is cancelled: its state says so, and it queues nothing more.
+func TestReplayCancel(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir(), MaxBytes: 256 << 10})
+	ctx := context.Background()
+	h, err := s.OpenHistory(ctx, HistoryConfig{Instance: "test"})
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close(); s.Close() })
+	body := make([]byte, 1024)
+	for i := range 400 {
+		h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: "video.asset.ready", ID: fmt.Sprint("c-", i), ObjectID: "one", Status: 202, Body: body})
+	}
+	search(t, h, HistoryFilter{Limit: 1000}, 400)
+	job, err := h.Replay(ctx, "app", HistoryFilter{}, false)
+	if err != nil || job.Matched != 400 {
+		t.Fatalf("replay: %+v %v", job, err)
+	}
+	// One object: one partition of 64 KiB, above 80 % after about 50 copies.
+	var st ReplayJob
+	testwait.For(t, func() bool {
+		n := pending(t, s, "app")
+		st, _ = h.ReplayStatus(ctx, job.Job)
+		return n > 40 && !st.Done
+	}, func() string { return fmt.Sprintf("queued %d, job %+v", pending(t, s, "app"), st) })
+	time.Sleep(2 * time.Second) // waiting for room: no more copies
+	before := pending(t, s, "app")
+	if before >= 400 {
+		t.Fatalf("the job did not wait for room: %d queued", before)
+	}
+	st, err = h.CancelReplay(ctx, job.Job)
+	if err != nil || st.State != "cancelled" || !st.Done {
+		t.Fatalf("cancel: %+v %v", st, err)
+	}
+	if st, err = h.ReplayStatus(ctx, job.Job); err != nil || st.State != "cancelled" {
+		t.Fatalf("after cancel: %+v %v", st, err)
+	}
+	if _, err := h.CancelReplay(ctx, "nope"); !errors.Is(err, ErrReplayNotFound) {
+		t.Fatalf("cancel of no job: %v", err)
+	}
+	testwait.For(t, func() bool {
+		h.replays.mu.Lock()
+		defer h.replays.mu.Unlock()
+		return len(h.replays.running) == 0
+	}, func() string { return "the job still runs in this process" })
+	if after := pending(t, s, "app"); after != before {
+		t.Fatalf("queued %d after the cancel, %d before", after, before)
+	}
+}

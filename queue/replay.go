@@ -55,7 +55,8 @@ type ReplayJob struct {
 	Queued  uint64 `json:"queued"`
 	Expired uint64 `json:"expired"`
 	Done    bool   `json:"done"`
-	// State is "running", "done" or "failed" (Error says why).
+	// State is "running", "done", "failed" (Error says why) or
+	// "cancelled".
 	State   string    `json:"state"`
 	Error   string    `json:"error,omitempty"`
 	Created time.Time `json:"created"`
@@ -189,6 +190,46 @@ func (h *History) ReplayStatus(ctx context.Context, job string) (ReplayJob, erro
 	return j, nil
 }
 
+// CancelReplay stops a job: its state becomes "cancelled" (done), the
+// copies it queued stay queued. A gateway running it stops at its next
+// save (within 5 s or 256 copies); this one at once.
+func (h *History) CancelReplay(ctx context.Context, job string) (ReplayJob, error) {
+	h.replays.mu.Lock()
+	if cancel := h.replays.running[job]; cancel != nil {
+		cancel()
+	}
+	h.replays.mu.Unlock()
+	kv, err := h.replayKV(ctx)
+	if err != nil {
+		return ReplayJob{}, err
+	}
+	for try := 0; ; try++ {
+		e, err := kv.Get(ctx, job)
+		if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrInvalidKey) {
+			return ReplayJob{}, ErrReplayNotFound
+		}
+		if err != nil {
+			return ReplayJob{}, err
+		}
+		var j ReplayJob
+		if err := json.Unmarshal(e.Value(), &j); err != nil {
+			return ReplayJob{}, err
+		}
+		if j.Done {
+			return j, nil // done, failed or cancelled already
+		}
+		j.State, j.Done, j.Error, j.Updated = "cancelled", true, "cancelled by an operator", time.Now().UTC()
+		data, _ := json.Marshal(j)
+		if _, err = kv.Update(ctx, job, data, e.Revision()); err == nil {
+			h.log.Info("mux_webhook history: replay job cancelled", zap.String("job", job), zap.Uint64("queued", j.Queued))
+			return j, nil
+		}
+		if try >= 10 || ctx.Err() != nil {
+			return ReplayJob{}, err // its runner saved meanwhile, ten times
+		}
+	}
+}
+
 // latest returns, oldest first, the sequence of each event id's latest
 // record in the job's range that f matches. beat, if set, keeps a running
 // job's state moving while it reads.
@@ -290,7 +331,7 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 		defer cancel()
 		r, err := kv.Update(sctx, job.Job, data, rev)
 		if err != nil {
-			h.log.Warn("mux_webhook history: a replay job's state could not be saved; another gateway may have taken it up",
+			h.log.Warn("mux_webhook history: a replay job's state could not be saved (cancelled, or taken up by another gateway); this gateway leaves it",
 				zap.String("job", job.Job), zap.Error(err))
 			return false
 		}
