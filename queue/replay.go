@@ -176,18 +176,24 @@ func (h *History) ReplayStatus(ctx context.Context, job string) (ReplayJob, erro
 	if err != nil {
 		return ReplayJob{}, err
 	}
+	j, _, err := readJob(ctx, kv, job)
+	return j, err
+}
+
+// readJob reads a job's state and its revision.
+func readJob(ctx context.Context, kv jetstream.KeyValue, job string) (ReplayJob, uint64, error) {
 	e, err := kv.Get(ctx, job)
 	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrInvalidKey) {
-		return ReplayJob{}, ErrReplayNotFound
+		return ReplayJob{}, 0, ErrReplayNotFound
 	}
 	if err != nil {
-		return ReplayJob{}, err
+		return ReplayJob{}, 0, err
 	}
 	var j ReplayJob
 	if err := json.Unmarshal(e.Value(), &j); err != nil {
-		return ReplayJob{}, err
+		return ReplayJob{}, 0, err
 	}
-	return j, nil
+	return j, e.Revision(), nil
 }
 
 // CancelReplay stops a job: its state becomes "cancelled" (done), the
@@ -204,15 +210,8 @@ func (h *History) CancelReplay(ctx context.Context, job string) (ReplayJob, erro
 		return ReplayJob{}, err
 	}
 	for try := 0; ; try++ {
-		e, err := kv.Get(ctx, job)
-		if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrInvalidKey) {
-			return ReplayJob{}, ErrReplayNotFound
-		}
+		j, rev, err := readJob(ctx, kv, job)
 		if err != nil {
-			return ReplayJob{}, err
-		}
-		var j ReplayJob
-		if err := json.Unmarshal(e.Value(), &j); err != nil {
 			return ReplayJob{}, err
 		}
 		if j.Done {
@@ -220,7 +219,7 @@ func (h *History) CancelReplay(ctx context.Context, job string) (ReplayJob, erro
 		}
 		j.State, j.Done, j.Error, j.Updated = "cancelled", true, "cancelled by an operator", time.Now().UTC()
 		data, _ := json.Marshal(j)
-		if _, err = kv.Update(ctx, job, data, e.Revision()); err == nil {
+		if _, err = kv.Update(ctx, job, data, rev); err == nil {
 			h.log.Info("mux_webhook history: replay job cancelled", zap.String("job", job), zap.Uint64("queued", j.Queued))
 			return j, nil
 		}
