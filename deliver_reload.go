@@ -464,6 +464,8 @@ func (d *appQueue) cleanup() {
 		if rh := running.handle.Load(); rh == h || rh != nil && sameStream(running.qc, d.qc) {
 			running.restore(h, d)
 		}
+		// And its history settings (on or off, age, bytes), on its store.
+		running.openHistory(running.handle.Load())
 	}
 	_, _ = storePool.Delete(d.poolKey)
 }

@@ -51,6 +51,7 @@ type storeHistory struct {
 	hist     *queue.History
 	opening  bool
 	disabled bool                // the newest config turned history off
+	gen      uint64              // bumped by each config's start: the opener applies the latest
 	cfg      queue.HistoryConfig // the latest config's settings
 	done     chan struct{}       // closed by close: ends the opener
 	wg       sync.WaitGroup
@@ -60,23 +61,18 @@ type storeHistory struct {
 // stream cannot be made (NATS away, no room on the disk).
 const historyRetry = 5 * time.Second
 
-// openHistory opens (or reconfigures) h's history for d's settings, in
-// the background. A failure never stops Caddy: events are answered as
-// without history (and counted as dropped) until it opens; the first
-// failure is logged.
+// openHistory opens (or reconfigures) h's history for d's settings, or
+// turns it off, in the background: a start or a reload never waits for
+// NATS. A failure never stops Caddy: events are answered as without
+// history (and counted as dropped) until it opens; the first failure is
+// logged.
 func (d *appQueue) openHistory(h *pooledStore) {
 	if h == nil {
 		return
 	}
 	sh := &h.history
-	if !d.historyOn.Load() {
-		sh.off()
-		return
-	}
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	sh.disabled = false
-	sh.cfg = d.historyCfg
 	if sh.done == nil {
 		sh.done = make(chan struct{})
 	}
@@ -85,66 +81,61 @@ func (d *appQueue) openHistory(h *pooledStore) {
 		return // the store is closing
 	default:
 	}
+	sh.gen++ // what the opener must apply (it loops until it applied the latest)
+	sh.disabled = !d.historyOn.Load()
+	if !sh.disabled {
+		sh.cfg = d.historyCfg
+	}
 	if sh.opening {
 		return // the opener takes the latest settings
 	}
 	sh.opening = true
 	logger := d.logger
-	// stop ends the opener: opening is cleared under the same lock as the
-	// last look at the settings, so that a reload's are never lost.
-	stop := func() {
-		sh.opening = false
-		sh.mu.Unlock()
-	}
 	sh.wg.Go(func() {
 		warned := false
 		for {
 			sh.mu.Lock()
-			if sh.disabled {
-				stop()
+			gen, disabled, cfg, hist := sh.gen, sh.disabled, sh.cfg, sh.hist
+			if disabled {
+				sh.hist = nil
+			}
+			sh.mu.Unlock()
+			var err error
+			if disabled {
+				hist.Close() // its writer and jobs stop (nil: nothing open)
+			} else {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				go func() {
+					select {
+					case <-sh.done:
+						cancel()
+					case <-ctx.Done():
+					}
+				}()
+				if hist != nil {
+					err = hist.Reconfigure(ctx, cfg)
+				} else if hist, err = h.OpenHistory(ctx, cfg); err == nil {
+					sh.mu.Lock()
+					sh.hist = hist
+					sh.mu.Unlock()
+					if warned {
+						logger.Info("mux_webhook history: the history's stream is open; recording")
+					}
+				}
+				cancel()
+			}
+			sh.mu.Lock()
+			if err == nil && sh.gen == gen {
+				// Applied the latest, under the lock that a reload's
+				// settings take: none is lost.
+				sh.opening = false
+				sh.mu.Unlock()
 				return
 			}
-			cfg, hist := sh.cfg, sh.hist
 			sh.mu.Unlock()
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			go func() {
-				select {
-				case <-sh.done:
-					cancel()
-				case <-ctx.Done():
-				}
-			}()
-			var err error
-			var opened *queue.History
-			if hist != nil {
-				err = hist.Reconfigure(ctx, cfg)
-			} else {
-				opened, err = h.OpenHistory(ctx, cfg)
-			}
-			cancel()
-			sh.mu.Lock()
-			if opened != nil {
-				if sh.disabled {
-					sh.mu.Unlock()
-					opened.Close() // turned off meanwhile
-					sh.mu.Lock()
-					stop()
-					return
-				}
-				sh.hist = opened
-				if warned {
-					logger.Info("mux_webhook history: the history's stream is open; recording")
-				}
-			}
 			if err == nil {
-				if sh.disabled || sh.cfg.MaxAge == cfg.MaxAge && sh.cfg.MaxBytes == cfg.MaxBytes {
-					stop()
-					return
-				}
-				sh.mu.Unlock()
 				continue // a reload changed the settings meanwhile
 			}
-			sh.mu.Unlock()
 			if !warned {
 				logger.Warn("mux_webhook history: the history's stream cannot be opened or updated yet; events are answered as without history (counted in caddy_mux_webhook_history_dropped_total), tried again every 5s", zap.Error(err))
 				warned = true
@@ -152,7 +143,8 @@ func (d *appQueue) openHistory(h *pooledStore) {
 			select {
 			case <-sh.done:
 				sh.mu.Lock()
-				stop()
+				sh.opening = false
+				sh.mu.Unlock()
 				return
 			case <-time.After(historyRetry):
 			}
@@ -160,16 +152,12 @@ func (d *appQueue) openHistory(h *pooledStore) {
 	})
 }
 
-// off closes the history of a store whose newest config turned it off
-// (`history off` by a reload): its writer and replay jobs stop; a later
-// config with history on opens it again.
-func (sh *storeHistory) off() {
+// off reports whether the newest config turned history off: events and
+// attempts are then not counted as dropped.
+func (sh *storeHistory) off() bool {
 	sh.mu.Lock()
-	sh.disabled = true
-	hist := sh.hist
-	sh.hist = nil
-	sh.mu.Unlock()
-	hist.Close()
+	defer sh.mu.Unlock()
+	return sh.disabled
 }
 
 // close stops the opener and closes the history.
@@ -236,9 +224,7 @@ func (a *App) recordEvent(res *result) {
 	if hist == nil {
 		// On, but not open (the store is not open yet, or could not
 		// make the stream): not recorded, and counted.
-		if muxMetrics.historyDropped != nil {
-			muxMetrics.historyDropped.Inc()
-		}
+		a.queue.notRecorded()
 		return
 	}
 	ev := res.event
@@ -254,7 +240,18 @@ func (d *appQueue) recordAttempt(a queue.Attempt) {
 	}
 	if hist := d.history(); hist != nil {
 		hist.RecordAttempt(a)
-	} else if muxMetrics.historyDropped != nil {
+	} else {
+		d.notRecorded()
+	}
+}
+
+// notRecorded counts a record history could not take while it is on but
+// not open; not while a newer config turned it off (a reload).
+func (d *appQueue) notRecorded() {
+	if h := d.handle.Load(); h != nil && h.history.off() {
+		return
+	}
+	if muxMetrics.historyDropped != nil {
 		muxMetrics.historyDropped.Inc()
 	}
 }

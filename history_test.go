@@ -12,6 +12,7 @@ import (
 
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/queue"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // TestHistorySettings: the JSON config mirrors the Caddyfile's names;
@@ -117,5 +118,59 @@ func TestHistoryInProcess(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusNotFound || !strings.Contains(msg["error"], "history is off") {
 		t.Fatalf("history off: %d %v", resp.StatusCode, msg)
+	}
+}
+
+// TestHistoryOffAndOnByReload: a reload to `history off` stops recording
+// (the endpoints answer 404, nothing is counted as dropped); a reload back
+// on records again, on the same store.
+func TestHistoryOffAndOnByReload(t *testing.T) {
+	app := newUpstream(t, "app")
+	dir := filepath.Join(t.TempDir(), "js")
+	port := freePort(t)
+	global := func(history string) string {
+		return "\tmux_webhook {\n\t\thistory " + history + "\n\t\tqueue {\n\t\t\tdir " + dir + "\n\t\t}\n\t\tdestination app " + app.URL + "\n\t}"
+	}
+	site := fmt.Sprintf("mux_webhook %s\n\tmux_deliver app", testSecret)
+	cfg, g := gatewayConfigWith(t, fmt.Sprintf("localhost:%d", port), global("7d"), site)
+	g.admin = fmt.Sprintf("http://localhost:%d", port)
+	g.load(cfg)
+	count := func() (int, int) {
+		var page struct {
+			Events []queue.HistoryEvent `json:"events"`
+		}
+		status := getJSON(t, g.admin+"/mux-webhook/history?limit=1000", &page)
+		return status, len(page.Events)
+	}
+	do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "on-1", ""), time.Now()))
+	testwait.For(t, func() bool { s, n := count(); return s == 200 && n == 1 }, func() string { s, n := count(); return fmt.Sprint(s, n) })
+	dropped := testutil.ToFloat64(muxMetrics.historyDropped)
+
+	// Off by reload: 404, nothing recorded, nothing counted as dropped.
+	if err := loadCaddyfile(strings.Replace(cfg, "history 7d", "history off", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if status, _, _ := do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "off-1", ""), time.Now())); status != http.StatusAccepted {
+		t.Fatalf("with history off: %d", status)
+	}
+	testwait.For(t, func() bool { return len(app.requests()) >= 2 }, func() string { return "off-1 not delivered" })
+	if s, _ := count(); s != http.StatusNotFound {
+		t.Fatalf("history off: %d", s)
+	}
+	// On again: the same store's history, recording.
+	if err := loadCaddyfile(cfg); err != nil {
+		t.Fatal(err)
+	}
+	do(t, signedRequest(t, g.url, testSecret, event("video.asset.ready", "on-2", ""), time.Now()))
+	testwait.For(t, func() bool { s, n := count(); return s == 200 && n == 2 }, func() string { s, n := count(); return fmt.Sprint(s, n) })
+	var page struct {
+		Events []queue.HistoryEvent `json:"events"`
+	}
+	getJSON(t, g.admin+"/mux-webhook/history?id=off-1", &page)
+	if len(page.Events) != 0 {
+		t.Fatalf("an event answered with history off was recorded: %+v", page.Events)
+	}
+	if d := testutil.ToFloat64(muxMetrics.historyDropped) - dropped; d != 0 {
+		t.Fatalf("%v records counted as dropped across the reloads", d)
 	}
 }

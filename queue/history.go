@@ -147,6 +147,7 @@ type History struct {
 	replays replays // running replay jobs (replay.go)
 
 	stop    chan struct{}
+	stopMu  sync.RWMutex // enqueue (read) against Close's close(stop) (write)
 	stopped sync.Once
 	wg      sync.WaitGroup
 }
@@ -367,6 +368,8 @@ func recordSize(msg *nats.Msg) int64 {
 
 // enqueue hands msg to the writer, or drops it (and after Close).
 func (h *History) enqueue(msg *nats.Msg) {
+	h.stopMu.RLock()
+	defer h.stopMu.RUnlock()
 	select {
 	case <-h.stop:
 		h.drop()
@@ -432,7 +435,9 @@ func (h *History) Close() {
 		return
 	}
 	h.stopped.Do(func() {
+		h.stopMu.Lock()
 		close(h.stop)
+		h.stopMu.Unlock()
 		h.replays.stopAll()
 		h.wg.Wait()
 		for range len(h.queue) { // not written: counted
@@ -444,6 +449,9 @@ func (h *History) Close() {
 		case <-h.js.PublishAsyncComplete():
 		case <-time.After(2 * time.Second):
 		}
+		// Its reply subscription on the store's shared connection goes;
+		// writes still unacknowledged are counted by the error handler.
+		h.js.CleanupPublisher()
 	})
 }
 
@@ -459,7 +467,7 @@ func (h *History) eventSubject(r EventRecord) string {
 	b.WriteByte('.')
 	b.WriteString(idToken(r.ID))
 	b.WriteByte('.')
-	b.WriteString(typeTokens(r.Type))
+	b.WriteString(typeTokens(headerSafe(r.Type)))
 	return b.String()
 }
 

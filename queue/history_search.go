@@ -74,6 +74,7 @@ func (h *History) subjectFilter(f HistoryFilter) string {
 // typeFilter is a type pattern's subject filter: the type's tokens when
 // it has no '*', else its literal leading tokens and ">".
 func typeFilter(pattern string) string {
+	pattern = headerSafe(pattern)
 	if pattern == "" || pattern == "*" {
 		return ">"
 	}
@@ -82,7 +83,8 @@ func typeFilter(pattern string) string {
 	}
 	var lit []string
 	for t := range strings.SplitSeq(pattern, ".") {
-		if strings.Contains(t, "*") || !typeToken.MatchString(t) {
+		// A type's tokens past the 15th are hashed together (typeTokens).
+		if strings.Contains(t, "*") || !typeToken.MatchString(t) || len(lit) == 15 {
 			break
 		}
 		lit = append(lit, t)

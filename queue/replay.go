@@ -237,7 +237,7 @@ func (h *History) latest(ctx context.Context, job ReplayJob, f HistoryFilter, be
 	var tooMany, takenUp bool
 	read := 0
 	err := h.scan(ctx, scanRequest{seq: job.FromSeq, filter: h.subjectFilter(f), upTo: job.ToSeq}, func(r rawRecord) bool {
-		if read++; beat != nil && read%4096 == 0 && !beat() {
+		if read++; beat != nil && !beat() {
 			takenUp = true
 			return false
 		}
@@ -323,7 +323,14 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 	if err != nil {
 		return
 	}
+	gone := false // the destination left this gateway's config (a reload)
 	save := func() bool {
+		if check := h.config().Destination; check != nil && !job.Done {
+			if err := check(job.Destination); err != nil {
+				job.State, job.Error, job.Done = "failed", fmt.Sprintf("%v (in this gateway's config, since the job started)", err), true
+				gone = true
+			}
+		}
 		job.Updated = time.Now().UTC()
 		data, _ := json.Marshal(job)
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
@@ -335,7 +342,10 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 			return false
 		}
 		rev = r
-		return true
+		if gone {
+			h.log.Error("mux_webhook history: a replay job failed: its destination is no longer configured for it", zap.String("job", job.Job), zap.String("destination", job.Destination), zap.String("error", job.Error))
+		}
+		return !gone
 	}
 	fail := func(err error) {
 		job.State, job.Error, job.Done = "failed", err.Error(), true
@@ -547,6 +557,9 @@ func (h *History) adoptOnce() {
 		h.replays.mu.Unlock()
 		if mine {
 			continue
+		}
+		if check := h.config().Destination; check != nil && check(j.Destination) != nil {
+			continue // left for a gateway that has the destination
 		}
 		// Claimed by updating the revision read: another gateway taking
 		// it up at the same moment fails here.
