@@ -551,3 +551,28 @@ func TestReplayCancel(t *testing.T) {
 		t.Fatalf("queued %d after the cancel, %d before", after, before)
 	}
 }
+
+// TestReplayStale: a job is taken up once its revision has not moved for
+// replayOrphaned by this process's clock, whatever the server's time says
+// (clocks may differ); or at once when the server saved it long ago.
+func TestReplayStale(t *testing.T) {
+	var r replays
+	now := time.Now()
+	if r.stale("j", 1, now.Add(-time.Hour)) != true {
+		t.Fatal("saved an hour ago by the server's clock: not stale")
+	}
+	// A server clock 2 minutes ahead or behind changes nothing.
+	for _, saved := range []time.Time{now.Add(2 * time.Minute), now.Add(-2 * time.Minute)} {
+		var r replays
+		if r.stale("j", 1, saved) {
+			t.Fatalf("first seen (saved %v): stale", saved.Sub(now))
+		}
+		r.seen["j"] = seenJob{rev: 1, at: time.Now().Add(-replayOrphaned)}
+		if !r.stale("j", 1, saved) {
+			t.Fatalf("same revision for replayOrphaned (saved %v): not stale", saved.Sub(now))
+		}
+		if r.stale("j", 2, saved) {
+			t.Fatal("a new revision: stale")
+		}
+	}
+}

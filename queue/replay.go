@@ -82,11 +82,42 @@ var ErrReplayNotFound = errors.New("no such replay job")
 // ErrReplayTooLarge: the filter matches more than MaxReplay events.
 var ErrReplayTooLarge = fmt.Errorf("replay: the filter matches more than %d events; narrow it (type, object, since, until)", MaxReplay)
 
-// replays are the jobs this process runs.
+// replays are the jobs this process runs, and the revisions of the
+// others' it has seen.
 type replays struct {
 	mu      sync.Mutex
 	running map[string]context.CancelFunc
 	wg      sync.WaitGroup
+	seen    map[string]seenJob
+}
+
+// seenJob is a revision of a job's state and when this process first saw
+// it (by its own monotonic clock).
+type seenJob struct {
+	rev uint64
+	at  time.Time
+}
+
+// stale reports whether a running job's state has not moved for
+// replayOrphaned: the same revision seen that long by this process's
+// clock, so that clocks that differ between gateways and servers do not
+// matter; or saved that long ago by the server's clock, much longer than
+// any skew (a job left while this process was not running).
+func (r *replays) stale(key string, rev uint64, saved time.Time) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.seen == nil {
+		r.seen = map[string]seenJob{}
+	}
+	if time.Since(saved) > 10*replayOrphaned {
+		return true
+	}
+	s, ok := r.seen[key]
+	if !ok || s.rev != rev {
+		r.seen[key] = seenJob{rev: rev, at: time.Now()}
+		return false
+	}
+	return time.Since(s.at) >= replayOrphaned
 }
 
 func (r *replays) stopAll() {
@@ -519,7 +550,7 @@ func (h *History) adoptReplays() {
 		case <-t.C:
 		}
 		h.adoptOnce()
-		t.Reset(replayOrphaned)
+		t.Reset(replayOrphaned / 3)
 	}
 }
 
@@ -547,9 +578,7 @@ func (h *History) adoptOnce() {
 			continue
 		}
 		var j ReplayJob
-		// Staleness by the server's time of the last save, not by the
-		// saving gateway's clock.
-		if json.Unmarshal(e.Value(), &j) != nil || j.Done || time.Since(e.Created()) < replayOrphaned {
+		if json.Unmarshal(e.Value(), &j) != nil || j.Done || !h.replays.stale(key, e.Revision(), e.Created()) {
 			continue
 		}
 		h.replays.mu.Lock()
