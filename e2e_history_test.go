@@ -571,3 +571,33 @@ func TestReplayJobSurvivesASIGKILL(t *testing.T) {
 		t.Errorf("%d log lines of a replay job taken up, want 1", lines)
 	}
 }
+
+// TestHistoryOnlyWhenTheStoreIsHeld: a gateway with `history 7d` and no
+// destination, on a data directory whose store another Caddy process
+// holds, starts all the same: history off with a WARN naming why, its
+// events answered as without history.
+func TestHistoryOnlyWhenTheStoreIsHeld(t *testing.T) {
+	t.Parallel()
+	backend := newRecordingBackend(t, 0, nil)
+	first := newHistoryGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tdestination app %s\n\t}", backend.URL))
+	first.start(fmt.Sprintf("\tmux_webhook %s\n\tmux_deliver app", testSecret))
+	waitQueueOpen(t, first.admin, first.out)
+	second := newHistoryGateway(t, "\tmux_webhook {\n\t\thistory 7d\n\t}")
+	second.dir = first.dir // the same data directory: its store is held
+	second.start(fmt.Sprintf("\tmux_webhook %s\n\trespond 204", testSecret))
+	client := &http.Client{Timeout: 10 * time.Second}
+	if status, err := postEvent(client, second.base, objectEvent("video.asset.ready", "held-1", "o")); err != nil || status != http.StatusNoContent {
+		t.Fatalf("event at the second gateway: %d %v", status, err)
+	}
+	testwait.Until(t, 10*time.Second, func() bool {
+		return strings.Contains(second.out.String(), "history is off: the queue's store could not be opened")
+	}, func() string { return tail(second.out.String(), 2048) })
+	if _, status := tryHistory(second.admin, url.Values{}); status != http.StatusNotFound {
+		t.Fatalf("history of the second gateway: %d, want 404 (off)", status)
+	}
+	// The first carries on, with its history.
+	if status, err := postEvent(client, first.base, objectEvent("video.asset.ready", "held-2", "o")); err != nil || status != http.StatusAccepted {
+		t.Fatalf("event at the first gateway: %d %v", status, err)
+	}
+	waitHistory(t, first.admin, url.Values{"id": {"held-2"}}, 1, first.out)
+}

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -48,7 +49,7 @@ func (a *App) historyExplicit() bool { return a.History != "" && a.History != "o
 // store.
 type storeHistory struct {
 	mu       sync.Mutex
-	hist     *queue.History
+	hist     atomic.Pointer[queue.History] // written under mu, read by every request without it
 	opening  bool
 	disabled bool                // the newest config turned history off
 	gen      uint64              // bumped by each config's start: the opener applies the latest
@@ -95,9 +96,9 @@ func (d *appQueue) openHistory(h *pooledStore) {
 		warned := false
 		for {
 			sh.mu.Lock()
-			gen, disabled, cfg, hist := sh.gen, sh.disabled, sh.cfg, sh.hist
+			gen, disabled, cfg, hist := sh.gen, sh.disabled, sh.cfg, sh.hist.Load()
 			if disabled {
-				sh.hist = nil
+				sh.hist.Store(nil)
 			}
 			sh.mu.Unlock()
 			var err error
@@ -116,7 +117,7 @@ func (d *appQueue) openHistory(h *pooledStore) {
 					err = hist.Reconfigure(ctx, cfg)
 				} else if hist, err = h.OpenHistory(ctx, cfg); err == nil {
 					sh.mu.Lock()
-					sh.hist = hist
+					sh.hist.Store(hist)
 					sh.mu.Unlock()
 					if warned {
 						logger.Info("mux_webhook history: the history's stream is open; recording")
@@ -174,7 +175,7 @@ func (sh *storeHistory) close() {
 	sh.mu.Unlock()
 	sh.wg.Wait()
 	sh.mu.Lock()
-	hist := sh.hist
+	hist := sh.hist.Load()
 	sh.mu.Unlock()
 	hist.Close()
 }
@@ -188,9 +189,7 @@ func (d *appQueue) history() *queue.History {
 	if h == nil {
 		return nil
 	}
-	h.history.mu.Lock()
-	defer h.history.mu.Unlock()
-	return h.history.hist
+	return h.history.hist.Load() // every request: no lock
 }
 
 // historyConfig is the queue's history settings for a.

@@ -212,10 +212,7 @@ func (s *Store) bury(ctx context.Context, destination string, msg jetstream.Msg,
 	}
 	text := "unknown"
 	if a.Err != nil {
-		text = a.Err.Error()
-	}
-	if len(text) > maxErrorText {
-		text = text[:maxErrorText]
+		text = truncateText(a.Err.Error(), maxErrorText)
 	}
 	dead.Header.Set(headerLastError, text)
 	dead.Header.Set(headerAttempts, strconv.Itoa(a.Number))

@@ -140,8 +140,10 @@ type History struct {
 	queued   atomic.Int64 // bytes waiting in queue
 	inFlight atomic.Int64 // bytes sent and not yet acknowledged
 	dropped  atomic.Uint64
-	written  atomic.Uint64
-	ensuring atomic.Bool // a missing stream is being made again
+	// dropLogged is when drop last logged (Unix ns).
+	dropLogged atomic.Int64
+	written    atomic.Uint64
+	ensuring   atomic.Bool // a missing stream is being made again
 
 	minutes minutes // this gateway's summaries (history_stats.go)
 	replays replays // running replay jobs (replay.go)
@@ -284,11 +286,21 @@ func (h *History) config() HistoryConfig {
 	return h.cfg
 }
 
-// drop counts a record that could not be written.
+// dropLogEvery: a WARN says that records are being dropped, at most this
+// often (the metric counts each).
+const dropLogEvery = time.Minute
+
+// drop counts a record that could not be written, and says so in the log
+// at most once a minute.
 func (h *History) drop() {
-	h.dropped.Add(1)
+	n := h.dropped.Add(1)
 	if f := h.config().OnDrop; f != nil {
 		f()
+	}
+	now := time.Now().UnixNano()
+	if last := h.dropLogged.Load(); now-last >= int64(dropLogEvery) && h.dropLogged.CompareAndSwap(last, now) {
+		h.log.Warn("mux_webhook history: records could not be written (buffer full, store away or refusing); the events were answered as without history",
+			zap.String("stream", h.name), zap.Uint64("dropped_since_open", n))
 	}
 }
 

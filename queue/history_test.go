@@ -12,6 +12,9 @@ import (
 	"github.com/caddy-mux-webhook/caddy-mux-webhook/internal/testwait"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // prefixMatch is a stand-in for mux_event's glob in these tests: a
@@ -259,13 +262,25 @@ func TestHistoryStats(t *testing.T) {
 // TestHistoryNeverBlocks: with the writer's buffer full, records are
 // dropped and counted, not waited for.
 func TestHistoryNeverBlocks(t *testing.T) {
-	_, h := openHistoryTest(t)
+	core, logs := observer.New(zapcore.WarnLevel)
+	s := openTest(t, Config{Dir: t.TempDir(), Logger: zap.New(core)})
+	h, err := s.OpenHistory(context.Background(), HistoryConfig{Instance: "test"})
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close(); s.Close() })
 	body := make([]byte, 1<<20)
 	for range 200 { // 200 MiB offered, more than the buffer's 64 MiB
 		h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: "video.asset.ready", ID: "x", Status: 202, Body: body})
 	}
 	if h.Dropped() == 0 {
 		t.Fatal("nothing dropped with 200 MiB offered at once")
+	}
+	// The operator sees it: one WARN (at most one a minute), and the count.
+	warned := logs.FilterMessageSnippet("records could not be written").All()
+	if len(warned) != 1 {
+		t.Fatalf("%d WARN lines for %d records dropped, want 1", len(warned), h.Dropped())
 	}
 }
 
