@@ -11,6 +11,7 @@ package muxwebhook
 
 import (
 	"bytes"
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
@@ -426,6 +427,90 @@ func TestHistoryStoreUnavailable(t *testing.T) {
 		page, _ := tryHistory(g.admin, url.Values{"id": {"after"}})
 		return len(page.Events) > 0
 	}, func() string { return tail(g.out.String(), 2048) })
+}
+
+// TestHistoryStreamDeletedByHand: the history stream deleted on the NATS
+// server (`nats stream rm MUX_WEBHOOK_HISTORY`) while events come: every
+// event is still answered at once, the stream is made again by the next
+// write that finds it gone, with a WARN that says so and the records lost
+// meanwhile counted, and every event after that is listed again, with no
+// reload or restart.
+func TestHistoryStreamDeletedByHand(t *testing.T) {
+	t.Parallel()
+	natsURL, _ := natsServer(t)
+	g := newHistoryGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\thistory 1d\n\t\tqueue {\n\t\t\tnats %s\n\t\t}\n\t}", natsURL))
+	g.start(fmt.Sprintf("\tmux_webhook %s\n\trespond 204", testSecret))
+	client := &http.Client{Timeout: 10 * time.Second}
+	send := func(id string) {
+		t.Helper()
+		start := time.Now()
+		if status, err := postEvent(client, g.base, objectEvent("video.asset.ready", id, "o")); err != nil || status != http.StatusNoContent {
+			t.Fatalf("event %s: %d %v", id, status, err)
+		}
+		if d := time.Since(start); d > 2*time.Second {
+			t.Fatalf("event %s waited %v for history", id, d)
+		}
+	}
+	testwait.Until(t, 30*time.Second, func() bool {
+		_, status := tryHistory(g.admin, url.Values{})
+		return status == http.StatusOK
+	}, func() string { return tail(g.out.String(), 2048) })
+	for i := range 5 {
+		send(fmt.Sprintf("before-%d", i))
+	}
+	waitHistory(t, g.admin, url.Values{"id": {"before-4"}}, 1, g.out)
+
+	js := jetStreamOf(t, natsURL)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := js.DeleteStream(ctx, "MUX_WEBHOOK_HISTORY"); err != nil {
+		t.Fatal(err)
+	}
+	// A search while it is gone answers (an error or nothing), at once.
+	start := time.Now()
+	if _, status := tryHistory(g.admin, url.Values{}); time.Since(start) > 5*time.Second {
+		t.Fatalf("a search with the stream gone took %v (status %d)", time.Since(start), status)
+	}
+	// The first writes find it gone: dropped, counted, and it is made again.
+	n := 0
+	testwait.Until(t, 30*time.Second, func() bool {
+		n++
+		send(fmt.Sprintf("during-%d", n))
+		page, status := tryHistory(g.admin, url.Values{"id": {fmt.Sprintf("during-%d", n)}})
+		return status == http.StatusOK && len(page.Events) == 1
+	}, func() string { return tail(g.out.String(), 4096) })
+	if !strings.Contains(g.out.String(), "the history stream was gone") {
+		t.Errorf("no WARN line said the history stream was made again:\n%s", tail(g.out.String(), 4096))
+	}
+	// Every event sent meanwhile is either listed or counted as dropped
+	// (a write's error comes with its acknowledgement, within 5 s).
+	var listed int
+	var dropped float64
+	settled := time.Now()
+	testwait.Until(t, 15*time.Second, func() bool {
+		dropped = scrape(t, g.admin)["caddy_mux_webhook_history_dropped_total"]
+		listed = len(searchHistory(t, g.admin, url.Values{"type": {"video.asset.ready"}, "limit": {"1000"}}).Events)
+		return dropped >= 1 && float64(listed)+dropped >= float64(n)
+	}, func() string {
+		return fmt.Sprintf("%d events sent with the stream gone: %d listed, %v counted as dropped (caddy_mux_webhook_history_dropped_total); want at least the first one dropped and none missing from both", n, listed, dropped)
+	})
+	t.Logf("settled after %v", time.Since(settled))
+	// From then on, nothing is lost; what was before is gone with the
+	// stream (the operator deleted it).
+	for i := range 10 {
+		send(fmt.Sprintf("after-%d", i))
+	}
+	waitHistory(t, g.admin, url.Values{"id": {"after-9"}}, 1, g.out)
+	for i := range 10 {
+		id := fmt.Sprintf("after-%d", i)
+		if got := searchHistory(t, g.admin, url.Values{"id": {id}}); len(got.Events) != 1 {
+			t.Errorf("%s: %d events in history, want 1", id, len(got.Events))
+		}
+	}
+	if got := searchHistory(t, g.admin, url.Values{"id": {"before-0"}}); len(got.Events) != 0 {
+		t.Errorf("before-0 still listed after its stream was deleted: %+v", got.Events)
+	}
+	t.Logf("history stream deleted by hand: %d events sent until one was listed again; %d of them listed, %v records dropped", n, listed, dropped)
 }
 
 // TestHistoryOnACluster: two gateways on a three-node cluster see the

@@ -253,9 +253,14 @@ func (h *History) ensureLater() {
 		defer h.ensuring.Store(false)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		_, err := h.s.js.Stream(ctx, h.name)
+		missing := errors.Is(err, jetstream.ErrStreamNotFound)
 		if err := h.ensure(ctx); err != nil {
 			h.log.Warn("mux_webhook history: the history stream is missing and could not be made again; records are dropped (caddy_mux_webhook_history_dropped_total)",
 				zap.String("stream", h.name), zap.Error(err))
+		} else if missing {
+			h.log.Warn("mux_webhook history: the history stream was gone (deleted by hand?); made it again, empty: the history before it is lost, and records written meanwhile were dropped (caddy_mux_webhook_history_dropped_total)",
+				zap.String("stream", h.name))
 		}
 	}()
 }

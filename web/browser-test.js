@@ -188,6 +188,24 @@ async function historyView(page, { asset, live }) {
   console.log("replay: " + (await progress.innerText()).trim());
   await shot(page, "console-history.png");
 
+  // Stop: a running job's progress offers "Stop replay", which asks (the
+  // dialog is accepted), cancels the job on the server (DELETE) and shows
+  // the server's answer. The real job is drawn as running again, then
+  // stopped: it had ended, so the server answers with its end, "done".
+  await step("the Stop button", async () => {
+    const job = await progress.getAttribute("data-job");
+    await page.evaluate(async (id) => {
+      const j = await getJSON("history/replay/" + encodeURIComponent(id));
+      replayProgress({ ...j, done: false, state: "running" });
+    }, job);
+    const stop = page.getByTestId("replay-stop");
+    await stop.waitFor({ timeout: 10000 });
+    await stop.click();
+    await page.locator(`[data-testid="replay-progress"][data-job="${job}"][data-state="done"]`).waitFor({ timeout: 10000 });
+    check((await stop.count()) === 0, "History: Stop replay still offered for an ended job");
+    console.log("replay stopped: " + (await progress.innerText()).trim());
+  });
+
   // Charts: events per minute by outcome, per destination attempts and delivery time.
   await page.getByTestId("tab-charts").click();
   await step("the charts", async () => {
