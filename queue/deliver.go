@@ -205,7 +205,8 @@ func (s *Store) StartWorkers(ctx context.Context, d Destination, observe func(At
 	g := &destWorkers{
 		s: s, d: &d, observe: observe, ctx: ctx, cancelAttempts: cancel,
 		client: &http.Client{
-			Timeout: d.Timeout,
+			Timeout:   d.Timeout,
+			Transport: destinationTransport(d.Concurrency),
 			CheckRedirect: func(*http.Request, []*http.Request) error {
 				return http.ErrUseLastResponse // redirects are answers, not followed
 			},
@@ -462,6 +463,24 @@ func (g *destWorkers) stopAll() {
 		w.swCancel() // and a last sweep of what the attempts settled
 		<-w.swept
 	}
+	g.client.CloseIdleConnections()
+}
+
+// destinationTransport is a destination's own HTTP transport: Go's
+// defaults (proxy from the environment, HTTP/2 when the backend offers
+// it, the same timeouts), with room to keep a connection open for every
+// attempt in flight. The default transport, shared by the whole process,
+// keeps 2 per host: with concurrency 4, every other attempt would open a
+// new connection (and a TLS handshake) and close it after.
+func destinationTransport(concurrency int) *http.Transport {
+	t := &http.Transport{Proxy: http.ProxyFromEnvironment, ForceAttemptHTTP2: true, MaxIdleConns: 100,
+		IdleConnTimeout: 90 * time.Second, TLSHandshakeTimeout: 10 * time.Second, ExpectContinueTimeout: time.Second}
+	if dt, ok := http.DefaultTransport.(*http.Transport); ok {
+		t = dt.Clone() // unless a program replaced it
+	}
+	t.MaxIdleConnsPerHost = max(concurrency, 2)
+	t.MaxIdleConns = max(t.MaxIdleConns, t.MaxIdleConnsPerHost)
+	return t
 }
 
 // makeConsumer creates (or updates) d's durable consumer on p, and p's
