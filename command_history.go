@@ -65,7 +65,8 @@ duration back from now: 2h, 7d; a search's since defaults to 24h),
 						q.Set(name, v)
 					}
 				}
-				if n, _ := cmd.Flags().GetInt("limit"); n > 0 {
+				if cmd.Flags().Changed("limit") { // the server says what it accepts
+					n, _ := cmd.Flags().GetInt("limit")
 					q.Set("limit", strconv.Itoa(n))
 				}
 				var found struct {
@@ -77,6 +78,9 @@ duration back from now: 2h, 7d; a search's since defaults to 24h),
 				}
 				return printHistory(out, found.Events, found.NextBefore)
 			case len(args) == 1 && args[0] == "replay":
+				if cmd.Flags().Changed("limit") {
+					return errors.New("history replay: --limit is a search's; a replay queues every event its filters match (check the count with --dry-run)")
+				}
 				to := flag("to")
 				if to == "" {
 					return errors.New("history replay: name the destination with --to")
@@ -106,6 +110,8 @@ duration back from now: 2h, 7d; a search's since defaults to 24h),
 				}
 				_, err := fmt.Fprintf(out, "replay job %s: %s; %d of %d queued\n", printable(job.Job), job.State, job.Queued, job.Matched)
 				return err
+			case len(args) == 1 && args[0] == "cancel":
+				return errors.New("history cancel: name the job, e.g. caddy mux-webhook history cancel r0b484ccd5701")
 			default:
 				return fmt.Errorf("history: unknown arguments %q; see caddy mux-webhook history --help", strings.Join(args, " "))
 			}

@@ -23,6 +23,7 @@ import (
 	"net/url"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -429,6 +430,94 @@ func TestHistoryStoreUnavailable(t *testing.T) {
 	}, func() string { return tail(g.out.String(), 2048) })
 }
 
+// TestHistoryCommand: `caddy mux-webhook history` against a running
+// gateway: a search by type glob, a limit the server refuses, a replay's
+// dry run and a replay with its progress to done (the backend gets each
+// copy once, marked), and the errors that say what to change.
+func TestHistoryCommand(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	replayed := map[string]int{}
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Mux-Webhook-Replay") != "" {
+			mu.Lock()
+			replayed[r.Header.Get("Idempotency-Key")]++
+			mu.Unlock()
+		}
+	}))
+	t.Cleanup(backend.Close)
+	g := newHistoryGateway(t, fmt.Sprintf("\tmux_webhook {\n\t\tdestination app %s {\n\t\t\tsign signing-secret-of-app\n\t\t}\n\t}", backend.URL))
+	g.start(fmt.Sprintf("\tmux_webhook %s\n\tmux_deliver app", testSecret))
+	waitQueueOpen(t, g.admin, g.out)
+	client := &http.Client{Timeout: 10 * time.Second}
+	for i := range 6 {
+		typ, id := "video.asset.ready", fmt.Sprintf("cli-a-%d", i)
+		if i >= 4 {
+			typ, id = "video.live_stream.idle", fmt.Sprintf("cli-l-%d", i)
+		}
+		if status, err := postEvent(client, g.base, objectEvent(typ, id, "o")); err != nil || status != http.StatusAccepted {
+			t.Fatalf("event %s: %d %v", id, status, err)
+		}
+	}
+	waitHistory(t, g.admin, url.Values{}, 6, g.out)
+	address := strings.TrimPrefix(g.admin, "http://")
+	run := func(args ...string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, g.bin, append([]string{"mux-webhook", "history", "--address", address}, args...)...).CombinedOutput()
+		return string(out), err
+	}
+	out, err := run("--type", "video.asset.*")
+	if err != nil {
+		t.Fatalf("history --type: %v\n%s", err, out)
+	}
+	for i := range 6 {
+		id := fmt.Sprintf("cli-a-%d", i)
+		if i >= 4 {
+			id = fmt.Sprintf("cli-l-%d", i)
+		}
+		if listed := strings.Contains(out, id); listed != (i < 4) {
+			t.Errorf("history --type video.asset.*: %s listed %v:\n%s", id, listed, out)
+		}
+	}
+	if out, err := run("--limit", "0"); err == nil || !strings.Contains(out, "limit") {
+		t.Errorf("history --limit 0: %v, want an error about the limit:\n%s", err, out)
+	}
+	if out, err := run("replay", "--to", "app", "--type", "video.asset.*", "--limit", "3"); err == nil || !strings.Contains(out, "--limit is a search's") {
+		t.Errorf("history replay --limit: %v, want refused:\n%s", err, out)
+	}
+	if out, err := run("cancel"); err == nil || !strings.Contains(out, "name the job") {
+		t.Errorf("history cancel without a job: %v:\n%s", err, out)
+	}
+	out, err = run("replay", "--to", "app", "--type", "video.asset.*", "--dry-run")
+	if err != nil || !strings.Contains(out, "4 events would be queued to app (dry run: nothing queued)") {
+		t.Fatalf("history replay --dry-run: %v\n%s", err, out)
+	}
+	out, err = run("replay", "--to", "app", "--type", "video.asset.*")
+	if err != nil || !strings.Contains(out, "4/4 queued, 0 expired, done") {
+		t.Fatalf("history replay: %v\n%s", err, out)
+	}
+	job := regexp.MustCompile(`replay job (r[0-9a-f]+)`).FindStringSubmatch(out)
+	if job == nil {
+		t.Fatalf("history replay named no job:\n%s", out)
+	}
+	testwait.Until(t, 30*time.Second, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(replayed) == 4
+	}, func() string { return fmt.Sprintf("replayed: %v", replayed) })
+	if out, err := run("cancel", job[1]); err != nil || !strings.Contains(out, "done; 4 of 4 queued") {
+		t.Errorf("history cancel of an ended job: %v\n%s", err, out)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for id, n := range replayed {
+		if !strings.HasPrefix(id, "cli-a-") || n != 1 {
+			t.Errorf("%s replayed %d times", id, n)
+		}
+	}
+}
+
 // TestHistoryStreamDeletedByHand: the history stream deleted on the NATS
 // server (`nats stream rm MUX_WEBHOOK_HISTORY`) while events come: every
 // event is still answered at once, the stream is made again by the next
@@ -677,8 +766,14 @@ func TestHistoryOnlyWhenTheStoreIsHeld(t *testing.T) {
 	testwait.Until(t, 10*time.Second, func() bool {
 		return strings.Contains(second.out.String(), "history is off: the queue's store could not be opened")
 	}, func() string { return tail(second.out.String(), 2048) })
-	if _, status := tryHistory(second.admin, url.Values{}); status != http.StatusNotFound {
-		t.Fatalf("history of the second gateway: %d, want 404 (off)", status)
+	resp, err := http.Get(second.admin + "/mux-webhook/history")
+	if err != nil {
+		t.Fatal(err)
+	}
+	said, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound || !strings.Contains(string(said), "could not be opened") {
+		t.Fatalf("history of the second gateway: %d %s, want 404 saying why it is off", resp.StatusCode, said)
 	}
 	// The first carries on, with its history.
 	if status, err := postEvent(client, first.base, objectEvent("video.asset.ready", "held-2", "o")); err != nil || status != http.StatusAccepted {

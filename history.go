@@ -270,5 +270,14 @@ func (d *appQueue) replayable(destination string) error {
 	return nil
 }
 
-// errHistoryOff answers the history's endpoints when it is off.
-var errHistoryOff = errors.New("history is off: set `history 7d` in the mux_webhook global option, or configure a destination")
+// errHistoryOff answers the history's endpoints when it is off, saying
+// why: the config's setting, or a store another process holds.
+func errHistoryOff(app *App) error {
+	switch {
+	case app != nil && app.History == "off":
+		return errors.New("history is off (`history off` in the mux_webhook global option): remove it, or set `history 7d`, to keep history")
+	case app != nil && app.History != "":
+		return errors.New("history is off: the queue's store could not be opened (another process may hold its directory; see the WARN in Caddy's log): give this Caddy its own `queue { dir }`")
+	}
+	return errors.New("history is off: set `history 7d` in the mux_webhook global option, or configure a destination")
+}

@@ -44,7 +44,7 @@ func serveHistory(w http.ResponseWriter, r *http.Request, sub string, app *App) 
 		d = app.queue
 	}
 	if d == nil || !d.historyOn.Load() {
-		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errHistoryOff}
+		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: errHistoryOff(app)}
 	}
 	hist := d.history()
 	if hist == nil {

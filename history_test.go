@@ -116,8 +116,8 @@ func TestHistoryInProcess(t *testing.T) {
 	var msg map[string]string
 	_ = json.NewDecoder(resp.Body).Decode(&msg)
 	resp.Body.Close()
-	if resp.StatusCode != http.StatusNotFound || !strings.Contains(msg["error"], "history is off") {
-		t.Fatalf("history off: %d %v", resp.StatusCode, msg)
+	if resp.StatusCode != http.StatusNotFound || !strings.Contains(msg["error"], "`history off`") {
+		t.Fatalf("history off: %d %v, want a 404 that says `history off` turned it off", resp.StatusCode, msg)
 	}
 }
 

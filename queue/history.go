@@ -347,8 +347,8 @@ type AttemptRecord struct {
 	Status      int       `json:"status"`
 	DurationMS  float64   `json:"duration_ms"`
 	Result      string    `json:"result"`
-	Error       string    `json:"error,omitempty"`
-	Replay      string    `json:"replay,omitempty"`
+	Error       string    `json:"error"`            // "" when none
+	Replay      string    `json:"replay,omitempty"` // the replay job of a replayed copy
 	Time        time.Time `json:"time"`
 }
 

@@ -2,10 +2,14 @@ package queue
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -551,6 +555,11 @@ func TestReplayCancel(t *testing.T) {
 	if err != nil || st.State != "cancelled" || !st.Done {
 		t.Fatalf("cancel: %+v %v", st, err)
 	}
+	// What it queued is counted: the job saved how far it got as it
+	// stopped (it had not saved since it started).
+	if st.Queued != uint64(before) {
+		t.Fatalf("cancelled job says queued %d, %d copies were queued", st.Queued, before)
+	}
 	if st, err = h.ReplayStatus(ctx, job.Job); err != nil || st.State != "cancelled" {
 		t.Fatalf("after cancel: %+v %v", st, err)
 	}
@@ -589,5 +598,132 @@ func TestReplayStale(t *testing.T) {
 		if r.stale("j", 2, saved) {
 			t.Fatal("a new revision: stale")
 		}
+	}
+}
+
+// TestReplayCancelledElsewhere: a job cancelled by another gateway (its
+// state marked cancelled, the job not running there) is stopped by the
+// gateway running it at its next save, which adds what it queued since to
+// the cancelled state.
+func TestReplayCancelledElsewhere(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir(), MaxBytes: 256 << 10})
+	ctx := context.Background()
+	h, err := s.OpenHistory(ctx, HistoryConfig{Instance: "runner"})
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	other, err := s.OpenHistory(ctx, HistoryConfig{Instance: "other"})
+	if err != nil {
+		h.Close()
+		s.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close(); h.Close(); s.Close() })
+	body := make([]byte, 1024)
+	for i := range 400 {
+		h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: "video.asset.ready", ID: fmt.Sprint("e-", i), ObjectID: "one", Status: 202, Body: body})
+	}
+	search(t, h, HistoryFilter{Limit: 1000}, 400)
+	job, err := h.Replay(ctx, "app", HistoryFilter{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// It waits for room after about 50 copies (one partition of 64 KiB).
+	testwait.For(t, func() bool { return pending(t, s, "app") > 40 }, func() string { return fmt.Sprintf("queued %d", pending(t, s, "app")) })
+	time.Sleep(time.Second)
+	queued := pending(t, s, "app")
+	st, err := other.CancelReplay(ctx, job.Job)
+	if err != nil || st.State != "cancelled" {
+		t.Fatalf("cancel from the other: %+v %v", st, err)
+	}
+	testwait.Until(t, 3*replaySave, func() bool {
+		h.replays.mu.Lock()
+		defer h.replays.mu.Unlock()
+		return len(h.replays.running) == 0
+	}, func() string { return "the runner never stopped" })
+	if st, err = h.ReplayStatus(ctx, job.Job); err != nil || st.State != "cancelled" || st.Queued != uint64(queued) {
+		t.Fatalf("after the runner stopped: %+v %v, want cancelled with queued %d", st, err, queued)
+	}
+}
+
+// TestReplayTakenUpAfterACrash: a job whose gateway died after queuing
+// copies it had not saved yet (its state says cursor 0, queued 0), and
+// whose copies were delivered and swept since, is taken up: the copies
+// delivered are found by their attempts in history and not queued again,
+// although the queue no longer remembers their dedupe keys.
+func TestReplayTakenUpAfterACrash(t *testing.T) {
+	s := openTest(t, Config{Dir: t.TempDir(), DedupeWindow: time.Second})
+	ctx := context.Background()
+	h, err := s.OpenHistory(ctx, HistoryConfig{Instance: "test"})
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Close(); s.Close() })
+	var mu sync.Mutex
+	got := map[string]int{}
+	b := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got[r.Header.Get("Idempotency-Key")]++
+		mu.Unlock()
+	}))
+	t.Cleanup(b.Close)
+	stop, err := s.StartWorkers(ctx, Destination{Name: "app", URL: b.URL}, h.RecordAttempt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	const n = 60
+	for i := range n {
+		h.RecordEvent(EventRecord{Time: time.Now(), Outcome: "verified", Type: "video.asset.ready", ID: fmt.Sprint("t-", i), ObjectID: fmt.Sprint("o-", i), Status: 202, Body: []byte(`{}`)})
+	}
+	search(t, h, HistoryFilter{Limit: 1000}, n)
+	job, err := h.Replay(ctx, "app", HistoryFilter{}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	delivered := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got)
+	}
+	testwait.For(t, func() bool { return delivered() == n }, func() string { return fmt.Sprintf("%d of %d delivered", delivered(), n) })
+	testwait.For(t, func() bool {
+		st, err := h.ReplayStatus(ctx, job.Job)
+		return err == nil && st.Done
+	}, func() string { return "the job never ended" })
+	// Its gateway "died" before its first save: the state as it was at
+	// the start. The copies are delivered and swept, and the queue's
+	// dedupe window is over.
+	kv, err := h.replayKV(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := job
+	start.State, start.Done, start.Queued, start.Cursor = "running", false, 0, 0
+	data, _ := json.Marshal(start)
+	rev, err := kv.Put(ctx, job.Job, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testwait.For(t, func() bool { return pending(t, s, "app") == 0 }, func() string { return "copies not swept" })
+	time.Sleep(2 * time.Second) // past the dedupe window
+	h.runReplay(start, rev, nil, true)
+	var st ReplayJob
+	testwait.For(t, func() bool {
+		st, err = h.ReplayStatus(ctx, job.Job)
+		return err == nil && st.Done
+	}, func() string { return fmt.Sprintf("the job taken up never ended: %+v", st) })
+	time.Sleep(500 * time.Millisecond) // a copy queued again would be delivered by now
+	mu.Lock()
+	defer mu.Unlock()
+	for id, c := range got {
+		if c != 1 {
+			t.Errorf("%s delivered %d times for one job", id, c)
+		}
+	}
+	if st.State != "done" || st.Queued != n {
+		t.Errorf("job taken up: %+v, want done with queued %d", st, n)
 	}
 }

@@ -8,8 +8,11 @@
 // filter, fixed when it starts, and how far it got. A job whose gateway
 // stopped or died is taken up by a gateway that opens history (or checks,
 // every 30 s) once its state has not moved for replayOrphaned: it starts
-// again after the last id it queued, and an id queued twice for a job is
-// stored once (its dedupe key, within the queue's dedupe window).
+// again after the last id it saved as queued. A gateway that stops saves
+// how far it got; one that died may have queued up to replayUnsaved more:
+// of those, a copy still queued is stored once (its dedupe key, within
+// the queue's dedupe window), and one delivered since is found by its
+// attempt in history and not queued again.
 
 package queue
 
@@ -38,6 +41,10 @@ const (
 	// replaySave: a running job's state is written at least this often
 	// (its heartbeat).
 	replaySave = 5 * time.Second
+	// replayUnsaved: a running job's state is also written after every
+	// this many copies; at most this many were queued after its last
+	// save when its gateway died.
+	replayUnsaved = 256
 	// replayOrphaned: a running job whose state has not moved for this
 	// long is taken up by another gateway.
 	replayOrphaned = 30 * time.Second
@@ -86,9 +93,16 @@ var ErrReplayTooLarge = fmt.Errorf("replay: the filter matches more than %d even
 // others' it has seen.
 type replays struct {
 	mu      sync.Mutex
-	running map[string]context.CancelFunc
+	running map[string]runningJob
 	wg      sync.WaitGroup
 	seen    map[string]seenJob
+}
+
+// runningJob is a job this process runs: cancel stops it, done is
+// closed once it has stopped (and saved how far it got).
+type runningJob struct {
+	cancel context.CancelFunc
+	done   chan struct{}
 }
 
 // seenJob is a revision of a job's state and when this process first saw
@@ -122,8 +136,8 @@ func (r *replays) stale(key string, rev uint64, saved time.Time) bool {
 
 func (r *replays) stopAll() {
 	r.mu.Lock()
-	for _, cancel := range r.running {
-		cancel()
+	for _, j := range r.running {
+		j.cancel()
 	}
 	r.mu.Unlock()
 	r.wg.Wait()
@@ -196,7 +210,7 @@ func (h *History) Replay(ctx context.Context, destination string, f HistoryFilte
 		return ReplayJob{}, fmt.Errorf("replay: saving the job: %w", err)
 	}
 	if !job.Done {
-		h.runReplay(job, rev, f.Match)
+		h.runReplay(job, rev, f.Match, false)
 	}
 	return job, nil
 }
@@ -228,14 +242,21 @@ func readJob(ctx context.Context, kv jetstream.KeyValue, job string) (ReplayJob,
 }
 
 // CancelReplay stops a job: its state becomes "cancelled" (done), the
-// copies it queued stay queued. A gateway running it stops at its next
-// save (within 5 s or 256 copies); this one at once.
+// copies it queued stay queued, and counted in queued. A gateway running
+// it stops at its next save (within 5 s or 256 copies) and adds what it
+// queued since; this one stops at once, saving how far it got first.
 func (h *History) CancelReplay(ctx context.Context, job string) (ReplayJob, error) {
 	h.replays.mu.Lock()
-	if cancel := h.replays.running[job]; cancel != nil {
-		cancel()
-	}
+	r, mine := h.replays.running[job]
 	h.replays.mu.Unlock()
+	if mine {
+		r.cancel()
+		select {
+		case <-r.done:
+		case <-ctx.Done():
+			return ReplayJob{}, ctx.Err()
+		}
+	}
 	kv, err := h.replayKV(ctx)
 	if err != nil {
 		return ReplayJob{}, err
@@ -313,7 +334,10 @@ func hashBytes(s string) []byte {
 }
 
 // runReplay runs job in the background, in this process.
-func (h *History) runReplay(job ReplayJob, rev uint64, match func(string) bool) {
+//
+// adopted: the job is taken up from a gateway that stopped or died; the
+// copies it queued after its last save are found again (replayUnsaved).
+func (h *History) runReplay(job ReplayJob, rev uint64, match func(string) bool, adopted bool) {
 	ctx, cancel := context.WithCancel(context.Background())
 	h.replays.mu.Lock()
 	select {
@@ -324,14 +348,15 @@ func (h *History) runReplay(job ReplayJob, rev uint64, match func(string) bool) 
 	default:
 	}
 	if h.replays.running == nil {
-		h.replays.running = map[string]context.CancelFunc{}
+		h.replays.running = map[string]runningJob{}
 	}
 	if _, dup := h.replays.running[job.Job]; dup {
 		h.replays.mu.Unlock()
 		cancel()
 		return
 	}
-	h.replays.running[job.Job] = cancel
+	done := make(chan struct{})
+	h.replays.running[job.Job] = runningJob{cancel: cancel, done: done}
 	h.replays.wg.Add(1)
 	h.replays.mu.Unlock()
 	go func() {
@@ -341,21 +366,29 @@ func (h *History) runReplay(job ReplayJob, rev uint64, match func(string) bool) 
 			delete(h.replays.running, job.Job)
 			h.replays.mu.Unlock()
 			cancel()
+			close(done)
 		}()
-		h.replay(ctx, job, rev, match)
+		h.replay(ctx, job, rev, match, adopted)
 	}()
 }
 
 // replay queues job's copies after its cursor, saving its state as it
 // goes; it returns when done, failed, or ctx ends (the state then stays
-// "running", for a gateway to take up).
-func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match func(string) bool) {
+// "running", for a gateway to take up, saved as far as it got).
+func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match func(string) bool, adopted bool) {
 	kv, err := h.replayKV(ctx)
 	if err != nil {
 		return
 	}
 	gone := false // the destination left this gateway's config (a reload)
-	save := func() bool {
+	left := false // its state is another's now (cancelled, or taken up)
+	var save func() bool
+	defer func() {
+		if ctx.Err() != nil && !job.Done && !left {
+			save() // stopped (a Close, or a cancel here): how far it got
+		}
+	}()
+	save = func() bool {
 		if check := h.config().Destination; check != nil && !job.Done {
 			if err := check(job.Destination); err != nil {
 				job.State, job.Error, job.Done = "failed", fmt.Sprintf("%v (in this gateway's config, since the job started)", err), true
@@ -368,7 +401,11 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 		defer cancel()
 		r, err := kv.Update(sctx, job.Job, data, rev)
 		if err != nil {
-			h.log.Warn("mux_webhook history: a replay job's state could not be saved (cancelled, or taken up by another gateway); this gateway leaves it",
+			left = true
+			if h.cancelledMeanwhile(sctx, kv, job) {
+				return false
+			}
+			h.log.Warn("mux_webhook history: a replay job's state could not be saved (taken up by another gateway, or the bucket is away); this gateway leaves it",
 				zap.String("job", job.Job), zap.Error(err))
 			return false
 		}
@@ -438,6 +475,8 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 		}
 		if rec == nil {
 			job.Expired++ // aged out meanwhile
+		} else if adopted && i < replayUnsaved && h.attemptedFor(ctx, job.Job, *rec) {
+			job.Queued++ // queued before the take-up, and delivered (or tried) since
 		} else if err := h.enqueueReplay(ctx, job, *rec, beat); err != nil {
 			if ctx.Err() != nil || errors.Is(err, errTakenUp) {
 				return
@@ -448,7 +487,7 @@ func (h *History) replay(ctx context.Context, job ReplayJob, rev uint64, match f
 			job.Queued++
 		}
 		job.Cursor = seq
-		if time.Since(lastSave) >= replaySave || i%256 == 255 {
+		if time.Since(lastSave) >= replaySave || i%replayUnsaved == replayUnsaved-1 {
 			if !save() {
 				return
 			}
@@ -599,6 +638,50 @@ func (h *History) adoptOnce() {
 			continue
 		}
 		h.log.Info("mux_webhook history: taking up a replay job whose gateway stopped", zap.String("job", j.Job), zap.Uint64("cursor", j.Cursor))
-		h.runReplay(j, rev, h.matcher(j.Filter.Type))
+		h.runReplay(j, rev, h.matcher(j.Filter.Type), true)
 	}
+}
+
+// cancelledMeanwhile reports whether job was cancelled by an operator
+// since this process last saved it; if so, what it queued since is added
+// to the cancelled state (an operator reads how many copies went out).
+func (h *History) cancelledMeanwhile(ctx context.Context, kv jetstream.KeyValue, job ReplayJob) bool {
+	for range 10 {
+		now, rev, err := readJob(ctx, kv, job.Job)
+		if err != nil || now.State != "cancelled" {
+			return false
+		}
+		if now.Queued >= job.Queued {
+			return true
+		}
+		now.Queued, now.Cursor, now.Expired = job.Queued, job.Cursor, max(now.Expired, job.Expired)
+		data, _ := json.Marshal(now)
+		if _, err := kv.Update(ctx, job.Job, data, rev); err == nil {
+			h.log.Info("mux_webhook history: replay job cancelled by an operator; stopped", zap.String("job", job.Job), zap.Uint64("queued", job.Queued))
+			return true
+		}
+	}
+	return true
+}
+
+// attemptedFor reports whether history holds a delivery attempt of r's
+// event for job: a copy queued by the gateway that ran the job before it
+// was taken up, after its last save, and delivered (or tried) since. The
+// copies still queued are found by the queue's dedupe instead; a copy
+// delivered and then swept is no longer there to find.
+func (h *History) attemptedFor(ctx context.Context, job string, r rawRecord) bool {
+	id := r.header.Get(hdrHistID)
+	if id == "" {
+		return false
+	}
+	attempts, err := h.attemptsOf(ctx, id, r.time)
+	if err != nil {
+		return false
+	}
+	for _, a := range attempts {
+		if a.Replay == job {
+			return true
+		}
+	}
+	return false
 }
